@@ -1,0 +1,7 @@
+//! RFC 3339 for `SystemTime` fields in JSON output.
+
+use std::time::SystemTime;
+
+pub fn serialize<S: serde::Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_micros(*time))
+}
