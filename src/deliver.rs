@@ -1,0 +1,289 @@
+//! One HTTP attempt: build the Standard Webhooks request, send it, and describe what
+//! came back. Never panics and never logs: every outcome is a value the caller records.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::retry::parse_retry_after;
+use crate::sign::{Secret, signature_header};
+use crate::target::{ForbiddenTarget, GuardedResolver, is_forbidden};
+
+/// Bytes of a response body kept for inspection; the rest is never read.
+pub const EXCERPT_BYTES: usize = 1024;
+
+/// A claimed delivery, with everything needed to send it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The event's id; also the `webhook-id` header, identical on every retry and
+    /// every endpoint, so consumers can deduplicate.
+    pub event_id: i64,
+    /// The endpoint it goes to.
+    pub endpoint_id: i64,
+    /// This attempt's number (1-based); also the lease token the outcome is settled with.
+    pub attempt: i32,
+    /// The event type, such as `order.created`.
+    pub event_type: String,
+    /// The event's payload as JSON text.
+    pub payload: String,
+    /// When the event was written; the body's `timestamp`.
+    pub created_at: SystemTime,
+    /// The endpoint's URL.
+    pub url: String,
+    /// The endpoint's signing secret, as stored.
+    pub secret: String,
+}
+
+impl Delivery {
+    /// The request body: `{"id", "type", "timestamp", "data"}` with the payload verbatim.
+    pub fn body(&self) -> String {
+        let event_type = serde_json::Value::String(self.event_type.clone());
+        let timestamp = humantime::format_rfc3339_micros(self.created_at);
+        format!(
+            r#"{{"id":"{}","type":{},"timestamp":"{}","data":{}}}"#,
+            self.event_id, event_type, timestamp, self.payload
+        )
+    }
+}
+
+/// What an attempt produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// The receiver answered (any status).
+    Response {
+        /// The HTTP status code.
+        status: u16,
+        /// A parsed `Retry-After`, if the receiver sent one.
+        retry_after: Option<Duration>,
+        /// The start of the response body, lossily decoded.
+        excerpt: String,
+    },
+    /// No answer.
+    Failed {
+        /// Why, as a stable kind.
+        kind: ErrorKind,
+        /// A human-readable description.
+        message: String,
+    },
+}
+
+/// Why an attempt produced no answer. Stored as `error_kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request did not finish within `WEBHOOK_HTTP_TIMEOUT_MS`.
+    Timeout,
+    /// The TCP or TLS connection could not be made.
+    Connect,
+    /// The SSRF guard refused the target's address. Terminal.
+    RefusedTarget,
+    /// The endpoint's URL or secret cannot be used. Terminal.
+    InvalidEndpoint,
+    /// Anything else on the wire (reset, protocol error).
+    Network,
+}
+
+impl ErrorKind {
+    /// The value stored in `webhook_attempts.error_kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::Connect => "connect",
+            Self::RefusedTarget => "refused_target",
+            Self::InvalidEndpoint => "invalid_endpoint",
+            Self::Network => "network",
+        }
+    }
+}
+
+/// A finished attempt, ready to be recorded.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// When the request started.
+    pub started_at: SystemTime,
+    /// How long it took, to the end of the excerpt.
+    pub duration: Duration,
+    /// What came back.
+    pub result: AttemptResult,
+}
+
+/// Sends webhooks over one shared keep-alive connection pool.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    client: reqwest::Client,
+    allow_private: bool,
+}
+
+impl Sender {
+    /// Builds the HTTP client: no redirects, no proxies (a proxy would connect on our
+    /// behalf and bypass the address guard), a per-request timeout, and the guarded
+    /// resolver unless private targets are allowed.
+    pub fn new(config: &Config) -> Result<Self> {
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .timeout(config.http_timeout)
+            .connect_timeout(config.http_timeout.min(Duration::from_secs(10)))
+            .pool_max_idle_per_host(config.concurrency as usize)
+            .tcp_nodelay(true)
+            .user_agent(concat!("outboxd/", env!("CARGO_PKG_VERSION")));
+        if !config.allow_private_targets {
+            builder = builder.dns_resolver(GuardedResolver::shared());
+        }
+        Ok(Self {
+            client: builder.build()?,
+            allow_private: config.allow_private_targets,
+        })
+    }
+
+    /// Makes one attempt. The `webhook-timestamp` is this attempt's time, as the spec
+    /// requires (verifiers reject stale timestamps).
+    pub async fn send(&self, delivery: &Delivery) -> Attempt {
+        let started_at = SystemTime::now();
+        let clock = Instant::now();
+        let result = self.attempt(delivery, started_at).await;
+        Attempt {
+            started_at,
+            duration: clock.elapsed(),
+            result,
+        }
+    }
+
+    async fn attempt(&self, delivery: &Delivery, now: SystemTime) -> AttemptResult {
+        let invalid = |message: String| AttemptResult::Failed {
+            kind: ErrorKind::InvalidEndpoint,
+            message,
+        };
+        let url = match reqwest::Url::parse(&delivery.url) {
+            Ok(url) => url,
+            Err(e) => return invalid(format!("endpoint URL cannot be parsed: {e}")),
+        };
+        let secret = match Secret::parse(&delivery.secret) {
+            Ok(secret) => secret,
+            Err(e) => return invalid(format!("endpoint secret cannot be used: {e}")),
+        };
+        // An IP literal never reaches the resolver, so it is checked here.
+        if !self.allow_private {
+            let literal = match url.host() {
+                Some(url::Host::Ipv4(ip)) => Some(ip.into()),
+                Some(url::Host::Ipv6(ip)) => Some(ip.into()),
+                _ => None,
+            };
+            if let Some(ip) = literal.filter(|ip| is_forbidden(*ip)) {
+                return AttemptResult::Failed {
+                    kind: ErrorKind::RefusedTarget,
+                    message: ForbiddenTarget(ip).to_string(),
+                };
+            }
+        }
+        let msg_id = delivery.event_id.to_string();
+        let timestamp = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        let body = delivery.body();
+        let signature = signature_header(
+            std::slice::from_ref(&secret),
+            &msg_id,
+            timestamp,
+            body.as_bytes(),
+        );
+        let request = self
+            .client
+            .post(url)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header("webhook-id", msg_id)
+            .header("webhook-timestamp", timestamp)
+            .header("webhook-signature", signature)
+            .body(body);
+        match request.send().await {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, SystemTime::now()));
+                let excerpt = read_excerpt(response).await;
+                AttemptResult::Response {
+                    status,
+                    retry_after,
+                    excerpt,
+                }
+            }
+            Err(e) => AttemptResult::Failed {
+                kind: classify(&e),
+                message: describe(e),
+            },
+        }
+    }
+}
+
+/// Reads at most [`EXCERPT_BYTES`] of the body; a receiver cannot make us buffer more.
+async fn read_excerpt(mut response: reqwest::Response) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < EXCERPT_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    buf.truncate(EXCERPT_BYTES);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn classify(e: &reqwest::Error) -> ErrorKind {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<ForbiddenTarget>() {
+            return ErrorKind::RefusedTarget;
+        }
+        source = err.source();
+    }
+    if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_connect() {
+        ErrorKind::Connect
+    } else {
+        ErrorKind::Network
+    }
+}
+
+/// The error and its causes on one line, without the URL (it may carry a token).
+fn describe(e: reqwest::Error) -> String {
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(err) = source {
+        text.push_str(": ");
+        text.push_str(&err.to_string());
+        source = err.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_embeds_the_payload_verbatim() {
+        let delivery = Delivery {
+            event_id: 42,
+            endpoint_id: 1,
+            attempt: 1,
+            event_type: "order.\"created\"".into(),
+            payload: r#"{"order_id": 42}"#.into(),
+            created_at: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+            url: "http://example.com".into(),
+            secret: String::new(),
+        };
+        assert_eq!(
+            delivery.body(),
+            r#"{"id":"42","type":"order.\"created\"","timestamp":"2023-11-14T22:13:20.123456Z","data":{"order_id": 42}}"#
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&delivery.body()).unwrap();
+        assert_eq!(parsed["data"]["order_id"], 42);
+    }
+}
