@@ -1,0 +1,75 @@
+//! The producer side: putting an event into `webhook_outbox` inside the caller's own
+//! transaction, so the event exists if and only if the business change committed.
+
+use std::time::SystemTime;
+
+use tokio_postgres::GenericClient;
+use tokio_postgres::types::Type;
+
+use crate::error::{Error, Result};
+
+/// An event to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewEvent<'a> {
+    /// Such as `order.created`; endpoints filter on it.
+    pub event_type: &'a str,
+    /// Delivered verbatim as the body's `data`.
+    pub payload: &'a serde_json::Value,
+    /// A second event with the same key is ignored (`ON CONFLICT DO NOTHING`).
+    pub idempotency_key: Option<&'a str>,
+    /// Not delivered before this time.
+    pub deliver_after: Option<SystemTime>,
+}
+
+impl<'a> NewEvent<'a> {
+    /// An event with no idempotency key, deliverable at once.
+    pub fn new(event_type: &'a str, payload: &'a serde_json::Value) -> Self {
+        Self {
+            event_type,
+            payload,
+            idempotency_key: None,
+            deliver_after: None,
+        }
+    }
+}
+
+// The same statement the README shows producers; ON CONFLICT DO NOTHING makes an
+// idempotency key's second insert a silent no-op.
+const INSERT_EVENT: &str =
+    "INSERT INTO webhook_outbox (event_type, payload, idempotency_key, deliver_after)
+     VALUES ($1, $2, $3, coalesce($4, now()))
+     ON CONFLICT DO NOTHING
+     RETURNING id";
+
+/// Enqueues an event through `client`, which may be a transaction: the event then
+/// commits or rolls back with it. Returns the new event's id, or `None` when an event
+/// with the same idempotency key already exists.
+///
+/// ```no_run
+/// # async fn example(client: &mut tokio_postgres::Client) -> Result<(), outboxd::Error> {
+/// let tx = client.transaction().await?;
+/// // ... the business change, on the same transaction ...
+/// let payload = serde_json::json!({"order_id": 42});
+/// outboxd::enqueue(&tx, &outboxd::NewEvent::new("order.created", &payload)).await?;
+/// tx.commit().await?;
+/// # Ok(()) }
+/// ```
+pub async fn enqueue(client: &impl GenericClient, event: &NewEvent<'_>) -> Result<Option<i64>> {
+    if event.event_type.is_empty() || event.event_type.len() > 255 {
+        return Err(Error::InvalidEvent(
+            "event_type must be 1 to 255 bytes".to_owned(),
+        ));
+    }
+    let row = client
+        .query_typed_opt(
+            INSERT_EVENT,
+            &[
+                (&event.event_type, Type::TEXT),
+                (event.payload, Type::JSONB),
+                (&event.idempotency_key, Type::TEXT),
+                (&event.deliver_after, Type::TIMESTAMPTZ),
+            ],
+        )
+        .await?;
+    Ok(row.map(|r| r.get(0)))
+}
