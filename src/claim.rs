@@ -1,0 +1,184 @@
+//! Claiming work: fan new events out to their endpoints and lease due deliveries, in
+//! one statement and one round trip.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::GenericClient;
+use tokio_postgres::types::Type;
+
+use crate::deliver::Delivery;
+use crate::error::Result;
+
+/// Fans out and claims, under a lease, in one statement. Parameters: `$1` worker id,
+/// `$2` lease in milliseconds, `$3` most deliveries to claim.
+///
+/// * `due` takes retries, resumed deliveries and expired leases first, oldest due first,
+///   so fresh traffic can never starve them. `FOR UPDATE SKIP LOCKED` lets any number
+///   of dispatchers claim side by side: rows another claim has locked are skipped, not
+///   waited for. The CTE form matters: PostgreSQL never inlines a CTE that locks rows,
+///   so the LIMIT bounds what is locked (the `WHERE id IN (SELECT … LIMIT n FOR UPDATE)`
+///   form can lock and update more than n rows, PostgreSQL bug #15715).
+/// * Claiming sets `next_attempt_at` to the lease end: if this worker dies, the row is
+///   due again when the lease runs out and the same index finds it. `attempts` is bumped
+///   at claim time, which makes it the lease token that settling checks.
+/// * `events` takes unprocessed, due outbox rows (`SKIP LOCKED` again, so each event is
+///   fanned out by exactly one dispatcher) and marks them processed; the deliveries it
+///   inserts are claimed at once up to the remaining capacity, and the rest are inserted
+///   due now for the next claim. `ON CONFLICT DO NOTHING` on the (event, endpoint) key
+///   makes fan-out idempotent.
+/// * The final join reads each claimed delivery's event and endpoint. An endpoint that
+///   was disabled or removed after the delivery was made comes back with `open = false`,
+///   and the dispatcher parks that delivery instead of sending it.
+pub const CLAIM: &str = "
+WITH due AS (
+    SELECT event_id, endpoint_id
+    FROM webhook_deliveries
+    WHERE state = 'pending' AND next_attempt_at <= now()
+    ORDER BY next_attempt_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), reclaimed AS (
+    UPDATE webhook_deliveries d
+    SET attempts = d.attempts + 1,
+        locked_by = $1,
+        locked_until = now() + $2 * interval '1 millisecond',
+        next_attempt_at = now() + $2 * interval '1 millisecond',
+        updated_at = now()
+    FROM due
+    WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
+    RETURNING d.event_id, d.endpoint_id, d.attempts
+), events AS (
+    SELECT id, event_type
+    FROM webhook_outbox
+    WHERE processed_at IS NULL AND deliver_after <= now()
+    ORDER BY deliver_after, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), processed AS (
+    UPDATE webhook_outbox o
+    SET processed_at = now()
+    FROM events e
+    WHERE o.id = e.id
+), fanout AS (
+    SELECT e.id AS event_id,
+           ep.id AS endpoint_id,
+           row_number() OVER (ORDER BY e.id, ep.id) <= $3 - (SELECT count(*) FROM reclaimed)
+               AS claim_now
+    FROM events e
+    JOIN webhook_endpoints ep
+      ON ep.active AND ep.deleted_at IS NULL
+     AND webhook_event_type_matches(ep.event_types, e.event_type)
+), inserted AS (
+    INSERT INTO webhook_deliveries
+        (event_id, endpoint_id, attempts, next_attempt_at, locked_by, locked_until)
+    SELECT event_id,
+           endpoint_id,
+           CASE WHEN claim_now THEN 1 ELSE 0 END,
+           CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' ELSE now() END,
+           CASE WHEN claim_now THEN $1 END,
+           CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' END
+    FROM fanout
+    ON CONFLICT (event_id, endpoint_id) DO NOTHING
+    RETURNING event_id, endpoint_id, attempts
+), claimed AS (
+    SELECT event_id, endpoint_id, attempts FROM reclaimed
+    UNION ALL
+    SELECT event_id, endpoint_id, attempts FROM inserted WHERE attempts > 0
+)
+SELECT c.event_id, c.endpoint_id, c.attempts, o.event_type, o.payload::text, o.created_at,
+       ep.url, ep.secret, (ep.active AND ep.deleted_at IS NULL) AS open
+FROM claimed c
+JOIN webhook_outbox o ON o.id = c.event_id
+JOIN webhook_endpoints ep ON ep.id = c.endpoint_id";
+
+/// Arms the doorbell before sleeping (see `sql/0002_notify.sql`). `AND NOT armed`
+/// makes re-arming an armed bell a read, not a write.
+pub const ARM_DOORBELL: &str =
+    "UPDATE webhook_doorbell SET armed = true WHERE id = 1 AND NOT armed";
+
+/// When the next piece of work becomes due: the earliest pending delivery (a retry or
+/// a lease end) or delayed event. Each side reads the first entry of its partial index.
+pub const NEXT_DUE: &str = "
+SELECT extract(epoch FROM least(
+    (SELECT next_attempt_at FROM webhook_deliveries
+      WHERE state = 'pending' ORDER BY next_attempt_at LIMIT 1),
+    (SELECT deliver_after FROM webhook_outbox
+      WHERE processed_at IS NULL ORDER BY deliver_after, id LIMIT 1)
+) - now())::float8";
+
+/// A claimed delivery, or one whose endpoint closed after it was made.
+#[derive(Debug)]
+pub enum Claimed {
+    /// Send it.
+    Send(Delivery),
+    /// Its endpoint is disabled or removed: park it without sending.
+    Park {
+        /// The event.
+        event_id: i64,
+        /// The closed endpoint.
+        endpoint_id: i64,
+        /// The attempt number the claim took (the lease token).
+        attempt: i32,
+    },
+}
+
+/// Runs [`CLAIM`]: at most `limit` deliveries, leased to `worker_id` for `lease`.
+pub async fn claim(
+    client: &impl GenericClient,
+    worker_id: &str,
+    lease: Duration,
+    limit: u32,
+) -> Result<Vec<Claimed>> {
+    let lease_ms = lease.as_millis() as i64;
+    let limit = i64::from(limit);
+    // query_typed: one round trip (no separate prepare), and a custom plan for these
+    // parameter values every time.
+    let rows = client
+        .query_typed(
+            CLAIM,
+            &[
+                (&worker_id, Type::TEXT),
+                (&lease_ms, Type::INT8),
+                (&limit, Type::INT8),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let (event_id, endpoint_id, attempt) = (row.get(0), row.get(1), row.get(2));
+            if row.get::<_, bool>(8) {
+                Claimed::Send(Delivery {
+                    event_id,
+                    endpoint_id,
+                    attempt,
+                    event_type: row.get(3),
+                    payload: row.get(4),
+                    created_at: row.get::<_, SystemTime>(5),
+                    url: row.get(6),
+                    secret: row.get(7),
+                })
+            } else {
+                Claimed::Park {
+                    event_id,
+                    endpoint_id,
+                    attempt,
+                }
+            }
+        })
+        .collect())
+}
+
+/// Arms the doorbell so the next insert notifies.
+pub async fn arm_doorbell(client: &impl GenericClient) -> Result<()> {
+    client.query_typed(ARM_DOORBELL, &[]).await?;
+    Ok(())
+}
+
+/// How long until the next known work is due: `None` when nothing is waiting,
+/// `Some(ZERO)` when something is due already.
+pub async fn next_due(client: &impl GenericClient) -> Result<Option<Duration>> {
+    let row = client.query_typed_one(NEXT_DUE, &[]).await?;
+    let seconds: Option<f64> = row.get(0);
+    Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}

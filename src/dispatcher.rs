@@ -1,0 +1,378 @@
+//! The dispatcher: one claim loop feeding a bounded pool of HTTP sends, one settler
+//! writing outcomes back, one listener waking the loop.
+//!
+//! ```text
+//!  listener ──wake──▶ claim loop ──Delivery──▶ send tasks (≤ concurrency) ──Outcome──▶ settler
+//!   (LISTEN)          (claim.rs)               (deliver.rs, retry.rs)                  (settle.rs)
+//! ```
+//!
+//! No transaction is ever held across an HTTP request: a claim commits before the
+//! sends start, and outcomes are written by a later statement.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::claim::{self, Claimed};
+use crate::config::Config;
+use crate::db::{self, Pool};
+use crate::deliver::{AttemptResult, Delivery, Sender};
+use crate::error::Result;
+use crate::listener::{self, ListenerState};
+use crate::retry::{RetryPolicy, Verdict};
+use crate::settle::{self, Next, Outcome, SettleTotals};
+use crate::shutdown::{self, Drained};
+
+/// After a claim that came back short but not empty: wait this long (or for a wake-up)
+/// before claiming again, so a steady trickle is claimed in batches rather than one
+/// round trip per event.
+const SHORT_CLAIM_PAUSE: Duration = Duration::from_millis(2);
+/// After arming the doorbell and finding nothing: look once more after this delay, to
+/// catch an event whose producer read the doorbell before it was armed but committed
+/// after the last look.
+const LATE_RECHECK: Duration = Duration::from_millis(5);
+/// How long the settler may keep trying to write the last outcomes at shutdown.
+const FINAL_SETTLE_BOUND: Duration = Duration::from_secs(10);
+
+/// What a dispatcher did before it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Outcome counts written by the settler.
+    pub totals: SettleTotals,
+    /// How the drain ended.
+    pub drained: Drained,
+}
+
+/// A webhook dispatcher. Any number may run against one database.
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    database_url: String,
+    config: Config,
+}
+
+impl Dispatcher {
+    /// A dispatcher for the database at `database_url`; fails if `config` is invalid.
+    pub fn new(database_url: impl Into<String>, config: Config) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            database_url: database_url.into(),
+            config,
+        })
+    }
+
+    /// Delivers until `shutdown` is cancelled, then drains: stops claiming, lets
+    /// in-flight deliveries finish for up to `drain_timeout`, releases what is
+    /// unfinished, writes every outcome back and returns.
+    ///
+    /// Returns an error only if it cannot start (database unreachable, HTTP client
+    /// unavailable); once running, database errors are logged and retried.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<Report> {
+        let cfg = self.config;
+        let pool = db::dispatcher_pool(&self.database_url, cfg.pool_size).await?;
+        // Fail fast on an unreachable database rather than looping on warnings.
+        drop(pool.get().await?);
+        let sender = Sender::new(&cfg)?;
+
+        let wake = Arc::new(Notify::new());
+        let listener_stop = CancellationToken::new();
+        let listener = cfg.listen.then(|| {
+            tokio::spawn(listener::run(
+                self.database_url.clone(),
+                Arc::clone(&wake),
+                Arc::new(ListenerState::default()),
+                listener_stop.clone(),
+            ))
+        });
+
+        let (settle_tx, settle_rx) = mpsc::channel(cfg.concurrency as usize + settle::MAX_BATCH);
+        let settle_give_up = CancellationToken::new();
+        let mut settler = tokio::spawn(settle::run(
+            pool.clone(),
+            cfg.worker_id.clone(),
+            settle_rx,
+            settle_give_up.clone(),
+        ));
+
+        tracing::info!(
+            worker_id = %cfg.worker_id,
+            listen = cfg.listen,
+            poll_interval_ms = cfg.poll_interval.as_millis() as u64,
+            batch_size = cfg.batch_size,
+            concurrency = cfg.concurrency,
+            "dispatcher started"
+        );
+
+        let claim_loop = ClaimLoop {
+            policy: RetryPolicy {
+                base: cfg.backoff_base,
+                max: cfg.backoff_max,
+                max_attempts: cfg.max_attempts,
+            },
+            permits: Arc::new(Semaphore::new(cfg.concurrency as usize)),
+            tracker: TaskTracker::new(),
+            abort: CancellationToken::new(),
+            sender: Arc::new(sender),
+            settle_tx,
+            pool,
+            wake,
+            cfg,
+        };
+        claim_loop.run(&shutdown).await;
+
+        let drained = shutdown::drain(
+            &claim_loop.tracker,
+            claim_loop.cfg.drain_timeout,
+            &claim_loop.abort,
+        )
+        .await;
+        // Every send task has finished and dropped its sender; dropping ours lets the
+        // settler flush the rest and stop.
+        drop(claim_loop);
+        let totals = match tokio::time::timeout(FINAL_SETTLE_BOUND, &mut settler).await {
+            Ok(totals) => totals,
+            Err(_) => {
+                settle_give_up.cancel();
+                settler.await
+            }
+        }
+        .unwrap_or_default();
+        listener_stop.cancel();
+        if let Some(listener) = listener {
+            let _ = listener.await;
+        }
+        tracing::info!(
+            delivered = totals.delivered,
+            retried = totals.retried,
+            dead = totals.dead,
+            released = totals.released,
+            "dispatcher stopped cleanly"
+        );
+        Ok(Report { totals, drained })
+    }
+}
+
+struct ClaimLoop {
+    cfg: Config,
+    pool: Pool,
+    policy: RetryPolicy,
+    sender: Arc<Sender>,
+    wake: Arc<Notify>,
+    permits: Arc<Semaphore>,
+    tracker: TaskTracker,
+    abort: CancellationToken,
+    settle_tx: mpsc::Sender<Outcome>,
+}
+
+impl ClaimLoop {
+    async fn run(&self, shutdown: &CancellationToken) {
+        // Whether this worker armed the doorbell since it last woke, and whether it has
+        // looked once more a little after arming.
+        let mut armed = false;
+        let mut rechecked = false;
+        let mut error_delay = Duration::from_millis(100);
+        loop {
+            let Some(free) = self.wait_for_capacity(shutdown).await else {
+                return;
+            };
+            let want = free.min(self.cfg.batch_size);
+            let claimed = match self.claim(want).await {
+                Ok(claimed) => claimed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed; retrying");
+                    if !self.pause(error_delay, shutdown).await {
+                        return;
+                    }
+                    error_delay = (error_delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            error_delay = Duration::from_millis(100);
+            let got = claimed.len();
+            if got > 0 {
+                tracing::info!(claimed = got, "batch claimed");
+                self.dispatch(claimed).await;
+            }
+            // A full batch means more is probably waiting: claim again at once,
+            // whatever the mode.
+            if got as u32 == want {
+                continue;
+            }
+            let pause = if got > 0 {
+                SHORT_CLAIM_PAUSE
+            } else if self.cfg.listen && !armed {
+                // About to sleep: arm the doorbell, then look again at once so nothing
+                // committed before the arm is left waiting for the poll tick.
+                if let Err(e) = self.arm().await {
+                    tracing::warn!(error = %e, "arming the doorbell failed");
+                }
+                armed = true;
+                continue;
+            } else if self.cfg.listen && !rechecked {
+                rechecked = true;
+                LATE_RECHECK
+            } else {
+                // Sleep until woken, the poll tick, or the next retry or delayed event
+                // falls due, whichever is first.
+                let next_due = match self.next_due().await {
+                    Ok(due) => due,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the next due time failed");
+                        None
+                    }
+                };
+                armed = false;
+                rechecked = false;
+                next_due.map_or(self.cfg.poll_interval, |d| {
+                    d.min(self.cfg.poll_interval).max(Duration::from_millis(1))
+                })
+            };
+            if !self.pause(pause, shutdown).await {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps for `duration` or until woken; false when shutdown was requested.
+    async fn pause(&self, duration: Duration, shutdown: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = self.wake.notified() => true,
+            _ = tokio::time::sleep(duration) => true,
+        }
+    }
+
+    /// Waits until a useful number of send slots is free and returns how many are.
+    /// Claiming a single row each time one slot frees would make every round trip carry
+    /// one delivery, so it waits briefly for a quarter of a batch. Returns `None` on
+    /// shutdown.
+    async fn wait_for_capacity(&self, shutdown: &CancellationToken) -> Option<u32> {
+        let enough = (self.cfg.batch_size.min(self.cfg.concurrency) / 4).max(1);
+        loop {
+            if shutdown.is_cancelled() {
+                return None;
+            }
+            let free = self.permits.available_permits() as u32;
+            if free >= enough {
+                return Some(free);
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                _ = self.permits.acquire_many(enough) => {}
+                _ = tokio::time::sleep(SHORT_CLAIM_PAUSE) => {
+                    if free > 0 {
+                        return Some(self.permits.available_permits() as u32);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn claim(&self, limit: u32) -> Result<Vec<Claimed>> {
+        let client = self.pool.get().await?;
+        claim::claim(&*client, &self.cfg.worker_id, self.cfg.lease, limit).await
+    }
+
+    async fn arm(&self) -> Result<()> {
+        let client = self.pool.get().await?;
+        claim::arm_doorbell(&*client).await
+    }
+
+    async fn next_due(&self) -> Result<Option<Duration>> {
+        let client = self.pool.get().await?;
+        claim::next_due(&*client).await
+    }
+
+    /// Starts a send task per delivery; parks deliveries whose endpoint closed.
+    async fn dispatch(&self, claimed: Vec<Claimed>) {
+        for item in claimed {
+            match item {
+                Claimed::Send(delivery) => {
+                    // Only this loop takes permits, and it claimed no more than were
+                    // free, so one is available; waiting covers the impossible case.
+                    let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+                        Ok(permit) => permit,
+                        Err(_) => match Arc::clone(&self.permits).acquire_owned().await {
+                            Ok(permit) => permit,
+                            Err(_) => return,
+                        },
+                    };
+                    let task = SendTask {
+                        sender: Arc::clone(&self.sender),
+                        policy: self.policy,
+                        abort: self.abort.clone(),
+                        settle_tx: self.settle_tx.clone(),
+                    };
+                    self.tracker.spawn(async move {
+                        task.run(delivery).await;
+                        drop(permit);
+                    });
+                }
+                Claimed::Park {
+                    event_id,
+                    endpoint_id,
+                    attempt,
+                } => {
+                    let outcome = Outcome {
+                        event_id,
+                        endpoint_id,
+                        attempt,
+                        next: Next::Park,
+                        record: None,
+                    };
+                    let _ = self.settle_tx.send(outcome).await;
+                }
+            }
+        }
+    }
+}
+
+struct SendTask {
+    sender: Arc<Sender>,
+    policy: RetryPolicy,
+    abort: CancellationToken,
+    settle_tx: mpsc::Sender<Outcome>,
+}
+
+impl SendTask {
+    async fn run(self, delivery: Delivery) {
+        let (next, record) = tokio::select! {
+            biased;
+            _ = self.abort.cancelled() => (Next::Release, None),
+            attempt = self.sender.send(&delivery) => {
+                let attempt_no = u32::try_from(delivery.attempt).unwrap_or(u32::MAX);
+                let verdict = self.policy.decide(attempt_no, &attempt.result, rand::random());
+                if verdict == Verdict::Dead {
+                    tracing::warn!(
+                        event_id = delivery.event_id,
+                        endpoint_id = delivery.endpoint_id,
+                        attempt = delivery.attempt,
+                        reason = %reason(&attempt.result),
+                        "delivery dead"
+                    );
+                }
+                (Next::Verdict(verdict), Some(attempt))
+            }
+        };
+        let outcome = Outcome {
+            event_id: delivery.event_id,
+            endpoint_id: delivery.endpoint_id,
+            attempt: delivery.attempt,
+            next,
+            record,
+        };
+        // Fails only if the settler is gone, i.e. the process is going down; the lease
+        // then brings the delivery back.
+        let _ = self.settle_tx.send(outcome).await;
+    }
+}
+
+/// A log-safe reason: the status code or the error kind, never bodies or URLs.
+fn reason(result: &AttemptResult) -> String {
+    match result {
+        AttemptResult::Response { status, .. } => format!("HTTP {status}"),
+        AttemptResult::Failed { kind, .. } => kind.as_str().to_owned(),
+    }
+}

@@ -1,0 +1,136 @@
+//! The push path's receiving end: a dedicated session that LISTENs for the doorbell
+//! and wakes the claim loop.
+//!
+//! It must be a connection of its own, never a pooled one: a pooled connection is
+//! driven by a task that discards notifications, and LISTEN is session state that a
+//! pool (or a transaction-mode pgbouncer) would hand to someone else. The connection
+//! is driven here with `Connection::poll_message`, which yields notifications.
+//!
+//! Notifications are hints. While the connection is down they are lost, so every
+//! (re)connect wakes the claim loop for a catch-up pass, and the poll tick remains.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::StreamExt as _;
+use tokio::sync::{Notify, mpsc};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+
+/// The channel the insert trigger notifies.
+pub const CHANNEL: &str = "outboxd_wakeup";
+
+/// Shared view of the listener, for readiness checks.
+#[derive(Debug, Default)]
+pub struct ListenerState {
+    connected: AtomicBool,
+}
+
+impl ListenerState {
+    /// Whether the LISTEN session is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// Keeps a LISTEN session up until `shutdown`, calling `wake.notify_one()` on every
+/// notification and after every (re)connect. Reconnects with capped exponential
+/// backoff (100 ms to 10 s, jittered) for as long as it takes.
+pub async fn run(
+    database_url: String,
+    wake: Arc<Notify>,
+    state: Arc<ListenerState>,
+    shutdown: CancellationToken,
+) {
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times();
+    let mut delays = backoff.build();
+    while !shutdown.is_cancelled() {
+        let session = tokio::select! {
+            s = listen(&database_url, &wake) => s,
+            _ = shutdown.cancelled() => return,
+        };
+        match session {
+            Ok(mut session) => {
+                state.connected.store(true, Ordering::Relaxed);
+                delays = backoff.build();
+                tracing::info!(channel = CHANNEL, "listen connection established");
+                // Catch up on whatever was committed while we were not listening.
+                wake.notify_one();
+                let lost = tokio::select! {
+                    e = session.closed() => e,
+                    _ = shutdown.cancelled() => None,
+                };
+                state.connected.store(false, Ordering::Relaxed);
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                match lost {
+                    Some(e) => tracing::warn!(error = %e, "listen connection lost; reconnecting"),
+                    None => tracing::warn!("listen connection closed; reconnecting"),
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listen connection failed; retrying"),
+        }
+        let delay = delays.next().unwrap_or(Duration::from_secs(10));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// A live LISTEN session.
+struct Session {
+    // Dropping the client would close the connection.
+    _client: tokio_postgres::Client,
+    errors: mpsc::UnboundedReceiver<Option<tokio_postgres::Error>>,
+}
+
+impl Session {
+    /// Waits until the connection ends; returns its error, if any.
+    async fn closed(&mut self) -> Option<tokio_postgres::Error> {
+        self.errors.recv().await.flatten()
+    }
+}
+
+async fn listen(database_url: &str, wake: &Arc<Notify>) -> Result<Session> {
+    let mut config = crate::db::parse_url(database_url)?;
+    config.application_name("outboxd-listener");
+    config.connect_timeout(Duration::from_secs(10));
+    // Keepalives notice a half-open socket (a dead server or a dropped NAT entry)
+    // that would otherwise leave us listening to nothing.
+    config.keepalives(true);
+    config.keepalives_idle(Duration::from_secs(15));
+    config.keepalives_interval(Duration::from_secs(5));
+    config.keepalives_retries(3);
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, errors) = mpsc::unbounded_channel();
+    let wake = Arc::clone(wake);
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.send(Some(e));
+                    return;
+                }
+            }
+        }
+        let _ = tx.send(None);
+    });
+    client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    Ok(Session {
+        _client: client,
+        errors,
+    })
+}

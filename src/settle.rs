@@ -1,0 +1,303 @@
+//! Writing outcomes back: many deliveries per statement, guarded by the lease.
+//!
+//! Outcomes are queued by the send tasks and flushed by one settler task every few
+//! milliseconds or every few hundred outcomes, whichever comes first: one round trip
+//! and one commit for a whole batch instead of one per delivery.
+
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio_postgres::types::Type;
+
+use crate::db::Pool;
+use crate::deliver::{Attempt, AttemptResult};
+use crate::error::Result;
+use crate::retry::Verdict;
+
+/// Most outcomes per flush.
+pub const MAX_BATCH: usize = 500;
+/// How long the settler waits for more outcomes before flushing a partial batch.
+pub const LINGER: Duration = Duration::from_millis(3);
+
+/// Settles deliveries and records attempts in one statement. `$1` is the worker id.
+///
+/// The UPDATE only matches rows this worker still holds at the attempt it claimed
+/// (`locked_by = $1 AND attempts = o.attempt`): if the lease ran out and another worker
+/// reclaimed the row (bumping `attempts`), the stale outcome changes nothing. Attempts
+/// are recorded either way, since the request really happened; `ON CONFLICT DO NOTHING`
+/// makes a flush retried after an ambiguous connection error harmless.
+pub const SETTLE: &str = "
+WITH outcome AS (
+    SELECT *
+    FROM unnest($2::bigint[], $3::bigint[], $4::int[], $5::text[], $6::bigint[],
+                $7::int[], $8::int[], $9::text[])
+      AS o(event_id, endpoint_id, attempt, state, delay_ms, uncount, last_status, last_error)
+), settled AS (
+    UPDATE webhook_deliveries d
+    SET state = o.state,
+        attempts = d.attempts - o.uncount,
+        next_attempt_at = CASE WHEN o.state = 'pending'
+                               THEN now() + o.delay_ms * interval '1 millisecond'
+                               ELSE d.next_attempt_at END,
+        locked_by = NULL,
+        locked_until = NULL,
+        last_status = coalesce(o.last_status, d.last_status),
+        last_error = CASE WHEN o.uncount = 1 THEN d.last_error ELSE o.last_error END,
+        delivered_at = CASE WHEN o.state = 'delivered' THEN now() END,
+        updated_at = now()
+    FROM outcome o
+    WHERE d.event_id = o.event_id AND d.endpoint_id = o.endpoint_id
+      AND d.locked_by = $1 AND d.attempts = o.attempt
+    RETURNING 1
+), recorded AS (
+    INSERT INTO webhook_attempts
+        (event_id, endpoint_id, attempt, started_at, duration_ms, status_code,
+         error_kind, error, response_excerpt, worker_id)
+    SELECT a.*, $1
+    FROM unnest($10::bigint[], $11::bigint[], $12::int[], $13::timestamptz[], $14::int[],
+                $15::int[], $16::text[], $17::text[], $18::text[]) AS a
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM settled)";
+
+/// What to write for one delivery.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The event.
+    pub event_id: i64,
+    /// The endpoint.
+    pub endpoint_id: i64,
+    /// The attempt number the claim took (the lease token).
+    pub attempt: i32,
+    /// What becomes of the delivery.
+    pub next: Next,
+    /// The HTTP attempt to record, if one was made.
+    pub record: Option<Attempt>,
+}
+
+/// The state a delivery moves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Decided from an attempt.
+    Verdict(Verdict),
+    /// Its endpoint is closed: park it; the claim does not count as an attempt.
+    Park,
+    /// Not attempted (shutdown): due again now; the claim does not count.
+    Release,
+}
+
+impl Outcome {
+    fn state(&self) -> &'static str {
+        match self.next {
+            Next::Verdict(Verdict::Delivered) => "delivered",
+            Next::Verdict(Verdict::Dead) => "dead",
+            Next::Verdict(Verdict::Retry(_)) | Next::Release => "pending",
+            Next::Park => "parked",
+        }
+    }
+}
+
+/// A summary of an attempt for the delivery row: `(status, error)`.
+pub fn summarize(result: &AttemptResult) -> (Option<i32>, Option<String>) {
+    match result {
+        AttemptResult::Response { status, .. } if (200..300).contains(status) => {
+            (Some(i32::from(*status)), None)
+        }
+        AttemptResult::Response { status, .. } => (
+            Some(i32::from(*status)),
+            Some(format!("receiver answered HTTP {status}")),
+        ),
+        AttemptResult::Failed { kind, message } => {
+            (None, Some(format!("{}: {message}", kind.as_str())))
+        }
+    }
+}
+
+/// Column arrays for one [`SETTLE`] execution.
+#[derive(Default)]
+struct Columns {
+    event_id: Vec<i64>,
+    endpoint_id: Vec<i64>,
+    attempt: Vec<i32>,
+    state: Vec<&'static str>,
+    delay_ms: Vec<i64>,
+    uncount: Vec<i32>,
+    last_status: Vec<Option<i32>>,
+    last_error: Vec<Option<String>>,
+    a_event_id: Vec<i64>,
+    a_endpoint_id: Vec<i64>,
+    a_attempt: Vec<i32>,
+    a_started_at: Vec<SystemTime>,
+    a_duration_ms: Vec<i32>,
+    a_status: Vec<Option<i32>>,
+    a_error_kind: Vec<Option<&'static str>>,
+    a_error: Vec<Option<String>>,
+    a_excerpt: Vec<Option<String>>,
+}
+
+impl Columns {
+    fn from_outcomes(outcomes: &[Outcome]) -> Self {
+        let mut c = Columns::default();
+        for o in outcomes {
+            let (status, error) = o
+                .record
+                .as_ref()
+                .map(|a| summarize(&a.result))
+                .unwrap_or((None, None));
+            c.event_id.push(o.event_id);
+            c.endpoint_id.push(o.endpoint_id);
+            c.attempt.push(o.attempt);
+            c.state.push(o.state());
+            c.delay_ms.push(match &o.next {
+                Next::Verdict(Verdict::Retry(delay)) => delay.as_millis() as i64,
+                _ => 0,
+            });
+            c.uncount
+                .push(i32::from(matches!(o.next, Next::Park | Next::Release)));
+            c.last_status.push(status);
+            c.last_error.push(error.clone());
+            if let Some(attempt) = &o.record {
+                let (kind, message, excerpt) = match &attempt.result {
+                    AttemptResult::Response { excerpt, .. } => {
+                        let kind = error.is_some().then_some("http_status");
+                        (kind, error, Some(excerpt.clone()))
+                    }
+                    AttemptResult::Failed { kind, message } => {
+                        (Some(kind.as_str()), Some(message.clone()), None)
+                    }
+                };
+                c.a_event_id.push(o.event_id);
+                c.a_endpoint_id.push(o.endpoint_id);
+                c.a_attempt.push(o.attempt);
+                c.a_started_at.push(attempt.started_at);
+                c.a_duration_ms
+                    .push(attempt.duration.as_millis().min(i32::MAX as u128) as i32);
+                c.a_status.push(status);
+                c.a_error_kind.push(kind);
+                c.a_error.push(message);
+                c.a_excerpt.push(excerpt);
+            }
+        }
+        c
+    }
+}
+
+/// Writes a batch of outcomes; returns how many deliveries were settled (fewer than
+/// given when a lease was lost to another worker).
+pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result<u64> {
+    let c = Columns::from_outcomes(outcomes);
+    let client = pool.get().await?;
+    let row = client
+        .query_typed_one(
+            SETTLE,
+            &[
+                (&worker_id, Type::TEXT),
+                (&c.event_id, Type::INT8_ARRAY),
+                (&c.endpoint_id, Type::INT8_ARRAY),
+                (&c.attempt, Type::INT4_ARRAY),
+                (&c.state, Type::TEXT_ARRAY),
+                (&c.delay_ms, Type::INT8_ARRAY),
+                (&c.uncount, Type::INT4_ARRAY),
+                (&c.last_status, Type::INT4_ARRAY),
+                (&c.last_error, Type::TEXT_ARRAY),
+                (&c.a_event_id, Type::INT8_ARRAY),
+                (&c.a_endpoint_id, Type::INT8_ARRAY),
+                (&c.a_attempt, Type::INT4_ARRAY),
+                (&c.a_started_at, Type::TIMESTAMPTZ_ARRAY),
+                (&c.a_duration_ms, Type::INT4_ARRAY),
+                (&c.a_status, Type::INT4_ARRAY),
+                (&c.a_error_kind, Type::TEXT_ARRAY),
+                (&c.a_error, Type::TEXT_ARRAY),
+                (&c.a_excerpt, Type::TEXT_ARRAY),
+            ],
+        )
+        .await?;
+    let settled: i64 = row.get(0);
+    Ok(settled as u64)
+}
+
+/// The settler task: batches outcomes from `rx` and flushes them until the channel
+/// closes and is empty. A failed flush is retried with backoff (the statement is safe
+/// to repeat) until it succeeds or `give_up` fires; what is then unwritten stays leased
+/// and comes back when the lease runs out, so nothing is lost.
+pub async fn run(
+    pool: Pool,
+    worker_id: String,
+    mut rx: mpsc::Receiver<Outcome>,
+    give_up: tokio_util::sync::CancellationToken,
+) -> SettleTotals {
+    let mut totals = SettleTotals::default();
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return totals;
+        }
+        let deadline = tokio::time::Instant::now() + LINGER;
+        while batch.len() < MAX_BATCH {
+            let room = MAX_BATCH - batch.len();
+            tokio::select! {
+                n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match flush(&pool, &worker_id, &batch).await {
+                Ok(settled) => {
+                    totals.record(&batch, settled);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, outcomes = batch.len(), "settling outcomes failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = give_up.cancelled() => {
+                            tracing::error!(outcomes = batch.len(), "gave up settling outcomes; their leases will expire and they will be retried");
+                            break;
+                        }
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Counts kept by the settler, reported at shutdown.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SettleTotals {
+    /// Deliveries that reached `delivered`.
+    pub delivered: u64,
+    /// Deliveries scheduled for another attempt.
+    pub retried: u64,
+    /// Deliveries that became `dead`.
+    pub dead: u64,
+    /// Deliveries released unattempted at shutdown.
+    pub released: u64,
+    /// Outcomes that found their lease taken by another worker.
+    pub lease_lost: u64,
+}
+
+impl SettleTotals {
+    fn record(&mut self, batch: &[Outcome], settled: u64) {
+        for o in batch {
+            match o.next {
+                Next::Verdict(Verdict::Delivered) => self.delivered += 1,
+                Next::Verdict(Verdict::Retry(_)) => self.retried += 1,
+                Next::Verdict(Verdict::Dead) => self.dead += 1,
+                Next::Release => self.released += 1,
+                Next::Park => {}
+            }
+        }
+        let lost = (batch.len() as u64).saturating_sub(settled);
+        if lost > 0 {
+            tracing::warn!(
+                lost,
+                "some outcomes found their lease taken by another worker (lease too short?)"
+            );
+            self.lease_lost += lost;
+        }
+    }
+}
