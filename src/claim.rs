@@ -25,7 +25,10 @@ use crate::error::Result;
 ///   fanned out by exactly one dispatcher) and marks them processed; the deliveries it
 ///   inserts are claimed at once up to the remaining capacity, and the rest are inserted
 ///   due now for the next claim. `ON CONFLICT DO NOTHING` on the (event, endpoint) key
-///   makes fan-out idempotent.
+///   makes fan-out idempotent. The filter match is written out here rather than in a SQL
+///   function: a function whose body has a sub-select is never inlined, and calling it
+///   cost ~10 us per (event, endpoint) pair; inline, the common cases (no filter, exact
+///   name) short-circuit before the sub-select runs.
 /// * The final join reads each claimed delivery's event and endpoint. An endpoint that
 ///   was disabled or removed after the delivery was made comes back with `open = false`,
 ///   and the dispatcher parks that delivery instead of sending it.
@@ -67,7 +70,11 @@ WITH due AS (
     FROM events e
     JOIN webhook_endpoints ep
       ON ep.active AND ep.deleted_at IS NULL
-     AND webhook_event_type_matches(ep.event_types, e.event_type)
+     AND (cardinality(ep.event_types) = 0
+          OR e.event_type = ANY (ep.event_types)
+          OR EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
+                     WHERE f = '*'
+                        OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1)))))
 ), inserted AS (
     INSERT INTO webhook_deliveries
         (event_id, endpoint_id, attempts, next_attempt_at, locked_by, locked_until)
