@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args as _, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use outboxd::config::RunArgs;
 use outboxd::{Dispatcher, Error, NewEndpoint, NewEvent, db, endpoint, schema, shutdown};
 use tokio_util::sync::CancellationToken;
@@ -108,8 +108,36 @@ fn parse_time(s: &str) -> Result<SystemTime, String> {
     humantime::parse_rfc3339_weak(s).map_err(|e| format!("{e} (expected RFC 3339)"))
 }
 
+/// The dispatcher's variables and defaults, taken from the `run` flags themselves so
+/// the top-level help can never drift from them.
+fn settings_help() -> String {
+    let run = RunArgs::augment_args(clap::Command::new("run"));
+    let mut text = String::from("Dispatcher settings (environment variable = default):\n");
+    for arg in run.get_arguments() {
+        let Some(env) = arg.get_env() else { continue };
+        let default = arg
+            .get_default_values()
+            .first()
+            .map(|v| v.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "(see description)".to_owned());
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        text.push_str(&format!(
+            "  {} = {}\n      {}\n",
+            env.to_string_lossy(),
+            default,
+            help
+        ));
+    }
+    text.push_str("  RUST_LOG = info\n      Log filter, e.g. outboxd=debug or warn\n");
+    text
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().after_help(settings_help()).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_logging(&cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
