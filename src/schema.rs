@@ -13,6 +13,10 @@ use crate::error::{Error, Result};
 pub const MIGRATIONS: &[(&str, &str)] = &[
     ("0001_schema.sql", include_str!("../sql/0001_schema.sql")),
     ("0002_notify.sql", include_str!("../sql/0002_notify.sql")),
+    (
+        "0003_operations.sql",
+        include_str!("../sql/0003_operations.sql"),
+    ),
 ];
 
 /// Serializes concurrent `migrate` runs across processes: any constant works as
