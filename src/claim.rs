@@ -31,7 +31,9 @@ use crate::error::Result;
 ///   name) short-circuit before the sub-select runs.
 /// * The final join reads each claimed delivery's event and endpoint. An endpoint that
 ///   was disabled or removed after the delivery was made comes back with `open = false`,
-///   and the dispatcher parks that delivery instead of sending it.
+///   and the dispatcher parks that delivery instead of sending it. The endpoint's previous
+///   secret comes along while its rotation grace period lasts, and `attempts -
+///   attempt_base` is the count the retry budget is judged by (a re-drive resets it).
 pub const CLAIM: &str = "
 WITH due AS (
     SELECT event_id, endpoint_id
@@ -49,7 +51,7 @@ WITH due AS (
         updated_at = now()
     FROM due
     WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
-    RETURNING d.event_id, d.endpoint_id, d.attempts
+    RETURNING d.event_id, d.endpoint_id, d.attempts, d.attempt_base
 ), events AS (
     SELECT id, event_type
     FROM webhook_outbox
@@ -86,14 +88,16 @@ WITH due AS (
            CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' END
     FROM fanout
     ON CONFLICT (event_id, endpoint_id) DO NOTHING
-    RETURNING event_id, endpoint_id, attempts
+    RETURNING event_id, endpoint_id, attempts, attempt_base
 ), claimed AS (
-    SELECT event_id, endpoint_id, attempts FROM reclaimed
+    SELECT event_id, endpoint_id, attempts, attempt_base FROM reclaimed
     UNION ALL
-    SELECT event_id, endpoint_id, attempts FROM inserted WHERE attempts > 0
+    SELECT event_id, endpoint_id, attempts, attempt_base FROM inserted WHERE attempts > 0
 )
 SELECT c.event_id, c.endpoint_id, c.attempts, o.event_type, o.payload::text, o.created_at,
-       ep.url, ep.secret, (ep.active AND ep.deleted_at IS NULL) AS open
+       ep.url, ep.secret, (ep.active AND ep.deleted_at IS NULL) AS open,
+       CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
+       c.attempts - c.attempt_base
 FROM claimed c
 JOIN webhook_outbox o ON o.id = c.event_id
 JOIN webhook_endpoints ep ON ep.id = c.endpoint_id";
@@ -164,6 +168,8 @@ pub async fn claim(
                     created_at: row.get::<_, SystemTime>(5),
                     url: row.get(6),
                     secret: row.get(7),
+                    previous_secret: row.get(9),
+                    tries: row.get(10),
                 })
             } else {
                 Claimed::Park {

@@ -55,7 +55,15 @@ pub struct Config {
     pub allow_private_targets: bool,
     /// Connections in the dispatcher's pool.
     pub pool_size: u32,
+    /// Delivered deliveries and their attempts are deleted after this.
+    pub retention: Duration,
+    /// Dead deliveries are deleted after this, unless re-driven first.
+    pub dead_retention: Duration,
+    /// An endpoint failing every attempt for this long is disabled.
+    pub endpoint_disable_after: Duration,
 }
+
+const HOUR: Duration = Duration::from_secs(3600);
 
 impl Default for Config {
     fn default() -> Self {
@@ -73,6 +81,9 @@ impl Default for Config {
             drain_timeout: Duration::from_millis(20_000),
             allow_private_targets: false,
             pool_size: 4,
+            retention: 72 * HOUR,
+            dead_retention: 720 * HOUR,
+            endpoint_disable_after: 120 * HOUR,
         }
     }
 }
@@ -153,6 +164,18 @@ impl Config {
         range("WEBHOOK_MAX_ATTEMPTS", self.max_attempts, 1, 1_000)?;
         range_ms("WEBHOOK_DRAIN_TIMEOUT_MS", self.drain_timeout, 0, 3_600_000)?;
         range("WEBHOOK_POOL_SIZE", self.pool_size, 2, 1_000)?;
+        let hours = |var, d: Duration| {
+            if d < HOUR || d > 100_000 * HOUR {
+                return Err(ConfigError::new(var, "must be between 1 and 100000 hours"));
+            }
+            Ok(())
+        };
+        hours("WEBHOOK_RETENTION_HOURS", self.retention)?;
+        hours("WEBHOOK_DEAD_RETENTION_HOURS", self.dead_retention)?;
+        hours(
+            "WEBHOOK_ENDPOINT_DISABLE_AFTER_HOURS",
+            self.endpoint_disable_after,
+        )?;
         Ok(())
     }
 }
@@ -250,6 +273,36 @@ pub struct RunArgs {
         default_value_t = 4
     )]
     pub pool_size: u32,
+    /// Hours delivered deliveries and their attempt history are kept
+    #[arg(
+        long,
+        env = "WEBHOOK_RETENTION_HOURS",
+        value_name = "WEBHOOK_RETENTION_HOURS",
+        default_value_t = 72
+    )]
+    pub retention_hours: u64,
+    /// Hours dead deliveries are kept (unless re-driven first)
+    #[arg(
+        long,
+        env = "WEBHOOK_DEAD_RETENTION_HOURS",
+        value_name = "WEBHOOK_DEAD_RETENTION_HOURS",
+        default_value_t = 720
+    )]
+    pub dead_retention_hours: u64,
+    /// Hours an endpoint may fail every attempt before it is disabled automatically
+    #[arg(
+        long,
+        env = "WEBHOOK_ENDPOINT_DISABLE_AFTER_HOURS",
+        value_name = "WEBHOOK_ENDPOINT_DISABLE_AFTER_HOURS",
+        default_value_t = 120
+    )]
+    pub endpoint_disable_after_hours: u64,
+}
+
+/// Hours as a `Duration` multiplier, saturating so absurd values fail validation
+/// instead of wrapping.
+fn hours(h: u64) -> u32 {
+    u32::try_from(h).unwrap_or(u32::MAX)
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {
@@ -277,6 +330,9 @@ impl RunArgs {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             allow_private_targets: self.allow_private_targets,
             pool_size: self.pool_size,
+            retention: HOUR.saturating_mul(hours(self.retention_hours)),
+            dead_retention: HOUR.saturating_mul(hours(self.dead_retention_hours)),
+            endpoint_disable_after: HOUR.saturating_mul(hours(self.endpoint_disable_after_hours)),
         };
         config.validate()?;
         Ok(config)

@@ -34,6 +34,12 @@ pub struct Delivery {
     pub url: String,
     /// The endpoint's signing secret, as stored.
     pub secret: String,
+    /// The secret it replaced, while the rotation grace period lasts: the request then
+    /// carries a signature from each.
+    pub previous_secret: Option<String>,
+    /// Attempts counted against the retry budget, this one included (the attempt number
+    /// less those made before the last re-drive).
+    pub tries: i32,
 }
 
 impl Delivery {
@@ -159,10 +165,13 @@ impl Sender {
             Ok(url) => url,
             Err(e) => return invalid(format!("endpoint URL cannot be parsed: {e}")),
         };
-        let secret = match Secret::parse(&delivery.secret) {
-            Ok(secret) => secret,
-            Err(e) => return invalid(format!("endpoint secret cannot be used: {e}")),
-        };
+        let mut secrets = Vec::with_capacity(2);
+        for secret in std::iter::once(&delivery.secret).chain(&delivery.previous_secret) {
+            match Secret::parse(secret) {
+                Ok(secret) => secrets.push(secret),
+                Err(e) => return invalid(format!("endpoint secret cannot be used: {e}")),
+            }
+        }
         // An IP literal never reaches the resolver, so it is checked here.
         if !self.allow_private {
             let literal = match url.host() {
@@ -183,12 +192,7 @@ impl Sender {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let body = delivery.body();
-        let signature = signature_header(
-            std::slice::from_ref(&secret),
-            &msg_id,
-            timestamp,
-            body.as_bytes(),
-        );
+        let signature = signature_header(&secrets, &msg_id, timestamp, body.as_bytes());
         let request = self
             .client
             .post(url)
@@ -278,6 +282,8 @@ mod tests {
             created_at: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
             url: "http://example.com".into(),
             secret: String::new(),
+            previous_secret: None,
+            tries: 1,
         };
         assert_eq!(
             delivery.body(),

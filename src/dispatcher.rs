@@ -19,9 +19,12 @@ use tokio_util::task::TaskTracker;
 use crate::claim::{self, Claimed};
 use crate::config::Config;
 use crate::db::{self, Pool};
-use crate::deliver::{AttemptResult, Delivery, Sender};
+use crate::deliver::{AttemptResult, Delivery, ErrorKind, Sender};
 use crate::error::Result;
-use crate::listener::{self, ListenerState};
+use crate::housekeeping::{self, Housekeeping};
+use crate::listener;
+use crate::metrics::{DeliveryOutcome, Metrics};
+use crate::retention::RetentionPolicy;
 use crate::retry::{RetryPolicy, Verdict};
 use crate::settle::{self, Next, Outcome, SettleTotals};
 use crate::shutdown::{self, Drained};
@@ -51,6 +54,7 @@ pub struct Report {
 pub struct Dispatcher {
     database_url: String,
     config: Config,
+    metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
@@ -60,7 +64,13 @@ impl Dispatcher {
         Ok(Self {
             database_url: database_url.into(),
             config,
+            metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// The metrics this dispatcher records into, for a metrics endpoint to render.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// Delivers until `shutdown` is cancelled, then drains: stops claiming, lets
@@ -82,10 +92,24 @@ impl Dispatcher {
             tokio::spawn(listener::run(
                 self.database_url.clone(),
                 Arc::clone(&wake),
-                Arc::new(ListenerState::default()),
+                Arc::clone(&self.metrics),
                 listener_stop.clone(),
             ))
         });
+
+        let housekeeping_stop = CancellationToken::new();
+        let housekeeping = tokio::spawn(housekeeping::run(
+            pool.clone(),
+            Arc::clone(&self.metrics),
+            Housekeeping {
+                retention: RetentionPolicy {
+                    delivered: cfg.retention,
+                    dead: cfg.dead_retention,
+                },
+                disable_failing_after: cfg.endpoint_disable_after,
+            },
+            housekeeping_stop.clone(),
+        ));
 
         let (settle_tx, settle_rx) = mpsc::channel(cfg.concurrency as usize + settle::MAX_BATCH);
         let settle_give_up = CancellationToken::new();
@@ -93,6 +117,7 @@ impl Dispatcher {
             pool.clone(),
             cfg.worker_id.clone(),
             settle_rx,
+            Arc::clone(&self.metrics),
             settle_give_up.clone(),
         ));
 
@@ -118,6 +143,7 @@ impl Dispatcher {
             settle_tx,
             pool,
             wake,
+            metrics: Arc::clone(&self.metrics),
             cfg,
         };
         claim_loop.run(&shutdown).await;
@@ -140,6 +166,8 @@ impl Dispatcher {
         }
         .unwrap_or_default();
         listener_stop.cancel();
+        housekeeping_stop.cancel();
+        let _ = housekeeping.await;
         if let Some(listener) = listener {
             let _ = listener.await;
         }
@@ -154,6 +182,14 @@ impl Dispatcher {
     }
 }
 
+/// What ended a pause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wake {
+    Shutdown,
+    Notified,
+    Timer,
+}
+
 struct ClaimLoop {
     cfg: Config,
     pool: Pool,
@@ -164,6 +200,7 @@ struct ClaimLoop {
     tracker: TaskTracker,
     abort: CancellationToken,
     settle_tx: mpsc::Sender<Outcome>,
+    metrics: Arc<Metrics>,
 }
 
 impl ClaimLoop {
@@ -182,7 +219,7 @@ impl ClaimLoop {
                 Ok(claimed) => claimed,
                 Err(e) => {
                     tracing::warn!(error = %e, "claim failed; retrying");
-                    if !self.pause(error_delay, shutdown).await {
+                    if self.pause(error_delay, shutdown).await == Wake::Shutdown {
                         return;
                     }
                     error_delay = (error_delay * 2).min(Duration::from_secs(5));
@@ -192,6 +229,7 @@ impl ClaimLoop {
             error_delay = Duration::from_millis(100);
             let got = claimed.len();
             if got > 0 {
+                self.metrics.claim_batch_size.observe(got as f64);
                 tracing::info!(claimed = got, "batch claimed");
                 self.dispatch(claimed).await;
             }
@@ -229,18 +267,22 @@ impl ClaimLoop {
                     d.min(self.cfg.poll_interval).max(Duration::from_millis(1))
                 })
             };
-            if !self.pause(pause, shutdown).await {
-                return;
+            match self.pause(pause, shutdown).await {
+                Wake::Shutdown => return,
+                Wake::Timer if !armed && !rechecked && pause >= self.cfg.poll_interval => {
+                    self.metrics.poll_tick();
+                }
+                Wake::Timer | Wake::Notified => {}
             }
         }
     }
 
-    /// Sleeps for `duration` or until woken; false when shutdown was requested.
-    async fn pause(&self, duration: Duration, shutdown: &CancellationToken) -> bool {
+    /// Sleeps for `duration` or until woken.
+    async fn pause(&self, duration: Duration, shutdown: &CancellationToken) -> Wake {
         tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = self.wake.notified() => true,
-            _ = tokio::time::sleep(duration) => true,
+            _ = shutdown.cancelled() => Wake::Shutdown,
+            _ = self.wake.notified() => Wake::Notified,
+            _ = tokio::time::sleep(duration) => Wake::Timer,
         }
     }
 
@@ -304,6 +346,7 @@ impl ClaimLoop {
                         policy: self.policy,
                         abort: self.abort.clone(),
                         settle_tx: self.settle_tx.clone(),
+                        metrics: Arc::clone(&self.metrics),
                     };
                     self.tracker.spawn(async move {
                         task.run(delivery).await;
@@ -334,16 +377,18 @@ struct SendTask {
     policy: RetryPolicy,
     abort: CancellationToken,
     settle_tx: mpsc::Sender<Outcome>,
+    metrics: Arc<Metrics>,
 }
 
 impl SendTask {
     async fn run(self, delivery: Delivery) {
+        self.metrics.inflight_add(1);
         let (next, record) = tokio::select! {
             biased;
             _ = self.abort.cancelled() => (Next::Release, None),
             attempt = self.sender.send(&delivery) => {
-                let attempt_no = u32::try_from(delivery.attempt).unwrap_or(u32::MAX);
-                let verdict = self.policy.decide(attempt_no, &attempt.result, rand::random());
+                let tries = u32::try_from(delivery.tries).unwrap_or(1).max(1);
+                let verdict = self.policy.decide(tries, &attempt.result, rand::random());
                 if verdict == Verdict::Dead {
                     tracing::warn!(
                         event_id = delivery.event_id,
@@ -353,9 +398,11 @@ impl SendTask {
                         "delivery dead"
                     );
                 }
+                self.record_metrics(&delivery, &attempt.result, attempt.duration, &verdict);
                 (Next::Verdict(verdict), Some(attempt))
             }
         };
+        self.metrics.inflight_add(-1);
         let outcome = Outcome {
             event_id: delivery.event_id,
             endpoint_id: delivery.endpoint_id,
@@ -366,6 +413,39 @@ impl SendTask {
         // Fails only if the settler is gone, i.e. the process is going down; the lease
         // then brings the delivery back.
         let _ = self.settle_tx.send(outcome).await;
+    }
+}
+
+impl SendTask {
+    fn record_metrics(
+        &self,
+        delivery: &Delivery,
+        result: &AttemptResult,
+        duration: Duration,
+        verdict: &Verdict,
+    ) {
+        self.metrics
+            .attempt_duration
+            .observe(duration.as_secs_f64());
+        let refused = matches!(
+            result,
+            AttemptResult::Failed {
+                kind: ErrorKind::RefusedTarget,
+                ..
+            }
+        );
+        let outcome = match verdict {
+            Verdict::Delivered => {
+                if let Ok(age) = std::time::SystemTime::now().duration_since(delivery.created_at) {
+                    self.metrics.commit_to_delivery.observe(age.as_secs_f64());
+                }
+                DeliveryOutcome::Delivered
+            }
+            Verdict::Retry(_) => DeliveryOutcome::Retried,
+            _ if refused => DeliveryOutcome::Refused,
+            Verdict::Dead | Verdict::Gone => DeliveryOutcome::Dead,
+        };
+        self.metrics.delivery(delivery.endpoint_id, outcome);
     }
 }
 

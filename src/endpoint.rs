@@ -47,6 +47,25 @@ pub struct Endpoint {
     /// When it was registered.
     #[serde(with = "crate::time_format")]
     pub created_at: SystemTime,
+    /// When its current run of failed attempts began; `None` while healthy.
+    #[serde(with = "crate::time_format::option")]
+    pub failing_since: Option<SystemTime>,
+    /// Until when the previous secret still signs beside the current one.
+    #[serde(with = "crate::time_format::option")]
+    pub previous_secret_expires_at: Option<SystemTime>,
+}
+
+/// Changes to an endpoint; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct EndpointUpdate {
+    /// A new URL.
+    pub url: Option<String>,
+    /// New filters (empty means every event).
+    pub event_types: Option<Vec<String>>,
+    /// A new description.
+    pub description: Option<String>,
+    /// Enable (`true`, resuming parked deliveries) or disable (`false`, parking them).
+    pub active: Option<bool>,
 }
 
 /// What registering an endpoint takes.
@@ -166,6 +185,8 @@ fn from_row(row: &tokio_postgres::Row) -> Endpoint {
         active: row.get("active"),
         disabled_reason: row.get("disabled_reason"),
         created_at: row.get("created_at"),
+        failing_since: row.get("failing_since"),
+        previous_secret_expires_at: row.get("previous_secret_expires_at"),
     }
 }
 
@@ -189,7 +210,7 @@ const DISABLE: &str = "WITH ep AS (
 
 const ENABLE: &str = "WITH ep AS (
         UPDATE webhook_endpoints
-        SET active = true, disabled_reason = NULL, updated_at = now()
+        SET active = true, disabled_reason = NULL, failing_since = NULL, updated_at = now()
         WHERE id = $1 AND deleted_at IS NULL
         RETURNING id
     ), resumed AS (
@@ -242,6 +263,80 @@ pub async fn remove(client: &impl GenericClient, id: i64) -> Result<()> {
     }
     client.execute(PARK_ALL, &[&id]).await?;
     Ok(())
+}
+
+const UPDATE_FIELDS: &str = "UPDATE webhook_endpoints
+    SET url = coalesce($2, url),
+        event_types = coalesce($3, event_types),
+        description = coalesce($4, description),
+        updated_at = now()
+    WHERE id = $1 AND deleted_at IS NULL
+    RETURNING id";
+
+/// Applies an update after validating it, in one transaction when `active` changes
+/// too. Returns the endpoint as it now is.
+pub async fn update(
+    client: &impl GenericClient,
+    id: i64,
+    change: EndpointUpdate,
+) -> Result<Endpoint> {
+    if let Some(url) = &change.url {
+        validate_url(url)?;
+    }
+    for filter in change.event_types.iter().flatten() {
+        validate_filter(filter)?;
+    }
+    let found = client
+        .query_opt(
+            UPDATE_FIELDS,
+            &[&id, &change.url, &change.event_types, &change.description],
+        )
+        .await?;
+    if found.is_none() {
+        return Err(Error::NotFound(format!("endpoint {id}")));
+    }
+    match change.active {
+        Some(true) => {
+            enable(client, id).await?;
+        }
+        Some(false) => {
+            disable(client, id, "disabled by operator").await?;
+        }
+        None => {}
+    }
+    get(client, id).await
+}
+
+const ROTATE: &str = "UPDATE webhook_endpoints
+    SET previous_secret = secret,
+        previous_secret_expires_at = now() + $3 * interval '1 millisecond',
+        secret = $2,
+        updated_at = now()
+    WHERE id = $1 AND deleted_at IS NULL
+    RETURNING id";
+
+/// Replaces an endpoint's secret (generating one when `new_secret` is `None`) and
+/// returns it. For `grace` the old secret keeps signing beside the new one, so a
+/// consumer can switch without rejecting a single delivery.
+pub async fn rotate_secret(
+    client: &impl GenericClient,
+    id: i64,
+    new_secret: Option<String>,
+    grace: std::time::Duration,
+) -> Result<String> {
+    let secret = match new_secret {
+        Some(secret) => {
+            Secret::parse(&secret).map_err(InvalidEndpoint::from)?;
+            secret
+        }
+        None => Secret::generate(),
+    };
+    let grace_ms = grace.as_millis() as i64;
+    let found = client.query_opt(ROTATE, &[&id, &secret, &grace_ms]).await?;
+    if found.is_none() {
+        return Err(Error::NotFound(format!("endpoint {id}")));
+    }
+    Ok(secret)
 }
 
 #[cfg(test)]

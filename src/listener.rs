@@ -10,7 +10,6 @@
 //! (re)connect wakes the claim loop for a catch-up pass, and the poll tick remains.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -20,30 +19,19 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
+use crate::metrics::Metrics;
 
 /// The channel the insert trigger notifies.
 pub const CHANNEL: &str = "outboxd_wakeup";
 
-/// Shared view of the listener, for readiness checks.
-#[derive(Debug, Default)]
-pub struct ListenerState {
-    connected: AtomicBool,
-}
-
-impl ListenerState {
-    /// Whether the LISTEN session is up right now.
-    pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
-    }
-}
-
 /// Keeps a LISTEN session up until `shutdown`, calling `wake.notify_one()` on every
 /// notification and after every (re)connect. Reconnects with capped exponential
-/// backoff (100 ms to 10 s, jittered) for as long as it takes.
+/// backoff (100 ms to 10 s, jittered) for as long as it takes. Its state shows in
+/// `metrics` (connected, reconnects, notifications).
 pub async fn run(
     database_url: String,
     wake: Arc<Notify>,
-    state: Arc<ListenerState>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let backoff = ExponentialBuilder::default()
@@ -52,14 +40,18 @@ pub async fn run(
         .with_jitter()
         .without_max_times();
     let mut delays = backoff.build();
+    let mut lost_before = false;
     while !shutdown.is_cancelled() {
         let session = tokio::select! {
-            s = listen(&database_url, &wake) => s,
+            s = listen(&database_url, &wake, &metrics) => s,
             _ = shutdown.cancelled() => return,
         };
         match session {
             Ok(mut session) => {
-                state.connected.store(true, Ordering::Relaxed);
+                metrics.set_listener_connected(true);
+                if lost_before {
+                    metrics.listener_reconnected();
+                }
                 delays = backoff.build();
                 tracing::info!(channel = CHANNEL, "listen connection established");
                 // Catch up on whatever was committed while we were not listening.
@@ -68,10 +60,11 @@ pub async fn run(
                     e = session.closed() => e,
                     _ = shutdown.cancelled() => None,
                 };
-                state.connected.store(false, Ordering::Relaxed);
+                metrics.set_listener_connected(false);
                 if shutdown.is_cancelled() {
                     return;
                 }
+                lost_before = true;
                 match lost {
                     Some(e) => tracing::warn!(error = %e, "listen connection lost; reconnecting"),
                     None => tracing::warn!("listen connection closed; reconnecting"),
@@ -101,7 +94,7 @@ impl Session {
     }
 }
 
-async fn listen(database_url: &str, wake: &Arc<Notify>) -> Result<Session> {
+async fn listen(database_url: &str, wake: &Arc<Notify>, metrics: &Arc<Metrics>) -> Result<Session> {
     let mut config = crate::db::parse_url(database_url)?;
     config.application_name("outboxd-listener");
     config.connect_timeout(Duration::from_secs(10));
@@ -114,11 +107,15 @@ async fn listen(database_url: &str, wake: &Arc<Notify>) -> Result<Session> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let (tx, errors) = mpsc::unbounded_channel();
     let wake = Arc::clone(wake);
+    let metrics = Arc::clone(metrics);
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
-                Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                Ok(AsyncMessage::Notification(_)) => {
+                    metrics.notification();
+                    wake.notify_one();
+                }
                 Ok(_) => {}
                 Err(e) => {
                     let _ = tx.send(Some(e));

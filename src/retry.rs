@@ -29,6 +29,10 @@ pub enum Verdict {
     Retry(Duration),
     /// Terminal: the answer cannot improve by retrying, or attempts are exhausted.
     Dead,
+    /// 410 Gone: the endpoint asked not to be called again. The delivery is parked and
+    /// the endpoint disabled, as the Standard Webhooks spec recommends; enabling the
+    /// endpoint resumes it.
+    Gone,
 }
 
 impl RetryPolicy {
@@ -48,13 +52,14 @@ impl RetryPolicy {
     /// 2xx is delivered. 408, 429, 5xx, 3xx (redirects are never followed, and the
     /// consumer may fix the URL's server), timeouts and connection errors are retried.
     /// Any other 4xx, and a target refused by the SSRF guard, is dead at once: retrying
-    /// cannot change the answer. On 429 and 503 a `Retry-After` replaces the backoff,
+    /// cannot change the answer; 410 is [`Verdict::Gone`]. On 429 and 503 a `Retry-After` replaces the backoff,
     /// capped at `max`.
     pub fn decide(&self, attempt: u32, result: &AttemptResult, jitter: f64) -> Verdict {
         let retryable = match result {
             AttemptResult::Response { status, .. } if (200..300).contains(status) => {
                 return Verdict::Delivered;
             }
+            AttemptResult::Response { status: 410, .. } => return Verdict::Gone,
             AttemptResult::Response { status, .. } => is_retryable_status(*status),
             AttemptResult::Failed { kind, .. } => *kind != ErrorKind::RefusedTarget,
         };
@@ -151,9 +156,11 @@ mod tests {
                 "{code}"
             );
         }
-        for code in [400, 401, 403, 404, 410, 413, 422] {
+        for code in [400, 401, 403, 404, 413, 422] {
             assert_eq!(p.decide(1, &status(code), 0.5), Verdict::Dead, "{code}");
         }
+        assert_eq!(p.decide(1, &status(410), 0.5), Verdict::Gone);
+        assert_eq!(p.decide(9, &status(410), 0.5), Verdict::Gone);
         let timeout = AttemptResult::Failed {
             kind: ErrorKind::Timeout,
             message: String::new(),

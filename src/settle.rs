@@ -58,6 +58,14 @@ WITH outcome AS (
                 $15::int[], $16::text[], $17::text[], $18::text[]) AS a
     ON CONFLICT DO NOTHING
     RETURNING 1
+), healthy AS (
+    -- Any success resets the endpoint's failure clock. Only transitions write, so
+    -- dispatchers settling for one endpoint do not queue on its row.
+    UPDATE webhook_endpoints SET failing_since = NULL
+    WHERE id = ANY ($19::bigint[]) AND failing_since IS NOT NULL
+), failing AS (
+    UPDATE webhook_endpoints SET failing_since = now()
+    WHERE id = ANY ($20::bigint[]) AND failing_since IS NULL
 )
 SELECT (SELECT count(*) FROM settled)";
 
@@ -93,7 +101,7 @@ impl Outcome {
             Next::Verdict(Verdict::Delivered) => "delivered",
             Next::Verdict(Verdict::Dead) => "dead",
             Next::Verdict(Verdict::Retry(_)) | Next::Release => "pending",
-            Next::Park => "parked",
+            Next::Park | Next::Verdict(Verdict::Gone) => "parked",
         }
     }
 }
@@ -134,6 +142,8 @@ struct Columns {
     a_error_kind: Vec<Option<&'static str>>,
     a_error: Vec<Option<String>>,
     a_excerpt: Vec<Option<String>>,
+    healthy: Vec<i64>,
+    failing: Vec<i64>,
 }
 
 impl Columns {
@@ -177,8 +187,18 @@ impl Columns {
                 c.a_error_kind.push(kind);
                 c.a_error.push(message);
                 c.a_excerpt.push(excerpt);
+                if matches!(o.next, Next::Verdict(Verdict::Delivered)) {
+                    c.healthy.push(o.endpoint_id);
+                } else {
+                    c.failing.push(o.endpoint_id);
+                }
             }
         }
+        c.healthy.sort_unstable();
+        c.healthy.dedup();
+        c.failing.sort_unstable();
+        c.failing.dedup();
+        c.failing.retain(|id| c.healthy.binary_search(id).is_err());
         c
     }
 }
@@ -210,6 +230,8 @@ pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result
                 (&c.a_error_kind, Type::TEXT_ARRAY),
                 (&c.a_error, Type::TEXT_ARRAY),
                 (&c.a_excerpt, Type::TEXT_ARRAY),
+                (&c.healthy, Type::INT8_ARRAY),
+                (&c.failing, Type::INT8_ARRAY),
             ],
         )
         .await?;
@@ -225,6 +247,7 @@ pub async fn run(
     pool: Pool,
     worker_id: String,
     mut rx: mpsc::Receiver<Outcome>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
     give_up: tokio_util::sync::CancellationToken,
 ) -> SettleTotals {
     let mut totals = SettleTotals::default();
@@ -246,6 +269,7 @@ pub async fn run(
             match flush(&pool, &worker_id, &batch).await {
                 Ok(settled) => {
                     totals.record(&batch, settled);
+                    disable_gone(&pool, &batch, &metrics).await;
                     break;
                 }
                 Err(e) => {
@@ -262,6 +286,35 @@ pub async fn run(
             }
         }
         batch.clear();
+    }
+}
+
+/// Disables every endpoint that answered 410 Gone in this batch (parking its pending
+/// deliveries). A failure is logged; the next 410 from that endpoint tries again.
+async fn disable_gone(pool: &Pool, batch: &[Outcome], metrics: &crate::metrics::Metrics) {
+    let mut gone: Vec<i64> = batch
+        .iter()
+        .filter(|o| o.next == Next::Verdict(Verdict::Gone))
+        .map(|o| o.endpoint_id)
+        .collect();
+    gone.sort_unstable();
+    gone.dedup();
+    for endpoint_id in gone {
+        let disabled = match pool.get().await {
+            Ok(client) => {
+                crate::endpoint::disable(&*client, endpoint_id, "endpoint answered 410 Gone").await
+            }
+            Err(e) => Err(e.into()),
+        };
+        match disabled {
+            Ok(parked) => {
+                metrics.endpoint_disabled();
+                tracing::warn!(endpoint_id, parked, "endpoint answered 410 Gone: disabled");
+            }
+            Err(e) => {
+                tracing::warn!(endpoint_id, error = %e, "disabling a 410 Gone endpoint failed")
+            }
+        }
     }
 }
 
@@ -288,7 +341,7 @@ impl SettleTotals {
                 Next::Verdict(Verdict::Retry(_)) => self.retried += 1,
                 Next::Verdict(Verdict::Dead) => self.dead += 1,
                 Next::Release => self.released += 1,
-                Next::Park => {}
+                Next::Park | Next::Verdict(Verdict::Gone) => {}
             }
         }
         let lost = (batch.len() as u64).saturating_sub(settled);
