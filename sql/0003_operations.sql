@@ -21,3 +21,9 @@ ALTER TABLE webhook_deliveries ADD COLUMN IF NOT EXISTS attempt_base integer NOT
 CREATE INDEX IF NOT EXISTS webhook_deliveries_dead_idx
     ON webhook_deliveries (endpoint_id, updated_at)
     WHERE state = 'dead';
+
+-- "Attempts in the last hour" (stats, per-endpoint failure rates) without a full scan.
+-- BRIN: attempts are appended in time order, so a block-range summary finds recent rows
+-- at a tiny fraction of a btree's insert cost on the hot path.
+CREATE INDEX IF NOT EXISTS webhook_attempts_started_brin
+    ON webhook_attempts USING brin (started_at);

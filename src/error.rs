@@ -24,6 +24,9 @@ pub enum Error {
     /// An event could not be enqueued as given.
     #[error("invalid event: {0}")]
     InvalidEvent(String),
+    /// A request's arguments are malformed (a filter, a page size, an id).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
     /// The named row does not exist.
     #[error("{0} not found")]
     NotFound(String),

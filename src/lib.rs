@@ -43,15 +43,18 @@ pub mod endpoint;
 pub mod error;
 pub mod health;
 pub mod housekeeping;
+pub mod inspect;
 pub mod listener;
 pub mod metrics;
 pub mod outbox;
+pub mod redrive;
 pub mod retention;
 pub mod retry;
 pub mod schema;
 pub mod settle;
 pub mod shutdown;
 pub mod sign;
+pub mod status;
 pub mod target;
 mod time_format;
 

@@ -1,0 +1,87 @@
+//! The status server on `METRICS_ADDR`: Prometheus metrics, liveness and readiness.
+//!
+//! `/metrics` renders counters kept in memory and never queries the database, so a
+//! scrape costs the database nothing. `/readyz` does check the database, since that is
+//! what readiness means: reachable, migrated, and (in push mode) listening.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use crate::db::Pool;
+use crate::metrics::Metrics;
+use crate::schema;
+
+/// What the status routes read.
+#[derive(Debug, Clone)]
+pub struct StatusState {
+    /// The dispatcher's metrics.
+    pub metrics: Arc<Metrics>,
+    /// For the readiness check.
+    pub pool: Pool,
+    /// Whether the dispatcher runs in push mode (then readiness needs the listener).
+    pub listen: bool,
+}
+
+/// `/metrics`, `/healthz` and `/readyz`.
+pub fn router(state: StatusState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(state)
+}
+
+/// Serves [`router`] on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: StatusState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn metrics(State(state): State<StatusState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+async fn ready(State(state): State<StatusState>) -> (StatusCode, String) {
+    match readiness(&state).await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {reason}\n"),
+        ),
+    }
+}
+
+async fn readiness(state: &StatusState) -> Result<(), String> {
+    let client = state
+        .pool
+        .get()
+        .await
+        .map_err(|_| "database unreachable".to_owned())?;
+    let pending = schema::pending_migrations(&client)
+        .await
+        .map_err(|_| "database unreachable".to_owned())?;
+    if !pending.is_empty() {
+        return Err(format!("migrations pending: {}", pending.join(", ")));
+    }
+    if state.listen && !state.metrics.listener_connected() {
+        return Err("LISTEN session not connected".to_owned());
+    }
+    Ok(())
+}
