@@ -234,7 +234,8 @@ async fn read_excerpt(mut response: reqwest::Response) -> String {
         }
     }
     buf.truncate(EXCERPT_BYTES);
-    String::from_utf8_lossy(&buf).into_owned()
+    // PostgreSQL text cannot hold NUL: one would fail the whole settle batch, forever.
+    String::from_utf8_lossy(&buf).replace('\0', "\u{FFFD}")
 }
 
 fn classify(e: &reqwest::Error) -> ErrorKind {

@@ -131,7 +131,10 @@ const INSERT_ENDPOINT: &str =
      RETURNING id";
 
 const SELECT_ENDPOINTS: &str =
-    "SELECT id, url, event_types, description, active, disabled_reason, created_at
+    "SELECT id, url, event_types, description, active, disabled_reason, created_at,
+            failing_since,
+            CASE WHEN previous_secret_expires_at > now() THEN previous_secret_expires_at END
+                AS previous_secret_expires_at
      FROM webhook_endpoints
      WHERE deleted_at IS NULL";
 
@@ -309,7 +312,7 @@ pub async fn update(
 
 const ROTATE: &str = "UPDATE webhook_endpoints
     SET previous_secret = secret,
-        previous_secret_expires_at = now() + $3 * interval '1 millisecond',
+        previous_secret_expires_at = now() + $3::bigint * interval '1 millisecond',
         secret = $2,
         updated_at = now()
     WHERE id = $1 AND deleted_at IS NULL

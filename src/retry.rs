@@ -61,7 +61,10 @@ impl RetryPolicy {
             }
             AttemptResult::Response { status: 410, .. } => return Verdict::Gone,
             AttemptResult::Response { status, .. } => is_retryable_status(*status),
-            AttemptResult::Failed { kind, .. } => *kind != ErrorKind::RefusedTarget,
+            // Terminal (docs/webhooks.md): a refused target, an unusable URL or secret.
+            AttemptResult::Failed { kind, .. } => {
+                !matches!(kind, ErrorKind::RefusedTarget | ErrorKind::InvalidEndpoint)
+            }
         };
         if !retryable || attempt >= self.max_attempts {
             return Verdict::Dead;
