@@ -34,6 +34,7 @@
 //!
 //! [Standard Webhooks]: https://www.standardwebhooks.com/
 
+pub mod admin;
 pub mod claim;
 pub mod config;
 pub mod db;

@@ -1,0 +1,415 @@
+//! One function per route. Each checks its input completely before touching the
+//! database, then calls the library ([`crate::endpoint`], [`crate::inspect`],
+//! [`crate::redrive`]); nothing here logs request bodies, secrets or payloads.
+
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::AdminState;
+use super::error::ApiError;
+use super::input::{
+    JsonBody, OptionalJsonBody, Params, PathParam, check_window, non_empty, opt_event_type, opt_id,
+    opt_limit, opt_time, parse_delivery_id, parse_id,
+};
+use crate::endpoint::{self, Endpoint, EndpointUpdate, NewEndpoint};
+use crate::inspect::{self, DeliveryFilter, DeliveryId, EventFilter};
+use crate::redrive::{self, DeadFilter};
+
+type Handled = Result<Response, ApiError>;
+
+// ---------------------------------------------------------------------------------------
+// Endpoints
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct CreateEndpoint {
+    url: String,
+    #[serde(default)]
+    event_types: Option<Vec<String>>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    secret: Option<String>,
+}
+
+#[derive(Serialize)]
+struct CreatedEndpoint {
+    #[serde(flatten)]
+    endpoint: Endpoint,
+    secret: String,
+}
+
+#[derive(Serialize)]
+struct Items<T> {
+    items: Vec<T>,
+}
+
+pub(super) async fn create_endpoint(
+    State(state): State<AdminState>,
+    JsonBody(body): JsonBody<CreateEndpoint>,
+) -> Handled {
+    let new = NewEndpoint {
+        url: body.url,
+        event_types: body.event_types.unwrap_or_default(),
+        secret: body.secret,
+        description: body.description.unwrap_or_default(),
+    };
+    // Validate before taking a connection, so bad input never waits on the pool.
+    endpoint::validate_url(&new.url).map_err(crate::Error::from)?;
+    for filter in &new.event_types {
+        endpoint::validate_filter(filter).map_err(crate::Error::from)?;
+    }
+    let conn = state.pool.get().await?;
+    let (endpoint, secret) = endpoint::add(&*conn, new).await?;
+    let location = HeaderValue::from_str(&format!("/v1/endpoints/{}", endpoint.id)).ok();
+    let mut response = (
+        StatusCode::CREATED,
+        Json(CreatedEndpoint { endpoint, secret }),
+    )
+        .into_response();
+    if let Some(location) = location {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+pub(super) async fn list_endpoints(State(state): State<AdminState>) -> Handled {
+    let conn = state.pool.get().await?;
+    let items = endpoint::list(&*conn).await?;
+    Ok(Json(Items { items }).into_response())
+}
+
+pub(super) async fn get_endpoint(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+) -> Handled {
+    let id = parse_id("endpoint id", &id)?;
+    let conn = state.pool.get().await?;
+    Ok(Json(endpoint::get(&*conn, id).await?).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PatchEndpoint {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    event_types: Option<Vec<String>>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default)]
+    active: Option<bool>,
+}
+
+pub(super) async fn update_endpoint(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+    JsonBody(body): JsonBody<PatchEndpoint>,
+) -> Handled {
+    let id = parse_id("endpoint id", &id)?;
+    let change = EndpointUpdate {
+        url: body.url,
+        event_types: body.event_types,
+        description: body.description,
+        active: body.active,
+    };
+    // One transaction: the fields and the parking or resuming land together or not at all.
+    let mut conn = state.pool.get().await?;
+    let tx = conn.transaction().await?;
+    let endpoint = endpoint::update(&tx, id, change).await?;
+    tx.commit().await?;
+    Ok(Json(endpoint).into_response())
+}
+
+pub(super) async fn delete_endpoint(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+) -> Handled {
+    let id = parse_id("endpoint id", &id)?;
+    let mut conn = state.pool.get().await?;
+    let tx = conn.transaction().await?;
+    endpoint::remove(&tx, id).await?;
+    tx.commit().await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RotateSecret {
+    #[serde(default)]
+    secret: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Rotated {
+    secret: String,
+    #[serde(with = "crate::time_format::option")]
+    previous_secret_expires_at: Option<SystemTime>,
+}
+
+pub(super) async fn rotate_secret(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+    OptionalJsonBody(body): OptionalJsonBody<RotateSecret>,
+) -> Handled {
+    let id = parse_id("endpoint id", &id)?;
+    if let Some(secret) = &body.secret {
+        crate::sign::Secret::parse(secret)
+            .map_err(|e| crate::Error::from(endpoint::InvalidEndpoint::from(e)))?;
+    }
+    let mut conn = state.pool.get().await?;
+    let tx = conn.transaction().await?;
+    let secret = endpoint::rotate_secret(&tx, id, body.secret, state.rotation_grace).await?;
+    let endpoint = endpoint::get(&tx, id).await?;
+    tx.commit().await?;
+    Ok(Json(Rotated {
+        secret,
+        previous_secret_expires_at: endpoint.previous_secret_expires_at,
+    })
+    .into_response())
+}
+
+#[derive(Serialize)]
+struct OneDelivery {
+    delivery_id: DeliveryId,
+}
+
+pub(super) async fn send_test(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+) -> Handled {
+    let id = parse_id("endpoint id", &id)?;
+    let conn = state.pool.get().await?;
+    let endpoint = endpoint::get(&*conn, id).await?;
+    if !endpoint.active {
+        return Err(ApiError::conflict(format!(
+            "endpoint {id} is disabled; enable it (PATCH active=true) before sending a test event"
+        )));
+    }
+    let delivery_id = redrive::send_test(&*conn, id).await?;
+    Ok((StatusCode::ACCEPTED, Json(OneDelivery { delivery_id })).into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Events
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EventQuery {
+    event_type: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+pub(super) async fn list_events(
+    State(state): State<AdminState>,
+    Params(query): Params<EventQuery>,
+) -> Handled {
+    let filter = EventFilter {
+        event_type: opt_event_type(query.event_type)?,
+        since: opt_time("since", query.since)?,
+        until: opt_time("until", query.until)?,
+        after: opt_id("after", query.after)?,
+        limit: opt_limit(query.limit)?,
+    };
+    check_window(filter.since, filter.until)?;
+    let conn = state.pool.get().await?;
+    Ok(Json(inspect::list_events(&*conn, &filter).await?).into_response())
+}
+
+pub(super) async fn get_event(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+) -> Handled {
+    let id = parse_id("event id", &id)?;
+    let conn = state.pool.get().await?;
+    Ok(Json(inspect::get_event(&*conn, id).await?).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReplayEvent {
+    #[serde(default)]
+    endpoint_id: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct Deliveries {
+    deliveries: Vec<DeliveryId>,
+}
+
+pub(super) async fn replay_event(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+    OptionalJsonBody(body): OptionalJsonBody<ReplayEvent>,
+) -> Handled {
+    let id = parse_id("event id", &id)?;
+    let conn = state.pool.get().await?;
+    let event = inspect::get_event(&*conn, id).await?;
+    if event.processed_at.is_none() {
+        return Err(ApiError::conflict(format!(
+            "event {id} has not been fanned out yet; it will be delivered without a replay"
+        )));
+    }
+    let deliveries = redrive::replay(&*conn, id, body.endpoint_id).await?;
+    Ok((StatusCode::ACCEPTED, Json(Deliveries { deliveries })).into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Deliveries
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeliveryQuery {
+    state: Option<String>,
+    endpoint_id: Option<String>,
+    event_type: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+pub(super) async fn list_deliveries(
+    State(state): State<AdminState>,
+    Params(query): Params<DeliveryQuery>,
+) -> Handled {
+    let delivery_state = non_empty(query.state);
+    if let Some(s) = &delivery_state
+        && !inspect::DELIVERY_STATES.contains(&s.as_str())
+    {
+        return Err(ApiError::invalid_input(format!(
+            "state must be one of {}, got {s:?}",
+            inspect::DELIVERY_STATES.join(", ")
+        )));
+    }
+    let filter = DeliveryFilter {
+        state: delivery_state,
+        endpoint_id: opt_id("endpoint_id", query.endpoint_id)?,
+        event_type: opt_event_type(query.event_type)?,
+        since: opt_time("since", query.since)?,
+        until: opt_time("until", query.until)?,
+        after: non_empty(query.after)
+            .map(|a| {
+                parse_delivery_id(&a).map_err(|_| {
+                    ApiError::invalid_input(format!(
+                        "after must be a delivery id EVENT_ID:ENDPOINT_ID (a next_cursor), got {a:?}"
+                    ))
+                })
+            })
+            .transpose()?,
+        limit: opt_limit(query.limit)?,
+    };
+    check_window(filter.since, filter.until)?;
+    let conn = state.pool.get().await?;
+    Ok(Json(inspect::list_deliveries(&*conn, &filter).await?).into_response())
+}
+
+pub(super) async fn get_delivery(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+) -> Handled {
+    let id = parse_delivery_id(&id)?;
+    let conn = state.pool.get().await?;
+    Ok(Json(inspect::get_delivery(&*conn, id).await?).into_response())
+}
+
+pub(super) async fn retry_delivery(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+) -> Handled {
+    let id = parse_delivery_id(&id)?;
+    let conn = state.pool.get().await?;
+    let retried = redrive::retry_dead(&*conn, &[id]).await?;
+    if retried.is_empty() {
+        // Not dead: say whether it exists at all, and if so what it is instead.
+        let current = inspect::get_delivery(&*conn, id).await?;
+        return Err(ApiError::conflict(format!(
+            "delivery {id} is {}; only dead deliveries can be retried \
+             (POST /v1/events/{}/replay sends a finished event again)",
+            current.delivery.state, id.event_id
+        )));
+    }
+    Ok((StatusCode::ACCEPTED, Json(OneDelivery { delivery_id: id })).into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Dead deliveries in bulk, statistics
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RetryDead {
+    #[serde(default)]
+    endpoint_id: Option<i64>,
+    #[serde(default)]
+    event_type: Option<String>,
+    #[serde(default)]
+    since: Option<String>,
+    #[serde(default)]
+    until: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Retried {
+    retried: usize,
+    deliveries: Vec<DeliveryId>,
+}
+
+pub(super) async fn retry_dead(
+    State(state): State<AdminState>,
+    JsonBody(body): JsonBody<RetryDead>,
+) -> Handled {
+    let filter = DeadFilter {
+        endpoint_id: body.endpoint_id,
+        event_type: opt_event_type(body.event_type)?,
+        since: opt_time("since", body.since)?,
+        until: opt_time("until", body.until)?,
+    };
+    check_window(filter.since, filter.until)?;
+    let conn = state.pool.get().await?;
+    let deliveries = redrive::retry_dead_matching(&*conn, &filter).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Retried {
+            retried: deliveries.len(),
+            deliveries,
+        }),
+    )
+        .into_response())
+}
+
+pub(super) async fn stats(State(state): State<AdminState>) -> Handled {
+    let conn = state.pool.get().await?;
+    Ok(Json(inspect::stats(&*conn).await?).into_response())
+}
+
+pub(super) async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::OPENAPI_JSON,
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------
+// Fallbacks
+// ---------------------------------------------------------------------------------------
+
+pub(super) async fn no_route() -> ApiError {
+    ApiError::not_found("no such route; GET /openapi.json lists them")
+}
+
+pub(super) async fn method_not_allowed() -> ApiError {
+    ApiError::method_not_allowed()
+}
