@@ -113,13 +113,16 @@ impl Dispatcher {
 
         let (settle_tx, settle_rx) = mpsc::channel(cfg.concurrency as usize + settle::MAX_BATCH);
         let settle_give_up = CancellationToken::new();
-        let mut settler = tokio::spawn(settle::run(
-            pool.clone(),
-            cfg.worker_id.clone(),
-            settle_rx,
-            Arc::clone(&self.metrics),
-            settle_give_up.clone(),
-        ));
+        let mut settler = tokio::spawn(
+            settle::Settler {
+                pool: pool.clone(),
+                worker_id: cfg.worker_id.clone(),
+                metrics: Arc::clone(&self.metrics),
+                wake: Arc::clone(&wake),
+                give_up: settle_give_up.clone(),
+            }
+            .run(settle_rx),
+        );
 
         tracing::info!(
             worker_id = %cfg.worker_id,

@@ -10,7 +10,7 @@ use crate::endpoint::InvalidEndpoint;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A statement failed or the connection broke.
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe_db(.0))]
     Db(#[from] tokio_postgres::Error),
     /// No pooled connection could be had.
     #[error("database pool error: {0}")]
@@ -42,6 +42,26 @@ pub enum Error {
     /// The HTTP client could not be built.
     #[error("http client error: {0}")]
     HttpClient(#[from] reqwest::Error),
+}
+
+impl Error {
+    /// Whether PostgreSQL received the statement and refused it (a constraint, bad
+    /// data, a missing table), as opposed to a connection problem: repeating the same
+    /// statement would fail the same way.
+    pub fn is_rejected_by_database(&self) -> bool {
+        matches!(self, Error::Db(e) if e.as_db_error().is_some())
+    }
+}
+
+/// tokio-postgres's own message is only "db error"; show PostgreSQL's words and code.
+fn describe_db(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
 }
 
 /// Shorthand for results of this crate.

@@ -43,10 +43,21 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = sample.tick() => match metrics::sample_queue(&pool).await {
-                Ok(queue) => metrics.set_queue(queue),
-                Err(e) => tracing::warn!(error = %e, "sampling the queue failed"),
-            },
+            _ = sample.tick() => {
+                match metrics::sample_queue(&pool).await {
+                    Ok(queue) => metrics.set_queue(queue),
+                    Err(e) => tracing::warn!(error = %e, "sampling the queue failed"),
+                }
+                let resumed = match pool.get().await {
+                    Ok(client) => health::resume_stranded(&*client).await,
+                    Err(e) => Err(e.into()),
+                };
+                match resumed {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(resumed = n, "resumed deliveries parked under an active endpoint"),
+                    Err(e) => tracing::warn!(error = %e, "resuming stranded deliveries failed"),
+                }
+            }
             _ = health.tick() => {
                 let disabled = match pool.get().await {
                     Ok(client) => health::disable_failing(&*client, settings.disable_failing_after).await,

@@ -34,14 +34,19 @@ WITH outcome AS (
       AS o(event_id, endpoint_id, attempt, state, delay_ms, uncount, last_status, last_error)
 ), settled AS (
     UPDATE webhook_deliveries d
-    SET state = o.state,
+    -- A park is written only if the endpoint is still closed: an enable that
+    -- committed since the claim saw it closed must not strand the delivery.
+    SET state = CASE WHEN o.state = 'parked' AND o.uncount = 1 AND EXISTS (
+                         SELECT 1 FROM webhook_endpoints e
+                         WHERE e.id = d.endpoint_id AND e.active AND e.deleted_at IS NULL)
+                     THEN 'pending' ELSE o.state END,
         attempts = d.attempts - o.uncount,
-        next_attempt_at = CASE WHEN o.state = 'pending'
+        next_attempt_at = CASE WHEN o.state IN ('pending', 'parked')
                                THEN now() + o.delay_ms * interval '1 millisecond'
                                ELSE d.next_attempt_at END,
         locked_by = NULL,
         locked_until = NULL,
-        last_status = coalesce(o.last_status, d.last_status),
+        last_status = CASE WHEN o.uncount = 1 THEN d.last_status ELSE o.last_status END,
         last_error = CASE WHEN o.uncount = 1 THEN d.last_error ELSE o.last_error END,
         delivered_at = CASE WHEN o.state = 'delivered' THEN now() END,
         updated_at = now()
@@ -239,53 +244,93 @@ pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result
     Ok(settled as u64)
 }
 
-/// The settler task: batches outcomes from `rx` and flushes them until the channel
-/// closes and is empty. A failed flush is retried with backoff (the statement is safe
-/// to repeat) until it succeeds or `give_up` fires; what is then unwritten stays leased
-/// and comes back when the lease runs out, so nothing is lost.
-pub async fn run(
-    pool: Pool,
-    worker_id: String,
-    mut rx: mpsc::Receiver<Outcome>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
-    give_up: tokio_util::sync::CancellationToken,
-) -> SettleTotals {
-    let mut totals = SettleTotals::default();
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    loop {
-        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            return totals;
-        }
-        let deadline = tokio::time::Instant::now() + LINGER;
-        while batch.len() < MAX_BATCH {
-            let room = MAX_BATCH - batch.len();
-            tokio::select! {
-                n = rx.recv_many(&mut batch, room) => if n == 0 { break },
-                _ = tokio::time::sleep_until(deadline) => break,
+/// The settler task's collaborators.
+#[derive(Debug, Clone)]
+pub struct Settler {
+    /// Where outcomes are written.
+    pub pool: Pool,
+    /// The lease holder the outcomes belong to.
+    pub worker_id: String,
+    /// Counts endpoints disabled by a 410.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// Woken after a flush that scheduled retries, so a sleeping claim loop
+    /// recomputes when it must wake up next.
+    pub wake: std::sync::Arc<tokio::sync::Notify>,
+    /// Stops retrying a failing flush (at the end of a shutdown).
+    pub give_up: tokio_util::sync::CancellationToken,
+}
+
+impl Settler {
+    /// Batches outcomes from `rx` and writes them until the channel closes and is
+    /// empty. A flush that fails for a connection problem is retried with backoff (the
+    /// statement is safe to repeat) until it succeeds or `give_up` fires. A batch the
+    /// database rejects (bad data) is written one outcome at a time, so one bad outcome
+    /// cannot block the rest. Whatever stays unwritten stays leased and comes back when
+    /// the lease runs out: nothing is lost, at worst delivered twice.
+    pub async fn run(self, mut rx: mpsc::Receiver<Outcome>) -> SettleTotals {
+        let mut totals = SettleTotals::default();
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                return totals;
             }
+            let deadline = tokio::time::Instant::now() + LINGER;
+            while batch.len() < MAX_BATCH {
+                let room = MAX_BATCH - batch.len();
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+                    _ = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            self.write(&batch, &mut totals).await;
+            batch.clear();
         }
+    }
+
+    async fn write(&self, batch: &[Outcome], totals: &mut SettleTotals) {
         let mut delay = Duration::from_millis(50);
         loop {
-            match flush(&pool, &worker_id, &batch).await {
+            match flush(&self.pool, &self.worker_id, batch).await {
                 Ok(settled) => {
-                    totals.record(&batch, settled);
-                    disable_gone(&pool, &batch, &metrics).await;
+                    totals.record(batch, settled);
+                    break;
+                }
+                Err(e) if e.is_rejected_by_database() => {
+                    tracing::warn!(error = %e, outcomes = batch.len(), "a batch of outcomes was rejected; writing them one by one");
+                    for outcome in batch {
+                        let one = std::slice::from_ref(outcome);
+                        match flush(&self.pool, &self.worker_id, one).await {
+                            Ok(settled) => totals.record(one, settled),
+                            Err(e) => tracing::error!(
+                                event_id = outcome.event_id,
+                                endpoint_id = outcome.endpoint_id,
+                                error = %e,
+                                "an outcome could not be written; the delivery will be retried when its lease ends"
+                            ),
+                        }
+                    }
                     break;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, outcomes = batch.len(), "settling outcomes failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = give_up.cancelled() => {
+                        _ = self.give_up.cancelled() => {
                             tracing::error!(outcomes = batch.len(), "gave up settling outcomes; their leases will expire and they will be retried");
-                            break;
+                            return;
                         }
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
-        batch.clear();
+        disable_gone(&self.pool, batch, &self.metrics).await;
+        if batch
+            .iter()
+            .any(|o| matches!(o.next, Next::Verdict(Verdict::Retry(_))))
+        {
+            self.wake.notify_one();
+        }
     }
 }
 
