@@ -276,8 +276,8 @@ const UPDATE_FIELDS: &str = "UPDATE webhook_endpoints
     WHERE id = $1 AND deleted_at IS NULL
     RETURNING id";
 
-/// Applies an update after validating it, in one transaction when `active` changes
-/// too. Returns the endpoint as it now is.
+/// Applies an update after validating it, and returns the endpoint as it now is.
+/// When `active` changes too, pass a transaction to make the two steps atomic.
 pub async fn update(
     client: &impl GenericClient,
     id: i64,

@@ -1,13 +1,18 @@
 //! The `outboxd` command: wires the library to a command line.
+//!
+//! Exit status: 0 success; 1 runtime failure (database unreachable, ...); 2 invalid
+//! input or configuration (the message names the variable or flag); 3 not found;
+//! 4 nothing was done (e.g. `retry` of deliveries that are not dead).
+
+mod manage;
+mod run;
 
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use anyhow::Context as _;
 use clap::{Args as _, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
+use outboxd::Error;
 use outboxd::config::RunArgs;
-use outboxd::{Dispatcher, Error, NewEndpoint, NewEvent, db, endpoint, schema, shutdown};
-use tokio_util::sync::CancellationToken;
 
 /// PostgreSQL transactional-outbox webhook dispatcher.
 ///
@@ -37,10 +42,38 @@ enum Command {
     /// Create or upgrade the schema and the notify trigger (safe to repeat, and to run from several processes at once)
     Migrate,
     /// Deliver webhooks until SIGTERM/SIGINT, then drain and exit 0
-    Run(RunArgs),
+    Run {
+        #[command(flatten)]
+        dispatcher: RunArgs,
+        #[command(flatten)]
+        serve: run::ServeArgs,
+    },
     /// Manage consumer endpoints
     #[command(subcommand)]
-    Endpoint(EndpointCommand),
+    Endpoint(manage::EndpointCommand),
+    /// Inspect and re-drive deliveries
+    #[command(subcommand)]
+    Deliveries(manage::DeliveriesCommand),
+    /// List and re-drive dead deliveries
+    #[command(subcommand)]
+    Dead(manage::DeadCommand),
+    /// Deliver an event again (same webhook-id) to one or all of its endpoints
+    Replay {
+        /// The event id
+        event_id: i64,
+        /// Only to this endpoint (also one that had no delivery of the event)
+        #[arg(long = "endpoint")]
+        endpoint_id: Option<i64>,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue depth by state, oldest pending age, last hour's deliveries and failures, per endpoint
+    Stats {
+        /// Print JSON instead of tables
+        #[arg(long)]
+        json: bool,
+    },
     /// Enqueue one event (what an application does with INSERT INTO webhook_outbox)
     Enqueue {
         /// Event type, such as order.created
@@ -58,68 +91,23 @@ enum Command {
     },
 }
 
-#[derive(Debug, Subcommand)]
-enum EndpointCommand {
-    /// Register an endpoint; prints its id and signing secret
-    Add {
-        /// http(s) URL deliveries are POSTed to
-        #[arg(long)]
-        url: String,
-        /// Event-type filter: an exact name, a prefix such as order.*, or *; repeatable; none means every event
-        #[arg(long = "event-type")]
-        event_types: Vec<String>,
-        /// Signing secret (whsec_ + base64 of 24 to 64 bytes); generated when omitted
-        #[arg(long, env = "ENDPOINT_SECRET", hide_env_values = true)]
-        secret: Option<String>,
-        /// Free text for operators
-        #[arg(long, default_value = "")]
-        description: String,
-        /// Print JSON instead of text
-        #[arg(long)]
-        json: bool,
-    },
-    /// List endpoints
-    List {
-        /// Print JSON instead of a table
-        #[arg(long)]
-        json: bool,
-    },
-    /// Stop deliveries to an endpoint; its pending deliveries are parked
-    Disable {
-        /// Endpoint id
-        id: i64,
-        /// Why, recorded as disabled_reason
-        #[arg(long, default_value = "disabled by operator")]
-        reason: String,
-    },
-    /// Resume an endpoint; its parked deliveries become due at once
-    Enable {
-        /// Endpoint id
-        id: i64,
-    },
-    /// Remove an endpoint (its history is kept; pending deliveries are parked)
-    Remove {
-        /// Endpoint id
-        id: i64,
-    },
-}
-
-fn parse_time(s: &str) -> Result<SystemTime, String> {
+/// Parses an RFC 3339 time for flags.
+pub(crate) fn parse_time(s: &str) -> Result<SystemTime, String> {
     humantime::parse_rfc3339_weak(s).map_err(|e| format!("{e} (expected RFC 3339)"))
 }
 
 /// The dispatcher's variables and defaults, taken from the `run` flags themselves so
 /// the top-level help can never drift from them.
 fn settings_help() -> String {
-    let run = RunArgs::augment_args(clap::Command::new("run"));
-    let mut text = String::from("Dispatcher settings (environment variable = default):\n");
+    let run = run::ServeArgs::augment_args(RunArgs::augment_args(clap::Command::new("run")));
+    let mut text = String::from("Settings (environment variable = default):\n");
     for arg in run.get_arguments() {
         let Some(env) = arg.get_env() else { continue };
         let default = arg
             .get_default_values()
             .first()
             .map(|v| v.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "(see description)".to_owned());
+            .unwrap_or_else(|| "(unset)".to_owned());
         let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
         text.push_str(&format!(
             "  {} = {}\n      {}\n",
@@ -129,6 +117,10 @@ fn settings_help() -> String {
         ));
     }
     text.push_str("  RUST_LOG = info\n      Log filter, e.g. outboxd=debug or warn\n");
+    text.push_str(
+        "\nExit status: 0 success, 1 failure, 2 invalid input or configuration, 3 not found, \
+         4 nothing to do.\n",
+    );
     text
 }
 
@@ -150,19 +142,28 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(execute(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            // Bad input (configuration, URL, secret, filter, event) exits 2, like a
-            // usage error; anything else exits 1.
-            let input = e.downcast_ref::<Error>().is_some_and(|e| {
-                matches!(
-                    e,
-                    Error::Config(_) | Error::InvalidEndpoint(_) | Error::InvalidEvent(_)
-                )
-            }) || e.downcast_ref::<outboxd::ConfigError>().is_some();
-            ExitCode::from(if input { 2 } else { 1 })
+            ExitCode::from(exit_status(&e))
         }
+    }
+}
+
+/// Maps an error to the documented exit status.
+fn exit_status(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<outboxd::ConfigError>().is_some() {
+        return 2;
+    }
+    match e.downcast_ref::<Error>() {
+        Some(
+            Error::Config(_)
+            | Error::InvalidEndpoint(_)
+            | Error::InvalidEvent(_)
+            | Error::InvalidInput(_),
+        ) => 2,
+        Some(Error::NotFound(_)) => 3,
+        _ => 1,
     }
 }
 
@@ -179,43 +180,58 @@ fn init_logging(format: &str) {
     }
 }
 
-async fn execute(cli: Cli) -> anyhow::Result<()> {
-    let database_url = || {
-        cli.database_url
-            .clone()
-            .context("DATABASE_URL is not set (pass --database-url or set the variable)")
+async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    let database_url = cli.database_url.clone();
+    let database_url = move || {
+        database_url.ok_or_else(|| {
+            anyhow::Error::from(Error::Config(outboxd::ConfigError {
+                variable: "DATABASE_URL",
+                message: "is not set (pass --database-url or set the variable)".to_owned(),
+            }))
+        })
     };
     match cli.command {
         Command::Migrate => {
-            let mut client = db::connect(&database_url()?).await?;
-            let applied = schema::migrate(&mut client).await?;
+            let mut client = outboxd::db::connect(&database_url()?).await?;
+            let applied = outboxd::schema::migrate(&mut client).await?;
             if applied.is_empty() {
                 println!("schema is up to date");
             } else {
                 println!("applied: {}", applied.join(", "));
             }
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Run(args) => {
-            // Validate before touching the database, so a bad value exits 2 at once.
-            let config = args.into_config().map_err(Error::from)?;
-            let dispatcher = Dispatcher::new(database_url()?, config)?;
-            let shutdown = CancellationToken::new();
-            shutdown::cancel_on_signals(shutdown.clone())
-                .context("cannot install signal handlers")?;
-            let client = db::connect(&database_url()?).await?;
-            let pending = schema::pending_migrations(&client).await?;
-            if !pending.is_empty() {
-                anyhow::bail!(
-                    "the database is not migrated (pending: {}); run `outboxd migrate` first",
-                    pending.join(", ")
-                );
-            }
-            drop(client);
-            dispatcher.run(shutdown).await?;
+        Command::Run { dispatcher, serve } => {
+            // Validate everything before touching the database, so a bad value exits 2
+            // at once.
+            let config = dispatcher.into_config().map_err(Error::from)?;
+            let serve = serve.validate().map_err(Error::from)?;
+            run::run(database_url()?, config, serve).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Endpoint(command) => {
-            let client = db::connect(&database_url()?).await?;
-            endpoint_command(&client, command).await?;
+            let client = outboxd::db::connect(&database_url()?).await?;
+            manage::endpoint(&client, command).await
+        }
+        Command::Deliveries(command) => {
+            let client = outboxd::db::connect(&database_url()?).await?;
+            manage::deliveries(&client, command).await
+        }
+        Command::Dead(command) => {
+            let client = outboxd::db::connect(&database_url()?).await?;
+            manage::dead(&client, command).await
+        }
+        Command::Replay {
+            event_id,
+            endpoint_id,
+            json,
+        } => {
+            let client = outboxd::db::connect(&database_url()?).await?;
+            manage::replay(&client, event_id, endpoint_id, json).await
+        }
+        Command::Stats { json } => {
+            let client = outboxd::db::connect(&database_url()?).await?;
+            manage::stats(&client, json).await
         }
         Command::Enqueue {
             event_type,
@@ -225,8 +241,8 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             let payload: serde_json::Value = serde_json::from_str(&payload)
                 .map_err(|e| Error::InvalidEvent(format!("--payload is not valid JSON: {e}")))?;
-            let client = db::connect(&database_url()?).await?;
-            let event = NewEvent {
+            let client = outboxd::db::connect(&database_url()?).await?;
+            let event = outboxd::NewEvent {
                 event_type: &event_type,
                 payload: &payload,
                 idempotency_key: idempotency_key.as_deref(),
@@ -236,79 +252,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
                 Some(id) => println!("id: {id}"),
                 None => println!("duplicate: an event with this idempotency key exists"),
             }
+            Ok(ExitCode::SUCCESS)
         }
-    }
-    Ok(())
-}
-
-async fn endpoint_command(
-    client: &tokio_postgres::Client,
-    command: EndpointCommand,
-) -> anyhow::Result<()> {
-    match command {
-        EndpointCommand::Add {
-            url,
-            event_types,
-            secret,
-            description,
-            json,
-        } => {
-            let new = NewEndpoint {
-                url,
-                event_types,
-                secret,
-                description,
-            };
-            let (endpoint, secret) = endpoint::add(client, new).await?;
-            if json {
-                let mut value = serde_json::to_value(&endpoint)?;
-                value["secret"] = serde_json::Value::String(secret);
-                println!("{value}");
-            } else {
-                println!("id: {}", endpoint.id);
-                println!("secret: {secret}");
-                println!("url: {}", endpoint.url);
-                println!("event_types: {}", filters(&endpoint.event_types));
-            }
-        }
-        EndpointCommand::List { json } => {
-            let endpoints = endpoint::list(client).await?;
-            if json {
-                println!("{}", serde_json::to_string(&endpoints)?);
-            } else {
-                println!("{:>6}  {:<8}  {:<24}  URL", "ID", "STATE", "EVENT TYPES");
-                for e in endpoints {
-                    let state = if e.active { "active" } else { "disabled" };
-                    println!(
-                        "{:>6}  {:<8}  {:<24}  {}",
-                        e.id,
-                        state,
-                        filters(&e.event_types),
-                        e.url
-                    );
-                }
-            }
-        }
-        EndpointCommand::Disable { id, reason } => {
-            let parked = endpoint::disable(client, id, &reason).await?;
-            println!("endpoint {id} disabled; {parked} pending deliveries parked");
-        }
-        EndpointCommand::Enable { id } => {
-            let resumed = endpoint::enable(client, id).await?;
-            println!("endpoint {id} enabled; {resumed} parked deliveries resumed");
-        }
-        EndpointCommand::Remove { id } => {
-            endpoint::remove(client, id).await?;
-            println!("endpoint {id} removed");
-        }
-    }
-    Ok(())
-}
-
-fn filters(event_types: &[String]) -> String {
-    if event_types.is_empty() {
-        "*".to_owned()
-    } else {
-        event_types.join(",")
     }
 }

@@ -1,0 +1,528 @@
+//! The operator commands: endpoints, deliveries, dead letters, replay and stats. Human
+//! tables by default, `--json` for scripts; exit statuses as documented in `main.rs`.
+
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::Subcommand;
+use outboxd::endpoint::{self, EndpointUpdate};
+use outboxd::inspect::{self, DeliveryFilter, DeliveryId, DeliveryView, Page};
+use outboxd::redrive::{self, DeadFilter};
+use outboxd::{Error, NewEndpoint};
+use tokio_postgres::Client;
+
+use crate::parse_time;
+use crate::run::parse_grace;
+
+/// Exit status when a command found nothing to do (e.g. retrying deliveries that are
+/// not dead).
+const NOTHING_DONE: u8 = 4;
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    /// Register an endpoint; prints its id and signing secret (shown only here)
+    Add {
+        /// http(s) URL deliveries are POSTed to
+        #[arg(long)]
+        url: String,
+        /// Event-type filter: an exact name, a prefix such as order.*, or *; repeatable; none means every event
+        #[arg(long = "event-type")]
+        event_types: Vec<String>,
+        /// Signing secret (whsec_ + base64 of 24 to 64 bytes); generated when omitted
+        #[arg(long, env = "ENDPOINT_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// Free text for operators
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// List endpoints
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one endpoint
+    Show {
+        /// Endpoint id
+        id: i64,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change an endpoint's URL, filters or description
+    Update {
+        /// Endpoint id
+        id: i64,
+        /// New URL
+        #[arg(long)]
+        url: Option<String>,
+        /// New filters (replace the old ones); repeatable
+        #[arg(long = "event-type", conflicts_with = "all_event_types")]
+        event_types: Vec<String>,
+        /// Remove every filter: the endpoint receives every event
+        #[arg(long)]
+        all_event_types: bool,
+        /// New description
+        #[arg(long)]
+        description: Option<String>,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace the signing secret; the old one keeps signing beside it for the grace period
+    RotateSecret {
+        /// Endpoint id
+        id: i64,
+        /// The new secret; generated when omitted
+        #[arg(long, env = "ENDPOINT_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// How long the old secret keeps signing, e.g. 24h
+        #[arg(long, env = "WEBHOOK_SECRET_ROTATION_GRACE", default_value = "24h", value_parser = parse_grace)]
+        grace: Duration,
+    },
+    /// Stop deliveries to an endpoint; its pending deliveries are parked
+    Disable {
+        /// Endpoint id
+        id: i64,
+        /// Why, recorded as disabled_reason
+        #[arg(long, default_value = "disabled by operator")]
+        reason: String,
+    },
+    /// Resume an endpoint; its parked deliveries become due at once
+    Enable {
+        /// Endpoint id
+        id: i64,
+    },
+    /// Remove an endpoint (its history is kept; pending deliveries are parked)
+    Remove {
+        /// Endpoint id
+        id: i64,
+    },
+    /// Send a test event (outboxd.test) to this endpoint only
+    Test {
+        /// Endpoint id
+        id: i64,
+    },
+}
+
+/// Filters shared by the delivery listings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// Only this endpoint's deliveries
+    #[arg(long = "endpoint")]
+    endpoint_id: Option<i64>,
+    /// Only this event type (exact)
+    #[arg(long)]
+    event_type: Option<String>,
+    /// Created at or after this RFC 3339 time
+    #[arg(long, value_parser = parse_time)]
+    since: Option<SystemTime>,
+    /// Created before this RFC 3339 time
+    #[arg(long, value_parser = parse_time)]
+    until: Option<SystemTime>,
+    /// Continue after this cursor (printed at the end of the previous page)
+    #[arg(long)]
+    after: Option<String>,
+    /// Page size, 1 to 1000
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Print JSON instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesCommand {
+    /// List deliveries, newest first
+    List {
+        /// pending, inflight, delivered, dead or parked
+        #[arg(long)]
+        state: Option<String>,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Show a delivery (EVENT_ID:ENDPOINT_ID) with its attempt history
+    Show {
+        /// EVENT_ID:ENDPOINT_ID
+        id: String,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead deliveries again, with a fresh retry budget
+    Retry {
+        /// EVENT_ID:ENDPOINT_ID, one or more
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadCommand {
+    /// List dead deliveries, newest first
+    List {
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Send dead deliveries again: the given ids, or --all matching the filters
+    Retry {
+        /// EVENT_ID:ENDPOINT_ID, one or more
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every dead delivery matching --endpoint/--event-type/--since
+        #[arg(long)]
+        all: bool,
+        /// With --all: only this endpoint's
+        #[arg(long = "endpoint", requires = "all")]
+        endpoint_id: Option<i64>,
+        /// With --all: only this event type's
+        #[arg(long, requires = "all")]
+        event_type: Option<String>,
+        /// With --all: only those that died at or after this RFC 3339 time
+        #[arg(long, value_parser = parse_time, requires = "all")]
+        since: Option<SystemTime>,
+    },
+}
+
+pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        EndpointCommand::Add {
+            url,
+            event_types,
+            secret,
+            description,
+            json,
+        } => {
+            let new = NewEndpoint {
+                url,
+                event_types,
+                secret,
+                description,
+            };
+            let (endpoint, secret) = endpoint::add(client, new).await?;
+            if json {
+                let mut value = serde_json::to_value(&endpoint)?;
+                value["secret"] = serde_json::Value::String(secret);
+                println!("{value}");
+            } else {
+                println!("id: {}", endpoint.id);
+                println!("secret: {secret}");
+                println!("url: {}", endpoint.url);
+                println!("event_types: {}", filters(&endpoint.event_types));
+            }
+        }
+        EndpointCommand::List { json } => {
+            let endpoints = endpoint::list(client).await?;
+            if json {
+                println!("{}", serde_json::to_string(&endpoints)?);
+            } else {
+                println!("{:>6}  {:<8}  {:<24}  URL", "ID", "STATE", "EVENT TYPES");
+                for e in endpoints {
+                    println!(
+                        "{:>6}  {:<8}  {:<24}  {}",
+                        e.id,
+                        if e.active { "active" } else { "disabled" },
+                        filters(&e.event_types),
+                        e.url
+                    );
+                }
+            }
+        }
+        EndpointCommand::Show { id, json } => {
+            let e = endpoint::get(client, id).await?;
+            print_endpoint(&e, json)?;
+        }
+        EndpointCommand::Update {
+            id,
+            url,
+            event_types,
+            all_event_types,
+            description,
+            json,
+        } => {
+            let event_types = if all_event_types {
+                Some(Vec::new())
+            } else {
+                (!event_types.is_empty()).then_some(event_types)
+            };
+            let change = EndpointUpdate {
+                url,
+                event_types,
+                description,
+                active: None,
+            };
+            let e = endpoint::update(client, id, change).await?;
+            print_endpoint(&e, json)?;
+        }
+        EndpointCommand::RotateSecret { id, secret, grace } => {
+            let secret = endpoint::rotate_secret(client, id, secret, grace).await?;
+            println!("secret: {secret}");
+            println!(
+                "the previous secret keeps signing for {}",
+                humantime::format_duration(grace)
+            );
+        }
+        EndpointCommand::Disable { id, reason } => {
+            let parked = endpoint::disable(client, id, &reason).await?;
+            println!("endpoint {id} disabled; {parked} pending deliveries parked");
+        }
+        EndpointCommand::Enable { id } => {
+            let resumed = endpoint::enable(client, id).await?;
+            println!("endpoint {id} enabled; {resumed} parked deliveries resumed");
+        }
+        EndpointCommand::Remove { id } => {
+            endpoint::remove(client, id).await?;
+            println!("endpoint {id} removed");
+        }
+        EndpointCommand::Test { id } => {
+            let delivery = redrive::send_test(client, id).await?;
+            println!("test delivery {delivery} queued");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_endpoint(e: &outboxd::Endpoint, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(e)?);
+        return Ok(());
+    }
+    println!("id: {}", e.id);
+    println!("url: {}", e.url);
+    println!("event_types: {}", filters(&e.event_types));
+    println!("description: {}", e.description);
+    println!("active: {}", e.active);
+    if let Some(reason) = &e.disabled_reason {
+        println!("disabled_reason: {reason}");
+    }
+    if let Some(since) = e.failing_since {
+        println!(
+            "failing_since: {}",
+            humantime::format_rfc3339_seconds(since)
+        );
+    }
+    if let Some(until) = e.previous_secret_expires_at {
+        println!(
+            "previous_secret_signs_until: {}",
+            humantime::format_rfc3339_seconds(until)
+        );
+    }
+    Ok(())
+}
+
+fn filters(event_types: &[String]) -> String {
+    if event_types.is_empty() {
+        "*".to_owned()
+    } else {
+        event_types.join(",")
+    }
+}
+
+fn delivery_filter(state: Option<String>, list: &ListArgs) -> Result<DeliveryFilter, Error> {
+    Ok(DeliveryFilter {
+        state,
+        endpoint_id: list.endpoint_id,
+        event_type: list.event_type.clone(),
+        since: list.since,
+        until: list.until,
+        after: list.after.as_deref().map(str::parse).transpose()?,
+        limit: Some(list.limit),
+    })
+}
+
+fn print_deliveries(page: &Page<DeliveryView>, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(page)?);
+        return Ok(());
+    }
+    println!(
+        "{:<14}  {:<24}  {:<9}  {:>8}  {:>6}  LAST ERROR",
+        "ID", "EVENT TYPE", "STATE", "ATTEMPTS", "STATUS"
+    );
+    for d in &page.items {
+        println!(
+            "{:<14}  {:<24}  {:<9}  {:>8}  {:>6}  {}",
+            d.id.to_string(),
+            d.event_type,
+            d.state,
+            d.attempts,
+            d.last_status.map(|s| s.to_string()).unwrap_or_default(),
+            d.last_error.as_deref().unwrap_or("")
+        );
+    }
+    if let Some(cursor) = &page.next_cursor {
+        println!("more: --after {cursor}");
+    }
+    Ok(())
+}
+
+fn parse_ids(ids: &[String]) -> Result<Vec<DeliveryId>, Error> {
+    ids.iter().map(|id| id.parse()).collect()
+}
+
+/// Prints what was retried and reports [`NOTHING_DONE`] for ids that were not dead.
+fn report_retried(asked: &[DeliveryId], retried: &[DeliveryId]) -> ExitCode {
+    for id in retried {
+        println!("retrying {id}");
+    }
+    let skipped: Vec<String> = asked
+        .iter()
+        .filter(|id| !retried.contains(id))
+        .map(ToString::to_string)
+        .collect();
+    if skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("not dead (left as they are): {}", skipped.join(", "));
+        ExitCode::from(NOTHING_DONE)
+    }
+}
+
+pub async fn deliveries(client: &Client, command: DeliveriesCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DeliveriesCommand::List { state, list } => {
+            let page = inspect::list_deliveries(client, &delivery_filter(state, &list)?).await?;
+            print_deliveries(&page, list.json)?;
+        }
+        DeliveriesCommand::Show { id, json } => {
+            let detail = inspect::get_delivery(client, id.parse()?).await?;
+            if json {
+                println!("{}", serde_json::to_string(&detail)?);
+            } else {
+                let d = &detail.delivery;
+                println!("delivery {}  ({}, {})", d.id, d.event_type, d.state);
+                println!("attempts: {}", d.attempts);
+                if let Some(at) = d.next_attempt_at {
+                    println!("next attempt: {}", humantime::format_rfc3339_seconds(at));
+                }
+                println!(
+                    "{:>7}  {:<20}  {:>8}  {:>6}  ERROR / RESPONSE",
+                    "ATTEMPT", "STARTED", "MS", "STATUS"
+                );
+                for a in &detail.attempt_history {
+                    let what = a
+                        .error
+                        .as_deref()
+                        .or(a.response_excerpt.as_deref())
+                        .unwrap_or("");
+                    println!(
+                        "{:>7}  {:<20}  {:>8}  {:>6}  {}",
+                        a.attempt,
+                        humantime::format_rfc3339_seconds(a.started_at).to_string(),
+                        a.duration_ms,
+                        a.status_code.map(|s| s.to_string()).unwrap_or_default(),
+                        what.replace('\n', " ")
+                    );
+                }
+            }
+        }
+        DeliveriesCommand::Retry { ids } => {
+            let ids = parse_ids(&ids)?;
+            let retried = redrive::retry_dead(client, &ids).await?;
+            return Ok(report_retried(&ids, &retried));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn dead(client: &Client, command: DeadCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        DeadCommand::List { list } => {
+            let filter = delivery_filter(Some("dead".to_owned()), &list)?;
+            let page = inspect::list_deliveries(client, &filter).await?;
+            print_deliveries(&page, list.json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadCommand::Retry {
+            ids,
+            all,
+            endpoint_id,
+            event_type,
+            since,
+        } => {
+            if all {
+                let filter = DeadFilter {
+                    endpoint_id,
+                    event_type,
+                    since,
+                    until: None,
+                };
+                let retried = redrive::retry_dead_matching(client, &filter).await?;
+                println!("retrying {} dead deliveries", retried.len());
+                Ok(if retried.is_empty() {
+                    ExitCode::from(NOTHING_DONE)
+                } else {
+                    ExitCode::SUCCESS
+                })
+            } else {
+                let ids = parse_ids(&ids)?;
+                let retried = redrive::retry_dead(client, &ids).await?;
+                Ok(report_retried(&ids, &retried))
+            }
+        }
+    }
+}
+
+pub async fn replay(
+    client: &Client,
+    event_id: i64,
+    endpoint_id: Option<i64>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let restarted = redrive::replay(client, event_id, endpoint_id).await?;
+    if json {
+        println!("{}", serde_json::json!({ "deliveries": restarted }));
+    } else if restarted.is_empty() {
+        println!("nothing to replay: the deliveries are still pending or in flight");
+    } else {
+        for id in &restarted {
+            println!("replaying {id}");
+        }
+    }
+    Ok(if restarted.is_empty() {
+        ExitCode::from(NOTHING_DONE)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+pub async fn stats(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
+    let stats = inspect::stats(client).await?;
+    if json {
+        println!("{}", serde_json::to_string(&stats)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("queue:");
+    for (state, n) in &stats.depth {
+        println!("  {state:<12} {n}");
+    }
+    println!(
+        "oldest pending: {}",
+        humantime::format_duration(Duration::from_secs(stats.oldest_pending_age_seconds as u64))
+    );
+    println!(
+        "last hour: {} delivered, {} failed attempts",
+        stats.delivered_last_hour, stats.failed_last_hour
+    );
+    println!(
+        "\n{:>6}  {:<8}  {:>8}  {:>6}  {:>6}  {:>9}  {:>9}  URL",
+        "ID", "STATE", "PENDING", "DEAD", "PARKED", "OK/1H", "FAILED/1H"
+    );
+    for e in &stats.endpoints {
+        println!(
+            "{:>6}  {:<8}  {:>8}  {:>6}  {:>6}  {:>9}  {:>9}  {}",
+            e.endpoint_id,
+            if e.active { "active" } else { "disabled" },
+            e.pending,
+            e.dead,
+            e.parked,
+            e.delivered_last_hour,
+            e.failed_last_hour,
+            e.url
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,135 @@
+//! `outboxd run`: the dispatcher, and beside it the status server (metrics, health) and
+//! the admin API when their addresses are set.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use outboxd::{Config, ConfigError, Dispatcher, db, schema, shutdown, status};
+use tokio_util::sync::CancellationToken;
+
+/// Settings of the servers that run beside the dispatcher.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Serve /metrics, /healthz and /readyz on this address (off when unset), e.g. 127.0.0.1:9090
+    #[arg(long, env = "METRICS_ADDR", value_name = "METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Serve the admin API on this address (off when unset); bind to loopback unless it sits behind a proxy
+    #[arg(long, env = "ADMIN_ADDR", value_name = "ADMIN_ADDR")]
+    pub admin_addr: Option<SocketAddr>,
+    /// Bearer token the admin API requires (at least 16 characters); required when ADMIN_ADDR is set
+    #[arg(
+        long,
+        env = "ADMIN_TOKEN",
+        value_name = "ADMIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// How long a rotated-out secret keeps signing beside the new one, e.g. 24h or 30m
+    #[arg(long, env = "WEBHOOK_SECRET_ROTATION_GRACE", value_name = "WEBHOOK_SECRET_ROTATION_GRACE", default_value = "24h", value_parser = parse_grace)]
+    pub secret_rotation_grace: Duration,
+}
+
+/// Parses `WEBHOOK_SECRET_ROTATION_GRACE` (humantime: `24h`, `30m`, `1h 30m`).
+pub fn parse_grace(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (expected a duration such as 24h)"))
+}
+
+/// [`ServeArgs`] checked as a whole.
+#[derive(Debug, Clone)]
+pub struct Serve {
+    metrics_addr: Option<SocketAddr>,
+    admin: Option<(SocketAddr, String)>,
+    rotation_grace: Duration,
+}
+
+impl ServeArgs {
+    /// Checks that the admin API has a usable token when it is on.
+    pub fn validate(self) -> Result<Serve, ConfigError> {
+        let admin = match (self.admin_addr, self.admin_token) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(ConfigError {
+                    variable: "ADMIN_TOKEN",
+                    message: "is required when ADMIN_ADDR is set".to_owned(),
+                });
+            }
+            (Some(_), Some(token)) if token.trim().len() < 16 => {
+                return Err(ConfigError {
+                    variable: "ADMIN_TOKEN",
+                    message: "must be at least 16 characters".to_owned(),
+                });
+            }
+            (Some(addr), Some(token)) => Some((addr, token)),
+        };
+        Ok(Serve {
+            metrics_addr: self.metrics_addr,
+            admin,
+            rotation_grace: self.secret_rotation_grace,
+        })
+    }
+}
+
+/// Runs the dispatcher until SIGTERM/SIGINT and a drain, with the servers beside it.
+pub async fn run(database_url: String, config: Config, serve: Serve) -> anyhow::Result<()> {
+    let listen = config.listen;
+    let dispatcher = Dispatcher::new(database_url.clone(), config)?;
+    let shutdown = CancellationToken::new();
+    shutdown::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
+
+    let client = db::connect(&database_url).await?;
+    let pending = schema::pending_migrations(&client).await?;
+    if !pending.is_empty() {
+        anyhow::bail!(
+            "the database is not migrated (pending: {}); run `outboxd migrate` first",
+            pending.join(", ")
+        );
+    }
+    drop(client);
+
+    // The servers stop only after the dispatcher has drained, so health checks and
+    // metrics stay up during the drain.
+    let servers_stop = CancellationToken::new();
+    let mut servers = Vec::new();
+    if serve.metrics_addr.is_some() || serve.admin.is_some() {
+        let pool = db::admin_pool(&database_url).await?;
+        if let Some(addr) = serve.metrics_addr {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind METRICS_ADDR {addr}"))?;
+            tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+            let state = status::StatusState {
+                metrics: dispatcher.metrics(),
+                pool: pool.clone(),
+                listen,
+            };
+            servers.push(tokio::spawn(status::serve(
+                listener,
+                state,
+                servers_stop.clone(),
+            )));
+        }
+        if let Some((addr, token)) = serve.admin {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot bind ADMIN_ADDR {addr}"))?;
+            tracing::info!(%addr, "serving the admin API");
+            let state = outboxd::admin::AdminState::new(pool, token, serve.rotation_grace);
+            servers.push(tokio::spawn(outboxd::admin::serve(
+                listener,
+                state,
+                servers_stop.clone(),
+            )));
+        }
+    }
+
+    let result = dispatcher.run(shutdown).await;
+    servers_stop.cancel();
+    for server in servers {
+        if let Ok(Err(e)) = server.await {
+            tracing::warn!(error = %e, "a server stopped with an error");
+        }
+    }
+    result?;
+    Ok(())
+}
