@@ -1,0 +1,22 @@
+//! outboxd integration tests: one binary, real PostgreSQL, real HTTP on 127.0.0.1.
+//!
+//! Run with `make test` (or `PG_FAST=1 scripts/with-postgres.sh cargo test --test it`):
+//! the harness needs `DATABASE_URL` pointing at a PostgreSQL superuser, and creates a
+//! database per test.
+
+mod harness;
+
+mod admin;
+mod cli;
+mod concurrency;
+mod delivery;
+mod endpoints;
+mod fanout;
+mod lease;
+mod migrations;
+mod producer;
+mod retries;
+mod shutdown;
+mod signing;
+mod ssrf;
+mod wakeups;

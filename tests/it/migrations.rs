@@ -1,0 +1,141 @@
+//! Migrations: once each, also when racing, and the SQL files applied by hand.
+
+use outboxd::schema::{self, MIGRATIONS};
+
+use crate::harness::TestDb;
+
+/// The `.sql` files on disk, in name order, as an operator applying them by hand sees
+/// them.
+fn sql_files() -> Vec<(String, String)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/sql");
+    let mut files: Vec<(String, String)> = std::fs::read_dir(dir)
+        .expect("read sql/")
+        .map(|entry| entry.expect("a directory entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "sql"))
+        .map(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(&path).expect("read a migration");
+            (name, text)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn all_names() -> Vec<&'static str> {
+    MIGRATIONS.iter().map(|(name, _)| *name).collect()
+}
+
+async fn recorded(db: &TestDb) -> Vec<String> {
+    db.client
+        .query("SELECT name FROM outboxd_migrations ORDER BY name", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The schema works: an endpoint, an event through the trigger, the doorbell row.
+async fn assert_usable(db: &TestDb) {
+    db.add_endpoint("https://example.com/hook", &["order.*"])
+        .await;
+    db.enqueue("order.created", &serde_json::json!({})).await;
+    let doorbells: i64 = db.scalar("SELECT count(*) FROM webhook_doorbell").await;
+    assert_eq!(doorbells, 1);
+    let tables: i64 = db
+        .scalar(
+            "SELECT count(*) FROM pg_tables WHERE tablename IN
+             ('webhook_outbox', 'webhook_endpoints', 'webhook_deliveries', 'webhook_attempts')",
+        )
+        .await;
+    assert_eq!(tables, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_is_idempotent() {
+    let mut db = TestDb::empty("migrate").await;
+    assert_eq!(
+        schema::pending_migrations(&db.client).await.unwrap(),
+        all_names()
+    );
+    let first = schema::migrate(&mut db.client).await.unwrap();
+    assert_eq!(first, all_names());
+    let second = schema::migrate(&mut db.client).await.unwrap();
+    assert!(second.is_empty(), "{second:?}");
+    assert!(
+        schema::pending_migrations(&db.client)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(recorded(&db).await, all_names());
+    assert_usable(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_apply_each_file_once() {
+    let db = TestDb::empty("migraterace").await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(db.connect().await);
+    }
+    let [mut a, mut b, mut c] = <[_; 3]>::try_from(clients).ok().unwrap();
+    let (ra, rb, rc) = tokio::join!(
+        schema::migrate(&mut a),
+        schema::migrate(&mut b),
+        schema::migrate(&mut c)
+    );
+    let mut applied: Vec<&str> = Vec::new();
+    for result in [ra, rb, rc] {
+        applied.extend(result.expect("every concurrent migrate succeeds"));
+    }
+    applied.sort_unstable();
+    assert_eq!(applied, all_names(), "each file applied exactly once");
+    assert_eq!(recorded(&db).await, all_names());
+    assert_usable(&db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_files_apply_by_hand() {
+    let files = sql_files();
+    let names: Vec<&str> = files.iter().map(|(name, _)| name.as_str()).collect();
+    assert!(
+        names.starts_with(&["0001_schema.sql", "0002_notify.sql"]),
+        "{names:?}"
+    );
+    // The embedded migrations are exactly the files on disk.
+    assert_eq!(names, all_names());
+    for ((_, text), (_, embedded)) in files.iter().zip(MIGRATIONS) {
+        assert_eq!(text, embedded);
+    }
+
+    let mut db = TestDb::empty("migratehand").await;
+    // As `psql -f` would, twice over.
+    for round in 0..2 {
+        for (name, text) in &files {
+            db.client
+                .batch_execute(text)
+                .await
+                .unwrap_or_else(|e| panic!("{name} by hand, round {round}: {e}"));
+        }
+    }
+    assert_usable(&db).await;
+    // `outboxd migrate` afterwards is harmless and keeps the data.
+    let applied = schema::migrate(&mut db.client).await.unwrap();
+    assert_eq!(applied, all_names());
+    let events: i64 = db.scalar("SELECT count(*) FROM webhook_outbox").await;
+    assert_eq!(events, 1);
+    // And by hand once more after it.
+    for (name, text) in &files {
+        db.client
+            .batch_execute(text)
+            .await
+            .unwrap_or_else(|e| panic!("{name} by hand after migrate: {e}"));
+    }
+    assert!(schema::migrate(&mut db.client).await.unwrap().is_empty());
+    let doorbells: i64 = db.scalar("SELECT count(*) FROM webhook_doorbell").await;
+    assert_eq!(doorbells, 1);
+    let endpoints: i64 = db.scalar("SELECT count(*) FROM webhook_endpoints").await;
+    assert_eq!(endpoints, 1);
+}

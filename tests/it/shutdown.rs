@@ -1,0 +1,136 @@
+//! SIGTERM to the real binary: drain what is in flight, release what cannot finish,
+//! exit 0.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{
+    Receiver, Reply, Spawned, TestDb, outboxd_command, sigterm, unique, wait_child,
+};
+
+fn run_command(db: &TestDb, drain_timeout_ms: u64) -> tokio::process::Command {
+    let mut command = outboxd_command();
+    command
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env("WEBHOOK_ALLOW_PRIVATE_TARGETS", "true")
+        .env("WEBHOOK_POLL_INTERVAL_MS", "100")
+        .env("WEBHOOK_DRAIN_TIMEOUT_MS", drain_timeout_ms.to_string())
+        .env("WEBHOOK_WORKER_ID", unique("it-binary"));
+    command
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_and_exits_zero() {
+    let db = TestDb::new("sigterm").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::ok().delay(Duration::from_millis(1_500)));
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    for n in 0..10 {
+        db.enqueue("order.created", &json!({ "n": n })).await;
+    }
+
+    let child = run_command(&db, 10_000).spawn().expect("spawn outboxd");
+    let pid = child.id().expect("a running child has a pid");
+    // At least one request is in flight (the receiver holds each for 1.5 s).
+    receiver.wait_for(1).await;
+    sigterm(pid);
+    let finished = wait_child(child, Duration::from_secs(60)).await;
+    assert_eq!(
+        finished.code,
+        Some(0),
+        "outboxd must exit 0 after a drain; stderr:\n{}",
+        finished.stderr
+    );
+
+    let requests = receiver.requests();
+    assert!(!requests.is_empty());
+    let deliveries = db.deliveries().await;
+    for r in &requests {
+        assert_eq!(
+            r.answered,
+            Some(200),
+            "request for event {} was started but not answered before exit",
+            r.event_id()
+        );
+        let d = deliveries
+            .iter()
+            .find(|d| d.event_id == r.event_id())
+            .expect("a delivery row");
+        assert_eq!(d.state, "delivered", "{d:?}\nstderr:\n{}", finished.stderr);
+        assert_eq!(d.attempts, 1, "{d:?}");
+    }
+    for d in &deliveries {
+        assert_eq!(d.locked_by, None, "left locked: {d:?}");
+        if d.state != "delivered" {
+            // Never started: untouched and due.
+            assert_eq!((d.state.as_str(), d.attempts), ("pending", 0), "{d:?}");
+            assert!(requests.iter().all(|r| r.event_id() != d.event_id));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drain_timeout_releases_rows() {
+    let db = TestDb::new("sigtermhang").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::hang());
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    const N: usize = 3;
+    for n in 0..N {
+        db.enqueue("order.created", &json!({ "n": n })).await;
+    }
+
+    let child = run_command(&db, 300).spawn().expect("spawn outboxd");
+    let pid = child.id().expect("a running child has a pid");
+    // Every delivery is in flight and hanging.
+    receiver.wait_for(N).await;
+    sigterm(pid);
+    let finished = wait_child(child, Duration::from_secs(30)).await;
+    assert_eq!(
+        finished.code,
+        Some(0),
+        "outboxd must exit 0 after a timed-out drain; stderr:\n{}",
+        finished.stderr
+    );
+
+    assert!(receiver.requests().iter().all(|r| r.answered.is_none()));
+    let deliveries = db.deliveries().await;
+    assert_eq!(deliveries.len(), N);
+    for d in &deliveries {
+        assert_eq!(d.state, "pending", "{d:?}");
+        assert_eq!(d.locked_by, None, "{d:?}");
+        assert_eq!(d.locked_until, None, "{d:?}");
+        assert_eq!(d.attempts, 0, "an abandoned attempt does not count: {d:?}");
+    }
+    let due: bool = db
+        .scalar("SELECT bool_and(next_attempt_at <= now()) FROM webhook_deliveries")
+        .await;
+    assert!(due, "released rows are due again at once");
+    let recorded: i64 = db.scalar("SELECT count(*) FROM webhook_attempts").await;
+    assert_eq!(recorded, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_sigterm_exits_at_once() {
+    let db = TestDb::new("sigterm2").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::hang());
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    db.enqueue("order.created", &json!({})).await;
+
+    // A drain that would outlast the test's patience: only the second signal ends it.
+    let outboxd = Spawned::start(run_command(&db, 600_000));
+    receiver.wait_for(1).await;
+    sigterm(outboxd.pid());
+    outboxd.wait_for_stderr("shutdown requested").await;
+    sigterm(outboxd.pid());
+    let finished = outboxd.finish(Duration::from_secs(30)).await;
+    assert_eq!(
+        finished.code,
+        Some(outboxd::shutdown::FORCED_EXIT_CODE),
+        "a second signal exits at once with the forced-exit status; stderr:\n{}",
+        finished.stderr
+    );
+}
