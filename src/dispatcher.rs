@@ -275,7 +275,14 @@ impl ClaimLoop {
                 Wake::Timer if !armed && !rechecked && pause >= self.cfg.poll_interval => {
                     self.metrics.poll_tick();
                 }
-                Wake::Timer | Wake::Notified => {}
+                // A notification means a producer rang, and so disarmed, the doorbell:
+                // it must be armed again before the next sleep, or that sleep would last
+                // until the poll tick.
+                Wake::Notified => {
+                    armed = false;
+                    rechecked = false;
+                }
+                Wake::Timer => {}
             }
         }
     }
