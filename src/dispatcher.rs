@@ -33,10 +33,18 @@ use crate::shutdown::{self, Drained};
 /// before claiming again, so a steady trickle is claimed in batches rather than one
 /// round trip per event.
 const SHORT_CLAIM_PAUSE: Duration = Duration::from_millis(2);
-/// After arming the doorbell and finding nothing: look once more after this delay, to
-/// catch an event whose producer read the doorbell before it was armed but committed
-/// after the last look.
-const LATE_RECHECK: Duration = Duration::from_millis(5);
+/// After arming the doorbell and finding nothing: look again after each of these
+/// pauses before sleeping. A producer whose INSERT read the doorbell before it was armed
+/// but whose COMMIT (a WAL flush, a few ms, more under load) lands after the last look
+/// would otherwise wait for the poll tick; a schedule of cheap empty claims catches
+/// commits up to ~100 ms late at a small latency cost, and costs producers nothing.
+const RECHECKS: [Duration; 5] = [
+    Duration::from_millis(2),
+    Duration::from_millis(5),
+    Duration::from_millis(10),
+    Duration::from_millis(25),
+    Duration::from_millis(60),
+];
 /// How long the settler may keep trying to write the last outcomes at shutdown.
 const FINAL_SETTLE_BOUND: Duration = Duration::from_secs(10);
 
@@ -208,10 +216,10 @@ struct ClaimLoop {
 
 impl ClaimLoop {
     async fn run(&self, shutdown: &CancellationToken) {
-        // Whether this worker armed the doorbell since it last woke, and whether it has
-        // looked once more a little after arming.
+        // Whether this worker armed the doorbell since it last woke, and how many of the
+        // rechecks after arming it has made.
         let mut armed = false;
-        let mut rechecked = false;
+        let mut rechecks = 0;
         let mut error_delay = Duration::from_millis(100);
         loop {
             let Some(free) = self.wait_for_capacity(shutdown).await else {
@@ -242,6 +250,8 @@ impl ClaimLoop {
                 continue;
             }
             let pause = if got > 0 {
+                // Fresh activity: a later sleep gets the full recheck schedule again.
+                rechecks = 0;
                 SHORT_CLAIM_PAUSE
             } else if self.cfg.listen && !armed {
                 // About to sleep: arm the doorbell, then look again at once so nothing
@@ -251,9 +261,9 @@ impl ClaimLoop {
                 }
                 armed = true;
                 continue;
-            } else if self.cfg.listen && !rechecked {
-                rechecked = true;
-                LATE_RECHECK
+            } else if self.cfg.listen && rechecks < RECHECKS.len() {
+                rechecks += 1;
+                RECHECKS[rechecks - 1]
             } else {
                 // Sleep until woken, the poll tick, or the next retry or delayed event
                 // falls due, whichever is first.
@@ -265,14 +275,14 @@ impl ClaimLoop {
                     }
                 };
                 armed = false;
-                rechecked = false;
+                rechecks = 0;
                 next_due.map_or(self.cfg.poll_interval, |d| {
                     d.min(self.cfg.poll_interval).max(Duration::from_millis(1))
                 })
             };
             match self.pause(pause, shutdown).await {
                 Wake::Shutdown => return,
-                Wake::Timer if !armed && !rechecked && pause >= self.cfg.poll_interval => {
+                Wake::Timer if !armed && rechecks == 0 && pause >= self.cfg.poll_interval => {
                     self.metrics.poll_tick();
                 }
                 // A notification means a producer rang, and so disarmed, the doorbell:
@@ -280,7 +290,7 @@ impl ClaimLoop {
                 // until the poll tick.
                 Wake::Notified => {
                     armed = false;
-                    rechecked = false;
+                    rechecks = 0;
                 }
                 Wake::Timer => {}
             }
