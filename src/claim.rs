@@ -3,8 +3,8 @@
 
 use std::time::{Duration, SystemTime};
 
-use tokio_postgres::GenericClient;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, GenericClient, Row, Statement};
 
 use crate::deliver::Delivery;
 use crate::error::Result;
@@ -133,53 +133,69 @@ pub enum Claimed {
     },
 }
 
-/// Runs [`CLAIM`]: at most `limit` deliveries, leased to `worker_id` for `lease`.
+/// The parameter types of [`CLAIM`], for preparing it.
+pub const CLAIM_TYPES: &[Type] = &[Type::TEXT, Type::INT8, Type::INT8];
+
+/// Runs [`CLAIM`] once: at most `limit` deliveries, leased to `worker_id` for `lease`.
+/// Parses and plans the statement on every call; a claim loop should prepare it once
+/// per connection and use [`claim_prepared`].
 pub async fn claim(
     client: &impl GenericClient,
     worker_id: &str,
     lease: Duration,
     limit: u32,
 ) -> Result<Vec<Claimed>> {
-    let lease_ms = lease.as_millis() as i64;
-    let limit = i64::from(limit);
-    // query_typed: one round trip (no separate prepare), and a custom plan for these
-    // parameter values every time.
+    let (lease_ms, limit) = (lease.as_millis() as i64, i64::from(limit));
+    let params: [(&(dyn ToSql + Sync), Type); 3] = [
+        (&worker_id, Type::TEXT),
+        (&lease_ms, Type::INT8),
+        (&limit, Type::INT8),
+    ];
+    let rows = client.query_typed(CLAIM, &params).await?;
+    Ok(rows.into_iter().map(claimed).collect())
+}
+
+/// Runs [`CLAIM`] prepared (with [`CLAIM_TYPES`]) on `client`. Parsing and planning
+/// this statement costs more than running it on an idle queue (~0.6 ms against
+/// ~0.3 ms), so the prepared form is what keeps the wake-up path short. Its cached
+/// generic plan has the same shape as the custom one (partial-index scans, primary-key
+/// lookups).
+pub async fn claim_prepared(
+    client: &Client,
+    statement: &Statement,
+    worker_id: &str,
+    lease: Duration,
+    limit: u32,
+) -> Result<Vec<Claimed>> {
+    let (lease_ms, limit) = (lease.as_millis() as i64, i64::from(limit));
     let rows = client
-        .query_typed(
-            CLAIM,
-            &[
-                (&worker_id, Type::TEXT),
-                (&lease_ms, Type::INT8),
-                (&limit, Type::INT8),
-            ],
-        )
+        .query(statement, &[&worker_id, &lease_ms, &limit])
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|row| {
-            let (event_id, endpoint_id, attempt) = (row.get(0), row.get(1), row.get(2));
-            if row.get::<_, bool>(8) {
-                Claimed::Send(Delivery {
-                    event_id,
-                    endpoint_id,
-                    attempt,
-                    event_type: row.get(3),
-                    payload: row.get(4),
-                    created_at: row.get::<_, SystemTime>(5),
-                    url: row.get(6),
-                    secret: row.get(7),
-                    previous_secret: row.get(9),
-                    tries: row.get(10),
-                })
-            } else {
-                Claimed::Park {
-                    event_id,
-                    endpoint_id,
-                    attempt,
-                }
-            }
+    Ok(rows.into_iter().map(claimed).collect())
+}
+
+fn claimed(row: Row) -> Claimed {
+    let (event_id, endpoint_id, attempt) = (row.get(0), row.get(1), row.get(2));
+    if row.get::<_, bool>(8) {
+        Claimed::Send(Delivery {
+            event_id,
+            endpoint_id,
+            attempt,
+            event_type: row.get(3),
+            payload: row.get(4),
+            created_at: row.get::<_, SystemTime>(5),
+            url: row.get(6),
+            secret: row.get(7),
+            previous_secret: row.get(9),
+            tries: row.get(10),
         })
-        .collect())
+    } else {
+        Claimed::Park {
+            event_id,
+            endpoint_id,
+            attempt,
+        }
+    }
 }
 
 /// Arms the doorbell so the next insert notifies.

@@ -142,6 +142,7 @@ impl Dispatcher {
         );
 
         let claim_loop = ClaimLoop {
+            session: tokio::sync::Mutex::new(None),
             policy: RetryPolicy {
                 base: cfg.backoff_base,
                 max: cfg.backoff_max,
@@ -201,7 +202,17 @@ enum Wake {
     Timer,
 }
 
+/// A pooled connection held by the claim loop, with the claim statement prepared on it.
+struct ClaimSession {
+    conn: bb8::PooledConnection<
+        'static,
+        bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>,
+    >,
+    statement: tokio_postgres::Statement,
+}
+
 struct ClaimLoop {
+    session: tokio::sync::Mutex<Option<ClaimSession>>,
     cfg: Config,
     pool: Pool,
     policy: RetryPolicy,
@@ -332,9 +343,29 @@ impl ClaimLoop {
         }
     }
 
+    /// Claims on the loop's own pooled connection, where the claim statement is
+    /// prepared once; after any error the connection is given back and a fresh one
+    /// prepared at the next claim.
     async fn claim(&self, limit: u32) -> Result<Vec<Claimed>> {
-        let client = self.pool.get().await?;
-        claim::claim(&*client, &self.cfg.worker_id, self.cfg.lease, limit).await
+        let mut session = self.session.lock().await;
+        let current = match session.take() {
+            Some(current) => current,
+            None => {
+                let conn = self.pool.get_owned().await?;
+                let statement = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES).await?;
+                ClaimSession { conn, statement }
+            }
+        };
+        let claimed = claim::claim_prepared(
+            &current.conn,
+            &current.statement,
+            &self.cfg.worker_id,
+            self.cfg.lease,
+            limit,
+        )
+        .await?;
+        *session = Some(current);
+        Ok(claimed)
     }
 
     async fn arm(&self) -> Result<()> {
