@@ -130,6 +130,17 @@ const INSERT_ENDPOINT: &str =
      VALUES ($1, $2, $3, $4)
      RETURNING id";
 
+/// A secret the caller gave, once it is known to parse, or a fresh one.
+fn given_or_generated(secret: Option<String>) -> Result<String, InvalidEndpoint> {
+    match secret {
+        Some(secret) => {
+            Secret::parse(&secret)?;
+            Ok(secret)
+        }
+        None => Ok(Secret::generate()),
+    }
+}
+
 const SELECT_ENDPOINTS: &str =
     "SELECT id, url, event_types, description, active, disabled_reason, created_at,
             failing_since,
@@ -145,13 +156,7 @@ pub async fn add(client: &impl GenericClient, new: NewEndpoint) -> Result<(Endpo
     for filter in &new.event_types {
         validate_filter(filter)?;
     }
-    let secret = match new.secret {
-        Some(secret) => {
-            Secret::parse(&secret).map_err(InvalidEndpoint::from)?;
-            secret
-        }
-        None => Secret::generate(),
-    };
+    let secret = given_or_generated(new.secret)?;
     let row = client
         .query_one(
             INSERT_ENDPOINT,
@@ -327,13 +332,7 @@ pub async fn rotate_secret(
     new_secret: Option<String>,
     grace: std::time::Duration,
 ) -> Result<String> {
-    let secret = match new_secret {
-        Some(secret) => {
-            Secret::parse(&secret).map_err(InvalidEndpoint::from)?;
-            secret
-        }
-        None => Secret::generate(),
-    };
+    let secret = given_or_generated(new_secret)?;
     let grace_ms = grace.as_millis() as i64;
     let found = client.query_opt(ROTATE, &[&id, &secret, &grace_ms]).await?;
     if found.is_none() {

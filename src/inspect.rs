@@ -95,6 +95,20 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+impl<T> Page<T> {
+    /// Builds a page from up to `limit + 1` rows: the extra row only tells that a next
+    /// page exists, and the cursor is the last kept item's key.
+    fn cut(mut items: Vec<T>, limit: u32, key: impl Fn(&T) -> String) -> Self {
+        let next_cursor = if items.len() > limit as usize {
+            items.truncate(limit as usize);
+            items.last().map(key)
+        } else {
+            None
+        };
+        Self { items, next_cursor }
+    }
+}
+
 /// A delivery as listed.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliveryView {
@@ -240,14 +254,8 @@ pub async fn list_deliveries(
             ],
         )
         .await?;
-    let mut items: Vec<DeliveryView> = rows.iter().map(delivery_from_row).collect();
-    let next_cursor = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(|d| d.id.to_string())
-    } else {
-        None
-    };
-    Ok(Page { items, next_cursor })
+    let items = rows.iter().map(delivery_from_row).collect();
+    Ok(Page::cut(items, limit, |d| d.id.to_string()))
 }
 
 const GET_DELIVERY: &str = "SELECT {COLUMNS}
@@ -368,14 +376,8 @@ pub async fn list_events(
             ],
         )
         .await?;
-    let mut items: Vec<EventView> = rows.iter().map(event_from_row).collect();
-    let next_cursor = if items.len() > limit as usize {
-        items.truncate(limit as usize);
-        items.last().map(|e| e.id.to_string())
-    } else {
-        None
-    };
-    Ok(Page { items, next_cursor })
+    let items = rows.iter().map(event_from_row).collect();
+    Ok(Page::cut(items, limit, |e| e.id.to_string()))
 }
 
 /// One event.
