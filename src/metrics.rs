@@ -347,8 +347,10 @@ impl Metrics {
 /// indexes; `dead` through its own partial index.
 pub const QUEUE_SAMPLE: &str = "
 SELECT
-    (SELECT count(*) FROM webhook_deliveries WHERE state = 'pending' AND locked_by IS NULL),
-    (SELECT count(*) FROM webhook_deliveries WHERE state = 'pending' AND locked_by IS NOT NULL),
+    (SELECT count(*) FROM webhook_deliveries
+      WHERE state = 'pending' AND NOT (locked_by IS NOT NULL AND locked_until > now())),
+    (SELECT count(*) FROM webhook_deliveries
+      WHERE state = 'pending' AND locked_by IS NOT NULL AND locked_until > now()),
     (SELECT count(*) FROM webhook_deliveries WHERE state = 'parked'),
     (SELECT count(*) FROM webhook_deliveries WHERE state = 'dead'),
     (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL),

@@ -130,6 +130,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    let json_logs = cli.log_format == "json";
     init_logging(&cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -144,7 +145,12 @@ fn main() -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // With structured logs the line that explains the exit must be JSON too.
+            if json_logs {
+                tracing::error!(error = format!("{e:#}"), "outboxd stopped with an error");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::from(exit_status(&e))
         }
     }
