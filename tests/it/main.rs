@@ -8,13 +8,17 @@ mod harness;
 
 mod admin;
 mod cli;
+mod cli_ops;
 mod concurrency;
 mod delivery;
+mod endpoint_health;
 mod endpoints;
 mod fanout;
 mod lease;
 mod migrations;
+mod observability;
 mod producer;
+mod retention;
 mod retries;
 mod shutdown;
 mod signing;

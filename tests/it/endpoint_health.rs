@@ -1,0 +1,289 @@
+//! Endpoint health: the failure clock (`failing_since`) kept by the dispatcher, endpoints
+//! failing too long disabled with their pending deliveries parked, enabling resuming
+//! them, and the sweep that resumes deliveries stranded parked under an active endpoint.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+
+use crate::harness::{Receiver, Reply, RunningDispatcher, TestDb, WAIT, eventually, test_config};
+
+const DISABLE_AFTER: Duration = Duration::from_secs(120 * 3600);
+
+/// Inserts pending deliveries of every event to each of `endpoints` and marks the
+/// events fanned out, as a claim would, without sending anything.
+async fn fan_out_by_sql(db: &TestDb, endpoints: &[i64]) {
+    db.client
+        .execute(
+            "INSERT INTO webhook_deliveries (event_id, endpoint_id)
+             SELECT o.id, e FROM webhook_outbox o, unnest($1::bigint[]) AS e
+             ON CONFLICT DO NOTHING",
+            &[&endpoints],
+        )
+        .await
+        .expect("insert deliveries");
+    db.client
+        .execute(
+            "UPDATE webhook_outbox SET processed_at = now() WHERE processed_at IS NULL",
+            &[],
+        )
+        .await
+        .expect("mark fanned out");
+}
+
+/// `(active, disabled_reason, failing_since)` of an endpoint.
+async fn health(db: &TestDb, endpoint: i64) -> (bool, Option<String>, Option<SystemTime>) {
+    let row = db
+        .client
+        .query_one(
+            "SELECT active, disabled_reason, failing_since FROM webhook_endpoints WHERE id = $1",
+            &[&endpoint],
+        )
+        .await
+        .expect("the endpoint");
+    (row.get(0), row.get(1), row.get(2))
+}
+
+/// The states of an endpoint's deliveries, by event.
+async fn states(db: &TestDb, endpoint: i64) -> Vec<String> {
+    db.deliveries()
+        .await
+        .into_iter()
+        .filter(|d| d.endpoint_id == endpoint)
+        .map(|d| d.state)
+        .collect()
+}
+
+async fn set_failing_since(db: &TestDb, endpoint: i64, hours_ago: i32) {
+    db.client
+        .execute(
+            "UPDATE webhook_endpoints SET failing_since = now() - $2::int * interval '1 hour'
+             WHERE id = $1",
+            &[&endpoint, &hours_ago],
+        )
+        .await
+        .expect("set failing_since");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_too_long_disables_and_enable_resumes() {
+    let db = TestDb::new("health_disable").await;
+    let receiver = Receiver::start().await;
+    let (failing, _) = db.add_endpoint(&receiver.url("/failing"), &[]).await;
+    let (healthy, _) = db.add_endpoint(&receiver.url("/healthy"), &[]).await;
+    let (recent, _) = db.add_endpoint(&receiver.url("/recent"), &[]).await;
+    let mut events = Vec::new();
+    for n in 0..3 {
+        events.push(db.enqueue("order.created", &json!({ "n": n })).await);
+    }
+    fan_out_by_sql(&db, &[failing, healthy, recent]).await;
+    set_failing_since(&db, failing, 200).await;
+    set_failing_since(&db, recent, 1).await;
+    let (_, _, recent_since) = health(&db, recent).await;
+
+    let disabled = outboxd::health::disable_failing(&db.client, DISABLE_AFTER)
+        .await
+        .expect("disable_failing");
+    assert_eq!(
+        disabled,
+        [failing],
+        "only the endpoint failing for too long"
+    );
+
+    let (active, reason, _) = health(&db, failing).await;
+    assert!(!active, "disabled");
+    let reason = reason.expect("a disabled_reason");
+    assert!(reason.contains("failing"), "{reason:?}");
+    assert_eq!(states(&db, failing).await, ["parked"; 3]);
+    assert_eq!(health(&db, healthy).await, (true, None, None));
+    assert_eq!(health(&db, recent).await, (true, None, recent_since));
+    assert_eq!(states(&db, healthy).await, ["pending"; 3]);
+    assert_eq!(states(&db, recent).await, ["pending"; 3]);
+
+    // Already disabled: a second pass finds nothing.
+    let again = outboxd::health::disable_failing(&db.client, DISABLE_AFTER)
+        .await
+        .unwrap();
+    assert!(again.is_empty(), "{again:?}");
+
+    // A dispatcher sends the others' deliveries, not the parked ones.
+    let dispatcher = RunningDispatcher::start(&db.url, test_config("health_disable"));
+    db.wait_until(&format!(
+        "SELECT count(*) = 6 FROM webhook_deliveries
+         WHERE endpoint_id IN ({healthy}, {recent}) AND state = 'delivered'"
+    ))
+    .await;
+    assert_eq!(receiver.count_to("/failing"), 0, "parked deliveries wait");
+    assert_eq!(states(&db, failing).await, ["parked"; 3]);
+
+    // Enabled: the clock is reset and the parked deliveries go out.
+    let resumed = outboxd::endpoint::enable(&db.client, failing)
+        .await
+        .expect("enable");
+    assert_eq!(resumed, 3);
+    assert_eq!(health(&db, failing).await, (true, None, None));
+    eventually("the resumed deliveries arrive", WAIT, || async {
+        receiver.count_to("/failing") >= 3
+    })
+    .await;
+    let mut arrived: Vec<i64> = receiver
+        .requests_to("/failing")
+        .iter()
+        .map(|r| r.event_id())
+        .collect();
+    arrived.sort_unstable();
+    assert_eq!(arrived, events);
+    db.wait_all_in_state(9, "delivered").await;
+    assert_eq!(health(&db, failing).await, (true, None, None));
+    dispatcher.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_start_the_clock_and_any_success_resets_it() {
+    let db = TestDb::new("health_clock").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::status(500));
+    let (endpoint, _) = db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let (other, _) = db.add_endpoint(&receiver.url("/other"), &[]).await;
+    let mut config = test_config("health_clock");
+    config.max_attempts = 1000;
+    let dispatcher = RunningDispatcher::start(&db.url, config);
+
+    let event = db.enqueue("order.created", &json!({})).await;
+    db.wait_until(&format!(
+        "SELECT failing_since IS NOT NULL FROM webhook_endpoints WHERE id = {endpoint}"
+    ))
+    .await;
+    let (_, _, started) = health(&db, endpoint).await;
+    // More failures do not move the clock: it runs from the first failure.
+    db.wait_until(&format!(
+        "SELECT attempts >= 4 FROM webhook_deliveries
+         WHERE event_id = {event} AND endpoint_id = {endpoint}"
+    ))
+    .await;
+    assert_eq!(health(&db, endpoint).await, (true, None, started));
+    // The other endpoint, answering 200, never started one.
+    db.wait_until(&format!(
+        "SELECT state = 'delivered' FROM webhook_deliveries
+         WHERE event_id = {event} AND endpoint_id = {other}"
+    ))
+    .await;
+    assert_eq!(health(&db, other).await, (true, None, None));
+
+    receiver.always("/hook", Reply::ok());
+    db.wait_until(&format!(
+        "SELECT state = 'delivered' FROM webhook_deliveries
+         WHERE event_id = {event} AND endpoint_id = {endpoint}"
+    ))
+    .await;
+    db.wait_until(&format!(
+        "SELECT failing_since IS NULL FROM webhook_endpoints WHERE id = {endpoint}"
+    ))
+    .await;
+
+    // A new run of failures starts a new clock.
+    receiver.always("/hook", Reply::status(503));
+    db.enqueue("order.created", &json!({})).await;
+    db.wait_until(&format!(
+        "SELECT failing_since IS NOT NULL FROM webhook_endpoints WHERE id = {endpoint}"
+    ))
+    .await;
+    let (_, _, restarted) = health(&db, endpoint).await;
+    assert!(
+        restarted.unwrap() > started.unwrap(),
+        "a later failure run starts later"
+    );
+    receiver.always("/hook", Reply::ok());
+    db.wait_until(&format!(
+        "SELECT failing_since IS NULL FROM webhook_endpoints WHERE id = {endpoint}"
+    ))
+    .await;
+    dispatcher.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_disables_an_endpoint_failing_too_long() {
+    let db = TestDb::new("health_housekeeping").await;
+    let receiver = Receiver::start().await;
+    // Still failing: whether the claim or the health check comes first, the delivery
+    // ends up parked and the clock keeps running.
+    receiver.always("/failing", Reply::status(500));
+    let (failing, _) = db.add_endpoint(&receiver.url("/failing"), &[]).await;
+    db.enqueue("order.created", &json!({})).await;
+    fan_out_by_sql(&db, &[failing]).await;
+    set_failing_since(&db, failing, 200).await;
+    // Started with a 120-hour threshold, the dispatcher's first health check (at
+    // start-up) disables the endpoint and parks its delivery.
+    let mut config = test_config("health_housekeeping");
+    config.endpoint_disable_after = DISABLE_AFTER;
+    let dispatcher = RunningDispatcher::start(&db.url, config);
+    db.wait_until(&format!(
+        "SELECT NOT active FROM webhook_endpoints WHERE id = {failing}"
+    ))
+    .await;
+    let (_, reason, _) = health(&db, failing).await;
+    assert!(reason.is_some_and(|r| r.contains("failing")));
+    db.wait_all_in_state(1, "parked").await;
+    dispatcher.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_stranded_parked_under_an_active_endpoint_are_resumed() {
+    let db = TestDb::new("health_stranded").await;
+    let receiver = Receiver::start().await;
+    let (open, _) = db.add_endpoint(&receiver.url("/open"), &[]).await;
+    let (closed, _) = db.add_endpoint(&receiver.url("/closed"), &[]).await;
+    let (removed, _) = db.add_endpoint(&receiver.url("/removed"), &[]).await;
+    let event = db.enqueue("order.created", &json!({})).await;
+    fan_out_by_sql(&db, &[open, closed, removed]).await;
+    outboxd::endpoint::disable(&db.client, closed, "operator")
+        .await
+        .unwrap();
+    outboxd::endpoint::remove(&db.client, removed)
+        .await
+        .unwrap();
+    // The race the sweep exists for: a park written under an endpoint that is active.
+    let park_open =
+        format!("UPDATE webhook_deliveries SET state = 'parked' WHERE endpoint_id = {open}");
+    db.client.batch_execute(&park_open).await.unwrap();
+    assert_eq!(states(&db, closed).await, ["parked"]);
+    assert_eq!(states(&db, removed).await, ["parked"]);
+
+    let resumed = outboxd::health::resume_stranded(&db.client).await.unwrap();
+    assert_eq!(resumed, 1);
+    assert_eq!(states(&db, open).await, ["pending"]);
+    assert_eq!(
+        states(&db, closed).await,
+        ["parked"],
+        "a disabled endpoint's stay"
+    );
+    assert_eq!(
+        states(&db, removed).await,
+        ["parked"],
+        "a removed endpoint's stay"
+    );
+    assert_eq!(
+        outboxd::health::resume_stranded(&db.client).await.unwrap(),
+        0
+    );
+
+    // A running dispatcher's housekeeping does the same, and the delivery goes out.
+    db.client.batch_execute(&park_open).await.unwrap();
+    let dispatcher = RunningDispatcher::start(&db.url, test_config("health_stranded"));
+    eventually("the stranded delivery arrives", WAIT, || async {
+        receiver.count_to("/open") >= 1
+    })
+    .await;
+    assert_eq!(receiver.requests_to("/open")[0].event_id(), event);
+    db.wait_until(&format!(
+        "SELECT state = 'delivered' FROM webhook_deliveries
+         WHERE event_id = {event} AND endpoint_id = {open}"
+    ))
+    .await;
+    assert_eq!(states(&db, closed).await, ["parked"]);
+    assert_eq!(
+        receiver.count_to("/closed") + receiver.count_to("/removed"),
+        0
+    );
+    dispatcher.stop().await;
+}
