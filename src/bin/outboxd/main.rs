@@ -14,6 +14,11 @@ use clap::{Args as _, CommandFactory as _, FromArgMatches as _, Parser, Subcomma
 use outboxd::Error;
 use outboxd::config::RunArgs;
 
+/// mimalloc instead of glibc malloc: a profile of a delivery burst spent ~15% of the
+/// dispatcher's CPU in malloc/free, much of it waiting on arena locks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// PostgreSQL transactional-outbox webhook dispatcher.
 ///
 /// Every setting is an environment variable with a matching --flag; run
