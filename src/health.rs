@@ -45,11 +45,14 @@ pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Re
 /// parked deliveries in the same statement, and a park is written only while the
 /// endpoint is closed, but a park committed in the instant between the two can still
 /// slip through; this sweep (run every few seconds, through the small parked index)
-/// makes sure no delivery stays parked under an open endpoint.
+/// makes sure no delivery stays parked under an open endpoint. A delivery parked by a
+/// 410 Gone is not stranded: its endpoint is being disabled by the settler right after,
+/// and only an explicit enable resumes it.
 pub const RESUME_STRANDED: &str = "UPDATE webhook_deliveries d
     SET state = 'pending', next_attempt_at = now(), updated_at = now()
     FROM webhook_endpoints e
-    WHERE d.state = 'parked' AND e.id = d.endpoint_id AND e.active AND e.deleted_at IS NULL";
+    WHERE d.state = 'parked' AND d.last_status IS DISTINCT FROM 410
+      AND e.id = d.endpoint_id AND e.active AND e.deleted_at IS NULL";
 
 /// Resumes deliveries left parked under an active endpoint; returns how many.
 pub async fn resume_stranded(client: &impl GenericClient) -> Result<u64> {
