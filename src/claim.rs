@@ -22,9 +22,11 @@ use crate::error::Result;
 ///   due again when the lease runs out and the same index finds it. `attempts` is bumped
 ///   at claim time, which makes it the lease token that settling checks.
 /// * `events` takes unprocessed, due outbox rows (`SKIP LOCKED` again, so each event is
-///   fanned out by exactly one dispatcher) and marks them processed; the deliveries it
-///   inserts are claimed at once up to the remaining capacity, and the rest are inserted
-///   due now for the next claim. `ON CONFLICT DO NOTHING` on the (event, endpoint) key
+///   fanned out by exactly one dispatcher), as many as fill the remaining capacity when
+///   each goes to every active endpoint, and marks them processed; the deliveries it
+///   inserts are claimed at once up to the remaining capacity, and any rest (possible
+///   only when the due retries took the capacity) is inserted due now for the next
+///   claim. `ON CONFLICT DO NOTHING` on the (event, endpoint) key
 ///   makes fan-out idempotent. The filter match is written out here rather than in a SQL
 ///   function: a function whose body has a sub-select is never inlined, and calling it
 ///   cost ~10 us per (event, endpoint) pair; inline, the common cases (no filter, exact
@@ -52,12 +54,19 @@ WITH due AS (
     FROM due
     WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
     RETURNING d.event_id, d.endpoint_id, d.attempts, d.attempt_base
+), cap AS (
+    -- Enough events to fill the remaining capacity if each goes to every active
+    -- endpoint: fanning out more would insert deliveries only to claim them with a
+    -- second write later.
+    SELECT greatest(1, ($3 - (SELECT count(*) FROM reclaimed))
+                       / greatest(1, (SELECT count(*) FROM webhook_endpoints
+                                      WHERE active AND deleted_at IS NULL))) AS events_limit
 ), events AS (
     SELECT id, event_type
     FROM webhook_outbox
     WHERE processed_at IS NULL AND deliver_after <= now()
     ORDER BY deliver_after, id
-    LIMIT $3
+    LIMIT (SELECT events_limit FROM cap)
     FOR UPDATE SKIP LOCKED
 ), processed AS (
     UPDATE webhook_outbox o
@@ -97,7 +106,8 @@ WITH due AS (
 SELECT c.event_id, c.endpoint_id, c.attempts, o.event_type, o.payload::text, o.created_at,
        ep.url, ep.secret, (ep.active AND ep.deleted_at IS NULL) AS open,
        CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
-       c.attempts - c.attempt_base
+       c.attempts - c.attempt_base,
+       (SELECT count(*) FROM events) = (SELECT events_limit FROM cap) AS more_events
 FROM claimed c
 JOIN webhook_outbox o ON o.id = c.event_id
 JOIN webhook_endpoints ep ON ep.id = c.endpoint_id";
@@ -166,12 +176,26 @@ pub async fn claim_prepared(
     worker_id: &str,
     lease: Duration,
     limit: u32,
-) -> Result<Vec<Claimed>> {
+) -> Result<Batch> {
     let (lease_ms, limit) = (lease.as_millis() as i64, i64::from(limit));
     let rows = client
         .query(statement, &[&worker_id, &lease_ms, &limit])
         .await?;
-    Ok(rows.into_iter().map(claimed).collect())
+    let more = rows.first().is_some_and(|row| row.get::<_, bool>(11));
+    Ok(Batch {
+        claimed: rows.into_iter().map(claimed).collect(),
+        more,
+    })
+}
+
+/// What one claim took.
+#[derive(Debug)]
+pub struct Batch {
+    /// The deliveries claimed.
+    pub claimed: Vec<Claimed>,
+    /// The claim fanned out as many events as it could take: more are probably
+    /// waiting even if fewer deliveries than asked came back (narrow filters).
+    pub more: bool,
 }
 
 fn claimed(row: Row) -> Claimed {

@@ -237,8 +237,8 @@ impl ClaimLoop {
                 return;
             };
             let want = free.min(self.cfg.batch_size);
-            let claimed = match self.claim(want).await {
-                Ok(claimed) => claimed,
+            let claim::Batch { claimed, more } = match self.claim(want).await {
+                Ok(batch) => batch,
                 Err(e) => {
                     tracing::warn!(error = %e, "claim failed; retrying");
                     if self.pause(error_delay, shutdown).await == Wake::Shutdown {
@@ -255,9 +255,9 @@ impl ClaimLoop {
                 tracing::info!(claimed = got, "batch claimed");
                 self.dispatch(claimed).await;
             }
-            // A full batch means more is probably waiting: claim again at once,
-            // whatever the mode.
-            if got as u32 == want {
+            // A full batch (or a full fan-out of events) means more is probably
+            // waiting: claim again at once, whatever the mode.
+            if got as u32 == want || more {
                 continue;
             }
             let pause = if got > 0 {
@@ -346,7 +346,7 @@ impl ClaimLoop {
     /// Claims on the loop's own pooled connection, where the claim statement is
     /// prepared once; after any error the connection is given back and a fresh one
     /// prepared at the next claim.
-    async fn claim(&self, limit: u32) -> Result<Vec<Claimed>> {
+    async fn claim(&self, limit: u32) -> Result<claim::Batch> {
         let mut session = self.session.lock().await;
         let current = match session.take() {
             Some(current) => current,
@@ -356,7 +356,7 @@ impl ClaimLoop {
                 ClaimSession { conn, statement }
             }
         };
-        let claimed = claim::claim_prepared(
+        let batch = claim::claim_prepared(
             &current.conn,
             &current.statement,
             &self.cfg.worker_id,
@@ -365,7 +365,7 @@ impl ClaimLoop {
         )
         .await?;
         *session = Some(current);
-        Ok(claimed)
+        Ok(batch)
     }
 
     async fn arm(&self) -> Result<()> {
