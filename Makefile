@@ -8,12 +8,14 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint fmt build clean
+.PHONY: help run test lint fmt build clean bench
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "  Env: DATABASE_URL (use an existing database), TEST_THREADS (default 6), DEMO_PORT (default 8787)"
+	@echo "  Bench: BENCH_SCENARIOS=burst,fanout,idle,steady,producer,scaleout,ceiling,history BENCH_QUICK=1"
+	@echo "         BENCH_DATABASE_URL (bench an existing server instead of a throwaway one)"
 
 run: ## Local demo: throwaway Postgres + outboxd + demo-receiver (Ctrl-C to stop)
 	scripts/with-postgres.sh scripts/demo.sh
@@ -30,6 +32,12 @@ fmt: ## Format the code
 
 build: ## Release build of outboxd and demo-receiver
 	$(CARGO) build --release --locked --bins
+
+bench: ## Benchmark against a throwaway PostgreSQL with durability on; table + target/bench/latest.json
+	$(CARGO) build --release --locked --bin outboxd
+	$(CARGO) bench --locked --bench dispatch --no-run
+	env -u DATABASE_URL $${BENCH_DATABASE_URL:+DATABASE_URL="$$BENCH_DATABASE_URL"} RUST_LOG=$${RUST_LOG:-warn} \
+		scripts/with-postgres.sh $(CARGO) bench --locked --bench dispatch
 
 clean: ## Remove build artifacts
 	$(CARGO) clean

@@ -1,0 +1,272 @@
+//! Database side of the benchmark: a fresh database per scenario, producers, bulk
+//! history, and waiting for the dispatcher to be ready or done.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+use tokio_postgres::Client;
+
+use crate::sys::now_us;
+
+/// The URL of database `name` on the server of `admin_url` (URL or key=value form).
+pub fn db_url(admin_url: &str, name: &str) -> anyhow::Result<String> {
+    if admin_url.starts_with("postgres://") || admin_url.starts_with("postgresql://") {
+        let mut url = url::Url::parse(admin_url).context("parsing DATABASE_URL")?;
+        url.set_path(&format!("/{name}"));
+        Ok(url.to_string())
+    } else {
+        Ok(format!("{admin_url} dbname={name}"))
+    }
+}
+
+/// One plain connection (synchronous_commit as the server has it: on by default).
+pub async fn connect(url: &str) -> anyhow::Result<Client> {
+    Ok(outboxd::db::connect(url).await?)
+}
+
+/// Creates database `name` (dropping a leftover of the same name) and migrates it.
+pub async fn create_db(
+    admin: &Client,
+    admin_url: &str,
+    name: &str,
+) -> anyhow::Result<(String, Client)> {
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let url = db_url(admin_url, name)?;
+    let mut client = connect(&url).await?;
+    outboxd::schema::migrate(&mut client).await?;
+    Ok((url, client))
+}
+
+/// Drops a scenario's database.
+pub async fn drop_db(admin: &Client, name: &str) -> anyhow::Result<()> {
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    Ok(())
+}
+
+/// A JSON payload of about `bytes` bytes (as jsonb renders it).
+pub fn payload(seq: u64, bytes: usize) -> Value {
+    let base = json!({"seq": seq, "order_id": format!("ord_{seq:010}"), "amount_cents": 4_999, "currency": "EUR", "pad": ""});
+    let pad = bytes.saturating_sub(base.to_string().len() + 8);
+    json!({"seq": seq, "order_id": format!("ord_{seq:010}"), "amount_cents": 4_999, "currency": "EUR", "pad": "x".repeat(pad)})
+}
+
+/// Commits `n` events in one transaction with one multi-row INSERT; returns how long
+/// the INSERT and COMMIT took and the time COMMIT returned (CLOCK_REALTIME µs).
+pub async fn insert_burst(
+    client: &mut Client,
+    n: u64,
+    bytes: usize,
+    event_type: &str,
+) -> anyhow::Result<(Duration, i64)> {
+    let payloads: Vec<String> = (0..n).map(|i| payload(i, bytes).to_string()).collect();
+    let started = Instant::now();
+    let tx = client.transaction().await?;
+    let inserted = tx
+        .execute(
+            "INSERT INTO webhook_outbox (event_type, payload)
+             SELECT $1, p::jsonb FROM unnest($2::text[]) AS p",
+            &[&event_type, &payloads],
+        )
+        .await?;
+    tx.commit().await?;
+    let commit_us = now_us();
+    if inserted != n {
+        bail!("inserted {inserted} events, expected {n}");
+    }
+    Ok((started.elapsed(), commit_us))
+}
+
+/// Enqueues one event in its own transaction through the library, as an application
+/// does; returns the event id and the time COMMIT returned.
+pub async fn produce_one(
+    client: &mut Client,
+    payload: &Value,
+    event_type: &str,
+) -> anyhow::Result<(i64, i64)> {
+    let tx = client.transaction().await?;
+    let id = outboxd::enqueue(&tx, &outboxd::NewEvent::new(event_type, payload))
+        .await?
+        .context("enqueue returned no id")?;
+    tx.commit().await?;
+    Ok((id, now_us()))
+}
+
+/// Registers `k` endpoints, numbered 0..k, all pointing at the receiver.
+pub async fn add_endpoints(
+    client: &Client,
+    urls: impl IntoIterator<Item = String>,
+) -> anyhow::Result<()> {
+    for url in urls {
+        outboxd::endpoint::add(
+            client,
+            outboxd::NewEndpoint {
+                url,
+                description: "bench".into(),
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn wait_until(
+    client: &Client,
+    sql: &str,
+    timeout: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ok: bool = client.query_one(sql, &[]).await?.get(0);
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `listeners` LISTEN sessions of outboxd are connected to this database
+/// and the doorbell is armed, i.e. the dispatchers are idle and waiting for a push.
+pub async fn wait_push_ready(
+    client: &Client,
+    listeners: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let sql = format!(
+        "SELECT (SELECT count(*) FROM pg_stat_activity
+                  WHERE datname = current_database()
+                    AND application_name = 'outboxd-listener') >= {listeners}
+            AND (SELECT armed FROM webhook_doorbell WHERE id = 1)"
+    );
+    wait_until(client, &sql, timeout, "the dispatcher to arm the doorbell").await
+}
+
+/// Waits until a dispatcher pool connection exists on this database.
+pub async fn wait_pool_ready(client: &Client, timeout: Duration) -> anyhow::Result<()> {
+    let sql = "SELECT count(*) > 0 FROM pg_stat_activity
+               WHERE datname = current_database() AND application_name = 'outboxd'";
+    wait_until(client, sql, timeout, "the dispatcher to connect").await
+}
+
+/// Waits until every event is fanned out and every delivery settled as delivered;
+/// returns the time it noticed (CLOCK_REALTIME µs).
+pub async fn wait_settled(client: &Client, timeout: Duration) -> anyhow::Result<i64> {
+    let sql = "SELECT NOT EXISTS (SELECT 1 FROM webhook_outbox WHERE processed_at IS NULL)
+                  AND NOT EXISTS (SELECT 1 FROM webhook_deliveries WHERE state <> 'delivered')";
+    wait_until(client, sql, timeout, "every delivery to be settled").await?;
+    Ok(now_us())
+}
+
+/// Installs or drops the notify trigger (as sql/0002_notify.sql defines it).
+pub async fn set_trigger(client: &Client, on: bool) -> anyhow::Result<()> {
+    let sql = if on {
+        "DROP TRIGGER IF EXISTS webhook_outbox_notify ON webhook_outbox;
+         CREATE TRIGGER webhook_outbox_notify AFTER INSERT ON webhook_outbox
+             FOR EACH STATEMENT EXECUTE FUNCTION webhook_outbox_ring_doorbell();"
+    } else {
+        "DROP TRIGGER webhook_outbox_notify ON webhook_outbox"
+    };
+    client.batch_execute(sql).await?;
+    Ok(())
+}
+
+/// Fills the tables with `rows` events already delivered to endpoint `endpoint_id`
+/// (outbox rows processed, deliveries `delivered`, one attempt each), then VACUUM
+/// ANALYZE, as a database looks after months of traffic without retention.
+pub async fn prefill_history(
+    client: &Client,
+    rows: u64,
+    endpoint_id: i64,
+    bytes: usize,
+) -> anyhow::Result<()> {
+    let pad = bytes.saturating_sub(90).max(1) as i32;
+    let chunk = 250_000_u64;
+    let mut done = 0_u64;
+    while done < rows {
+        let n = chunk.min(rows - done) as i64;
+        let sql = format!(
+            "WITH ev AS (
+                 INSERT INTO webhook_outbox (event_type, payload, deliver_after, created_at, processed_at)
+                 SELECT 'bench.history',
+                        jsonb_build_object('seq', g, 'order_id', 'ord_' || lpad(g::text, 10, '0'),
+                                           'amount_cents', 4999, 'currency', 'EUR',
+                                           'pad', repeat('x', {pad})),
+                        now() - interval '1 day', now() - interval '1 day', now() - interval '1 day'
+                 FROM generate_series(1, {n}) AS g
+                 RETURNING id, created_at
+             ), dl AS (
+                 INSERT INTO webhook_deliveries
+                     (event_id, endpoint_id, state, attempts, next_attempt_at, last_status,
+                      created_at, updated_at, delivered_at)
+                 SELECT id, {endpoint_id}, 'delivered', 1, created_at, 204,
+                        created_at, created_at, created_at
+                 FROM ev
+             )
+             INSERT INTO webhook_attempts
+                 (event_id, endpoint_id, attempt, started_at, duration_ms, status_code,
+                  response_excerpt, worker_id)
+             SELECT id, {endpoint_id}, 1, created_at, 2, 204, '', 'bench-history'
+             FROM ev"
+        );
+        client.batch_execute(&sql).await?;
+        done += n as u64;
+    }
+    client
+        .batch_execute("VACUUM ANALYZE webhook_outbox")
+        .await?;
+    client
+        .batch_execute("VACUUM ANALYZE webhook_deliveries")
+        .await?;
+    client
+        .batch_execute("VACUUM ANALYZE webhook_attempts")
+        .await?;
+    Ok(())
+}
+
+/// The PostgreSQL server's version and durability settings.
+pub async fn server_info(client: &Client) -> anyhow::Result<Value> {
+    let rows = client
+        .query(
+            "SELECT name, setting FROM pg_settings WHERE name IN
+               ('server_version', 'fsync', 'synchronous_commit', 'full_page_writes',
+                'shared_buffers', 'max_connections', 'wal_level', 'max_wal_size',
+                'checkpoint_timeout', 'data_directory')
+             ORDER BY name",
+            &[],
+        )
+        .await?;
+    let mut map = serde_json::Map::new();
+    for row in rows {
+        let (name, setting): (String, String) = (row.get(0), row.get(1));
+        map.insert(name, Value::String(setting));
+    }
+    Ok(Value::Object(map))
+}
+
+/// When each event's first attempt started (CLOCK_REALTIME µs, from the dispatcher's
+/// clock as recorded in `webhook_attempts`), for splitting latency into the
+/// dispatcher's wake-up and claim versus the HTTP request.
+pub async fn attempt_starts(
+    client: &Client,
+) -> anyhow::Result<std::collections::HashMap<i64, i64>> {
+    let rows = client
+        .query(
+            "SELECT event_id, (extract(epoch FROM started_at) * 1e6)::bigint
+             FROM webhook_attempts WHERE attempt = 1",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}

@@ -1,0 +1,1329 @@
+//! The scenarios. Each gets a fresh database, measures, records rows and details in
+//! the report, and drops its database.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio_postgres::Client;
+
+use crate::disp::{self, InProc, Proc};
+use crate::pg;
+use crate::receiver::{Rec, Receiver};
+use crate::report::{Report, int, median, ms, pct};
+use crate::sys::{self, Cpu, PgProcs, Probe, now_us};
+
+/// Every scenario, in the order a full run executes them.
+pub const ALL: &[&str] = &[
+    "burst", "fanout", "idle", "steady", "producer", "scaleout", "ceiling", "history",
+];
+
+/// What the run measures, from the environment (`BENCH_*`), with quick-mode defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub quick: bool,
+    pub scenarios: Vec<String>,
+    pub payload_bytes: usize,
+    pub burst_events: u64,
+    pub burst_repeats: u64,
+    pub poll_interval_ms: u64,
+    pub steady_rates: Vec<u64>,
+    pub steady_secs: u64,
+    pub idle_events: u64,
+    pub idle_gap_ms: u64,
+    pub fanout_events: u64,
+    pub fanout_endpoints: u64,
+    pub producer_conns: u64,
+    pub producer_rounds: u64,
+    pub producer_secs: u64,
+    pub scaleout_procs: Vec<u64>,
+    pub ceiling_conns: u64,
+    pub ceiling_secs: u64,
+    pub history_rows: u64,
+    pub dispatcher_threads: u64,
+    pub receiver_threads: u64,
+    pub max_seconds: u64,
+}
+
+fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name} must be a whole number, got {v:?}")),
+        _ => Ok(default),
+    }
+}
+
+fn env_list(name: &str, default: &[u64]) -> anyhow::Result<Vec<u64>> {
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .with_context(|| format!("{name}: bad number {x:?}"))
+            })
+            .collect(),
+        _ => Ok(default.to_vec()),
+    }
+}
+
+impl Settings {
+    /// Reads the settings.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let quick = std::env::var("BENCH_QUICK").is_ok_and(|v| !matches!(v.trim(), "" | "0"));
+        let q = |full: u64, quick_value: u64| if quick { quick_value } else { full };
+        let scenarios: Vec<String> = match std::env::var("BENCH_SCENARIOS") {
+            Ok(v) if !v.trim().is_empty() && v.trim() != "all" => v
+                .split(',')
+                .map(|s| s.trim().to_ascii_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            _ => ALL.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        for s in &scenarios {
+            if !ALL.contains(&s.as_str()) {
+                bail!(
+                    "unknown scenario {s:?} in BENCH_SCENARIOS (known: {})",
+                    ALL.join(",")
+                );
+            }
+        }
+        Ok(Self {
+            quick,
+            scenarios,
+            payload_bytes: env_u64("BENCH_PAYLOAD_BYTES", 500)? as usize,
+            burst_events: env_u64("BENCH_BURST_EVENTS", q(20_000, 2_000))?,
+            burst_repeats: env_u64("BENCH_BURST_REPEATS", q(3, 1))?.max(1),
+            poll_interval_ms: env_u64("BENCH_POLL_INTERVAL_MS", 1_000)?,
+            steady_rates: env_list("BENCH_STEADY_RATES", &[500, 2_000])?,
+            steady_secs: env_u64("BENCH_STEADY_SECS", q(20, 4))?,
+            idle_events: env_u64("BENCH_IDLE_EVENTS", q(200, 40))?,
+            idle_gap_ms: env_u64("BENCH_IDLE_GAP_MS", 50)?,
+            fanout_events: env_u64("BENCH_FANOUT_EVENTS", q(5_000, 500))?,
+            fanout_endpoints: env_u64("BENCH_FANOUT_ENDPOINTS", 10)?,
+            producer_conns: env_u64("BENCH_PRODUCER_CONNS", 16)?,
+            producer_rounds: env_u64("BENCH_PRODUCER_ROUNDS", q(5, 2))?.max(1),
+            producer_secs: env_u64("BENCH_PRODUCER_SECS", q(5, 2))?.max(1),
+            scaleout_procs: env_list("BENCH_SCALEOUT_PROCS", &[1, 2, 4])?,
+            ceiling_conns: env_u64("BENCH_CEILING_CONNS", 128)?.max(1),
+            ceiling_secs: env_u64("BENCH_CEILING_SECS", q(5, 2))?.max(1),
+            history_rows: env_u64("BENCH_HISTORY_ROWS", q(1_000_000, 100_000))?,
+            dispatcher_threads: env_u64("BENCH_DISPATCHER_THREADS", sys::nproc() as u64)?,
+            receiver_threads: env_u64("BENCH_RECEIVER_THREADS", 1)?,
+            max_seconds: env_u64("BENCH_MAX_SECONDS", 1_800)?,
+        })
+    }
+
+    /// As JSON, for the report.
+    pub fn json(&self) -> Value {
+        let cfg = disp::config(true, Duration::from_millis(self.poll_interval_ms));
+        json!({
+            "quick": self.quick,
+            "scenarios": self.scenarios,
+            "payload_bytes": self.payload_bytes,
+            "burst_events": self.burst_events,
+            "burst_repeats": self.burst_repeats,
+            "poll_interval_ms": self.poll_interval_ms,
+            "steady_rates": self.steady_rates,
+            "steady_secs": self.steady_secs,
+            "idle_events": self.idle_events,
+            "idle_gap_ms": self.idle_gap_ms,
+            "fanout_events": self.fanout_events,
+            "fanout_endpoints": self.fanout_endpoints,
+            "producer_conns": self.producer_conns,
+            "producer_rounds": self.producer_rounds,
+            "producer_secs": self.producer_secs,
+            "scaleout_procs": self.scaleout_procs,
+            "ceiling_conns": self.ceiling_conns,
+            "ceiling_secs": self.ceiling_secs,
+            "history_rows": self.history_rows,
+            "dispatcher_runtime_threads": self.dispatcher_threads,
+            "receiver_runtime_threads": self.receiver_threads,
+            "dispatcher_config": {
+                "batch_size": cfg.batch_size,
+                "concurrency": cfg.concurrency,
+                "pool_size": cfg.pool_size,
+                "lease_ms": cfg.lease.as_millis() as u64,
+                "http_timeout_ms": cfg.http_timeout.as_millis() as u64,
+                "allow_private_targets": cfg.allow_private_targets,
+                "tracing": "no subscriber in-process; RUST_LOG=warn for outboxd run",
+            },
+        })
+    }
+}
+
+/// Shared state of a run.
+pub struct Ctx {
+    pub s: Settings,
+    pub admin_url: String,
+    pub admin: Client,
+    pub receiver: Receiver,
+    pub pg: Option<PgProcs>,
+    pub outboxd_bin: PathBuf,
+    pub report: Report,
+    /// The push burst's median rate, for the fan-out comparison.
+    pub burst_push_rate: Option<f64>,
+    /// In-process VmHWM after the push burst.
+    pub inproc_hwm_kib: Option<u64>,
+    db_seq: u32,
+}
+
+impl Ctx {
+    pub fn new(
+        s: Settings,
+        admin_url: String,
+        admin: Client,
+        receiver: Receiver,
+        pg: Option<PgProcs>,
+        outboxd_bin: PathBuf,
+    ) -> Self {
+        Self {
+            s,
+            admin_url,
+            admin,
+            receiver,
+            pg,
+            outboxd_bin,
+            report: Report::default(),
+            burst_push_rate: None,
+            inproc_hwm_kib: None,
+            db_seq: 0,
+        }
+    }
+
+    fn db_name(&mut self, tag: &str) -> String {
+        self.db_seq += 1;
+        format!("outboxd_bench_{}_{}", self.db_seq, tag)
+    }
+
+    fn probe(&self, outboxd: Vec<u32>) -> Probe {
+        Probe {
+            receiver: self.receiver.pid(),
+            pg: self.pg,
+            outboxd,
+        }
+    }
+
+    fn poll_interval(&self) -> Duration {
+        Duration::from_millis(self.s.poll_interval_ms)
+    }
+
+    /// Runs one scenario by name.
+    pub async fn run(&mut self, name: &str) -> anyhow::Result<()> {
+        match name {
+            "burst" => self.burst_scenario().await,
+            "fanout" => self.fanout().await,
+            "idle" => self.idle_scenario().await,
+            "steady" => self.steady_scenario().await,
+            "producer" => self.producer_cost().await,
+            "scaleout" => self.scaleout().await,
+            "ceiling" => self.ceiling().await,
+            "history" => self.history().await,
+            other => bail!("unknown scenario {other}"),
+        }
+    }
+}
+
+/// How the dispatcher runs in a scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// In-process, LISTEN on.
+    Push,
+    /// In-process, LISTEN off, poll tick only.
+    Poll,
+    /// `n` `outboxd run` processes (push).
+    Procs(usize),
+}
+
+impl Mode {
+    fn label(self) -> String {
+        match self {
+            Mode::Push => "push".into(),
+            Mode::Poll => "poll".into(),
+            Mode::Procs(n) => format!("{n} x outboxd run"),
+        }
+    }
+}
+
+/// Dispatchers started for a scenario.
+enum Running {
+    InProc(InProc),
+    Procs(Vec<Proc>),
+}
+
+impl Running {
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Running::InProc(_) => Vec::new(),
+            Running::Procs(p) => p.iter().map(Proc::pid).collect(),
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<Value> {
+        match self {
+            Running::InProc(d) => {
+                let report = d.stop().await?;
+                Ok(json!({
+                    "delivered": report.totals.delivered,
+                    "retried": report.totals.retried,
+                    "dead": report.totals.dead,
+                    "released": report.totals.released,
+                    "lease_lost": report.totals.lease_lost,
+                    "drained": format!("{:?}", report.drained),
+                }))
+            }
+            Running::Procs(procs) => {
+                let mut clean = Vec::new();
+                for p in procs {
+                    clean.push(p.stop().await?);
+                }
+                Ok(json!({ "exited_cleanly": clean }))
+            }
+        }
+    }
+}
+
+async fn start(ctx: &Ctx, url: &str, client: &Client, mode: Mode) -> anyhow::Result<Running> {
+    let threads = ctx.s.dispatcher_threads as usize;
+    let running = match mode {
+        Mode::Push => Running::InProc(InProc::start(
+            url,
+            disp::config(true, ctx.poll_interval()),
+            threads,
+        )?),
+        Mode::Poll => Running::InProc(InProc::start(
+            url,
+            disp::config(false, ctx.poll_interval()),
+            threads,
+        )?),
+        Mode::Procs(n) => {
+            let mut procs = Vec::new();
+            for i in 0..n {
+                procs.push(Proc::spawn(
+                    &ctx.outboxd_bin,
+                    url,
+                    &format!("bench-proc-{}", i + 1),
+                )?);
+            }
+            Running::Procs(procs)
+        }
+    };
+    wait_ready(client, mode).await?;
+    Ok(running)
+}
+
+async fn wait_ready(client: &Client, mode: Mode) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(30);
+    match mode {
+        Mode::Push => pg::wait_push_ready(client, 1, timeout).await?,
+        Mode::Procs(n) => pg::wait_push_ready(client, n, timeout).await?,
+        Mode::Poll => pg::wait_pool_ready(client, timeout).await?,
+    }
+    // Let every dispatcher finish its arm / look-again sequence and fall asleep.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
+}
+
+/// First receive time per (event, endpoint) and how many receipts were duplicates.
+fn first_receipts(recs: &[Rec]) -> (HashMap<(i64, u32), i64>, usize) {
+    let mut first = HashMap::with_capacity(recs.len());
+    let mut dups = 0;
+    for r in recs {
+        match first.entry((r.id, r.ep)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                dups += 1;
+                if r.t_us < *e.get() {
+                    e.insert(r.t_us);
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(r.t_us);
+            }
+        }
+    }
+    (first, dups)
+}
+
+/// One burst measurement's outcome.
+struct BurstOut {
+    /// Deliveries received over all repeats.
+    items: u64,
+    /// Medians of commit → first receipt (µs) and of deliveries/s after the first receipt.
+    first_wait_us: f64,
+    rate_after_first: f64,
+    /// Median over the repeats of deliveries / (last receive - commit).
+    rate: f64,
+    cpu: Cpu,
+    /// Peak RSS of each `outboxd run` process, or of this process for in-process runs.
+    hwm_kib: Vec<Option<u64>>,
+    json: Value,
+}
+
+struct BurstSpec<'a> {
+    tag: &'a str,
+    events: u64,
+    endpoints: u32,
+    mode: Mode,
+    history: u64,
+}
+
+impl Ctx {
+    /// Commits `events` in one transaction, `repeats` times on one database with one set
+    /// of dispatchers, and measures commit → last receipt.
+    async fn burst(&mut self, spec: BurstSpec<'_>) -> anyhow::Result<BurstOut> {
+        let name = self.db_name(spec.tag);
+        let (url, mut client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
+        let result = self.burst_in(&spec, &url, &mut client).await;
+        drop(client);
+        pg::drop_db(&self.admin, &name).await?;
+        result
+    }
+
+    async fn burst_in(
+        &mut self,
+        spec: &BurstSpec<'_>,
+        url: &str,
+        client: &mut Client,
+    ) -> anyhow::Result<BurstOut> {
+        pg::add_endpoints(client, (0..spec.endpoints).map(|i| self.receiver.url(i))).await?;
+        let mut prefill_s = None;
+        if spec.history > 0 {
+            let started = Instant::now();
+            let ep: i64 = client
+                .query_one("SELECT min(id) FROM webhook_endpoints", &[])
+                .await?
+                .get(0);
+            eprintln!(
+                "bench:   prefilling {} delivered events of history ...",
+                spec.history
+            );
+            pg::prefill_history(client, spec.history, ep, self.s.payload_bytes).await?;
+            prefill_s = Some(started.elapsed().as_secs_f64());
+            eprintln!(
+                "bench:   prefill done in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        self.receiver.take().await?;
+        // Reset this process's peak RSS so the in-process figure covers this burst only.
+        let _ = std::fs::write("/proc/self/clear_refs", "5");
+        let running = start(self, url, client, spec.mode).await?;
+        let probe = self.probe(running.pids());
+        let expected = spec.events * u64::from(spec.endpoints);
+        let timeout = Duration::from_secs(60 + expected / 1_000);
+        let mut runs = Vec::new();
+        let mut rates = Vec::new();
+        let mut cpu: Option<Cpu> = None;
+        let mut items = 0_u64;
+        let mut waits = Vec::new();
+        let mut after_firsts = Vec::new();
+        let mut failure = None;
+        for rep in 0..self.s.burst_repeats {
+            if rep > 0 {
+                wait_ready(client, spec.mode).await?;
+            }
+            let (insert, commit_us) = pg::insert_burst(
+                client,
+                spec.events,
+                self.s.payload_bytes,
+                &format!("bench.{}", spec.tag),
+            )
+            .await?;
+            let snap0 = probe.snap();
+            let got = self.receiver.wait_for(expected, timeout).await?;
+            let snap1 = probe.snap();
+            let window = snap0.until(&snap1);
+            let recs = self.receiver.take().await?;
+            let settled = pg::wait_settled(client, Duration::from_secs(60)).await;
+            let (first, dups) = first_receipts(&recs);
+            let first_us = first.values().copied().min().unwrap_or(commit_us);
+            let last_us = first.values().copied().max().unwrap_or(commit_us);
+            let secs = (last_us - commit_us) as f64 / 1e6;
+            let rate = first.len() as f64 / secs.max(1e-6);
+            let after_first = (first.len().saturating_sub(1)) as f64
+                / ((last_us - first_us) as f64 / 1e6).max(1e-6);
+            eprintln!(
+                "bench:   {} run {}: {} deliveries in {:.3} s = {} /s (first after {}, insert+commit {} ms)",
+                spec.mode.label(),
+                rep + 1,
+                first.len(),
+                secs,
+                int(rate),
+                ms((first_us - commit_us) as f64),
+                insert.as_millis()
+            );
+            runs.push(json!({
+                "deliveries": first.len(),
+                "expected": expected,
+                "duplicates": dups,
+                "receiver_count_at_end": got,
+                "insert_and_commit_ms": insert.as_secs_f64() * 1e3,
+                "commit_to_first_receipt_ms": (first_us - commit_us) as f64 / 1e3,
+                "commit_to_last_receipt_ms": (last_us - commit_us) as f64 / 1e3,
+                "commit_to_all_settled_ms": settled.as_ref().ok().map(|t| (t - commit_us) as f64 / 1e3),
+                "deliveries_per_s": rate,
+                "deliveries_per_s_after_first": after_first,
+                "cpu": window.json(),
+            }));
+            cpu = Some(cpu.map_or(window, |c| c.combine(&window)));
+            items += first.len() as u64;
+            if (first.len() as u64) < expected {
+                failure = Some(format!(
+                    "only {} of {expected} deliveries arrived within {timeout:?}",
+                    first.len()
+                ));
+                break;
+            }
+            if let Err(e) = settled {
+                failure = Some(format!("{e:#}"));
+                break;
+            }
+            rates.push(rate);
+            waits.push((first_us - commit_us) as f64);
+            after_firsts.push(after_first);
+        }
+        let hwm_kib = match &running {
+            Running::InProc(_) => vec![sys::status_kib(None, "VmHWM")],
+            Running::Procs(p) => p
+                .iter()
+                .map(|p| sys::status_kib(Some(p.pid()), "VmHWM"))
+                .collect(),
+        };
+        let dispatcher = running.stop().await?;
+        if let Some(f) = failure {
+            bail!(f);
+        }
+        let rate = median(&rates);
+        Ok(BurstOut {
+            items,
+            first_wait_us: median(&waits),
+            rate_after_first: median(&after_firsts),
+            rate,
+            cpu: cpu.unwrap_or_default(),
+            hwm_kib: hwm_kib.clone(),
+            json: json!({
+                "mode": spec.mode.label(),
+                "events": spec.events,
+                "endpoints": spec.endpoints,
+                "history_rows": spec.history,
+                "history_prefill_s": prefill_s,
+                "median_deliveries_per_s": rate,
+                "runs": runs,
+                "vm_hwm_kib": hwm_kib,
+                "dispatcher_report": dispatcher,
+            }),
+        })
+    }
+
+    async fn burst_scenario(&mut self) -> anyhow::Result<()> {
+        let n = self.s.burst_events;
+        let reps = self.s.burst_repeats;
+        let mut rates = HashMap::new();
+        for mode in [Mode::Push, Mode::Poll] {
+            let tag = format!("burst_{}", mode.label());
+            let out = self
+                .burst(BurstSpec {
+                    tag: &tag,
+                    events: n,
+                    endpoints: 1,
+                    mode,
+                    history: 0,
+                })
+                .await?;
+            let label = format!("burst {} ({})", int(n as f64), mode.label());
+            self.report.cpu(&label, out.cpu, Some(out.items));
+            if mode == Mode::Push {
+                self.burst_push_rate = Some(out.rate);
+                self.inproc_hwm_kib = out.hwm_kib.first().copied().flatten();
+                self.report.target(
+                    &label,
+                    &format!("deliveries/s, commit → last ack (median of {reps})"),
+                    int(out.rate),
+                    ">= 20,000",
+                    out.rate >= 20_000.0,
+                );
+            } else {
+                let push = rates.get(&Mode::Push).copied().unwrap_or(f64::NAN);
+                self.report.target(
+                    &label,
+                    &format!("deliveries/s, commit → last ack (median of {reps})"),
+                    format!(
+                        "{} ({:+.0}% vs push)",
+                        int(out.rate),
+                        (out.rate / push - 1.0) * 100.0
+                    ),
+                    "within 10% of push",
+                    out.rate >= 0.9 * push,
+                );
+            }
+            self.report.info(
+                &label,
+                "commit → first receipt; deliveries/s from first receipt (medians)",
+                format!("{}; {}", ms(out.first_wait_us), int(out.rate_after_first)),
+            );
+            rates.insert(mode, out.rate);
+            self.report.detail(&tag, out.json);
+        }
+        if let Some(kib) = self.inproc_hwm_kib {
+            self.report.info(
+                "memory",
+                "VmHWM of the bench process during the push burst (dispatcher + harness)",
+                format!("{:.1} MiB", kib as f64 / 1024.0),
+            );
+        }
+        Ok(())
+    }
+
+    async fn fanout(&mut self) -> anyhow::Result<()> {
+        let (n, k) = (self.s.fanout_events, self.s.fanout_endpoints as u32);
+        let out = self
+            .burst(BurstSpec {
+                tag: "fanout",
+                events: n,
+                endpoints: k,
+                mode: Mode::Push,
+                history: 0,
+            })
+            .await?;
+        let label = format!(
+            "fan-out {} x {k} = {}",
+            int(n as f64),
+            int((n * u64::from(k)) as f64)
+        );
+        self.report.cpu(&label, out.cpu, Some(out.items));
+        match self.burst_push_rate {
+            Some(burst) => self.report.target(
+                &label,
+                &format!(
+                    "deliveries/s (median of {}); burst push {}",
+                    self.s.burst_repeats,
+                    int(burst)
+                ),
+                format!(
+                    "{} ({:+.0}%)",
+                    int(out.rate),
+                    (out.rate / burst - 1.0) * 100.0
+                ),
+                "same as burst (>= 90%)",
+                out.rate >= 0.9 * burst,
+            ),
+            None => self.report.info(
+                &label,
+                "deliveries/s (burst not run: no comparison)",
+                int(out.rate),
+            ),
+        }
+        self.report.detail("fanout", out.json);
+        Ok(())
+    }
+
+    async fn scaleout(&mut self) -> anyhow::Result<()> {
+        if !self.outboxd_bin.is_file() {
+            bail!(
+                "{} not found: build it first (cargo build --release --bin outboxd)",
+                self.outboxd_bin.display()
+            );
+        }
+        let n = self.s.burst_events;
+        let mut by_procs: Vec<(u64, f64)> = Vec::new();
+        let mut details = serde_json::Map::new();
+        for &procs in &self.s.scaleout_procs.clone() {
+            let tag = format!("scaleout_{procs}");
+            let out = self
+                .burst(BurstSpec {
+                    tag: &tag,
+                    events: n,
+                    endpoints: 1,
+                    mode: Mode::Procs(procs as usize),
+                    history: 0,
+                })
+                .await?;
+            let label = format!("scale-out {procs} x outboxd run");
+            self.report.cpu(&label, out.cpu, Some(out.items));
+            let one = by_procs.iter().find(|(p, _)| *p == 1).map(|(_, r)| *r);
+            match one {
+                Some(one) if procs > 1 => self.report.target(
+                    &label,
+                    &format!("deliveries/s, burst {}", int(n as f64)),
+                    format!(
+                        "{} ({:+.0}% vs 1)",
+                        int(out.rate),
+                        (out.rate / one - 1.0) * 100.0
+                    ),
+                    ">= 1 process",
+                    out.rate >= one,
+                ),
+                _ => self.report.info(
+                    &label,
+                    &format!("deliveries/s, burst {}", int(n as f64)),
+                    int(out.rate),
+                ),
+            }
+            if procs == 1
+                && let Some(Some(kib)) = out.hwm_kib.first()
+            {
+                let mib = *kib as f64 / 1024.0;
+                self.report.target(
+                    "memory",
+                    "peak RSS (VmHWM) of `outboxd run`, scale-out 1 bursts",
+                    format!("{mib:.1} MiB"),
+                    "< 48 MiB",
+                    mib < 48.0,
+                );
+            }
+            by_procs.push((procs, out.rate));
+            details.insert(tag, out.json);
+        }
+        self.report.detail("scaleout", Value::Object(details));
+        Ok(())
+    }
+
+    async fn history(&mut self) -> anyhow::Result<()> {
+        let n = self.s.burst_events;
+        // A paired baseline, measured now rather than minutes ago.
+        let empty = self
+            .burst(BurstSpec {
+                tag: "history_empty",
+                events: n,
+                endpoints: 1,
+                mode: Mode::Push,
+                history: 0,
+            })
+            .await?;
+        let full = self
+            .burst(BurstSpec {
+                tag: "history_full",
+                events: n,
+                endpoints: 1,
+                mode: Mode::Push,
+                history: self.s.history_rows,
+            })
+            .await?;
+        let label = format!("history {} rows", int(self.s.history_rows as f64));
+        self.report.cpu(&label, full.cpu, Some(full.items));
+        self.report.target(
+            &label,
+            &format!(
+                "deliveries/s, burst {} (empty db: {})",
+                int(n as f64),
+                int(empty.rate)
+            ),
+            format!(
+                "{} ({:+.0}%)",
+                int(full.rate),
+                (full.rate / empty.rate - 1.0) * 100.0
+            ),
+            "within 10% of empty",
+            full.rate >= 0.9 * empty.rate,
+        );
+        self.report.detail(
+            "history",
+            json!({"empty": empty.json, "with_history": full.json}),
+        );
+        Ok(())
+    }
+
+    /// Single events, `gap` apart: commit → receipt latency.
+    async fn idle_scenario(&mut self) -> anyhow::Result<()> {
+        for mode in [Mode::Push, Mode::Poll] {
+            let tag = format!("idle_{}", mode.label());
+            let name = self.db_name(&tag);
+            let (url, client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
+            let result = self.idle_in(mode, &url, &client).await;
+            drop(client);
+            pg::drop_db(&self.admin, &name).await?;
+            let (p50, p99, json) = result?;
+            let label = format!(
+                "idle {} x 1 event, {} ms apart ({})",
+                self.s.idle_events,
+                self.s.idle_gap_ms,
+                mode.label()
+            );
+            if mode == Mode::Push {
+                self.report.target(
+                    &label,
+                    "p50 commit → receipt",
+                    ms(p50),
+                    "< 1.5 ms",
+                    p50 < 1_500.0,
+                );
+                self.report.target(
+                    &label,
+                    "p99 commit → receipt",
+                    ms(p99),
+                    "< 3 ms",
+                    p99 < 3_000.0,
+                );
+            } else {
+                self.report.info(&label, "p50 commit → receipt", ms(p50));
+                self.report.info(&label, "p99 commit → receipt", ms(p99));
+            }
+            self.report.detail(&tag, json);
+        }
+        Ok(())
+    }
+
+    async fn idle_in(
+        &mut self,
+        mode: Mode,
+        url: &str,
+        client: &Client,
+    ) -> anyhow::Result<(f64, f64, Value)> {
+        pg::add_endpoints(client, [self.receiver.url(0)]).await?;
+        self.receiver.take().await?;
+        let running = start(self, url, client, mode).await?;
+        let mut producer = pg::connect(url).await?;
+        let payload = pg::payload(0, self.s.payload_bytes);
+        let gap = Duration::from_millis(self.s.idle_gap_ms);
+        let t0 = tokio::time::Instant::now() + Duration::from_millis(50);
+        let mut commits = Vec::new();
+        for i in 0..self.s.idle_events {
+            tokio::time::sleep_until(t0 + gap * i as u32).await;
+            commits.push(pg::produce_one(&mut producer, &payload, "bench.idle").await?);
+        }
+        let extra = if mode == Mode::Poll {
+            self.poll_interval()
+        } else {
+            Duration::ZERO
+        };
+        let got = self
+            .receiver
+            .wait_for(self.s.idle_events, Duration::from_secs(5) + extra)
+            .await?;
+        let recs = self.receiver.take().await?;
+        pg::wait_settled(client, Duration::from_secs(10)).await?;
+        let starts = pg::attempt_starts(client).await?;
+        let dispatcher = running.stop().await?;
+        let lat = latencies(&commits, &recs);
+        let split = split_latency(&commits, &recs, &starts);
+        if lat.delivered < commits.len() {
+            bail!(
+                "{mode:?}: only {} of {} idle events arrived (receiver count {got})",
+                lat.delivered,
+                commits.len()
+            );
+        }
+        let (p50, p99) = (pct(&lat.sorted, 50.0), pct(&lat.sorted, 99.0));
+        let json = json!({
+            "mode": mode.label(),
+            "events": commits.len(),
+            "gap_ms": self.s.idle_gap_ms,
+            "latency_us": lat.json(),
+            "split_us": split,
+            "dispatcher_report": dispatcher,
+        });
+        Ok((p50, p99, json))
+    }
+
+    async fn steady_scenario(&mut self) -> anyhow::Result<()> {
+        for rate in self.s.steady_rates.clone() {
+            let tag = format!("steady_{rate}");
+            let name = self.db_name(&tag);
+            let (url, client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
+            let result = self.steady_in(rate, &url, &client).await;
+            drop(client);
+            pg::drop_db(&self.admin, &name).await?;
+            let out = result?;
+            let label = format!(
+                "steady {}/s for {} s (push)",
+                int(rate as f64),
+                self.s.steady_secs
+            );
+            self.report.cpu(&label, out.cpu, Some(out.committed as u64));
+            self.report
+                .info(&label, "p50 commit → receipt", ms(out.p50));
+            if rate >= 2_000 {
+                self.report.target(
+                    &label,
+                    "p99 commit → receipt",
+                    ms(out.p99),
+                    "< 10 ms",
+                    out.p99 < 10_000.0,
+                );
+            } else {
+                self.report
+                    .info(&label, "p99 commit → receipt", ms(out.p99));
+            }
+            self.report
+                .info(&label, "p99.9 commit → receipt", ms(out.p999));
+            self.report.info(
+                &label,
+                "events over 100 ms; longest gap between receipts",
+                format!("{}; {}", int(out.slow as f64), ms(out.max_gap_us)),
+            );
+            self.report.info(
+                &label,
+                "producer kept its rate",
+                format!(
+                    "{} ({} /s achieved, {} conns, p99 schedule lag {})",
+                    if out.kept_rate { "yes" } else { "NO" },
+                    int(out.achieved),
+                    out.conns,
+                    ms(out.lag_p99)
+                ),
+            );
+            let up = format!(
+                "{} of {} delivered, last {} after the last commit",
+                int(out.delivered as f64),
+                int(out.committed as f64),
+                ms(out.drain_us)
+            );
+            if rate >= 2_000 {
+                self.report.target(
+                    &label,
+                    "dispatcher kept up",
+                    up,
+                    "all within 5 s",
+                    out.kept_up,
+                );
+            } else {
+                self.report.info(&label, "dispatcher kept up", up);
+            }
+            self.report.detail(&tag, out.json);
+        }
+        Ok(())
+    }
+
+    async fn steady_in(&mut self, rate: u64, url: &str, client: &Client) -> anyhow::Result<Steady> {
+        pg::add_endpoints(client, [self.receiver.url(0)]).await?;
+        self.receiver.take().await?;
+        let running = start(self, url, client, Mode::Push).await?;
+        let probe = self.probe(Vec::new());
+        // Enough connections that fsync'd commits (group commit) keep the schedule.
+        let conns = (rate / 125).clamp(4, 32);
+        let mut producers = Vec::new();
+        for _ in 0..conns {
+            producers.push(pg::connect(url).await?);
+        }
+        let total = rate * self.s.steady_secs;
+        let duration = Duration::from_secs(self.s.steady_secs);
+        let next = Arc::new(AtomicU64::new(0));
+        let t0 = tokio::time::Instant::now() + Duration::from_millis(100);
+        let t0_us = now_us() + 100_000;
+        let hard_end = t0 + duration + Duration::from_secs(10);
+        let payload = Arc::new(pg::payload(0, self.s.payload_bytes));
+        let mut tasks = Vec::new();
+        for mut producer in producers {
+            let (next, payload) = (Arc::clone(&next), Arc::clone(&payload));
+            tasks.push(tokio::spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    let due = t0 + Duration::from_nanos(i * 1_000_000_000 / rate);
+                    tokio::time::sleep_until(due).await;
+                    let now = tokio::time::Instant::now();
+                    if now >= hard_end {
+                        break;
+                    }
+                    let lag = now.duration_since(due).as_micros() as f64;
+                    let (id, commit_us) =
+                        pg::produce_one(&mut producer, &payload, "bench.steady").await?;
+                    out.push((id, commit_us, lag));
+                }
+                anyhow::Ok(out)
+            }));
+        }
+        tokio::time::sleep_until(t0).await;
+        let snap0 = probe.snap();
+        let mut commits = Vec::new();
+        let mut lags = Vec::new();
+        for task in tasks {
+            for (id, commit_us, lag) in task.await?? {
+                commits.push((id, commit_us));
+                lags.push(lag);
+            }
+        }
+        let snap1 = probe.snap();
+        let last_commit = commits.iter().map(|c| c.1).max().unwrap_or(t0_us);
+        let got = self
+            .receiver
+            .wait_for(commits.len() as u64, Duration::from_secs(10))
+            .await?;
+        let recs = self.receiver.take().await?;
+        let _ = pg::wait_settled(client, Duration::from_secs(10)).await;
+        let starts = pg::attempt_starts(client).await?;
+        let dispatcher = running.stop().await?;
+        let lat = latencies(&commits, &recs);
+        let split = split_latency(&commits, &recs, &starts);
+        let stalls = stalls(&recs, &lat, 100_000);
+        lags.sort_by(f64::total_cmp);
+        let achieved = commits.len() as f64 / ((last_commit - t0_us) as f64 / 1e6).max(1e-6);
+        let kept_rate = commits.len() as u64 == total && achieved >= 0.98 * rate as f64;
+        let drain_us = (lat.last_receipt_us - last_commit) as f64;
+        let kept_up = lat.delivered == commits.len() && drain_us <= 5e6;
+        let cpu = snap0.until(&snap1);
+        eprintln!(
+            "bench:   steady {rate}/s: {} committed ({} /s), {} delivered, p50 {} p99 {}",
+            commits.len(),
+            int(achieved),
+            lat.delivered,
+            ms(pct(&lat.sorted, 50.0)),
+            ms(pct(&lat.sorted, 99.0))
+        );
+        Ok(Steady {
+            p50: pct(&lat.sorted, 50.0),
+            p99: pct(&lat.sorted, 99.0),
+            p999: pct(&lat.sorted, 99.9),
+            lag_p99: pct(&lags, 99.0),
+            achieved,
+            kept_rate,
+            kept_up,
+            conns,
+            committed: commits.len(),
+            delivered: lat.delivered,
+            drain_us,
+            slow: stalls["events_over_100ms"].as_u64().unwrap_or(0),
+            max_gap_us: stalls["max_receipt_gap_us"].as_f64().unwrap_or(0.0),
+            cpu,
+            json: json!({
+                "rate": rate,
+                "secs": self.s.steady_secs,
+                "producer_connections": conns,
+                "scheduled": total,
+                "committed": commits.len(),
+                "achieved_per_s": achieved,
+                "schedule_lag_us": {"p50": pct(&lags, 50.0), "p99": pct(&lags, 99.0), "max": lags.last()},
+                "producer_kept_rate": kept_rate,
+                "delivered": lat.delivered,
+                "receiver_count": got,
+                "last_receipt_after_last_commit_ms": drain_us / 1e3,
+                "dispatcher_kept_up": kept_up,
+                "latency_us": lat.json(),
+                "split_us": split,
+                "stalls": stalls,
+                "cpu": cpu.json(),
+                "dispatcher_report": dispatcher,
+            }),
+        })
+    }
+
+    /// Producers' insert rate with and without the notify trigger, dispatcher running.
+    async fn producer_cost(&mut self) -> anyhow::Result<()> {
+        let name = self.db_name("producer");
+        let (url, client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
+        let result = self.producer_in(&url, &client).await;
+        drop(client);
+        pg::drop_db(&self.admin, &name).await?;
+        result
+    }
+
+    async fn producer_in(&mut self, url: &str, client: &Client) -> anyhow::Result<()> {
+        pg::add_endpoints(client, [self.receiver.url(0)]).await?;
+        self.receiver.take().await?;
+        let running = start(self, url, client, Mode::Push).await?;
+        let probe = self.probe(Vec::new());
+        let mut producers = Vec::new();
+        for _ in 0..self.s.producer_conns {
+            producers.push(pg::connect(url).await?);
+        }
+        let payload = Arc::new(pg::payload(0, self.s.payload_bytes));
+        let phase = Duration::from_secs(self.s.producer_secs);
+        let mut inserted = 0_u64;
+        let mut delivered = 0_u64;
+        let mut with = Vec::new();
+        let mut without = Vec::new();
+        let mut cpu_with: Option<Cpu> = None;
+        let mut cpu_without: Option<Cpu> = None;
+        let (mut inserted_with, mut inserted_without) = (0_u64, 0_u64);
+        let mut phases = Vec::new();
+        for round in 0..self.s.producer_rounds {
+            for trigger in [true, false] {
+                pg::set_trigger(client, trigger).await?;
+                // Start each phase with the dispatcher idle: no backlog from the last one.
+                self.receiver
+                    .wait_for(inserted - delivered, Duration::from_secs(30))
+                    .await?;
+                delivered += self.receiver.take().await?.len() as u64;
+                if trigger {
+                    pg::wait_push_ready(client, 1, Duration::from_secs(10)).await?;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let snap0 = probe.snap();
+                let started = Instant::now();
+                let deadline = tokio::time::Instant::now() + phase;
+                let mut tasks = Vec::new();
+                for mut producer in std::mem::take(&mut producers) {
+                    let payload = Arc::clone(&payload);
+                    tasks.push(tokio::spawn(async move {
+                        let mut n = 0_u64;
+                        while tokio::time::Instant::now() < deadline {
+                            pg::produce_one(&mut producer, &payload, "bench.producer").await?;
+                            n += 1;
+                        }
+                        anyhow::Ok((producer, n))
+                    }));
+                }
+                let mut n = 0;
+                for task in tasks {
+                    let (producer, count) = task.await??;
+                    producers.push(producer);
+                    n += count;
+                }
+                let elapsed = started.elapsed().as_secs_f64();
+                let cpu = snap0.until(&probe.snap());
+                inserted += n;
+                let rate = n as f64 / elapsed;
+                eprintln!(
+                    "bench:   round {} trigger {}: {} inserts/s",
+                    round + 1,
+                    if trigger { "on " } else { "off" },
+                    int(rate)
+                );
+                phases.push(json!({
+                    "round": round + 1,
+                    "trigger": trigger,
+                    "inserts": n,
+                    "seconds": elapsed,
+                    "inserts_per_s": rate,
+                    "cpu": cpu.json(),
+                }));
+                let (rates, acc, count) = if trigger {
+                    (&mut with, &mut cpu_with, &mut inserted_with)
+                } else {
+                    (&mut without, &mut cpu_without, &mut inserted_without)
+                };
+                *count += n;
+                rates.push(rate);
+                *acc = Some(acc.map_or(cpu, |c| c.combine(&cpu)));
+            }
+        }
+        pg::set_trigger(client, true).await?;
+        let got = self
+            .receiver
+            .wait_for(inserted - delivered, Duration::from_secs(30))
+            .await?;
+        delivered += self.receiver.take().await?.len() as u64;
+        let dispatcher = running.stop().await?;
+        let (a, b) = (median(&with), median(&without));
+        let ratio = a / b;
+        let label = format!(
+            "producer cost, {} conns, {} x {} s rounds",
+            self.s.producer_conns, self.s.producer_rounds, self.s.producer_secs
+        );
+        self.report
+            .info(&label, "median inserts/s with trigger + dispatcher", int(a));
+        self.report
+            .info(&label, "median inserts/s without trigger", int(b));
+        self.report.target(
+            &label,
+            "ratio with / without",
+            format!("{ratio:.3}"),
+            ">= 0.90",
+            ratio >= 0.90,
+        );
+        if let Some(c) = cpu_with {
+            self.report
+                .cpu("producers, trigger on", c, Some(inserted_with));
+        }
+        if let Some(c) = cpu_without {
+            self.report
+                .cpu("producers, trigger off", c, Some(inserted_without));
+        }
+        self.report.detail(
+            "producer",
+            json!({
+                "connections": self.s.producer_conns,
+                "median_with_trigger": a,
+                "median_without_trigger": b,
+                "ratio": ratio,
+                "phases": phases,
+                "inserted": inserted,
+                "delivered": delivered,
+                "receiver_count_at_end": got,
+                "dispatcher_report": dispatcher,
+            }),
+        );
+        if delivered < inserted {
+            bail!("only {delivered} of {inserted} producer events were delivered");
+        }
+        Ok(())
+    }
+
+    /// The receiver alone, hammered by an in-process hyper client.
+    async fn ceiling(&mut self) -> anyhow::Result<()> {
+        self.receiver.take().await?;
+        let conns = self.s.ceiling_conns;
+        let secs = self.s.ceiling_secs;
+        let body = Bytes::from(
+            json!({"id": "1", "type": "bench.ceiling", "timestamp": "2025-01-01T00:00:00.000000Z",
+                   "data": pg::payload(1, 510)})
+            .to_string(),
+        );
+        let port = self.receiver.port();
+        let probe = self.probe(Vec::new());
+        let snap0 = probe.snap();
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        let mut tasks = Vec::new();
+        for c in 0..conns {
+            let body = body.clone();
+            tasks.push(tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                stream.set_nodelay(true)?;
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(conn);
+                let mut n = 0_u64;
+                while tokio::time::Instant::now() < deadline {
+                    let request = hyper::Request::post("/hook/0")
+                        .header("host", "127.0.0.1")
+                        .header("content-type", "application/json")
+                        .header("webhook-id", (c * 1_000_000 + n).to_string())
+                        .body(Full::new(body.clone()))?;
+                    sender.ready().await?;
+                    let response = sender.send_request(request).await?;
+                    if response.status() != hyper::StatusCode::NO_CONTENT {
+                        bail!("receiver answered {}", response.status());
+                    }
+                    n += 1;
+                }
+                anyhow::Ok(n)
+            }));
+        }
+        let mut total = 0;
+        for task in tasks {
+            total += task.await??;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = snap0.until(&probe.snap());
+        let recorded = self.receiver.take().await?.len() as u64;
+        let rate = total as f64 / elapsed;
+        eprintln!("bench:   receiver ceiling: {} requests/s", int(rate));
+        let label = format!("receiver ceiling, {conns} conns, {secs} s");
+        self.report.info(
+            &label,
+            &format!("requests/s ({}-byte body)", body.len()),
+            int(rate),
+        );
+        self.report.cpu(&label, cpu, Some(total));
+        self.report.detail(
+            "ceiling",
+            json!({
+                "connections": conns,
+                "seconds": elapsed,
+                "requests": total,
+                "recorded_by_receiver": recorded,
+                "requests_per_s": rate,
+                "body_bytes": body.len(),
+                "cpu": cpu.json(),
+            }),
+        );
+        if recorded != total {
+            bail!("the receiver recorded {recorded} of {total} requests");
+        }
+        Ok(())
+    }
+}
+
+struct Steady {
+    slow: u64,
+    max_gap_us: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    lag_p99: f64,
+    achieved: f64,
+    kept_rate: bool,
+    kept_up: bool,
+    conns: u64,
+    committed: usize,
+    delivered: usize,
+    drain_us: f64,
+    cpu: Cpu,
+    json: Value,
+}
+
+/// Commit → first receipt latencies of committed events.
+struct Latencies {
+    sorted: Vec<f64>,
+    delivered: usize,
+    duplicates: usize,
+    last_receipt_us: i64,
+}
+
+impl Latencies {
+    fn json(&self) -> Value {
+        let s = &self.sorted;
+        json!({
+            "count": s.len(),
+            "duplicates": self.duplicates,
+            "min": s.first(),
+            "p50": pct(s, 50.0),
+            "p90": pct(s, 90.0),
+            "p99": pct(s, 99.0),
+            "p99_9": pct(s, 99.9),
+            "max": s.last(),
+        })
+    }
+}
+
+fn latencies(commits: &[(i64, i64)], recs: &[Rec]) -> Latencies {
+    let (first, duplicates) = first_receipts(recs);
+    let mut sorted = Vec::with_capacity(commits.len());
+    let mut last = 0;
+    for &(id, commit_us) in commits {
+        if let Some(&t) = first.get(&(id, 0)) {
+            sorted.push((t - commit_us) as f64);
+            last = last.max(t);
+        }
+    }
+    sorted.sort_by(f64::total_cmp);
+    Latencies {
+        delivered: sorted.len(),
+        sorted,
+        duplicates,
+        last_receipt_us: last,
+    }
+}
+
+/// Latency split at the attempt's start: commit → send start (wake-up, claim, spawn)
+/// and send start → receipt (HTTP), percentiles in µs.
+fn split_latency(commits: &[(i64, i64)], recs: &[Rec], starts: &HashMap<i64, i64>) -> Value {
+    let (first, _) = first_receipts(recs);
+    let mut to_send = Vec::new();
+    let mut to_receipt = Vec::new();
+    for &(id, commit_us) in commits {
+        if let (Some(&start), Some(&receipt)) = (starts.get(&id), first.get(&(id, 0))) {
+            to_send.push((start - commit_us) as f64);
+            to_receipt.push((receipt - start) as f64);
+        }
+    }
+    to_send.sort_by(f64::total_cmp);
+    to_receipt.sort_by(f64::total_cmp);
+    let summary = |v: &[f64]| json!({"p50": pct(v, 50.0), "p90": pct(v, 90.0), "p99": pct(v, 99.0), "max": v.last()});
+    json!({
+        "events": to_send.len(),
+        "commit_to_send_start": summary(&to_send),
+        "send_start_to_receipt": summary(&to_receipt),
+    })
+}
+
+/// Where deliveries stopped flowing: gaps between consecutive receipts longer than
+/// `threshold_us`, and events whose latency exceeded 100 ms.
+fn stalls(recs: &[Rec], lat: &Latencies, threshold_us: i64) -> Value {
+    let mut times: Vec<i64> = recs.iter().map(|r| r.t_us).collect();
+    times.sort_unstable();
+    let gaps: Vec<i64> = times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .filter(|g| *g > threshold_us)
+        .collect();
+    json!({
+        "gaps_over_threshold": gaps.len(),
+        "threshold_us": threshold_us,
+        "max_receipt_gap_us": times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as f64,
+        "events_over_100ms": lat.sorted.iter().filter(|l| **l > 100_000.0).count(),
+    })
+}
