@@ -38,6 +38,10 @@ use serde_json::{Map, Value, json};
 
 use scenarios::{Ctx, Settings};
 
+/// The same allocator as the `outboxd` binary, so in-process figures match it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     if std::env::var(receiver::ROLE_ENV).as_deref() == Ok("receiver") {
         return receiver::serve_main();
