@@ -11,11 +11,11 @@ use tokio_util::sync::CancellationToken;
 /// Settings of the servers that run beside the dispatcher.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Serve /metrics, /healthz and /readyz on this address (off when unset), e.g. 127.0.0.1:9090
-    #[arg(long, env = "METRICS_ADDR", value_name = "METRICS_ADDR")]
+    /// Serve /metrics, /healthz and /readyz on this address (off when unset); a bare port such as 9090 means 127.0.0.1:9090
+    #[arg(long, env = "METRICS_ADDR", value_name = "METRICS_ADDR", value_parser = parse_addr)]
     pub metrics_addr: Option<SocketAddr>,
-    /// Serve the admin API on this address (off when unset); bind to loopback unless it sits behind a proxy
-    #[arg(long, env = "ADMIN_ADDR", value_name = "ADMIN_ADDR")]
+    /// Serve the admin API on this address (off when unset); a bare port such as 8080 means 127.0.0.1:8080
+    #[arg(long, env = "ADMIN_ADDR", value_name = "ADMIN_ADDR", value_parser = parse_addr)]
     pub admin_addr: Option<SocketAddr>,
     /// Bearer token the admin API requires (at least 16 characters); required when ADMIN_ADDR is set
     #[arg(
@@ -28,6 +28,17 @@ pub struct ServeArgs {
     /// How long a rotated-out secret keeps signing beside the new one, e.g. 24h or 30m
     #[arg(long, env = "WEBHOOK_SECRET_ROTATION_GRACE", value_name = "WEBHOOK_SECRET_ROTATION_GRACE", default_value = "24h", value_parser = parse_grace)]
     pub secret_rotation_grace: Duration,
+}
+
+/// Parses a listen address; a bare port binds loopback, so nothing is exposed beyond
+/// the host unless an address is spelled out.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.trim().parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.trim()
+        .parse()
+        .map_err(|_| format!("expected HOST:PORT or a port, got {s:?}"))
 }
 
 /// Parses `WEBHOOK_SECRET_ROTATION_GRACE` (humantime: `24h`, `30m`, `1h 30m`).
