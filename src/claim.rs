@@ -21,11 +21,6 @@ use crate::error::Result;
 /// * Claiming sets `next_attempt_at` to the lease end: if this worker dies, the row is
 ///   due again when the lease runs out and the same index finds it. `attempts` is bumped
 ///   at claim time, which makes it the lease token that settling checks.
-/// * The locked rows are updated by `ctid` (`= ANY (ARRAY(...))`, a TID scan): the
-///   lock taken in the same statement keeps the tuple where it is, and no other plan
-///   exists for it. Joining back by key let a cached generic plan, which cannot see the
-///   batch size, pick a hash join over a sequential scan of the whole outbox: measured,
-///   a burst fell from ~13k to ~2.8k deliveries/s once 20k events of history existed.
 /// * `events` takes unprocessed, due outbox rows (`SKIP LOCKED` again, so each event is
 ///   fanned out by exactly one dispatcher), as many as fill the remaining capacity when
 ///   each goes to every active endpoint, and marks them processed; the deliveries it
@@ -43,7 +38,7 @@ use crate::error::Result;
 ///   attempt_base` is the count the retry budget is judged by (a re-drive resets it).
 pub const CLAIM: &str = "
 WITH due AS (
-    SELECT ctid
+    SELECT event_id, endpoint_id
     FROM webhook_deliveries
     WHERE state = 'pending' AND next_attempt_at <= now()
     ORDER BY next_attempt_at
@@ -56,7 +51,8 @@ WITH due AS (
         locked_until = now() + $2 * interval '1 millisecond',
         next_attempt_at = now() + $2 * interval '1 millisecond',
         updated_at = now()
-    WHERE d.ctid = ANY (ARRAY(SELECT ctid FROM due))
+    FROM due
+    WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
     RETURNING d.event_id, d.endpoint_id, d.attempts, d.attempt_base
 ), cap AS (
     -- Enough events to fill the remaining capacity if each goes to every active
@@ -66,7 +62,7 @@ WITH due AS (
                        / greatest(1, (SELECT count(*) FROM webhook_endpoints
                                       WHERE active AND deleted_at IS NULL))) AS events_limit
 ), events AS (
-    SELECT ctid, id, event_type
+    SELECT id, event_type
     FROM webhook_outbox
     WHERE processed_at IS NULL AND deliver_after <= now()
     ORDER BY deliver_after, id
@@ -75,7 +71,8 @@ WITH due AS (
 ), processed AS (
     UPDATE webhook_outbox o
     SET processed_at = now()
-    WHERE o.ctid = ANY (ARRAY(SELECT ctid FROM events))
+    FROM events e
+    WHERE o.id = e.id
 ), fanout AS (
     SELECT e.id AS event_id,
            ep.id AS endpoint_id,
