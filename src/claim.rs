@@ -71,8 +71,7 @@ WITH due AS (
 ), processed AS (
     UPDATE webhook_outbox o
     SET processed_at = now()
-    FROM events e
-    WHERE o.id = e.id
+    WHERE o.id = ANY (ARRAY(SELECT id FROM events))
 ), fanout AS (
     SELECT e.id AS event_id,
            ep.id AS endpoint_id,
