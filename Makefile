@@ -21,7 +21,7 @@ run: ## Local demo: throwaway Postgres + outboxd + demo-receiver (Ctrl-C to stop
 	scripts/with-postgres.sh scripts/demo.sh
 
 test: ## Run all tests (lib, bins, integration) against a throwaway Postgres with fsync off
-	PG_FAST=1 scripts/with-postgres.sh $(CARGO) test --all-targets --locked -- --test-threads=$${TEST_THREADS:-6}
+	PG_FAST=1 scripts/with-postgres.sh $(CARGO) test --lib --bins --tests --locked -- --test-threads=$${TEST_THREADS:-6}
 
 lint: ## cargo fmt --check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
