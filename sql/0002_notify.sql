@@ -7,12 +7,13 @@
 -- producers at a fraction of their rate. Instead the trigger rings a doorbell:
 --
 --   * a dispatcher about to sleep arms the doorbell (armed = true), then looks for
---     work once more so nothing committed before the arm is missed;
+--     work again at once and a few more times over the next ~100 ms, so nothing
+--     committed around the arm is missed;
 --   * the first producer to find it armed disarms it and notifies; every other
 --     producer skips the row (SKIP LOCKED) or finds it disarmed, and pays only for
 --     reading one tiny row;
 --   * a producer whose transaction read the doorbell before the dispatcher armed it
---     but commits after the dispatcher's last look is caught by the poll tick, which
+--     but commits after the dispatcher's last look (~100 ms) is caught by the poll tick, which
 --     always remains (as it must anyway: notifications are lost while a listener is
 --     disconnected).
 --
