@@ -57,7 +57,7 @@ pub mod shutdown;
 pub mod sign;
 pub mod status;
 pub mod target;
-mod time_format;
+pub mod time_format;
 
 pub use config::{Config, ConfigError};
 pub use dispatcher::{Dispatcher, Report};

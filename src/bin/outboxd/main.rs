@@ -98,7 +98,8 @@ enum Command {
 
 /// Parses an RFC 3339 time for flags.
 pub(crate) fn parse_time(s: &str) -> Result<SystemTime, String> {
-    humantime::parse_rfc3339_weak(s).map_err(|e| format!("{e} (expected RFC 3339)"))
+    outboxd::time_format::parse_rfc3339(s)
+        .ok_or_else(|| format!("expected an RFC 3339 time such as 2030-01-01T00:00:00Z, got {s:?}"))
 }
 
 /// The dispatcher's variables and defaults, taken from the `run` flags themselves so
