@@ -111,10 +111,24 @@ FROM claimed c
 JOIN webhook_outbox o ON o.id = c.event_id
 JOIN webhook_endpoints ep ON ep.id = c.endpoint_id";
 
-/// Arms the doorbell before sleeping (see `sql/0002_notify.sql`). `AND NOT armed`
-/// makes re-arming an armed bell a read, not a write.
-pub const ARM_DOORBELL: &str =
-    "UPDATE webhook_doorbell SET armed = true WHERE id = 1 AND NOT armed";
+/// Arms the doorbell and opens its gate before sleeping (see `sql/0002_notify.sql` and
+/// `sql/0004_doorbell_gate.sql`). The data-modifying CTE runs whether or not it is
+/// read. `AND NOT armed` and the gate test make re-arming an armed bell a read, not a
+/// write (each `setval` is a WAL record).
+pub const ARM_DOORBELL: &str = "
+WITH armed AS (
+    UPDATE webhook_doorbell SET armed = true WHERE id = 1 AND NOT armed
+)
+SELECT setval('webhook_doorbell_gate', 1, false)
+WHERE pg_sequence_last_value('webhook_doorbell_gate') IS NOT NULL";
+
+/// Closes the doorbell's gate: sent by a dispatcher woken by a notification, together
+/// with its next claim. The ringer disarmed the bell, so until a dispatcher is about to
+/// sleep again an open gate would only make every insert statement call the ring
+/// function for nothing. Closing an already closed gate is a read.
+pub const CLOSE_DOORBELL_GATE: &str = "
+SELECT setval('webhook_doorbell_gate', 1, true)
+WHERE pg_sequence_last_value('webhook_doorbell_gate') IS NULL";
 
 /// When the next piece of work becomes due: the earliest pending delivery (a retry or
 /// a lease end) or delayed event. Each side reads the first entry of its partial index.
@@ -224,6 +238,13 @@ fn claimed(row: Row) -> Claimed {
 /// Arms the doorbell so the next insert notifies.
 pub async fn arm_doorbell(client: &impl GenericClient) -> Result<()> {
     client.query_typed(ARM_DOORBELL, &[]).await?;
+    Ok(())
+}
+
+/// Closes the doorbell's gate while this dispatcher is awake (see
+/// [`CLOSE_DOORBELL_GATE`]). Harmless at any time: the next arm opens it again.
+pub async fn close_doorbell_gate(client: &impl GenericClient) -> Result<()> {
+    client.query_typed(CLOSE_DOORBELL_GATE, &[]).await?;
     Ok(())
 }
 

@@ -231,14 +231,20 @@ impl ClaimLoop {
         // rechecks after arming it has made.
         let mut armed = false;
         let mut rechecks = 0;
+        // Woken by a notification: the doorbell's gate is open for nothing (the bell
+        // was rung), so the next claim closes it.
+        let mut close_gate = false;
         let mut error_delay = Duration::from_millis(100);
         loop {
             let Some(free) = self.wait_for_capacity(shutdown).await else {
                 return;
             };
             let want = free.min(self.cfg.batch_size);
-            let claim::Batch { claimed, more } = match self.claim(want).await {
-                Ok(batch) => batch,
+            let claim::Batch { claimed, more } = match self.claim(want, close_gate).await {
+                Ok(batch) => {
+                    close_gate = false;
+                    batch
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "claim failed; retrying");
                     if self.pause(error_delay, shutdown).await == Wake::Shutdown {
@@ -302,6 +308,7 @@ impl ClaimLoop {
                 Wake::Notified => {
                     armed = false;
                     rechecks = 0;
+                    close_gate = self.cfg.listen;
                 }
                 Wake::Timer => {}
             }
@@ -345,8 +352,9 @@ impl ClaimLoop {
 
     /// Claims on the loop's own pooled connection, where the claim statement is
     /// prepared once; after any error the connection is given back and a fresh one
-    /// prepared at the next claim.
-    async fn claim(&self, limit: u32) -> Result<claim::Batch> {
+    /// prepared at the next claim. With `close_gate`, the doorbell's gate is closed in
+    /// the same round trip: the two statements are pipelined on the connection.
+    async fn claim(&self, limit: u32, close_gate: bool) -> Result<claim::Batch> {
         let mut session = self.session.lock().await;
         let current = match session.take() {
             Some(current) => current,
@@ -356,14 +364,23 @@ impl ClaimLoop {
                 ClaimSession { conn, statement }
             }
         };
-        let batch = claim::claim_prepared(
+        let claim = claim::claim_prepared(
             &current.conn,
             &current.statement,
             &self.cfg.worker_id,
             self.cfg.lease,
             limit,
-        )
-        .await?;
+        );
+        let batch = if close_gate {
+            let (closed, batch) = tokio::join!(claim::close_doorbell_gate(&*current.conn), claim);
+            if let Err(e) = closed {
+                // Only an optimisation for producers: the next arm resets the gate.
+                tracing::warn!(error = %e, "closing the doorbell gate failed");
+            }
+            batch?
+        } else {
+            claim.await?
+        };
         *session = Some(current);
         Ok(batch)
     }

@@ -17,6 +17,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_operations.sql",
         include_str!("../sql/0003_operations.sql"),
     ),
+    (
+        "0004_doorbell_gate.sql",
+        include_str!("../sql/0004_doorbell_gate.sql"),
+    ),
 ];
 
 /// Serializes concurrent `migrate` runs across processes: any constant works as

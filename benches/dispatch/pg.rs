@@ -138,7 +138,7 @@ async fn wait_until(
 }
 
 /// Waits until `listeners` LISTEN sessions of outboxd are connected to this database
-/// and the doorbell is armed, i.e. the dispatchers are idle and waiting for a push.
+/// and the doorbell is armed with its gate open, i.e. the dispatchers are idle and waiting for a push.
 pub async fn wait_push_ready(
     client: &Client,
     listeners: usize,
@@ -148,7 +148,8 @@ pub async fn wait_push_ready(
         "SELECT (SELECT count(*) FROM pg_stat_activity
                   WHERE datname = current_database()
                     AND application_name = 'outboxd-listener') >= {listeners}
-            AND (SELECT armed FROM webhook_doorbell WHERE id = 1)"
+            AND (SELECT armed FROM webhook_doorbell WHERE id = 1)
+            AND pg_sequence_last_value('webhook_doorbell_gate') IS NULL"
     );
     wait_until(client, &sql, timeout, "the dispatcher to arm the doorbell").await
 }
@@ -169,14 +170,13 @@ pub async fn wait_settled(client: &Client, timeout: Duration) -> anyhow::Result<
     Ok(now_us())
 }
 
-/// Installs or drops the notify trigger (as sql/0002_notify.sql defines it).
+/// Enables or disables the notify trigger, which keeps the definition the migrations
+/// installed (sql/0004_doorbell_gate.sql). A disabled trigger costs an insert nothing.
 pub async fn set_trigger(client: &Client, on: bool) -> anyhow::Result<()> {
     let sql = if on {
-        "DROP TRIGGER IF EXISTS webhook_outbox_notify ON webhook_outbox;
-         CREATE TRIGGER webhook_outbox_notify AFTER INSERT ON webhook_outbox
-             FOR EACH STATEMENT EXECUTE FUNCTION webhook_outbox_ring_doorbell();"
+        "ALTER TABLE webhook_outbox ENABLE TRIGGER webhook_outbox_notify"
     } else {
-        "DROP TRIGGER webhook_outbox_notify ON webhook_outbox"
+        "ALTER TABLE webhook_outbox DISABLE TRIGGER webhook_outbox_notify"
     };
     client.batch_execute(sql).await?;
     Ok(())

@@ -163,3 +163,144 @@ async fn polling_delivers_without_listen() {
     let ids: Vec<i64> = receiver.requests().iter().map(|r| r.event_id()).collect();
     assert_eq!(ids, [first, second]);
 }
+
+const GATE_OPEN: &str = "SELECT pg_sequence_last_value('webhook_doorbell_gate') IS NULL";
+
+/// The gate in front of the doorbell (sql/0004): while it is closed an insert does not
+/// call the ring function, so an armed bell stays armed; opened, the next insert rings.
+/// The statements are the ones the claim loop sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doorbell_gate_decides_whether_inserts_ring() {
+    let db = TestDb::new("gate").await;
+    let armed = "SELECT armed FROM webhook_doorbell";
+    // A fresh gate is open: failing safe means ringing.
+    assert!(db.scalar::<bool>(GATE_OPEN).await);
+
+    outboxd::claim::arm_doorbell(&db.client).await.unwrap();
+    outboxd::claim::close_doorbell_gate(&db.client)
+        .await
+        .unwrap();
+    assert!(!db.scalar::<bool>(GATE_OPEN).await);
+    db.enqueue("order.created", &json!({})).await;
+    assert!(
+        db.scalar::<bool>(armed).await,
+        "with the gate closed the insert must not ring"
+    );
+
+    // Arming an armed bell still opens the gate.
+    outboxd::claim::arm_doorbell(&db.client).await.unwrap();
+    assert!(db.scalar::<bool>(GATE_OPEN).await);
+    assert!(db.scalar::<bool>(armed).await);
+    db.enqueue("order.created", &json!({})).await;
+    assert!(
+        !db.scalar::<bool>(armed).await,
+        "with the gate open the insert must ring"
+    );
+    // Closing twice and arming twice are harmless.
+    outboxd::claim::close_doorbell_gate(&db.client)
+        .await
+        .unwrap();
+    outboxd::claim::close_doorbell_gate(&db.client)
+        .await
+        .unwrap();
+    assert!(!db.scalar::<bool>(GATE_OPEN).await);
+    outboxd::claim::arm_doorbell(&db.client).await.unwrap();
+    outboxd::claim::arm_doorbell(&db.client).await.unwrap();
+    assert!(db.scalar::<bool>(GATE_OPEN).await && db.scalar::<bool>(armed).await);
+}
+
+/// A producer that rings the doorbell and then rolls back must not leave a sleeping
+/// dispatcher deaf: the disarm rolls back with it and the gate stays open, so the next
+/// producer's commit wakes the dispatcher (the poll tick is an hour away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_ring_leaves_the_doorbell_armed() {
+    let mut db = TestDb::new("ringrollback").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let dispatcher = RunningDispatcher::start(
+        &db.url,
+        outboxd::Config {
+            poll_interval: ONE_HOUR,
+            listen: true,
+            ..test_config("ringrollback")
+        },
+    );
+    db.wait_until(&format!(
+        "SELECT count(*) = 1 FROM ({LISTENER_PIDS}) l WHERE (SELECT armed FROM webhook_doorbell)
+            AND ({GATE_OPEN})"
+    ))
+    .await;
+    // Past the claim loop's rechecks after arming: from here only a push wakes it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let tx = db.client.transaction().await.unwrap();
+    outboxd::enqueue(&tx, &outboxd::NewEvent::new("order.created", &json!({})))
+        .await
+        .unwrap();
+    let armed: bool = tx
+        .query_one("SELECT armed FROM webhook_doorbell", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!armed, "the insert must ring the doorbell");
+    tx.rollback().await.unwrap();
+    assert!(
+        db.scalar::<bool>("SELECT armed FROM webhook_doorbell")
+            .await
+    );
+    assert!(db.scalar::<bool>(GATE_OPEN).await);
+
+    let event_id = db.enqueue("order.paid", &json!({})).await;
+    db.wait_until_within(
+        "SELECT count(*) = 1 AND bool_and(state = 'delivered') FROM webhook_deliveries",
+        Duration::from_secs(10),
+    )
+    .await;
+    dispatcher.stop().await;
+    let ids: Vec<i64> = receiver.requests().iter().map(|r| r.event_id()).collect();
+    assert_eq!(ids, [event_id]);
+}
+
+/// Producers need only INSERT on the outbox: the gate is readable by every role and the
+/// ring function runs with its owner's rights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_role_needs_only_insert() {
+    let db = TestDb::new("producerrole").await;
+    let role = format!("{}_producer", db.name);
+    let may_create_roles: bool = db
+        .scalar("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user")
+        .await;
+    if !may_create_roles {
+        eprintln!("skipped: the test database user cannot create roles");
+        return;
+    }
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role};
+             GRANT INSERT ON webhook_outbox TO {role};"
+        ))
+        .await
+        .unwrap();
+    outboxd::claim::arm_doorbell(&db.client).await.unwrap();
+    let inserted = db
+        .client
+        .batch_execute(&format!(
+            "SET ROLE {role};
+             INSERT INTO webhook_outbox (event_type, payload) VALUES ('order.created', '{{}}');
+             RESET ROLE;"
+        ))
+        .await;
+    let cleanup = db
+        .client
+        .batch_execute(&format!(
+            "RESET ROLE; DROP OWNED BY {role}; DROP ROLE {role};"
+        ))
+        .await;
+    inserted.unwrap();
+    cleanup.unwrap();
+    assert!(
+        !db.scalar::<bool>("SELECT armed FROM webhook_doorbell")
+            .await,
+        "the producer's insert must ring the doorbell"
+    );
+}
