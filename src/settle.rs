@@ -7,7 +7,7 @@
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::db::Pool;
 use crate::deliver::{Attempt, AttemptResult};
@@ -73,6 +73,20 @@ WITH outcome AS (
     WHERE id = ANY ($20::bigint[]) AND failing_since IS NULL
 )
 SELECT (SELECT count(*) FROM settled)";
+
+/// Opens the transaction [`SETTLE`] runs in, with the planner held to index lookups.
+///
+/// The deliveries to settle are a few hundred rows of a table that may have grown by
+/// tens of thousands since its last ANALYZE (a burst on a young table). On such stale
+/// statistics PostgreSQL hash-joined the outcomes against a sequential scan of the whole
+/// table on every flush: 10-15 ms instead of ~3 ms for 300 rows of 60,000. A primary-key
+/// probe per outcome is right at any table size, so the statement is planned without
+/// sequential scans, hash joins or merge joins. `SET LOCAL` ends with the transaction;
+/// [`flush`] pipelines this, the statement and the `COMMIT` in one round trip.
+pub const SETTLE_BEGIN: &str = "BEGIN;
+SET LOCAL enable_seqscan = off;
+SET LOCAL enable_hashjoin = off;
+SET LOCAL enable_mergejoin = off";
 
 /// What to write for one delivery.
 #[derive(Debug, Clone)]
@@ -212,34 +226,39 @@ impl Columns {
 /// given when a lease was lost to another worker).
 pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result<u64> {
     let c = Columns::from_outcomes(outcomes);
+    let params: [(&(dyn ToSql + Sync), Type); 20] = [
+        (&worker_id, Type::TEXT),
+        (&c.event_id, Type::INT8_ARRAY),
+        (&c.endpoint_id, Type::INT8_ARRAY),
+        (&c.attempt, Type::INT4_ARRAY),
+        (&c.state, Type::TEXT_ARRAY),
+        (&c.delay_ms, Type::INT8_ARRAY),
+        (&c.uncount, Type::INT4_ARRAY),
+        (&c.last_status, Type::INT4_ARRAY),
+        (&c.last_error, Type::TEXT_ARRAY),
+        (&c.a_event_id, Type::INT8_ARRAY),
+        (&c.a_endpoint_id, Type::INT8_ARRAY),
+        (&c.a_attempt, Type::INT4_ARRAY),
+        (&c.a_started_at, Type::TIMESTAMPTZ_ARRAY),
+        (&c.a_duration_ms, Type::INT4_ARRAY),
+        (&c.a_status, Type::INT4_ARRAY),
+        (&c.a_error_kind, Type::TEXT_ARRAY),
+        (&c.a_error, Type::TEXT_ARRAY),
+        (&c.a_excerpt, Type::TEXT_ARRAY),
+        (&c.healthy, Type::INT8_ARRAY),
+        (&c.failing, Type::INT8_ARRAY),
+    ];
     let client = pool.get().await?;
-    let row = client
-        .query_typed_one(
-            SETTLE,
-            &[
-                (&worker_id, Type::TEXT),
-                (&c.event_id, Type::INT8_ARRAY),
-                (&c.endpoint_id, Type::INT8_ARRAY),
-                (&c.attempt, Type::INT4_ARRAY),
-                (&c.state, Type::TEXT_ARRAY),
-                (&c.delay_ms, Type::INT8_ARRAY),
-                (&c.uncount, Type::INT4_ARRAY),
-                (&c.last_status, Type::INT4_ARRAY),
-                (&c.last_error, Type::TEXT_ARRAY),
-                (&c.a_event_id, Type::INT8_ARRAY),
-                (&c.a_endpoint_id, Type::INT8_ARRAY),
-                (&c.a_attempt, Type::INT4_ARRAY),
-                (&c.a_started_at, Type::TIMESTAMPTZ_ARRAY),
-                (&c.a_duration_ms, Type::INT4_ARRAY),
-                (&c.a_status, Type::INT4_ARRAY),
-                (&c.a_error_kind, Type::TEXT_ARRAY),
-                (&c.a_error, Type::TEXT_ARRAY),
-                (&c.a_excerpt, Type::TEXT_ARRAY),
-                (&c.healthy, Type::INT8_ARRAY),
-                (&c.failing, Type::INT8_ARRAY),
-            ],
-        )
-        .await?;
+    // Sent back to back in one round trip. If the statement fails, the transaction is
+    // aborted and COMMIT ends it as a rollback, so the connection goes back clean.
+    let (begun, row, committed) = tokio::join!(
+        client.batch_execute(SETTLE_BEGIN),
+        client.query_typed_one(SETTLE, &params),
+        client.batch_execute("COMMIT"),
+    );
+    begun?;
+    let row = row?;
+    committed?;
     let settled: i64 = row.get(0);
     Ok(settled as u64)
 }

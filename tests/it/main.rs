@@ -17,6 +17,7 @@ mod fanout;
 mod lease;
 mod migrations;
 mod observability;
+mod plans;
 mod producer;
 mod retention;
 mod retries;
