@@ -25,7 +25,7 @@
 #   * PostgreSQL refuses to run as root, so as root the cluster is owned by and run as the
 #     `postgres` OS user (via runuser); otherwise it runs as the current user.
 #
-# Environment knobs: PG_BINDIR (server bin dir), PG_FAST=1, PG_MAX_CONNECTIONS (default 400),
+# Environment knobs: PG_BINDIR (server bin dir), PG_FAST=1, PG_EXTRA_OPTS, PG_MAX_CONNECTIONS (default 400),
 # PG_START_TIMEOUT (seconds, default 120), PG_KEEP=1 (keep the temp dir for debugging).
 
 # Guard against double sourcing.
@@ -163,6 +163,8 @@ pg_start() {
         if [[ "${PG_FAST:-}" == 1 ]]; then
             opts+=" -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         fi
+        # Extra server options for diagnosis, e.g. "-c shared_preload_libraries=pg_stat_statements".
+        opts+="${PG_EXTRA_OPTS:+ $PG_EXTRA_OPTS}"
         if _pg_as_owner "$bindir/pg_ctl" -D "$PG_DATADIR" -w -t "${PG_START_TIMEOUT:-120}" \
             -l "$PG_LOGFILE" start -o "$opts" >"$PG_TMPDIR/pg_ctl.log" 2>&1; then
             break
