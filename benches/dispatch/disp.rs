@@ -20,14 +20,25 @@ pub struct InProc {
     handle: tokio::task::JoinHandle<outboxd::Result<outboxd::Report>>,
 }
 
-/// The in-process dispatcher's configuration for a mode.
+/// The in-process dispatcher's configuration for a mode: the defaults, except that
+/// `WEBHOOK_CONCURRENCY` and `WEBHOOK_BATCH_SIZE` are taken from the environment when
+/// set, as the `outboxd run` processes (which inherit it) take them.
 pub fn config(listen: bool, poll_interval: Duration) -> outboxd::Config {
+    let defaults = outboxd::Config::default();
+    let env = |name: &str, default: u32| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
     outboxd::Config {
         worker_id: format!("bench-inproc-{}", std::process::id()),
         listen,
         poll_interval,
         allow_private_targets: true,
-        ..outboxd::Config::default()
+        concurrency: env("WEBHOOK_CONCURRENCY", defaults.concurrency),
+        batch_size: env("WEBHOOK_BATCH_SIZE", defaults.batch_size),
+        ..defaults
     }
 }
 
