@@ -353,7 +353,7 @@ impl ClaimLoop {
     /// Claims on the loop's own pooled connection, where the claim statement is
     /// prepared once; after any error the connection is given back and a fresh one
     /// prepared at the next claim. With `close_gate`, the doorbell's gate is closed in
-    /// the same round trip: the two statements are pipelined on the connection.
+    /// the same round trip: the statement is pipelined behind the claim.
     async fn claim(&self, limit: u32, close_gate: bool) -> Result<claim::Batch> {
         let mut session = self.session.lock().await;
         let current = match session.take() {
@@ -372,7 +372,8 @@ impl ClaimLoop {
             limit,
         );
         let batch = if close_gate {
-            let (closed, batch) = tokio::join!(claim::close_doorbell_gate(&*current.conn), claim);
+            // The claim goes first, so the wake-up path waits for nothing extra.
+            let (batch, closed) = tokio::join!(claim, claim::close_doorbell_gate(&*current.conn));
             if let Err(e) = closed {
                 // Only an optimisation for producers: the next arm resets the gate.
                 tracing::warn!(error = %e, "closing the doorbell gate failed");
