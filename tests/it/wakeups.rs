@@ -261,8 +261,10 @@ async fn rolled_back_ring_leaves_the_doorbell_armed() {
     assert_eq!(ids, [event_id]);
 }
 
-/// Producers need only INSERT on the outbox: the gate is readable by every role and the
-/// ring function runs with its owner's rights.
+/// Producers need only INSERT on the outbox (and SELECT on `id` for `RETURNING id`, as
+/// `outboxd::enqueue` does): the gate is readable by every role and the ring function runs
+/// with its owner's rights. It resolves names through a pinned path, so a producer's
+/// temporary table named like the doorbell cannot stand in for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_role_needs_only_insert() {
     let db = TestDb::new("producerrole").await;
@@ -277,30 +279,45 @@ async fn producer_role_needs_only_insert() {
     db.client
         .batch_execute(&format!(
             "CREATE ROLE {role};
-             GRANT INSERT ON webhook_outbox TO {role};"
+             GRANT INSERT, SELECT (id) ON webhook_outbox TO {role};"
         ))
         .await
         .unwrap();
     outboxd::claim::arm_doorbell(&db.client).await.unwrap();
-    let inserted = db
-        .client
-        .batch_execute(&format!(
-            "SET ROLE {role};
-             INSERT INTO webhook_outbox (event_type, payload) VALUES ('order.created', '{{}}');
-             RESET ROLE;"
-        ))
-        .await;
+    let produced = async {
+        db.client
+            .batch_execute(&format!(
+                "SET ROLE {role};
+                 CREATE TEMP TABLE webhook_doorbell (id integer, armed boolean);
+                 INSERT INTO webhook_doorbell VALUES (1, false);"
+            ))
+            .await?;
+        let tx_result = db
+            .client
+            .query_one(
+                "INSERT INTO webhook_outbox (event_type, payload)
+                 VALUES ('order.created', '{}') RETURNING id",
+                &[],
+            )
+            .await;
+        db.client
+            .batch_execute("DROP TABLE pg_temp.webhook_doorbell; RESET ROLE;")
+            .await?;
+        tx_result
+    }
+    .await;
     let cleanup = db
         .client
         .batch_execute(&format!(
             "RESET ROLE; DROP OWNED BY {role}; DROP ROLE {role};"
         ))
         .await;
-    inserted.unwrap();
+    let row = produced.unwrap();
     cleanup.unwrap();
+    assert!(row.get::<_, i64>(0) > 0);
     assert!(
-        !db.scalar::<bool>("SELECT armed FROM webhook_doorbell")
+        !db.scalar::<bool>("SELECT armed FROM public.webhook_doorbell")
             .await,
-        "the producer's insert must ring the doorbell"
+        "the producer's insert must ring the real doorbell"
     );
 }
