@@ -373,7 +373,11 @@ impl ClaimLoop {
         );
         let batch = if close_gate {
             // The claim goes first, so the wake-up path waits for nothing extra.
-            let (batch, closed) = tokio::join!(claim, claim::close_doorbell_gate(&*current.conn));
+            let (batch, closed) = tokio::join!(
+                biased;
+                claim,
+                claim::close_doorbell_gate(&*current.conn)
+            );
             if let Err(e) = closed {
                 // Only an optimisation for producers: the next arm resets the gate.
                 tracing::warn!(error = %e, "closing the doorbell gate failed");

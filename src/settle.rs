@@ -251,7 +251,9 @@ pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result
     let client = pool.get().await?;
     // Sent back to back in one round trip. If the statement fails, the transaction is
     // aborted and COMMIT ends it as a rollback, so the connection goes back clean.
+    // `biased`: polled in this order, so the requests go out in this order.
     let (begun, row, committed) = tokio::join!(
+        biased;
         client.batch_execute(SETTLE_BEGIN),
         client.query_typed_one(SETTLE, &params),
         client.batch_execute("COMMIT"),
