@@ -111,7 +111,7 @@ impl Settings {
             fanout_events: env_u64("BENCH_FANOUT_EVENTS", q(5_000, 500))?,
             fanout_endpoints: env_u64("BENCH_FANOUT_ENDPOINTS", 10)?,
             producer_conns: env_u64("BENCH_PRODUCER_CONNS", 16)?,
-            producer_rounds: env_u64("BENCH_PRODUCER_ROUNDS", q(5, 2))?.max(1),
+            producer_rounds: env_u64("BENCH_PRODUCER_ROUNDS", q(6, 2))?.max(1),
             producer_secs: env_u64("BENCH_PRODUCER_SECS", q(5, 2))?.max(1),
             scaleout_procs: env_list("BENCH_SCALEOUT_PROCS", &[1, 2, 4])?,
             ceiling_conns: env_u64("BENCH_CEILING_CONNS", 128)?.max(1),
@@ -376,6 +376,9 @@ struct BurstSpec<'a> {
     history: u64,
     /// Bursts on this database; `BENCH_BURST_REPEATS` when `None`.
     repeats: Option<u64>,
+    /// Deliver one uncounted burst first, so connections (PostgreSQL pools, HTTP
+    /// keep-alive) are open before anything is measured.
+    warmup: bool,
 }
 
 impl Ctx {
@@ -429,6 +432,19 @@ impl Ctx {
         let mut waits = Vec::new();
         let mut after_firsts = Vec::new();
         let mut failure = None;
+        if spec.warmup {
+            pg::insert_burst(
+                client,
+                spec.events,
+                self.s.payload_bytes,
+                &format!("bench.{}.warmup", spec.tag),
+            )
+            .await?;
+            self.receiver.wait_for(expected, timeout).await?;
+            self.receiver.take().await?;
+            pg::wait_settled(client, Duration::from_secs(60)).await?;
+            wait_ready(client, spec.mode).await?;
+        }
         for rep in 0..spec.repeats.unwrap_or(self.s.burst_repeats) {
             if rep > 0 {
                 wait_ready(client, spec.mode).await?;
@@ -540,6 +556,7 @@ impl Ctx {
                     mode,
                     history: 0,
                     repeats: None,
+                    warmup: false,
                 })
                 .await?;
             let label = format!("burst {} ({})", int(n as f64), mode.label());
@@ -605,6 +622,7 @@ impl Ctx {
                 mode: Mode::Push,
                 history: 0,
                 repeats: None,
+                warmup: false,
             })
             .await?;
         let label = format!(
@@ -669,6 +687,7 @@ impl Ctx {
                         mode: Mode::Procs(procs as usize),
                         history: 0,
                         repeats: Some(1),
+                        warmup: true,
                     })
                     .await?;
                 rates[i].push(out.rate);
@@ -740,6 +759,7 @@ impl Ctx {
             mode: Mode::Push,
             history,
             repeats: None,
+            warmup: false,
         };
         // The baseline is measured on both sides of the history bursts, minutes apart
         // at most, and its figure is the median of both sets, so a machine drifting
