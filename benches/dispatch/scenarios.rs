@@ -362,6 +362,8 @@ struct BurstOut {
     rate_after_first: f64,
     /// Median over the repeats of deliveries / (last receive - commit).
     rate: f64,
+    /// That rate for each repeat.
+    rates: Vec<f64>,
     cpu: Cpu,
     /// Peak RSS of each `outboxd run` process, or of this process for in-process runs.
     hwm_kib: Vec<Option<u64>>,
@@ -526,6 +528,7 @@ impl Ctx {
             first_wait_us: median(&waits),
             rate_after_first: median(&after_firsts),
             rate,
+            rates,
             cpu: cpu.unwrap_or_default(),
             hwm_kib: hwm_kib.clone(),
             json: json!({
@@ -769,13 +772,7 @@ impl Ctx {
             .burst(spec("history_full", self.s.history_rows))
             .await?;
         let after = self.burst(spec("history_empty_after", 0)).await?;
-        let empty_rates: Vec<f64> = [&before.json, &after.json]
-            .iter()
-            .filter_map(|j| j["runs"].as_array())
-            .flatten()
-            .filter_map(|r| r["deliveries_per_s"].as_f64())
-            .collect();
-        let empty_rate = median(&empty_rates);
+        let empty_rate = median(&[before.rates.as_slice(), &after.rates].concat());
         let label = format!("history {} rows", int(self.s.history_rows as f64));
         self.report.cpu(&label, full.cpu, Some(full.items));
         self.report.target(
