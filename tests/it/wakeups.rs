@@ -23,19 +23,25 @@ async fn listener_pids(db: &TestDb) -> Vec<i32> {
         .collect()
 }
 
+/// A dispatcher that listens and whose poll tick is an hour away: only a push (or a
+/// reconnect's catch-up) can wake it within a test.
+fn push_only(url: &str, label: &str) -> RunningDispatcher {
+    RunningDispatcher::start(
+        url,
+        outboxd::Config {
+            poll_interval: ONE_HOUR,
+            listen: true,
+            ..test_config(label)
+        },
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_delivers_without_polling() {
     let mut db = TestDb::new("push").await;
     let receiver = Receiver::start().await;
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
-    let dispatcher = RunningDispatcher::start(
-        &db.url,
-        outboxd::Config {
-            poll_interval: ONE_HOUR,
-            listen: true,
-            ..test_config("push")
-        },
-    );
+    let dispatcher = push_only(&db.url, "push");
 
     // Idle: the listener is subscribed and the claim loop armed the doorbell.
     db.wait_until(
@@ -76,14 +82,7 @@ async fn listener_reconnects_after_termination() {
     let db = TestDb::new("reconnect").await;
     let receiver = Receiver::start().await;
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
-    let dispatcher = RunningDispatcher::start(
-        &db.url,
-        outboxd::Config {
-            poll_interval: ONE_HOUR,
-            listen: true,
-            ..test_config("reconnect")
-        },
-    );
+    let dispatcher = push_only(&db.url, "reconnect");
 
     db.wait_until(&format!("SELECT count(*) = 1 FROM ({LISTENER_PIDS}) l"))
         .await;
@@ -217,14 +216,7 @@ async fn rolled_back_ring_leaves_the_doorbell_armed() {
     let mut db = TestDb::new("ringrollback").await;
     let receiver = Receiver::start().await;
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
-    let dispatcher = RunningDispatcher::start(
-        &db.url,
-        outboxd::Config {
-            poll_interval: ONE_HOUR,
-            listen: true,
-            ..test_config("ringrollback")
-        },
-    );
+    let dispatcher = push_only(&db.url, "ringrollback");
     db.wait_until(&format!(
         "SELECT count(*) = 1 FROM ({LISTENER_PIDS}) l WHERE (SELECT armed FROM webhook_doorbell)
             AND ({GATE_OPEN})"
