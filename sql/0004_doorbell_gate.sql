@@ -18,13 +18,15 @@
 -- next claim (`claim::CLOSE_DOORBELL_GATE`). Producers never write the gate: a ringer
 -- that rolled back must leave the bell armed and the gate open for the next producer,
 -- which a transactional disarm of the row does and a sequence write would not.
--- So at any moment either the gate is open or some dispatcher is awake and will open it
--- before it sleeps; if that dispatcher dies instead, the poll tick of the others covers
--- the gap, as it covers a lost notification. The same holds while an awake dispatcher
--- waits for free send slots with the gate closed: another, idle dispatcher is not woken
--- by inserts then, and finds the work at its next poll tick at the latest. A dispatcher
--- also closes the gate on wake-ups that were not a ring (a retry scheduled by its own
--- settle); that costs a setval, nothing more.
+-- A close and an arm exclude each other through the doorbell row: the close locks the
+-- row (SKIP LOCKED) and closes only a rung bell, the arm updates the row before it opens
+-- the gate. So while any dispatcher sleeps with the bell armed, the gate is open, even
+-- if another, awake one closes it late (say after waiting for free send slots). At any
+-- moment either the gate is open or some dispatcher is awake and will open it before
+-- it sleeps; if that dispatcher dies instead, the poll tick of the others covers the
+-- gap, as it covers a lost notification. A dispatcher also tries to close the gate on
+-- wake-ups that were not a ring (a retry scheduled by its own settle); that costs a
+-- row lock and a setval, nothing more.
 
 CREATE SEQUENCE IF NOT EXISTS webhook_doorbell_gate;
 -- pg_sequence_last_value() needs SELECT on the sequence, and the WHEN condition runs as

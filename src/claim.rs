@@ -112,23 +112,44 @@ JOIN webhook_outbox o ON o.id = c.event_id
 JOIN webhook_endpoints ep ON ep.id = c.endpoint_id";
 
 /// Arms the doorbell and opens its gate before sleeping (see `sql/0002_notify.sql` and
-/// `sql/0004_doorbell_gate.sql`). The data-modifying CTE runs whether or not it is
-/// read. `AND NOT armed` and the gate test make re-arming an armed bell a read, not a
-/// write (each `setval` is a WAL record).
+/// `sql/0004_doorbell_gate.sql`).
+///
+/// The bell row is updated, and so locked, before the gate is tested and opened: the
+/// `FROM` sub-select must be computed before the `setval` in the target list, and the
+/// volatile gate test cannot be hoisted above it. Together with the row lock that
+/// [`CLOSE_DOORBELL_GATE`] takes, an arm and a close therefore exclude each other, and no
+/// close can land between this statement's opening of the gate and its commit. `AND NOT
+/// armed` and the gate test make re-arming an armed bell a read, not a write (each
+/// `setval` is a WAL record).
 pub const ARM_DOORBELL: &str = "
 WITH armed AS (
     UPDATE webhook_doorbell SET armed = true WHERE id = 1 AND NOT armed
+    RETURNING 1
 )
 SELECT setval('webhook_doorbell_gate', 1, false)
+FROM (SELECT count(*) FROM armed) AS arming
 WHERE pg_sequence_last_value('webhook_doorbell_gate') IS NOT NULL";
 
 /// Closes the doorbell's gate: sent by a dispatcher woken by a notification, together
 /// with its next claim. The ringer disarmed the bell, so until a dispatcher is about to
 /// sleep again an open gate would only make every insert statement call the ring
-/// function for nothing. Closing an already closed gate is a read.
+/// function for nothing.
+///
+/// The gate closes only while the bell is disarmed and nobody holds its row. An armed
+/// bell means another dispatcher is asleep waiting for a ring, and a locked row means a
+/// dispatcher is arming it or a producer is ringing it; in all three cases the gate must
+/// stay open (a ring in flight wakes every dispatcher, and the next claim closes it).
+/// `SKIP LOCKED`, so a claim never waits for a producer's transaction. The `setval` is
+/// projected from the locked row, so it runs only after the lock is held. The gate test
+/// sits in the scan's filter, below the lock: closing an already closed gate is a read.
 pub const CLOSE_DOORBELL_GATE: &str = "
-SELECT setval('webhook_doorbell_gate', 1, true)
-WHERE pg_sequence_last_value('webhook_doorbell_gate') IS NULL";
+WITH rung AS (
+    SELECT 1 FROM webhook_doorbell
+    WHERE id = 1 AND NOT armed
+      AND pg_sequence_last_value('webhook_doorbell_gate') IS NULL
+    FOR UPDATE SKIP LOCKED
+)
+SELECT setval('webhook_doorbell_gate', 1, true) FROM rung";
 
 /// When the next piece of work becomes due: the earliest pending delivery (a retry or
 /// a lease end) or delayed event. Each side reads the first entry of its partial index.

@@ -13,6 +13,11 @@ const ONE_HOUR: Duration = Duration::from_millis(3_600_000);
 const LISTENER_PIDS: &str = "SELECT pid FROM pg_stat_activity
      WHERE application_name = 'outboxd-listener' AND datname = current_database()";
 
+/// Whether inserts call the ring function (sql/0004).
+const GATE_OPEN: &str = "SELECT pg_sequence_last_value('webhook_doorbell_gate') IS NULL";
+/// Whether a dispatcher is waiting for a ring (sql/0002).
+const ARMED: &str = "SELECT armed FROM webhook_doorbell";
+
 async fn listener_pids(db: &TestDb) -> Vec<i32> {
     db.client
         .query(LISTENER_PIDS, &[])
@@ -50,7 +55,7 @@ async fn push_delivers_without_polling() {
                AND state = 'idle' AND query ILIKE 'LISTEN%')",
     )
     .await;
-    db.wait_until("SELECT armed FROM webhook_doorbell").await;
+    db.wait_until(ARMED).await;
 
     let tx = db.client.transaction().await.unwrap();
     let event_id = outboxd::enqueue(&tx, &outboxd::NewEvent::new("order.created", &json!({})))
@@ -58,11 +63,7 @@ async fn push_delivers_without_polling() {
         .unwrap()
         .unwrap();
     // The insert trigger found the bell armed, disarmed it and notified.
-    let armed: bool = tx
-        .query_one("SELECT armed FROM webhook_doorbell", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let armed: bool = tx.query_one(ARMED, &[]).await.unwrap().get(0);
     assert!(!armed, "the insert must ring (and disarm) the doorbell");
     tx.commit().await.unwrap();
 
@@ -123,7 +124,7 @@ async fn listener_reconnects_after_termination() {
     .await;
 
     // And it works: the next event is pushed too.
-    db.wait_until("SELECT armed FROM webhook_doorbell").await;
+    db.wait_until(ARMED).await;
     let second = db.enqueue("order.paid", &json!({})).await;
     db.wait_until_within(
         "SELECT count(*) = 2 AND bool_and(state = 'delivered') FROM webhook_deliveries",
@@ -156,56 +157,113 @@ async fn polling_delivers_without_listen() {
 
     // Pure polling: no LISTEN session, and the doorbell is never armed.
     assert!(listener_pids(&db).await.is_empty());
-    let armed: bool = db.scalar("SELECT armed FROM webhook_doorbell").await;
+    let armed: bool = db.scalar(ARMED).await;
     assert!(!armed, "a polling dispatcher must not arm the doorbell");
     dispatcher.stop().await;
     let ids: Vec<i64> = receiver.requests().iter().map(|r| r.event_id()).collect();
     assert_eq!(ids, [first, second]);
 }
 
-const GATE_OPEN: &str = "SELECT pg_sequence_last_value('webhook_doorbell_gate') IS NULL";
-
 /// The gate in front of the doorbell (sql/0004): while it is closed an insert does not
-/// call the ring function, so an armed bell stays armed; opened, the next insert rings.
-/// The statements are the ones the claim loop sends.
+/// call the ring function; opened, the next insert rings. The statements are the ones
+/// the claim loop sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn doorbell_gate_decides_whether_inserts_ring() {
     let db = TestDb::new("gate").await;
-    let armed = "SELECT armed FROM webhook_doorbell";
     // A fresh gate is open: failing safe means ringing.
     assert!(db.scalar::<bool>(GATE_OPEN).await);
 
+    // Closed by hand over an armed bell (the claim loop never leaves this state, see
+    // the next test), to see the trigger's condition alone.
     outboxd::claim::arm_doorbell(&db.client).await.unwrap();
-    outboxd::claim::close_doorbell_gate(&db.client)
+    db.client
+        .execute("SELECT setval('webhook_doorbell_gate', 1, true)", &[])
         .await
         .unwrap();
-    assert!(!db.scalar::<bool>(GATE_OPEN).await);
     db.enqueue("order.created", &json!({})).await;
     assert!(
-        db.scalar::<bool>(armed).await,
+        db.scalar::<bool>(ARMED).await,
         "with the gate closed the insert must not ring"
     );
 
     // Arming an armed bell still opens the gate.
     outboxd::claim::arm_doorbell(&db.client).await.unwrap();
     assert!(db.scalar::<bool>(GATE_OPEN).await);
-    assert!(db.scalar::<bool>(armed).await);
+    assert!(db.scalar::<bool>(ARMED).await);
     db.enqueue("order.created", &json!({})).await;
     assert!(
-        !db.scalar::<bool>(armed).await,
+        !db.scalar::<bool>(ARMED).await,
         "with the gate open the insert must ring"
     );
-    // Closing twice and arming twice are harmless.
+    // Rung, so a close closes; closing twice and arming twice are harmless.
     outboxd::claim::close_doorbell_gate(&db.client)
         .await
         .unwrap();
+    assert!(!db.scalar::<bool>(GATE_OPEN).await);
     outboxd::claim::close_doorbell_gate(&db.client)
         .await
         .unwrap();
     assert!(!db.scalar::<bool>(GATE_OPEN).await);
     outboxd::claim::arm_doorbell(&db.client).await.unwrap();
     outboxd::claim::arm_doorbell(&db.client).await.unwrap();
-    assert!(db.scalar::<bool>(GATE_OPEN).await && db.scalar::<bool>(armed).await);
+    assert!(db.scalar::<bool>(GATE_OPEN).await && db.scalar::<bool>(ARMED).await);
+}
+
+/// With several dispatchers, one may close the gate (after a ring woke it) while another
+/// has just armed the bell to sleep. The close must then leave the gate open, or the
+/// sleeper would not hear the next insert and would wait for its poll tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gate_stays_open_while_a_dispatcher_sleeps() {
+    let db = TestDb::new("gatesleeper").await;
+    let awake = db.connect().await;
+
+    // The sleeper's arm has committed: an armed bell keeps the gate open.
+    outboxd::claim::arm_doorbell(&db.client).await.unwrap();
+    outboxd::claim::close_doorbell_gate(&awake).await.unwrap();
+    assert!(
+        db.scalar::<bool>(GATE_OPEN).await,
+        "a close must not shut out an armed sleeper"
+    );
+    db.enqueue("order.created", &json!({})).await;
+    assert!(!db.scalar::<bool>(ARMED).await, "the insert must ring");
+    outboxd::claim::close_doorbell_gate(&awake).await.unwrap();
+    assert!(
+        !db.scalar::<bool>(GATE_OPEN).await,
+        "rung: the close closes"
+    );
+
+    // The sleeper's arm has not committed yet (it holds the bell's row): the close
+    // neither waits for it nor closes the gate the arm has just opened.
+    let mut sleeper = db.connect().await;
+    let tx = sleeper.transaction().await.unwrap();
+    outboxd::claim::arm_doorbell(&tx).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        outboxd::claim::close_doorbell_gate(&awake),
+    )
+    .await
+    .expect("a close must skip a locked bell, not wait for it")
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert!(db.scalar::<bool>(GATE_OPEN).await && db.scalar::<bool>(ARMED).await);
+
+    // A producer ringing in a transaction that is still open also holds the row: the
+    // close leaves the gate open, and the ring wakes every dispatcher at its commit.
+    let mut producer = db.connect().await;
+    let tx = producer.transaction().await.unwrap();
+    outboxd::enqueue(&tx, &outboxd::NewEvent::new("order.created", &json!({})))
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        outboxd::claim::close_doorbell_gate(&awake),
+    )
+    .await
+    .expect("a close must not wait for a producer's transaction")
+    .unwrap();
+    assert!(db.scalar::<bool>(GATE_OPEN).await);
+    tx.commit().await.unwrap();
+    assert!(!db.scalar::<bool>(ARMED).await);
 }
 
 /// A producer that rings the doorbell and then rolls back must not leave a sleeping
@@ -229,17 +287,10 @@ async fn rolled_back_ring_leaves_the_doorbell_armed() {
     outboxd::enqueue(&tx, &outboxd::NewEvent::new("order.created", &json!({})))
         .await
         .unwrap();
-    let armed: bool = tx
-        .query_one("SELECT armed FROM webhook_doorbell", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let armed: bool = tx.query_one(ARMED, &[]).await.unwrap().get(0);
     assert!(!armed, "the insert must ring the doorbell");
     tx.rollback().await.unwrap();
-    assert!(
-        db.scalar::<bool>("SELECT armed FROM webhook_doorbell")
-            .await
-    );
+    assert!(db.scalar::<bool>(ARMED).await);
     assert!(db.scalar::<bool>(GATE_OPEN).await);
 
     let event_id = db.enqueue("order.paid", &json!({})).await;
