@@ -14,8 +14,8 @@
 --           function", which still decides on the transactional doorbell row.
 --   closed  is_called = true.
 -- A dispatcher about to sleep arms the doorbell row and opens the gate (one statement,
--- `claim::ARM_DOORBELL`); a dispatcher woken by a notification closes the gate with its
--- next claim (`claim::CLOSE_DOORBELL_GATE`). Producers never write the gate: a ringer
+-- `claim::ARM_DOORBELL`); a dispatcher woken by a notification closes the gate as it
+-- makes its next claim (`claim::CLOSE_DOORBELL_GATE`). Producers never write the gate: a ringer
 -- that rolled back must leave the bell armed and the gate open for the next producer,
 -- which a transactional disarm of the row does and a sequence write would not.
 -- A close and an arm exclude each other through the doorbell row: the close locks the

@@ -130,8 +130,8 @@ SELECT setval('webhook_doorbell_gate', 1, false)
 FROM (SELECT count(*) FROM armed) AS arming
 WHERE pg_sequence_last_value('webhook_doorbell_gate') IS NOT NULL";
 
-/// Closes the doorbell's gate: sent by a dispatcher woken by a notification, together
-/// with its next claim. The ringer disarmed the bell, so until a dispatcher is about to
+/// Closes the doorbell's gate: sent by a dispatcher woken by a notification, beside
+/// its next claim. The ringer disarmed the bell, so until a dispatcher is about to
 /// sleep again an open gate would only make every insert statement call the ring
 /// function for nothing.
 ///

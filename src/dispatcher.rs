@@ -352,9 +352,23 @@ impl ClaimLoop {
 
     /// Claims on the loop's own pooled connection, where the claim statement is
     /// prepared once; after any error the connection is given back and a fresh one
-    /// prepared at the next claim. With `close_gate`, the doorbell's gate is closed in
-    /// the same round trip: the statement is pipelined behind the claim.
+    /// prepared at the next claim. With `close_gate`, the doorbell's gate is closed
+    /// beside the claim, on another pooled connection: the close takes the doorbell's
+    /// row lock and commits, and the claimed deliveries need not wait for that.
     async fn claim(&self, limit: u32, close_gate: bool) -> Result<claim::Batch> {
+        if close_gate {
+            let pool = self.pool.clone();
+            tokio::spawn(async move {
+                let closed = match pool.get().await {
+                    Ok(client) => claim::close_doorbell_gate(&*client).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = closed {
+                    // Only an optimisation for producers: the next arm resets the gate.
+                    tracing::warn!(error = %e, "closing the doorbell gate failed");
+                }
+            });
+        }
         let mut session = self.session.lock().await;
         let current = match session.take() {
             Some(current) => current,
@@ -371,21 +385,7 @@ impl ClaimLoop {
             self.cfg.lease,
             limit,
         );
-        let batch = if close_gate {
-            // The claim goes first, so the wake-up path waits for nothing extra.
-            let (batch, closed) = tokio::join!(
-                biased;
-                claim,
-                claim::close_doorbell_gate(&*current.conn)
-            );
-            if let Err(e) = closed {
-                // Only an optimisation for producers: the next arm resets the gate.
-                tracing::warn!(error = %e, "closing the doorbell gate failed");
-            }
-            batch?
-        } else {
-            claim.await?
-        };
+        let batch = claim.await?;
         *session = Some(current);
         Ok(batch)
     }
