@@ -143,6 +143,7 @@ impl Dispatcher {
 
         let claim_loop = ClaimLoop {
             session: tokio::sync::Mutex::new(None),
+            gate_closer: tokio::sync::Mutex::new(None),
             policy: RetryPolicy {
                 base: cfg.backoff_base,
                 max: cfg.backoff_max,
@@ -159,6 +160,7 @@ impl Dispatcher {
             cfg,
         };
         claim_loop.run(&shutdown).await;
+        claim_loop.finish_gate_close().await;
 
         let drained = shutdown::drain(
             &claim_loop.tracker,
@@ -213,6 +215,8 @@ struct ClaimSession {
 
 struct ClaimLoop {
     session: tokio::sync::Mutex<Option<ClaimSession>>,
+    /// The doorbell gate's last close (see [`ClaimLoop::close_gate`]).
+    gate_closer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     cfg: Config,
     pool: Pool,
     policy: RetryPolicy,
@@ -353,22 +357,10 @@ impl ClaimLoop {
     /// Claims on the loop's own pooled connection, where the claim statement is
     /// prepared once; after any error the connection is given back and a fresh one
     /// prepared at the next claim. With `close_gate`, the doorbell's gate is closed
-    /// beside the claim, on another pooled connection: the close takes the doorbell's
-    /// row lock and commits, and the claimed deliveries need not wait for that.
+    /// once the claim has succeeded, on another pooled connection: the close takes the
+    /// doorbell's row lock and commits, and the claimed deliveries need not wait for
+    /// that.
     async fn claim(&self, limit: u32, close_gate: bool) -> Result<claim::Batch> {
-        if close_gate {
-            let pool = self.pool.clone();
-            tokio::spawn(async move {
-                let closed = match pool.get().await {
-                    Ok(client) => claim::close_doorbell_gate(&*client).await,
-                    Err(e) => Err(e.into()),
-                };
-                if let Err(e) = closed {
-                    // Only an optimisation for producers: the next arm resets the gate.
-                    tracing::warn!(error = %e, "closing the doorbell gate failed");
-                }
-            });
-        }
         let mut session = self.session.lock().await;
         let current = match session.take() {
             Some(current) => current,
@@ -387,7 +379,38 @@ impl ClaimLoop {
         );
         let batch = claim.await?;
         *session = Some(current);
+        if close_gate {
+            self.close_gate().await;
+        }
         Ok(batch)
+    }
+
+    /// Closes the doorbell's gate in a task of its own, unless the last close is still
+    /// running (it closes the same gate).
+    async fn close_gate(&self) {
+        let mut closer = self.gate_closer.lock().await;
+        if closer.as_ref().is_some_and(|task| !task.is_finished()) {
+            return;
+        }
+        let pool = self.pool.clone();
+        *closer = Some(tokio::spawn(async move {
+            let closed = match pool.get().await {
+                Ok(client) => claim::close_doorbell_gate(&*client).await,
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = closed {
+                // Only an optimisation for producers: the next arm resets the gate.
+                tracing::warn!(error = %e, "closing the doorbell gate failed");
+            }
+        }));
+    }
+
+    /// Waits for a gate close still running, so none outlives the dispatcher (and
+    /// holds a connection to its database).
+    async fn finish_gate_close(&self) {
+        if let Some(task) = self.gate_closer.lock().await.take() {
+            let _ = task.await;
+        }
     }
 
     async fn arm(&self) -> Result<()> {
