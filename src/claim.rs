@@ -116,11 +116,14 @@ JOIN webhook_endpoints ep ON ep.id = c.endpoint_id";
 ///
 /// The bell row is updated, and so locked, before the gate is tested and opened: the
 /// `FROM` sub-select must be computed before the `setval` in the target list, and the
-/// volatile gate test cannot be hoisted above it. Together with the row lock that
-/// [`CLOSE_DOORBELL_GATE`] takes, an arm and a close therefore exclude each other, and no
-/// close can land between this statement's opening of the gate and its commit. `AND NOT
-/// armed` and the gate test make re-arming an armed bell a read, not a write (each
-/// `setval` is a WAL record).
+/// volatile gate test cannot be hoisted above it. With the row lock that
+/// [`CLOSE_DOORBELL_GATE`] takes, an arm that updates the row and a close exclude each
+/// other: no close lands between this statement's opening of the gate and its commit,
+/// and an arm that waited for a close reopens the gate it shut. An arm that updates
+/// nothing found the bell armed: either it still is, and no close will shut the gate, or
+/// a ring has disarmed it since, and that ring's notification wakes this dispatcher.
+/// `AND NOT armed` and the gate test make re-arming an armed bell a read, not a write
+/// (each `setval` is a WAL record).
 pub const ARM_DOORBELL: &str = "
 WITH armed AS (
     UPDATE webhook_doorbell SET armed = true WHERE id = 1 AND NOT armed
@@ -136,10 +139,11 @@ WHERE pg_sequence_last_value('webhook_doorbell_gate') IS NOT NULL";
 /// function for nothing.
 ///
 /// The gate closes only while the bell is disarmed and nobody holds its row. An armed
-/// bell means another dispatcher is asleep waiting for a ring, and a locked row means a
-/// dispatcher is arming it or a producer is ringing it; in all three cases the gate must
-/// stay open (a ring in flight wakes every dispatcher, and the next claim closes it).
-/// `SKIP LOCKED`, so a claim never waits for a producer's transaction. The `setval` is
+/// bell (as committed) means a dispatcher is asleep waiting for a ring, or a producer is
+/// ringing it right now; a locked row may be a dispatcher arming it. In each case the
+/// gate stays open (a ring in flight wakes every dispatcher at its commit, and their
+/// next claims close the gate): `SKIP LOCKED`, so a close never waits for another
+/// session, and leaves the gate open rather than wait to find out. The `setval` is
 /// projected from the locked row, so it runs only after the lock is held. The gate test
 /// sits in the scan's filter, below the lock: closing an already closed gate is a read.
 pub const CLOSE_DOORBELL_GATE: &str = "

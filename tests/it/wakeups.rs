@@ -253,8 +253,9 @@ async fn gate_stays_open_while_a_dispatcher_sleeps() {
     tx.commit().await.unwrap();
     assert!(db.scalar::<bool>(GATE_OPEN).await && db.scalar::<bool>(ARMED).await);
 
-    // A producer ringing in a transaction that is still open also holds the row: the
-    // close leaves the gate open, and the ring wakes every dispatcher at its commit.
+    // A producer has rung in a transaction that is still open: the close sees the bell
+    // as committed, still armed, and leaves the gate open without waiting; the ring
+    // wakes every dispatcher at its commit.
     let mut producer = db.connect().await;
     let tx = producer.transaction().await.unwrap();
     outboxd::enqueue(&tx, &outboxd::NewEvent::new("order.created", &json!({})))
@@ -264,6 +265,42 @@ async fn gate_stays_open_while_a_dispatcher_sleeps() {
     assert!(db.scalar::<bool>(GATE_OPEN).await);
     tx.commit().await.unwrap();
     assert!(!db.scalar::<bool>(ARMED).await);
+}
+
+/// An arm that finds a close holding the bell's row waits for it, then opens the gate
+/// that close has just shut: the arm updates the row before it looks at the gate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arm_reopens_a_gate_closed_while_it_waited() {
+    let db = TestDb::new("armwaits").await;
+    // A fresh doorbell: disarmed, gate open, as after a ring.
+    assert!(!db.scalar::<bool>(ARMED).await && db.scalar::<bool>(GATE_OPEN).await);
+
+    // A close that has locked the bell's row and not yet closed the gate.
+    let mut closer = db.connect().await;
+    let tx = closer.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM webhook_doorbell WHERE id = 1 AND NOT armed FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let sleeper = db.connect().await;
+    let arm = tokio::spawn(async move { outboxd::claim::arm_doorbell(&sleeper).await });
+    db.wait_until(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+            WHERE datname = current_database() AND pid <> pg_backend_pid()
+              AND wait_event_type = 'Lock' AND query LIKE '%SET armed = true%')",
+    )
+    .await;
+    tx.execute("SELECT setval('webhook_doorbell_gate', 1, true)", &[])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    arm.await.unwrap().unwrap();
+    assert!(
+        db.scalar::<bool>(ARMED).await && db.scalar::<bool>(GATE_OPEN).await,
+        "an armed bell behind a closed gate is never rung"
+    );
 }
 
 /// A producer that rings the doorbell and then rolls back must not leave a sleeping
