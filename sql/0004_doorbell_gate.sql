@@ -25,8 +25,9 @@
 -- moment either the gate is open or some dispatcher is awake and will open it before
 -- it sleeps; if that dispatcher dies instead, the poll tick of the others covers the
 -- gap, as it covers a lost notification. A dispatcher also tries to close the gate on
--- wake-ups that were not a ring (a retry scheduled by its own settle); that costs a
--- row lock and a setval, nothing more.
+-- wake-ups that were not a ring (a retry scheduled by its own settle). Its own bell is
+-- still armed then, so the close only reads and the gate stays open: the next insert
+-- rings once more, nothing worse.
 
 CREATE SEQUENCE IF NOT EXISTS webhook_doorbell_gate;
 -- pg_sequence_last_value() needs SELECT on the sequence, and the WHEN condition runs as
