@@ -804,8 +804,23 @@ impl Ctx {
 
     /// Single events, `gap` apart: commit → receipt latency.
     async fn idle_scenario(&mut self) -> anyhow::Result<()> {
-        for mode in [Mode::Push, Mode::Poll] {
-            let tag = format!("idle_{}", mode.label());
+        // Two `outboxd run` processes too: with several dispatchers, each wake-up
+        // wakes all of them, and the doorbell's gate must stay open for whichever
+        // sleeps (a late close that shut it cost up to a recheck or poll tick).
+        let mut modes = vec![Mode::Push, Mode::Poll];
+        if self.outboxd_bin.is_file() {
+            modes.push(Mode::Procs(2));
+        } else {
+            eprintln!(
+                "bench:   {} not found: idle with 2 processes skipped",
+                self.outboxd_bin.display()
+            );
+        }
+        for mode in modes {
+            let tag = match mode {
+                Mode::Procs(n) => format!("idle_procs_{n}"),
+                _ => format!("idle_{}", mode.label()),
+            };
             let name = self.db_name(&tag);
             let (url, client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
             let result = self.idle_in(mode, &url, &client).await;
