@@ -236,7 +236,7 @@ impl ClaimLoop {
         let mut armed = false;
         let mut rechecks = 0;
         // Woken by a notification: the doorbell's gate is open for nothing (the bell
-        // was rung), so the next claim closes it.
+        // was rung), so it is closed once the next claim has succeeded.
         let mut close_gate = false;
         let mut error_delay = Duration::from_millis(100);
         loop {
@@ -244,9 +244,12 @@ impl ClaimLoop {
                 return;
             };
             let want = free.min(self.cfg.batch_size);
-            let claim::Batch { claimed, more } = match self.claim(want, close_gate).await {
+            let claim::Batch { claimed, more } = match self.claim(want).await {
                 Ok(batch) => {
-                    close_gate = false;
+                    if close_gate {
+                        self.close_gate().await;
+                        close_gate = false;
+                    }
                     batch
                 }
                 Err(e) => {
@@ -356,11 +359,8 @@ impl ClaimLoop {
 
     /// Claims on the loop's own pooled connection, where the claim statement is
     /// prepared once; after any error the connection is given back and a fresh one
-    /// prepared at the next claim. With `close_gate`, the doorbell's gate is closed
-    /// once the claim has succeeded, on another pooled connection: the close takes the
-    /// doorbell's row lock and commits, and the claimed deliveries need not wait for
-    /// that.
-    async fn claim(&self, limit: u32, close_gate: bool) -> Result<claim::Batch> {
+    /// prepared at the next claim.
+    async fn claim(&self, limit: u32) -> Result<claim::Batch> {
         let mut session = self.session.lock().await;
         let current = match session.take() {
             Some(current) => current,
@@ -370,23 +370,22 @@ impl ClaimLoop {
                 ClaimSession { conn, statement }
             }
         };
-        let claim = claim::claim_prepared(
+        let batch = claim::claim_prepared(
             &current.conn,
             &current.statement,
             &self.cfg.worker_id,
             self.cfg.lease,
             limit,
-        );
-        let batch = claim.await?;
+        )
+        .await?;
         *session = Some(current);
-        if close_gate {
-            self.close_gate().await;
-        }
         Ok(batch)
     }
 
-    /// Closes the doorbell's gate in a task of its own, unless the last close is still
-    /// running (it closes the same gate).
+    /// Closes the doorbell's gate in a task of its own, on another pooled connection:
+    /// the close takes the doorbell's row lock and commits, and the claimed deliveries
+    /// need not wait for that. Skipped while the last close still runs (it closes the
+    /// same gate).
     async fn close_gate(&self) {
         let mut closer = self.gate_closer.lock().await;
         if closer.as_ref().is_some_and(|task| !task.is_finished()) {
