@@ -259,10 +259,18 @@ impl TestDb {
 
     /// Waits until every delivery row is in `state` and there are exactly `count` of them.
     pub async fn wait_all_in_state(&self, count: i64, state: &str) {
-        self.wait_until(&format!(
-            "SELECT count(*) = {count} AND count(*) FILTER (WHERE state = '{state}') = {count} \
-             FROM webhook_deliveries"
-        ))
+        self.wait_all_in_state_within(count, state, WAIT).await
+    }
+
+    /// [`TestDb::wait_all_in_state`] with an explicit bound.
+    pub async fn wait_all_in_state_within(&self, count: i64, state: &str, bound: Duration) {
+        self.wait_until_within(
+            &format!(
+                "SELECT count(*) = {count} AND count(*) FILTER (WHERE state = '{state}') = {count} \
+                 FROM webhook_deliveries"
+            ),
+            bound,
+        )
         .await
     }
 }

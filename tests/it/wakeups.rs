@@ -67,11 +67,8 @@ async fn push_delivers_without_polling() {
     assert!(!armed, "the insert must ring (and disarm) the doorbell");
     tx.commit().await.unwrap();
 
-    db.wait_until_within(
-        "SELECT count(*) = 1 AND bool_and(state = 'delivered') FROM webhook_deliveries",
-        Duration::from_secs(10),
-    )
-    .await;
+    db.wait_all_in_state_within(1, "delivered", Duration::from_secs(10))
+        .await;
     dispatcher.stop().await;
     let requests = receiver.requests();
     assert_eq!(requests.len(), 1);
@@ -103,11 +100,8 @@ async fn listener_reconnects_after_termination() {
     .await;
 
     let event_id = db.enqueue("order.created", &json!({})).await;
-    db.wait_until_within(
-        "SELECT count(*) = 1 AND bool_and(state = 'delivered') FROM webhook_deliveries",
-        Duration::from_secs(15),
-    )
-    .await;
+    db.wait_all_in_state_within(1, "delivered", Duration::from_secs(15))
+        .await;
 
     // A new listener session replaced the terminated one.
     eventually(
@@ -126,11 +120,8 @@ async fn listener_reconnects_after_termination() {
     // And it works: the next event is pushed too.
     db.wait_until(ARMED).await;
     let second = db.enqueue("order.paid", &json!({})).await;
-    db.wait_until_within(
-        "SELECT count(*) = 2 AND bool_and(state = 'delivered') FROM webhook_deliveries",
-        Duration::from_secs(15),
-    )
-    .await;
+    db.wait_all_in_state_within(2, "delivered", Duration::from_secs(15))
+        .await;
     dispatcher.stop().await;
     let ids: Vec<i64> = receiver.requests().iter().map(|r| r.event_id()).collect();
     assert_eq!(ids, [event_id, second]);
@@ -331,11 +322,8 @@ async fn rolled_back_ring_leaves_the_doorbell_armed() {
     assert!(db.scalar::<bool>(GATE_OPEN).await);
 
     let event_id = db.enqueue("order.paid", &json!({})).await;
-    db.wait_until_within(
-        "SELECT count(*) = 1 AND bool_and(state = 'delivered') FROM webhook_deliveries",
-        Duration::from_secs(10),
-    )
-    .await;
+    db.wait_all_in_state_within(1, "delivered", Duration::from_secs(10))
+        .await;
     dispatcher.stop().await;
     let ids: Vec<i64> = receiver.requests().iter().map(|r| r.event_id()).collect();
     assert_eq!(ids, [event_id]);
