@@ -14,7 +14,8 @@
 //! steady, producer, scaleout, ceiling, history), `BENCH_QUICK=1` (smaller counts), and
 //! per-figure overrides such as `BENCH_BURST_EVENTS`, `BENCH_HISTORY_ROWS`,
 //! `BENCH_STEADY_RATES=500,2000` (see `Settings::from_env`); `BENCH_MAX_SECONDS`
-//! bounds the whole run (default 1800).
+//! bounds the whole run (default 1800). `BENCH_AB_BIN=<another outboxd>` repeats each
+//! scale-out burst with that binary, round by round, and reports the paired ratios.
 
 #[path = "dispatch/disp.rs"]
 mod disp;

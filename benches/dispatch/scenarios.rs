@@ -44,6 +44,8 @@ pub struct Settings {
     pub producer_rounds: u64,
     pub producer_secs: u64,
     pub scaleout_procs: Vec<u64>,
+    /// A second `outboxd` binary to compare in scale-out, round by round.
+    pub scaleout_ab_bin: Option<PathBuf>,
     pub ceiling_conns: u64,
     pub ceiling_secs: u64,
     pub history_rows: u64,
@@ -114,6 +116,9 @@ impl Settings {
             producer_rounds: env_u64("BENCH_PRODUCER_ROUNDS", q(6, 2))?.max(1),
             producer_secs: env_u64("BENCH_PRODUCER_SECS", q(5, 2))?.max(1),
             scaleout_procs: env_list("BENCH_SCALEOUT_PROCS", &[1, 2, 4])?,
+            scaleout_ab_bin: std::env::var_os("BENCH_AB_BIN")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
             ceiling_conns: env_u64("BENCH_CEILING_CONNS", 128)?.max(1),
             ceiling_secs: env_u64("BENCH_CEILING_SECS", q(5, 2))?.max(1),
             history_rows: env_u64("BENCH_HISTORY_ROWS", q(1_000_000, 100_000))?,
@@ -143,6 +148,7 @@ impl Settings {
             "producer_rounds": self.producer_rounds,
             "producer_secs": self.producer_secs,
             "scaleout_procs": self.scaleout_procs,
+            "scaleout_ab_binary": self.scaleout_ab_bin.as_ref().map(|p| p.display().to_string()),
             "ceiling_conns": self.ceiling_conns,
             "ceiling_secs": self.ceiling_secs,
             "history_rows": self.history_rows,
@@ -661,11 +667,17 @@ impl Ctx {
     }
 
     async fn scaleout(&mut self) -> anyhow::Result<()> {
-        if !self.outboxd_bin.is_file() {
-            bail!(
-                "{} not found: build it first (cargo build --release --bin outboxd)",
-                self.outboxd_bin.display()
-            );
+        // The binary under test, then (with BENCH_AB_BIN) the one to compare it with.
+        let bins: Vec<PathBuf> = std::iter::once(self.outboxd_bin.clone())
+            .chain(self.s.scaleout_ab_bin.clone())
+            .collect();
+        for bin in &bins {
+            if !bin.is_file() {
+                bail!(
+                    "{} not found: build it first (cargo build --release --bin outboxd)",
+                    bin.display()
+                );
+            }
         }
         let n = self.s.burst_events;
         let counts = self.s.scaleout_procs.clone();
@@ -673,41 +685,51 @@ impl Ctx {
         // Interleaved: round r bursts once with 1, then 2, then 4 processes (fresh
         // databases and processes each time), so a machine that drifts slower or faster
         // during the scenario biases no process count. Each figure is the median of its
-        // rounds, like the producer-cost comparison.
-        let mut rates: Vec<Vec<f64>> = vec![Vec::new(); counts.len()];
+        // rounds, like the producer-cost comparison. With a second binary, each burst is
+        // repeated with it at once, so each round's pair shares the machine's speed.
+        let mut rates: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); counts.len()]; bins.len()];
         let mut cpus: Vec<Option<Cpu>> = vec![None; counts.len()];
         let mut items = vec![0_u64; counts.len()];
         let mut hwm: Vec<Option<u64>> = vec![None; counts.len()];
         let mut rounds_json: Vec<Vec<Value>> = vec![Vec::new(); counts.len()];
         for round in 0..rounds {
             for (i, &procs) in counts.iter().enumerate() {
-                let tag = format!("scaleout_{procs}_r{}", round + 1);
-                let out = self
-                    .burst(BurstSpec {
-                        tag: &tag,
-                        events: n,
-                        endpoints: 1,
-                        mode: Mode::Procs(procs as usize),
-                        history: 0,
-                        repeats: Some(1),
-                        warmup: true,
-                    })
-                    .await?;
-                rates[i].push(out.rate);
-                cpus[i] = Some(cpus[i].map_or(out.cpu, |c| c.combine(&out.cpu)));
-                items[i] += out.items;
-                let peak = out.hwm_kib.iter().flatten().copied().max();
-                hwm[i] = hwm[i].max(peak);
-                rounds_json[i].push(out.json);
+                for (b, bin) in bins.iter().enumerate() {
+                    let suffix = if b == 0 { "" } else { "_ab" };
+                    let tag = format!("scaleout_{procs}_r{}{suffix}", round + 1);
+                    self.outboxd_bin = bin.clone();
+                    let out = self
+                        .burst(BurstSpec {
+                            tag: &tag,
+                            events: n,
+                            endpoints: 1,
+                            mode: Mode::Procs(procs as usize),
+                            history: 0,
+                            repeats: Some(1),
+                            warmup: true,
+                        })
+                        .await;
+                    self.outboxd_bin = bins[0].clone();
+                    let out = out?;
+                    rates[b][i].push(out.rate);
+                    if b > 0 {
+                        continue;
+                    }
+                    cpus[i] = Some(cpus[i].map_or(out.cpu, |c| c.combine(&out.cpu)));
+                    items[i] += out.items;
+                    let peak = out.hwm_kib.iter().flatten().copied().max();
+                    hwm[i] = hwm[i].max(peak);
+                    rounds_json[i].push(out.json);
+                }
             }
         }
         let mut details = serde_json::Map::new();
         let one = counts
             .iter()
             .position(|&p| p == 1)
-            .map(|i| median(&rates[i]));
+            .map(|i| median(&rates[0][i]));
         for (i, &procs) in counts.iter().enumerate() {
-            let rate = median(&rates[i]);
+            let rate = median(&rates[0][i]);
             let label = format!("scale-out {procs} x outboxd run");
             if let Some(cpu) = cpus[i] {
                 self.report.cpu(&label, cpu, Some(items[i]));
@@ -743,11 +765,33 @@ impl Ctx {
                 json!({
                     "processes": procs,
                     "median_deliveries_per_s": rate,
-                    "deliveries_per_s_by_round": rates[i],
+                    "deliveries_per_s_by_round": rates[0][i],
                     "peak_rss_kib": hwm[i],
                     "rounds": rounds_json[i],
                 }),
             );
+            if let Some(ab) = rates.get(1) {
+                let ratios: Vec<f64> = ab[i].iter().zip(&rates[0][i]).map(|(b, a)| b / a).collect();
+                let faster = ratios.iter().filter(|&&r| r > 1.0).count();
+                self.report.info(
+                    &format!("A/B {procs} x outboxd run"),
+                    "BENCH_AB_BIN against the binary above, same round (median ratio)",
+                    format!(
+                        "{:+.1}%, faster in {faster} of {}",
+                        (median(&ratios) - 1.0) * 100.0,
+                        ratios.len()
+                    ),
+                );
+                details.insert(
+                    format!("ab_scaleout_{procs}"),
+                    json!({
+                        "processes": procs,
+                        "binary": bins[1].display().to_string(),
+                        "deliveries_per_s_by_round": ab[i],
+                        "ratio_by_round": ratios,
+                    }),
+                );
+            }
         }
         self.report.detail("scaleout", Value::Object(details));
         Ok(())
