@@ -21,6 +21,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_doorbell_gate.sql",
         include_str!("../sql/0004_doorbell_gate.sql"),
     ),
+    (
+        "0005_settle_function.sql",
+        include_str!("../sql/0005_settle_function.sql"),
+    ),
 ];
 
 /// Serializes concurrent `migrate` runs across processes: any constant works as

@@ -18,10 +18,10 @@ use crate::retry::Verdict;
 pub const MAX_BATCH: usize = 500;
 /// A batch this large is flushed at once; a smaller one waits up to [`LINGER`] for more.
 ///
-/// Each flush has a fixed cost in PostgreSQL besides its rows: planning the statement
-/// alone takes 0.3-0.6 ms, then its relations are locked and a transaction committed.
-/// At a burst's rate one dispatcher gathers this many outcomes during the previous
-/// flush, so it never waits. A dispatcher that sees a few thousand outcomes a second
+/// Each flush has a fixed cost in PostgreSQL besides its rows: a statement to execute,
+/// its relations to lock, a transaction to commit (and, before [`SETTLE`] became a
+/// function that keeps its plan, 0.3-0.6 ms of planning). At a burst's rate one
+/// dispatcher gathers this many outcomes during the previous flush, so it never waits. A dispatcher that sees a few thousand outcomes a second
 /// (one of several sharing a burst, or a steady stream) waits, and with four sharing a
 /// burst it writes in 43% fewer statements than when it waited 3 ms at most.
 pub const FLUSH_AT: usize = 200;
@@ -32,72 +32,14 @@ pub const LINGER: Duration = Duration::from_millis(15);
 
 /// Settles deliveries and records attempts in one statement. `$1` is the worker id.
 ///
-/// The UPDATE only matches rows this worker still holds at the attempt it claimed
-/// (`locked_by = $1 AND attempts = o.attempt`): if the lease ran out and another worker
-/// reclaimed the row (bumping `attempts`), the stale outcome changes nothing. Attempts
-/// are recorded either way, since the request really happened; `ON CONFLICT DO NOTHING`
-/// makes a flush retried after an ambiguous connection error harmless.
-pub const SETTLE: &str = "
-WITH outcome AS (
-    SELECT *
-    FROM unnest($2::bigint[], $3::bigint[], $4::int[], $5::text[], $6::bigint[],
-                $7::int[], $8::int[], $9::text[])
-      AS o(event_id, endpoint_id, attempt, state, delay_ms, uncount, last_status, last_error)
-), settled AS (
-    UPDATE webhook_deliveries d
-    -- A park is written only if the endpoint is still closed: an enable that
-    -- committed since the claim saw it closed must not strand the delivery.
-    SET state = CASE WHEN o.state = 'parked' AND o.uncount = 1 AND EXISTS (
-                         SELECT 1 FROM webhook_endpoints e
-                         WHERE e.id = d.endpoint_id AND e.active AND e.deleted_at IS NULL)
-                     THEN 'pending' ELSE o.state END,
-        attempts = d.attempts - o.uncount,
-        next_attempt_at = CASE WHEN o.state IN ('pending', 'parked')
-                               THEN now() + o.delay_ms * interval '1 millisecond'
-                               ELSE d.next_attempt_at END,
-        locked_by = NULL,
-        locked_until = NULL,
-        last_status = CASE WHEN o.uncount = 1 THEN d.last_status ELSE o.last_status END,
-        last_error = CASE WHEN o.uncount = 1 THEN d.last_error ELSE o.last_error END,
-        delivered_at = CASE WHEN o.state = 'delivered' THEN now() END,
-        updated_at = now()
-    FROM outcome o
-    WHERE d.event_id = o.event_id AND d.endpoint_id = o.endpoint_id
-      AND d.locked_by = $1 AND d.attempts = o.attempt
-    RETURNING 1
-), recorded AS (
-    INSERT INTO webhook_attempts
-        (event_id, endpoint_id, attempt, started_at, duration_ms, status_code,
-         error_kind, error, response_excerpt, worker_id)
-    SELECT a.*, $1
-    FROM unnest($10::bigint[], $11::bigint[], $12::int[], $13::timestamptz[], $14::int[],
-                $15::int[], $16::text[], $17::text[], $18::text[]) AS a
-    ON CONFLICT DO NOTHING
-    RETURNING 1
-), healthy AS (
-    -- Any success resets the endpoint's failure clock. Only transitions write, so
-    -- dispatchers settling for one endpoint do not queue on its row.
-    UPDATE webhook_endpoints SET failing_since = NULL
-    WHERE id = ANY ($19::bigint[]) AND failing_since IS NOT NULL
-), failing AS (
-    UPDATE webhook_endpoints SET failing_since = now()
-    WHERE id = ANY ($20::bigint[]) AND failing_since IS NULL
-)
-SELECT (SELECT count(*) FROM settled)";
-
-/// Opens the transaction [`SETTLE`] runs in, with the planner held to index lookups.
-///
-/// The deliveries to settle are a few hundred rows of a table that may have grown by
-/// tens of thousands since its last ANALYZE (a burst on a young table). On such stale
-/// statistics PostgreSQL hash-joined the outcomes against a sequential scan of the whole
-/// table on every flush: 10-15 ms instead of ~3 ms for 300 rows of 60,000. A primary-key
-/// probe per outcome is right at any table size, so the statement is planned without
-/// sequential scans, hash joins or merge joins. `SET LOCAL` ends with the transaction;
-/// [`flush`] pipelines this, the statement and the `COMMIT` in one round trip.
-pub const SETTLE_BEGIN: &str = "BEGIN;
-SET LOCAL enable_seqscan = off;
-SET LOCAL enable_hashjoin = off;
-SET LOCAL enable_mergejoin = off";
+/// The statement is the function `webhook_settle` (`sql/0005_settle_function.sql`),
+/// which each session plans once, held to primary-key probes whatever the table's
+/// statistics say. Only deliveries this worker still holds at the attempt it claimed
+/// change: an outcome whose lease was lost to another worker changes nothing. Attempts
+/// are recorded either way, and repeating a flush after an ambiguous connection error
+/// is harmless.
+pub const SETTLE: &str = "SELECT webhook_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
 
 /// What to write for one delivery.
 #[derive(Debug, Clone)]
@@ -260,18 +202,7 @@ pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result
         (&c.failing, Type::INT8_ARRAY),
     ];
     let client = pool.get().await?;
-    // Sent back to back in one round trip. If the statement fails, the transaction is
-    // aborted and COMMIT ends it as a rollback, so the connection goes back clean.
-    // `biased`: polled in this order, so the requests go out in this order.
-    let (begun, row, committed) = tokio::join!(
-        biased;
-        client.batch_execute(SETTLE_BEGIN),
-        client.query_typed_one(SETTLE, &params),
-        client.batch_execute("COMMIT"),
-    );
-    begun?;
-    let row = row?;
-    committed?;
+    let row = client.query_typed_one(SETTLE, &params).await?;
     let settled: i64 = row.get(0);
     Ok(settled as u64)
 }

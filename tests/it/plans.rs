@@ -1,16 +1,21 @@
-//! Query plans the hot path depends on, checked with EXPLAIN on a table whose
-//! statistics are stale, as they are during a burst on a young table.
+//! Query plans the hot path depends on, checked on a table whose statistics are stale,
+//! as they are during a burst on a young table.
 
+use futures_util::StreamExt;
 use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::harness::TestDb;
 
-/// The settle statement finds its rows through the primary key even when the planner
-/// believes the deliveries table is tiny. Without the planner settings of
-/// `SETTLE_BEGIN` it hash-joined against a sequential scan of the whole table.
+/// The settle function finds its rows through the primary key even when the planner
+/// believes the deliveries table is tiny. Planned for its arguments with default
+/// settings, the same statement hash-joins against a sequential scan of the whole table.
+/// Either of the function's guards is enough here: its generic plan does not see the
+/// 300 outcomes, and `enable_seqscan` and the join settings rule the scan out. Without
+/// both, this test fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_uses_the_primary_key_on_stale_statistics() {
-    let mut db = TestDb::new("settleplan").await;
+    let db = TestDb::new("settleplan").await;
     // Analyzed while nearly empty, then grown 1000-fold, with autovacuum kept from
     // analyzing it again: the planner's estimates are built on a 20-row sample.
     db.client
@@ -56,37 +61,89 @@ async fn settle_uses_the_primary_key_on_stale_statistics() {
         (&ones64, Type::INT8_ARRAY),
         (&empty, Type::INT8_ARRAY),
     ];
-    let explain = format!("EXPLAIN {}", outboxd::settle::SETTLE);
-    let plan = |rows: Vec<tokio_postgres::Row>| -> String {
-        rows.iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
 
-    // The premise: left to itself, the planner scans the whole table.
-    let bare = plan(db.client.query_typed(&explain, &params).await.unwrap());
+    // The premise: the function's statement, planned with default settings, scans the
+    // whole table. Its text is read back from the function, so this is the statement
+    // that runs.
+    let source: String = db
+        .client
+        .query_one(
+            "SELECT prosrc FROM pg_proc WHERE proname = 'webhook_settle'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let start = source
+        .find("WITH outcome AS")
+        .expect("the settle statement");
+    let end = source[start..]
+        .find("SELECT count(*) INTO n FROM settled;")
+        .expect("the settle statement's last line")
+        + start;
+    let bare = format!(
+        "EXPLAIN {} SELECT count(*) FROM settled",
+        &source[start..end]
+    );
+    let bare = plan(
+        db.client
+            .query_typed(&bare, &params)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0)),
+    );
     assert!(
         bare.contains("Seq Scan on webhook_deliveries"),
         "stale statistics no longer mislead the planner; this test needs a new premise:\n{bare}"
     );
 
-    let tx = db.client.transaction().await.unwrap();
-    tx.batch_execute(
-        outboxd::settle::SETTLE_BEGIN
-            .trim_start_matches("BEGIN;")
-            .trim(),
-    )
-    .await
-    .unwrap();
-    let steered = plan(tx.query_typed(&explain, &params).await.unwrap());
-    tx.rollback().await.unwrap();
+    // The function as the dispatcher calls it, with auto_explain reporting the plan
+    // of the statement inside it as a notice. Rolled back.
+    let (client, mut connection) = tokio_postgres::connect(&db.url, NoTls).await.unwrap();
+    let (notices_tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notice(notice) = message {
+                let _ = notices_tx.send(notice.message().to_owned());
+            }
+        }
+    });
+    client
+        .batch_execute(
+            "LOAD 'auto_explain';
+             SET auto_explain.log_min_duration = 0;
+             SET auto_explain.log_nested_statements = on;
+             SET auto_explain.log_level = notice;
+             SET client_min_messages = notice;
+             BEGIN;",
+        )
+        .await
+        .unwrap();
+    let settled: i64 = client
+        .query_typed_one(outboxd::settle::SETTLE, &params)
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(settled, 300);
+    drop(client);
+    let mut logged = Vec::new();
+    while let Some(notice) = notices.recv().await {
+        logged.push(notice);
+    }
+    let inner = logged
+        .iter()
+        .find(|n| n.contains("UPDATE webhook_deliveries"))
+        .unwrap_or_else(|| panic!("no plan of the settle statement among {logged:?}"));
     assert!(
-        steered.contains("Index Scan using webhook_deliveries_pkey"),
-        "{steered}"
+        inner.contains("Index Scan using webhook_deliveries_pkey"),
+        "{inner}"
     );
-    assert!(
-        !steered.contains("Seq Scan on webhook_deliveries"),
-        "{steered}"
-    );
+    assert!(!inner.contains("Seq Scan on webhook_deliveries"), "{inner}");
+}
+
+fn plan<'a>(lines: impl Iterator<Item = &'a str>) -> String {
+    lines.collect::<Vec<_>>().join("\n")
 }
