@@ -21,9 +21,10 @@ pub const MAX_BATCH: usize = 500;
 /// Each flush has a fixed cost in PostgreSQL besides its rows: a statement to execute,
 /// its relations to lock, a transaction to commit (and, before [`SETTLE`] became a
 /// function that keeps its plan, 0.3-0.6 ms of planning). At a burst's rate one
-/// dispatcher gathers this many outcomes during the previous flush, so it never waits. A dispatcher that sees a few thousand outcomes a second
-/// (one of several sharing a burst, or a steady stream) waits, and with four sharing a
-/// burst it writes in 43% fewer statements than when it waited 3 ms at most.
+/// dispatcher gathers this many outcomes during the previous flush, so it never waits.
+/// A dispatcher that sees a few thousand outcomes a second (one of several sharing a
+/// burst, or a steady stream) waits, and with four sharing a burst it writes in 43%
+/// fewer statements than when it waited 3 ms at most.
 pub const FLUSH_AT: usize = 200;
 /// How long the settler waits for more outcomes before flushing a batch smaller than
 /// [`FLUSH_AT`]. Only the recorded state waits: a send slot is freed when its request
