@@ -85,13 +85,16 @@ impl Dispatcher {
     /// in-flight deliveries finish for up to `drain_timeout`, releases what is
     /// unfinished, writes every outcome back and returns.
     ///
-    /// Returns an error only if it cannot start (database unreachable, HTTP client
-    /// unavailable); once running, database errors are logged and retried.
+    /// Returns an error only if it cannot start (database unreachable, outcomes could
+    /// not be recorded, HTTP client unavailable); once running, database errors are
+    /// logged and retried, and claiming stops while outcomes cannot be written.
     pub async fn run(self, shutdown: CancellationToken) -> Result<Report> {
         let cfg = self.config;
         let pool = db::dispatcher_pool(&self.database_url, cfg.pool_size).await?;
-        // Fail fast on an unreachable database rather than looping on warnings.
+        // Fail fast on an unreachable database rather than looping on warnings, and on
+        // one that could not record what is delivered.
         drop(pool.get().await?);
+        settle::probe(&pool).await?;
         let sender = Sender::new(&cfg)?;
 
         let wake = Arc::new(Notify::new());
@@ -121,6 +124,7 @@ impl Dispatcher {
 
         let (settle_tx, settle_rx) = mpsc::channel(cfg.concurrency as usize + settle::MAX_BATCH);
         let settle_give_up = CancellationToken::new();
+        let (settle_stalled, settle_stalled_rx) = tokio::sync::watch::channel(false);
         let mut settler = tokio::spawn(
             settle::Settler {
                 pool: pool.clone(),
@@ -128,6 +132,7 @@ impl Dispatcher {
                 metrics: Arc::clone(&self.metrics),
                 wake: Arc::clone(&wake),
                 give_up: settle_give_up.clone(),
+                stalled: settle_stalled,
             }
             .run(settle_rx),
         );
@@ -154,6 +159,7 @@ impl Dispatcher {
             abort: CancellationToken::new(),
             sender: Arc::new(sender),
             settle_tx,
+            settle_stalled: settle_stalled_rx,
             pool,
             wake,
             metrics: Arc::clone(&self.metrics),
@@ -226,6 +232,8 @@ struct ClaimLoop {
     tracker: TaskTracker,
     abort: CancellationToken,
     settle_tx: mpsc::Sender<Outcome>,
+    /// Set by the settler while outcomes cannot be written.
+    settle_stalled: tokio::sync::watch::Receiver<bool>,
     metrics: Arc<Metrics>,
 }
 
@@ -240,6 +248,9 @@ impl ClaimLoop {
         let mut close_gate = false;
         let mut error_delay = Duration::from_millis(100);
         loop {
+            if !self.wait_while_settle_stalled(shutdown).await {
+                return;
+            }
             let Some(free) = self.wait_for_capacity(shutdown).await else {
                 return;
             };
@@ -328,6 +339,20 @@ impl ClaimLoop {
             _ = shutdown.cancelled() => Wake::Shutdown,
             _ = self.wake.notified() => Wake::Notified,
             _ = tokio::time::sleep(duration) => Wake::Timer,
+        }
+    }
+
+    /// Waits while the settler cannot write outcomes: a delivery made now could not be
+    /// recorded, and would be made again when its lease ran out. Returns `false` on
+    /// shutdown.
+    async fn wait_while_settle_stalled(&self, shutdown: &CancellationToken) -> bool {
+        if !*self.settle_stalled.borrow() {
+            return true;
+        }
+        let mut stalled = self.settle_stalled.clone();
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = stalled.wait_for(|stalled| !stalled) => true,
         }
     }
 

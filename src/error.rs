@@ -30,6 +30,16 @@ pub enum Error {
     /// The named row does not exist.
     #[error("{0} not found")]
     NotFound(String),
+    /// This database session cannot record delivery outcomes (see
+    /// [`crate::settle::probe`]): a dispatcher that delivered anyway would deliver again
+    /// at every lease expiry.
+    #[error(
+        "cannot record delivery outcomes: {}; the dispatcher's role needs EXECUTE on \
+         webhook_settle and write access to webhook_deliveries, webhook_attempts and \
+         webhook_endpoints, on a primary",
+        describe_db(.0)
+    )]
+    CannotSettle(#[source] tokio_postgres::Error),
     /// A migration file failed to apply.
     #[error("migration {name} failed: {source}")]
     Migration {
@@ -45,11 +55,18 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether PostgreSQL received the statement and refused it (a constraint, bad
-    /// data, a missing table), as opposed to a connection problem: repeating the same
-    /// statement would fail the same way.
-    pub fn is_rejected_by_database(&self) -> bool {
-        matches!(self, Error::Db(e) if e.as_db_error().is_some())
+    /// Whether PostgreSQL refused the statement for the values it carried: SQLSTATE
+    /// class 22 (data exception, such as a NUL byte in text) or 23 (a constraint). The
+    /// same values would be refused again; other values may not be. Anything else, a
+    /// broken connection, a missing function or privilege, a read-only standby, a full
+    /// disk, is a condition of the database that can clear, and is worth retrying.
+    pub fn is_bad_data(&self) -> bool {
+        match self {
+            Error::Db(e) => e
+                .as_db_error()
+                .is_some_and(|db| matches!(db.code().code().get(..2), Some("22" | "23"))),
+            _ => false,
+        }
     }
 }
 

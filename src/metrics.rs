@@ -123,6 +123,7 @@ pub struct Metrics {
     notifications: AtomicU64,
     poll_ticks: AtomicU64,
     endpoints_disabled: AtomicU64,
+    settle_failures: AtomicU64,
     queue: Mutex<Option<QueueSample>>,
 }
 
@@ -140,6 +141,7 @@ impl Default for Metrics {
             notifications: AtomicU64::new(0),
             poll_ticks: AtomicU64::new(0),
             endpoints_disabled: AtomicU64::new(0),
+            settle_failures: AtomicU64::new(0),
             queue: Mutex::new(None),
         }
     }
@@ -201,6 +203,16 @@ impl Metrics {
     /// An endpoint was disabled automatically (410 Gone, or failing too long).
     pub fn endpoint_disabled(&self) {
         self.endpoints_disabled.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A flush of outcomes failed and will be retried.
+    pub fn settle_failed(&self) {
+        self.settle_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Flushes of outcomes that failed so far.
+    pub fn settle_failures_total(&self) -> u64 {
+        self.settle_failures.load(Ordering::Relaxed)
     }
 
     /// Replaces the sampled queue state.
@@ -320,6 +332,12 @@ impl Metrics {
             "outboxd_endpoints_disabled_total",
             "Endpoints disabled automatically (410 Gone or failing too long).",
             self.endpoints_disabled.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "outboxd_settle_failures_total",
+            "Flushes of outcomes the database could not take; claiming stops until one succeeds.",
+            self.settle_failures.load(Ordering::Relaxed),
         );
         let queue = self.queue.lock().ok().and_then(|q| q.clone());
         if let Some(queue) = queue {

@@ -11,7 +11,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use crate::db::Pool;
 use crate::deliver::{Attempt, AttemptResult};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::retry::Verdict;
 
 /// Most outcomes per flush.
@@ -208,6 +208,18 @@ pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result
     Ok(settled as u64)
 }
 
+/// Checks that outcomes can be recorded through `pool`: `webhook_settle` resolves on
+/// the connection's search path, its role may execute it and write every table it
+/// writes, and the database accepts writes (it is not a standby). It runs the settle
+/// statement on no outcomes, so it changes nothing. A refusal is
+/// [`Error::CannotSettle`]; a connection problem is returned as it is.
+pub async fn probe(pool: &Pool) -> Result<()> {
+    match flush(pool, "", &[]).await {
+        Err(Error::Db(e)) if e.as_db_error().is_some() => Err(Error::CannotSettle(e)),
+        other => other.map(drop),
+    }
+}
+
 /// The settler task's collaborators.
 #[derive(Debug, Clone)]
 pub struct Settler {
@@ -222,15 +234,30 @@ pub struct Settler {
     pub wake: std::sync::Arc<tokio::sync::Notify>,
     /// Stops retrying a failing flush (at the end of a shutdown).
     pub give_up: tokio_util::sync::CancellationToken,
+    /// `true` while a flush keeps failing: the claim loop stops claiming, since what it
+    /// delivered could not be recorded and would be delivered again.
+    pub stalled: tokio::sync::watch::Sender<bool>,
+}
+
+/// How one flush ended.
+enum Flushed {
+    /// Written; this many deliveries were settled.
+    Settled(u64),
+    /// Refused for the values it carried (see [`Error::is_bad_data`]).
+    BadData(Error),
+    /// Still failing when `give_up` fired.
+    GaveUp,
 }
 
 impl Settler {
     /// Batches outcomes from `rx` and writes them until the channel closes and is
-    /// empty. A flush that fails for a connection problem is retried with backoff (the
-    /// statement is safe to repeat) until it succeeds or `give_up` fires. A batch the
-    /// database rejects (bad data) is written one outcome at a time, so one bad outcome
-    /// cannot block the rest. Whatever stays unwritten stays leased and comes back when
-    /// the lease runs out: nothing is lost, at worst delivered twice.
+    /// empty. A flush the database cannot take (a lost connection, a missing privilege,
+    /// a standby after a failover) is retried with backoff (the statement is safe to
+    /// repeat) until it succeeds or `give_up` fires, and meanwhile `stalled` keeps the
+    /// claim loop from delivering more. A batch refused for its values is written one
+    /// outcome at a time, so one bad outcome cannot block the rest. Whatever stays
+    /// unwritten stays leased and comes back when the lease runs out: nothing is lost,
+    /// at worst delivered twice.
     pub async fn run(self, mut rx: mpsc::Receiver<Outcome>) -> SettleTotals {
         let mut totals = SettleTotals::default();
         let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -252,39 +279,23 @@ impl Settler {
     }
 
     async fn write(&self, batch: &[Outcome], totals: &mut SettleTotals) {
-        let mut delay = Duration::from_millis(50);
-        loop {
-            match flush(&self.pool, &self.worker_id, batch).await {
-                Ok(settled) => {
-                    totals.record(batch, settled);
-                    break;
-                }
-                Err(e) if e.is_rejected_by_database() => {
-                    tracing::warn!(error = %e, outcomes = batch.len(), "a batch of outcomes was rejected; writing them one by one");
-                    for outcome in batch {
-                        let one = std::slice::from_ref(outcome);
-                        match flush(&self.pool, &self.worker_id, one).await {
-                            Ok(settled) => totals.record(one, settled),
-                            Err(e) => tracing::error!(
-                                event_id = outcome.event_id,
-                                endpoint_id = outcome.endpoint_id,
-                                error = %e,
-                                "an outcome could not be written; the delivery will be retried when its lease ends"
-                            ),
-                        }
+        match self.flush_retrying(batch).await {
+            Flushed::Settled(settled) => totals.record(batch, settled),
+            Flushed::GaveUp => return,
+            Flushed::BadData(e) => {
+                tracing::warn!(error = %e, outcomes = batch.len(), "a batch of outcomes was refused for its values; writing them one by one");
+                for outcome in batch {
+                    let one = std::slice::from_ref(outcome);
+                    match self.flush_retrying(one).await {
+                        Flushed::Settled(settled) => totals.record(one, settled),
+                        Flushed::BadData(e) => tracing::error!(
+                            event_id = outcome.event_id,
+                            endpoint_id = outcome.endpoint_id,
+                            error = %e,
+                            "an outcome could not be written; the delivery will be retried when its lease ends"
+                        ),
+                        Flushed::GaveUp => return,
                     }
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, outcomes = batch.len(), "settling outcomes failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.give_up.cancelled() => {
-                            tracing::error!(outcomes = batch.len(), "gave up settling outcomes; their leases will expire and they will be retried");
-                            return;
-                        }
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -295,6 +306,50 @@ impl Settler {
         {
             self.wake.notify_one();
         }
+    }
+
+    /// Flushes `outcomes`, retrying with backoff while the database cannot take them.
+    async fn flush_retrying(&self, outcomes: &[Outcome]) -> Flushed {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let e = match flush(&self.pool, &self.worker_id, outcomes).await {
+                Ok(settled) => {
+                    self.set_stalled(false);
+                    return Flushed::Settled(settled);
+                }
+                Err(e) if e.is_bad_data() => {
+                    self.set_stalled(false);
+                    return Flushed::BadData(e);
+                }
+                Err(e) => e,
+            };
+            let first = self.set_stalled(true);
+            self.metrics.settle_failed();
+            if first {
+                tracing::error!(error = %e, outcomes = outcomes.len(), "settling outcomes failed; claiming stops until they are written");
+            } else {
+                tracing::warn!(error = %e, outcomes = outcomes.len(), "settling outcomes failed again; retrying");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.give_up.cancelled() => {
+                    tracing::error!(outcomes = outcomes.len(), "gave up settling outcomes; their leases will expire and they will be retried");
+                    return Flushed::GaveUp;
+                }
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Sets the stall flag; returns whether it changed.
+    fn set_stalled(&self, stalled: bool) -> bool {
+        let changed = self
+            .stalled
+            .send_if_modified(|s| std::mem::replace(s, stalled) != stalled);
+        if changed && !stalled {
+            tracing::info!("outcomes are being written again; claiming resumes");
+        }
+        changed
     }
 }
 

@@ -80,6 +80,9 @@ async fn readiness(state: &StatusState) -> Result<(), String> {
     if !pending.is_empty() {
         return Err(format!("migrations pending: {}", pending.join(", ")));
     }
+    crate::settle::probe(&state.pool)
+        .await
+        .map_err(|e| e.to_string())?;
     if state.listen && !state.metrics.listener_connected() {
         return Err("LISTEN session not connected".to_owned());
     }

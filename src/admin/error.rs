@@ -106,7 +106,11 @@ impl From<Error> for ApiError {
             | Error::InvalidEvent(_)
             | Error::Config(_) => Self::invalid_input(e.to_string()),
             Error::NotFound(_) => Self::not_found(e.to_string()),
-            Error::Db(_) | Error::Pool(_) | Error::Migration { .. } | Error::HttpClient(_) => {
+            Error::Db(_)
+            | Error::Pool(_)
+            | Error::CannotSettle(_)
+            | Error::Migration { .. }
+            | Error::HttpClient(_) => {
                 tracing::error!(error = %e, "admin API request failed");
                 Self::internal()
             }

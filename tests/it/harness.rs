@@ -642,6 +642,7 @@ pub fn test_config(label: &str) -> Config {
 /// An in-process dispatcher running on the test's runtime. Dropping it cancels it.
 pub struct RunningDispatcher {
     pub worker_id: String,
+    pub metrics: std::sync::Arc<outboxd::metrics::Metrics>,
     token: CancellationToken,
     handle: Option<JoinHandle<outboxd::Result<Report>>>,
 }
@@ -650,10 +651,12 @@ impl RunningDispatcher {
     pub fn start(url: &str, config: Config) -> Self {
         let worker_id = config.worker_id.clone();
         let dispatcher = outboxd::Dispatcher::new(url, config).expect("valid test config");
+        let metrics = dispatcher.metrics();
         let token = CancellationToken::new();
         let handle = tokio::spawn(dispatcher.run(token.clone()));
         Self {
             worker_id,
+            metrics,
             token,
             handle: Some(handle),
         }

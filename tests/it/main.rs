@@ -21,6 +21,7 @@ mod plans;
 mod producer;
 mod retention;
 mod retries;
+mod settling;
 mod shutdown;
 mod signing;
 mod ssrf;

@@ -347,6 +347,7 @@ async fn metrics_health_and_readiness_of_the_running_binary() {
     assert_eq!(m.kind("outboxd_notifications_total"), "counter");
     assert_eq!(m.kind("outboxd_poll_ticks_total"), "counter");
     assert_eq!(m.kind("outboxd_endpoints_disabled_total"), "counter");
+    assert_eq!(m.kind("outboxd_settle_failures_total"), "counter");
 
     // The counters count.
     status
@@ -464,6 +465,20 @@ async fn readiness_without_listen_needs_no_listener_but_a_migrated_database() {
     assert_eq!(status.get("/healthz").await.status, 200, "still alive");
     db.client
         .batch_execute("INSERT INTO outboxd_migrations (name) VALUES ('0003_operations.sql')")
+        .await
+        .unwrap();
+    status.wait_for("/readyz", 200, &outboxd).await;
+
+    // And that outcomes could be written: a settle function gone from the search path
+    // makes it 503, naming the function.
+    db.client
+        .batch_execute("ALTER FUNCTION webhook_settle RENAME TO webhook_settle_hidden")
+        .await
+        .unwrap();
+    let not_ready = status.wait_for("/readyz", 503, &outboxd).await;
+    assert!(not_ready.body.contains("webhook_settle"), "{not_ready:?}");
+    db.client
+        .batch_execute("ALTER FUNCTION webhook_settle_hidden RENAME TO webhook_settle")
         .await
         .unwrap();
     status.wait_for("/readyz", 200, &outboxd).await;

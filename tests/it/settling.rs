@@ -1,0 +1,216 @@
+//! When outcomes cannot be written: a dispatcher does not deliver what it could not
+//! record, so a database that refuses the settle statement costs no repeated deliveries.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use outboxd::Error;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{Receiver, RunningDispatcher, TestDb, eventually, test_config};
+
+const HIDE_SETTLE: &str = "ALTER FUNCTION webhook_settle RENAME TO webhook_settle_hidden";
+const RESTORE_SETTLE: &str = "ALTER FUNCTION webhook_settle_hidden RENAME TO webhook_settle";
+
+/// Runs a dispatcher that should refuse to start; returns its error.
+async fn start_error(url: &str, label: &str) -> Error {
+    let dispatcher = outboxd::Dispatcher::new(url, test_config(label)).unwrap();
+    let run = dispatcher.run(CancellationToken::new());
+    match tokio::time::timeout(Duration::from_secs(30), run).await {
+        Ok(Err(e)) => e,
+        Ok(Ok(report)) => panic!("the dispatcher ran and stopped: {report:?}"),
+        Err(_) => panic!("the dispatcher started instead of refusing"),
+    }
+}
+
+/// Before claiming anything, a dispatcher checks that it could record what it delivers:
+/// a settle function missing from its search path and a read-only database (a standby
+/// after a failover) each stop it at start, with PostgreSQL's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_refuses_to_start_when_outcomes_could_not_be_written() {
+    let db = TestDb::new("settleprobe").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    db.enqueue("order.created", &json!({})).await;
+
+    db.client.batch_execute(HIDE_SETTLE).await.unwrap();
+    let e = start_error(&db.url, "settleprobe").await;
+    assert!(matches!(e, Error::CannotSettle(_)), "{e:?}");
+    let message = e.to_string();
+    assert!(
+        message.contains("webhook_settle") && message.contains("42883"),
+        "{message}"
+    );
+    db.client.batch_execute(RESTORE_SETTLE).await.unwrap();
+
+    db.client
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_read_only = on",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let e = start_error(&db.url, "settleprobe").await;
+    assert!(matches!(e, Error::CannotSettle(_)), "{e:?}");
+    assert!(e.to_string().contains("25006"), "{e}");
+    db.client
+        .batch_execute(&format!(
+            "ALTER DATABASE {} RESET default_transaction_read_only",
+            db.name
+        ))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        receiver.count(),
+        0,
+        "nothing is delivered by a refused start"
+    );
+    let dispatcher = RunningDispatcher::start(&db.url, test_config("settleprobe"));
+    receiver.wait_for(1).await;
+    dispatcher.stop().await;
+}
+
+/// While the settle statement fails, the deliveries already made wait, leased, for their
+/// outcomes to be written, and nothing more is claimed: not the leased rows once their
+/// lease runs out, and not new events. Once the database takes outcomes again, every
+/// event ends delivered, each received once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claiming_stops_while_outcomes_cannot_be_written() {
+    let db = TestDb::new("settlestall").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let mut config = test_config("settlestall");
+    config.lease = Duration::from_millis(1_000);
+    config.http_timeout = Duration::from_millis(900);
+    let dispatcher = RunningDispatcher::start(&db.url, config);
+    db.enqueue("order.created", &json!({ "n": 0 })).await;
+    db.wait_all_in_state(1, "delivered").await;
+
+    db.client.batch_execute(HIDE_SETTLE).await.unwrap();
+    for n in 1..=3 {
+        db.enqueue("order.created", &json!({ "n": n })).await;
+    }
+    receiver.wait_for(4).await;
+    eventually("a flush fails", Duration::from_secs(10), || async {
+        dispatcher.metrics.settle_failures_total() > 0
+    })
+    .await;
+    // Delivered but not recorded: a dispatcher that went on claiming would take these
+    // rows back when their one-second lease ran out, and send them again.
+    let late = db.enqueue("order.created", &json!({ "n": 4 })).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        receiver.count(),
+        4,
+        "nothing is sent while outcomes cannot be written"
+    );
+    let leased: i64 = db
+        .scalar(&format!(
+            "SELECT count(*) FROM webhook_deliveries
+             WHERE state = 'pending' AND locked_by = '{}'",
+            dispatcher.worker_id
+        ))
+        .await;
+    assert_eq!(
+        leased, 3,
+        "the unrecorded deliveries stay with their worker"
+    );
+
+    db.client.batch_execute(RESTORE_SETTLE).await.unwrap();
+    db.wait_all_in_state(5, "delivered").await;
+    let mut received = BTreeMap::new();
+    for request in receiver.requests() {
+        *received.entry(request.event_id()).or_insert(0) += 1;
+    }
+    assert_eq!(received.len(), 5, "{received:?}");
+    assert!(received.values().all(|&n| n == 1), "{received:?}");
+    assert_eq!(received.get(&late), Some(&1));
+    let attempts: i64 = db.scalar("SELECT count(*) FROM webhook_attempts").await;
+    assert_eq!(attempts, 5, "each attempt is recorded once");
+    let report = dispatcher.stop().await;
+    assert_eq!(report.totals.delivered, 5);
+    assert_eq!(report.totals.lease_lost, 0);
+}
+
+/// The grants docs/operations.md lists for a separate dispatcher role are enough to
+/// deliver, and without EXECUTE on `webhook_settle` the dispatcher refuses to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatcher_role_needs_the_documented_grants() {
+    let db = TestDb::new("dispatcherrole").await;
+    let may_create_roles: bool = db
+        .scalar("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user")
+        .await;
+    if !may_create_roles {
+        eprintln!("skipped: the test database user cannot create roles");
+        return;
+    }
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let role = format!("{}_dispatcher", db.name);
+    let password = "dispatcher-password";
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{password}';
+             DO $$
+             DECLARE t text;
+             BEGIN
+                 FOR t IN SELECT tablename FROM pg_tables
+                          WHERE schemaname = 'public' AND tablename LIKE 'webhook\\_%'
+                 LOOP
+                     EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON %I TO {role}', t);
+                 END LOOP;
+             END $$;
+             GRANT UPDATE ON SEQUENCE webhook_doorbell_gate TO {role};
+             REVOKE EXECUTE ON FUNCTION webhook_settle FROM PUBLIC;"
+        ))
+        .await
+        .unwrap();
+    let url = if db.url.contains("://") {
+        let mut url = url::Url::parse(&db.url).unwrap();
+        url.set_username(&role).unwrap();
+        url.set_password(Some(password)).unwrap();
+        url.to_string()
+    } else {
+        format!("{} user={role} password={password}", db.url)
+    };
+
+    let e = start_error(&url, "dispatcherrole").await;
+    assert!(
+        matches!(e, Error::CannotSettle(_)) && e.to_string().contains("42501"),
+        "without EXECUTE: {e:?}"
+    );
+
+    db.client
+        .batch_execute(&format!(
+            "GRANT EXECUTE ON FUNCTION webhook_settle TO {role}"
+        ))
+        .await
+        .unwrap();
+    // A closed gate and a disarmed bell, as a notification leaves them: the dispatcher
+    // must open the gate (a setval) when it arms the bell.
+    db.client
+        .batch_execute(
+            "UPDATE webhook_doorbell SET armed = false;
+             SELECT setval('webhook_doorbell_gate', 1, true);",
+        )
+        .await
+        .unwrap();
+    let dispatcher = RunningDispatcher::start(&url, test_config("dispatcherrole"));
+    let event = db.enqueue("order.created", &json!({})).await;
+    assert_eq!(receiver.wait_for(1).await[0].event_id(), event);
+    db.wait_all_in_state(1, "delivered").await;
+    // Idle, it arms the doorbell and opens the gate.
+    db.wait_until(
+        "SELECT armed AND pg_sequence_last_value('webhook_doorbell_gate') IS NULL
+         FROM webhook_doorbell",
+    )
+    .await;
+    dispatcher.stop().await;
+    // Left behind if an assertion above fails: roles outlive the test's database.
+    db.client
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+}
