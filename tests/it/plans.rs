@@ -7,12 +7,18 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::harness::TestDb;
 
+/// The settle function's exact signature: an older overload left behind by a hand-made
+/// change would not be mistaken for it.
+const SETTLE_SIGNATURE: &str = "webhook_settle(text, bigint[], bigint[], int[], text[], \
+    bigint[], int[], int[], text[], bigint[], bigint[], int[], timestamptz[], int[], int[], \
+    text[], text[], text[], bigint[], bigint[])";
+
 /// The settle function finds its rows through the primary key even when the planner
 /// believes the deliveries table is tiny. Planned for its arguments with default
 /// settings, the same statement hash-joins against a sequential scan of the whole table.
 /// Either of the function's guards is enough here: its generic plan does not see the
-/// 300 outcomes, and `enable_seqscan` and the join settings rule the scan out. Without
-/// both, this test fails.
+/// 300 outcomes, and `enable_seqscan` and the join settings rule the scan out. So the
+/// plan fails this test only without both, and the settings are also checked by name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_uses_the_primary_key_on_stale_statistics() {
     let db = TestDb::new("settleplan").await;
@@ -65,15 +71,29 @@ async fn settle_uses_the_primary_key_on_stale_statistics() {
     // The premise: the function's statement, planned with default settings, scans the
     // whole table. Its text is read back from the function, so this is the statement
     // that runs.
-    let source: String = db
+    let function = db
         .client
         .query_one(
-            "SELECT prosrc FROM pg_proc WHERE proname = 'webhook_settle'",
+            &format!("SELECT prosrc, proconfig FROM pg_proc WHERE oid = '{SETTLE_SIGNATURE}'::regprocedure"),
             &[],
         )
         .await
-        .unwrap()
-        .get(0);
+        .unwrap();
+    let source: String = function.get(0);
+    // Each guard on its own is enough for this table (see above), so the plan below
+    // cannot tell if one went missing: the settings are checked by name.
+    let settings: Vec<String> = function.get(1);
+    for setting in [
+        "enable_seqscan=off",
+        "enable_hashjoin=off",
+        "enable_mergejoin=off",
+        "plan_cache_mode=force_generic_plan",
+    ] {
+        assert!(
+            settings.iter().any(|s| s == setting),
+            "{setting} missing from {settings:?}"
+        );
+    }
     let start = source
         .find("WITH outcome AS")
         .expect("the settle statement");
@@ -130,9 +150,13 @@ async fn settle_uses_the_primary_key_on_stale_statistics() {
     assert_eq!(settled, 300);
     drop(client);
     let mut logged = Vec::new();
-    while let Some(notice) = notices.recv().await {
-        logged.push(notice);
-    }
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(notice) = notices.recv().await {
+            logged.push(notice);
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the notices never ended: {logged:?}");
     let inner = logged
         .iter()
         .find(|n| n.contains("UPDATE webhook_deliveries"))
