@@ -15,7 +15,9 @@
 //! per-figure overrides such as `BENCH_BURST_EVENTS`, `BENCH_HISTORY_ROWS`,
 //! `BENCH_STEADY_RATES=500,2000` (see `Settings::from_env`); `BENCH_MAX_SECONDS`
 //! bounds the whole run (default 1800). `BENCH_AB_BIN=<another outboxd>` repeats each
-//! scale-out burst with that binary, round by round, and reports the paired ratios.
+//! scale-out burst with that binary, round by round (alternating which goes first), and
+//! reports the binary under test relative to it: +5% means the binary under test was
+//! 5% faster.
 
 #[path = "dispatch/disp.rs"]
 mod disp;

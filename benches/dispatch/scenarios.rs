@@ -478,7 +478,8 @@ impl Ctx {
             let after_first = (first.len().saturating_sub(1)) as f64
                 / ((last_us - first_us) as f64 / 1e6).max(1e-6);
             eprintln!(
-                "bench:   {} run {}: {} deliveries in {:.3} s = {} /s (first after {}, insert+commit {} ms)",
+                "bench:   {} ({}) run {}: {} deliveries in {:.3} s = {} /s (first after {}, insert+commit {} ms)",
+                spec.tag,
                 spec.mode.label(),
                 rep + 1,
                 first.len(),
@@ -686,15 +687,23 @@ impl Ctx {
         // databases and processes each time), so a machine that drifts slower or faster
         // during the scenario biases no process count. Each figure is the median of its
         // rounds, like the producer-cost comparison. With a second binary, each burst is
-        // repeated with it at once, so each round's pair shares the machine's speed.
+        // repeated with it at once, so each round's pair shares the machine's speed; the
+        // pair's order alternates by round, so going first or second favours neither.
+        // Index [b][i]: binary b (0 the one under test), process count i.
         let mut rates: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); counts.len()]; bins.len()];
-        let mut cpus: Vec<Option<Cpu>> = vec![None; counts.len()];
-        let mut items = vec![0_u64; counts.len()];
+        let mut cpus: Vec<Vec<Option<Cpu>>> = vec![vec![None; counts.len()]; bins.len()];
+        let mut items = vec![vec![0_u64; counts.len()]; bins.len()];
         let mut hwm: Vec<Option<u64>> = vec![None; counts.len()];
-        let mut rounds_json: Vec<Vec<Value>> = vec![Vec::new(); counts.len()];
+        let mut rounds_json: Vec<Vec<Vec<Value>>> =
+            vec![vec![Vec::new(); counts.len()]; bins.len()];
         for round in 0..rounds {
             for (i, &procs) in counts.iter().enumerate() {
-                for (b, bin) in bins.iter().enumerate() {
+                let mut order: Vec<usize> = (0..bins.len()).collect();
+                if round % 2 == 1 {
+                    order.reverse();
+                }
+                for b in order {
+                    let bin = &bins[b];
                     let suffix = if b == 0 { "" } else { "_ab" };
                     let tag = format!("scaleout_{procs}_r{}{suffix}", round + 1);
                     self.outboxd_bin = bin.clone();
@@ -712,14 +721,13 @@ impl Ctx {
                     self.outboxd_bin = bins[0].clone();
                     let out = out?;
                     rates[b][i].push(out.rate);
-                    if b > 0 {
-                        continue;
+                    cpus[b][i] = Some(cpus[b][i].map_or(out.cpu, |c| c.combine(&out.cpu)));
+                    items[b][i] += out.items;
+                    rounds_json[b][i].push(out.json);
+                    if b == 0 {
+                        let peak = out.hwm_kib.iter().flatten().copied().max();
+                        hwm[i] = hwm[i].max(peak);
                     }
-                    cpus[i] = Some(cpus[i].map_or(out.cpu, |c| c.combine(&out.cpu)));
-                    items[i] += out.items;
-                    let peak = out.hwm_kib.iter().flatten().copied().max();
-                    hwm[i] = hwm[i].max(peak);
-                    rounds_json[i].push(out.json);
                 }
             }
         }
@@ -731,8 +739,8 @@ impl Ctx {
         for (i, &procs) in counts.iter().enumerate() {
             let rate = median(&rates[0][i]);
             let label = format!("scale-out {procs} x outboxd run");
-            if let Some(cpu) = cpus[i] {
-                self.report.cpu(&label, cpu, Some(items[i]));
+            if let Some(cpu) = cpus[0][i] {
+                self.report.cpu(&label, cpu, Some(items[0][i]));
             }
             let metric = format!(
                 "deliveries/s, burst {} (median of {rounds} interleaved)",
@@ -767,15 +775,24 @@ impl Ctx {
                     "median_deliveries_per_s": rate,
                     "deliveries_per_s_by_round": rates[0][i],
                     "peak_rss_kib": hwm[i],
-                    "rounds": rounds_json[i],
+                    "rounds": rounds_json[0][i],
                 }),
             );
             if let Some(ab) = rates.get(1) {
-                let ratios: Vec<f64> = ab[i].iter().zip(&rates[0][i]).map(|(b, a)| b / a).collect();
+                // The binary under test relative to the baseline: above 1, it was faster.
+                let ratios: Vec<f64> = rates[0][i].iter().zip(&ab[i]).map(|(a, b)| a / b).collect();
                 let faster = ratios.iter().filter(|&&r| r > 1.0).count();
+                let ab_label = format!("A/B {procs} x outboxd run");
+                if let Some(cpu) = cpus[1][i] {
+                    self.report.cpu(
+                        &format!("{ab_label} (BENCH_AB_BIN)"),
+                        cpu,
+                        Some(items[1][i]),
+                    );
+                }
                 self.report.info(
-                    &format!("A/B {procs} x outboxd run"),
-                    "BENCH_AB_BIN against the binary above, same round (median ratio)",
+                    &ab_label,
+                    "the binary above vs BENCH_AB_BIN, paired by round (median ratio)",
                     format!(
                         "{:+.1}%, faster in {faster} of {}",
                         (median(&ratios) - 1.0) * 100.0,
@@ -787,8 +804,10 @@ impl Ctx {
                     json!({
                         "processes": procs,
                         "binary": bins[1].display().to_string(),
+                        "median_deliveries_per_s": median(&ab[i]),
                         "deliveries_per_s_by_round": ab[i],
-                        "ratio_by_round": ratios,
+                        "ratio_under_test_to_ab_by_round": ratios,
+                        "rounds": rounds_json[1][i],
                     }),
                 );
             }
