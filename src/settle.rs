@@ -19,8 +19,8 @@ pub const MAX_BATCH: usize = 500;
 /// A batch this large is flushed at once; a smaller one waits up to [`LINGER`] for more.
 ///
 /// Each flush has a fixed cost in PostgreSQL besides its rows: a statement to execute,
-/// its relations to lock, a transaction to commit (and, before [`SETTLE`] became a
-/// function that keeps its plan, 0.3-0.6 ms of planning). At a burst's rate one
+/// its relations to lock, a transaction to commit (and, before the statement moved into
+/// the function `webhook_settle`, which keeps its plan, 0.3-0.6 ms of planning). At a burst's rate one
 /// dispatcher gathers this many outcomes during the previous flush, so it never waits.
 /// A dispatcher that sees a few thousand outcomes a second (one of several sharing a
 /// burst, or a steady stream) waits, and with four sharing a burst it writes in 43%
