@@ -248,12 +248,12 @@ impl ClaimLoop {
         let mut close_gate = false;
         let mut error_delay = Duration::from_millis(100);
         loop {
-            if !self.wait_while_settle_stalled(shutdown).await {
-                return;
-            }
             let Some(free) = self.wait_for_capacity(shutdown).await else {
                 return;
             };
+            if !self.wait_while_settle_stalled(shutdown).await {
+                return;
+            }
             let want = free.min(self.cfg.batch_size);
             let claim::Batch { claimed, more } = match self.claim(want).await {
                 Ok(batch) => {
@@ -277,7 +277,7 @@ impl ClaimLoop {
             if got > 0 {
                 self.metrics.claim_batch_size.observe(got as f64);
                 tracing::info!(claimed = got, "batch claimed");
-                self.dispatch(claimed).await;
+                self.dispatch(claimed, shutdown).await;
             }
             // A full batch (or a full fan-out of events) means more is probably
             // waiting: claim again at once, whatever the mode.
@@ -448,7 +448,7 @@ impl ClaimLoop {
     }
 
     /// Starts a send task per delivery; parks deliveries whose endpoint closed.
-    async fn dispatch(&self, claimed: Vec<Claimed>) {
+    async fn dispatch(&self, claimed: Vec<Claimed>, shutdown: &CancellationToken) {
         for item in claimed {
             match item {
                 Claimed::Send(delivery) => {
@@ -485,7 +485,13 @@ impl ClaimLoop {
                         next: Next::Park,
                         record: None,
                     };
-                    let _ = self.settle_tx.send(outcome).await;
+                    // Like a send task's outcome, but the claim loop must notice a
+                    // shutdown; a park left unwritten comes back with the lease.
+                    tokio::select! {
+                        biased;
+                        _ = self.settle_tx.send(outcome) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
                 }
             }
         }
@@ -530,9 +536,21 @@ impl SendTask {
             next,
             record,
         };
-        // Fails only if the settler is gone, i.e. the process is going down; the lease
-        // then brings the delivery back.
-        let _ = self.settle_tx.send(outcome).await;
+        // Fails only if the settler is gone, i.e. the process is going down. The queue
+        // can be full only while the settler cannot write (a stall), and then the drain
+        // must still end: once it has run out of time, the outcome is dropped. Either
+        // way the lease brings the delivery back.
+        tokio::select! {
+            biased;
+            _ = self.settle_tx.send(outcome) => {}
+            _ = self.abort.cancelled() => {
+                tracing::warn!(
+                    event_id = delivery.event_id,
+                    endpoint_id = delivery.endpoint_id,
+                    "an outcome could not be queued before the drain ended; the delivery comes back when its lease runs out"
+                );
+            }
+        }
     }
 }
 

@@ -6,8 +6,11 @@ use crate::endpoint::InvalidEndpoint;
 /// Everything the library can fail with.
 ///
 /// Database and pool errors pass through unchanged so callers can inspect the
-/// PostgreSQL error code; input errors carry a message fit to show a user.
+/// PostgreSQL error code (a failed start-up check wraps its error in
+/// [`Error::CannotSettle`]); input errors carry a message fit to show a user. New
+/// variants may be added.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A statement failed or the connection broke.
     #[error("database error: {}", describe_db(.0))]

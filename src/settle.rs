@@ -211,13 +211,24 @@ pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result
 /// Checks that outcomes can be recorded through `pool`: `webhook_settle` resolves on
 /// the connection's search path, its role may execute it and write every table it
 /// writes, and the database accepts writes (it is not a standby). It runs the settle
-/// statement on no outcomes, so it changes nothing. A refusal is
-/// [`Error::CannotSettle`]; a connection problem is returned as it is.
+/// statement on no outcomes, so it changes nothing. Those refusals (SQLSTATE class 42,
+/// 3F000 or 25006) are [`Error::CannotSettle`]; any other error is returned as it is.
 pub async fn probe(pool: &Pool) -> Result<()> {
     match flush(pool, "", &[]).await {
-        Err(Error::Db(e)) if e.as_db_error().is_some() => Err(Error::CannotSettle(e)),
+        Err(Error::Db(e)) if e.as_db_error().is_some_and(|db| refuses_setup(db.code())) => {
+            Err(Error::CannotSettle(e))
+        }
         other => other.map(drop),
     }
+}
+
+/// Errors that say the session is not set up to write outcomes, rather than that the
+/// database is busy or going away: a missing object or privilege, an unknown schema, a
+/// read-only transaction.
+fn refuses_setup(code: &tokio_postgres::error::SqlState) -> bool {
+    code.code().starts_with("42")
+        || *code == tokio_postgres::error::SqlState::INVALID_SCHEMA_NAME
+        || *code == tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION
 }
 
 /// The settler task's collaborators.
@@ -227,15 +238,17 @@ pub struct Settler {
     pub pool: Pool,
     /// The lease holder the outcomes belong to.
     pub worker_id: String,
-    /// Counts endpoints disabled by a 410.
+    /// Counts endpoints disabled by a 410, and failed flushes.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
     /// Woken after a flush that scheduled retries, so a sleeping claim loop
     /// recomputes when it must wake up next.
     pub wake: std::sync::Arc<tokio::sync::Notify>,
     /// Stops retrying a failing flush (at the end of a shutdown).
     pub give_up: tokio_util::sync::CancellationToken,
-    /// `true` while a flush keeps failing: the claim loop stops claiming, since what it
-    /// delivered could not be recorded and would be delivered again.
+    /// `true` from a failed flush until every outcome queued by then is written: the
+    /// claim loop stops claiming meanwhile, since what it delivered could not be
+    /// recorded, and a lease that ran out during the stall would let it claim again a
+    /// row whose outcome is still queued.
     pub stalled: tokio::sync::watch::Sender<bool>,
 }
 
@@ -253,11 +266,11 @@ impl Settler {
     /// Batches outcomes from `rx` and writes them until the channel closes and is
     /// empty. A flush the database cannot take (a lost connection, a missing privilege,
     /// a standby after a failover) is retried with backoff (the statement is safe to
-    /// repeat) until it succeeds or `give_up` fires, and meanwhile `stalled` keeps the
-    /// claim loop from delivering more. A batch refused for its values is written one
-    /// outcome at a time, so one bad outcome cannot block the rest. Whatever stays
-    /// unwritten stays leased and comes back when the lease runs out: nothing is lost,
-    /// at worst delivered twice.
+    /// repeat) until it succeeds or `give_up` fires, and `stalled` keeps the claim loop
+    /// from delivering more until the outcomes queued behind it are written too. A
+    /// batch refused for its values is written one outcome at a time, so one bad
+    /// outcome cannot block the rest. Whatever stays unwritten stays leased and comes
+    /// back when the lease runs out: nothing is lost, at worst delivered twice.
     pub async fn run(self, mut rx: mpsc::Receiver<Outcome>) -> SettleTotals {
         let mut totals = SettleTotals::default();
         let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -265,23 +278,30 @@ impl Settler {
             if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
                 return totals;
             }
-            let deadline = tokio::time::Instant::now() + LINGER;
-            while batch.len() < FLUSH_AT {
-                let room = MAX_BATCH - batch.len();
-                tokio::select! {
-                    n = rx.recv_many(&mut batch, room) => if n == 0 { break },
-                    _ = tokio::time::sleep_until(deadline) => break,
+            // Catching up after a stall, the backlog is flushed without waiting.
+            if !*self.stalled.borrow() {
+                let deadline = tokio::time::Instant::now() + LINGER;
+                while batch.len() < FLUSH_AT {
+                    let room = MAX_BATCH - batch.len();
+                    tokio::select! {
+                        n = rx.recv_many(&mut batch, room) => if n == 0 { break },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
                 }
             }
-            self.write(&batch, &mut totals).await;
+            let written = self.write(&batch, &mut totals).await;
             batch.clear();
+            if written && *self.stalled.borrow() && rx.is_empty() {
+                self.set_stalled(false);
+            }
         }
     }
 
-    async fn write(&self, batch: &[Outcome], totals: &mut SettleTotals) {
+    /// Writes `batch`; returns `false` if it gave up.
+    async fn write(&self, batch: &[Outcome], totals: &mut SettleTotals) -> bool {
         match self.flush_retrying(batch).await {
             Flushed::Settled(settled) => totals.record(batch, settled),
-            Flushed::GaveUp => return,
+            Flushed::GaveUp => return false,
             Flushed::BadData(e) => {
                 tracing::warn!(error = %e, outcomes = batch.len(), "a batch of outcomes was refused for its values; writing them one by one");
                 for outcome in batch {
@@ -294,7 +314,7 @@ impl Settler {
                             error = %e,
                             "an outcome could not be written; the delivery will be retried when its lease ends"
                         ),
-                        Flushed::GaveUp => return,
+                        Flushed::GaveUp => return false,
                     }
                 }
             }
@@ -306,21 +326,21 @@ impl Settler {
         {
             self.wake.notify_one();
         }
+        true
     }
 
-    /// Flushes `outcomes`, retrying with backoff while the database cannot take them.
+    /// Flushes `outcomes`, retrying with backoff while the database cannot take them,
+    /// until `give_up` fires (which also ends a flush that hangs).
     async fn flush_retrying(&self, outcomes: &[Outcome]) -> Flushed {
         let mut delay = Duration::from_millis(50);
         loop {
-            let e = match flush(&self.pool, &self.worker_id, outcomes).await {
-                Ok(settled) => {
-                    self.set_stalled(false);
-                    return Flushed::Settled(settled);
-                }
-                Err(e) if e.is_bad_data() => {
-                    self.set_stalled(false);
-                    return Flushed::BadData(e);
-                }
+            let flushed = tokio::select! {
+                flushed = flush(&self.pool, &self.worker_id, outcomes) => flushed,
+                _ = self.give_up.cancelled() => return self.gave_up(outcomes),
+            };
+            let e = match flushed {
+                Ok(settled) => return Flushed::Settled(settled),
+                Err(e) if e.is_bad_data() => return Flushed::BadData(e),
                 Err(e) => e,
             };
             let first = self.set_stalled(true);
@@ -332,13 +352,18 @@ impl Settler {
             }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = self.give_up.cancelled() => {
-                    tracing::error!(outcomes = outcomes.len(), "gave up settling outcomes; their leases will expire and they will be retried");
-                    return Flushed::GaveUp;
-                }
+                _ = self.give_up.cancelled() => return self.gave_up(outcomes),
             }
             delay = (delay * 2).min(Duration::from_secs(5));
         }
+    }
+
+    fn gave_up(&self, outcomes: &[Outcome]) -> Flushed {
+        tracing::error!(
+            outcomes = outcomes.len(),
+            "gave up settling outcomes; their leases will expire and they will be retried"
+        );
+        Flushed::GaveUp
     }
 
     /// Sets the stall flag; returns whether it changed.

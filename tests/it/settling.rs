@@ -163,6 +163,7 @@ async fn dispatcher_role_needs_the_documented_grants() {
                  END LOOP;
              END $$;
              GRANT UPDATE ON SEQUENCE webhook_doorbell_gate TO {role};
+             GRANT SELECT ON outboxd_migrations TO {role};
              REVOKE EXECUTE ON FUNCTION webhook_settle FROM PUBLIC;"
         ))
         .await
@@ -175,6 +176,15 @@ async fn dispatcher_role_needs_the_documented_grants() {
     } else {
         format!("{} user={role} password={password}", db.url)
     };
+
+    // `outboxd run` and /readyz check the migrations first.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let pending = outboxd::schema::pending_migrations(&client).await.unwrap();
+    assert!(pending.is_empty(), "{pending:?}");
+    drop(client);
 
     let e = start_error(&url, "dispatcherrole").await;
     assert!(
@@ -213,4 +223,38 @@ async fn dispatcher_role_needs_the_documented_grants() {
         .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
         .await
         .unwrap();
+}
+
+/// A shutdown during a stall ends: the claim loop leaves its wait, the settler gives up
+/// after its bound, and the unwritten deliveries come back to the next dispatcher when
+/// their lease runs out (delivered twice, which is what at-least-once allows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_while_outcomes_cannot_be_written() {
+    let db = TestDb::new("settlestop").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let mut config = test_config("settlestop");
+    config.lease = Duration::from_millis(1_000);
+    config.http_timeout = Duration::from_millis(900);
+    let dispatcher = RunningDispatcher::start(&db.url, config.clone());
+    db.wait_until("SELECT armed FROM webhook_doorbell").await;
+
+    db.client.batch_execute(HIDE_SETTLE).await.unwrap();
+    for n in 0..2 {
+        db.enqueue("order.created", &json!({ "n": n })).await;
+    }
+    receiver.wait_for(2).await;
+    eventually("a flush fails", Duration::from_secs(10), || async {
+        dispatcher.metrics.settle_failures_total() > 0
+    })
+    .await;
+    let report = dispatcher.stop().await;
+    assert_eq!(report.totals.delivered, 0, "{report:?}");
+
+    db.client.batch_execute(RESTORE_SETTLE).await.unwrap();
+    config.worker_id = format!("{}-next", config.worker_id);
+    let next = RunningDispatcher::start(&db.url, config);
+    db.wait_all_in_state(2, "delivered").await;
+    assert_eq!(receiver.count(), 4, "each event once per dispatcher");
+    next.stop().await;
 }
