@@ -2,7 +2,8 @@
 //!
 //! `/metrics` renders counters kept in memory and never queries the database, so a
 //! scrape costs the database nothing. `/readyz` does check the database, since that is
-//! what readiness means: reachable, migrated, and (in push mode) listening.
+//! what readiness means: reachable, migrated, able to record outcomes, and (in push
+//! mode) listening.
 
 use std::sync::Arc;
 
@@ -16,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 use crate::db::Pool;
 use crate::metrics::Metrics;
 use crate::schema;
+
+/// How long `/readyz` waits for the database before answering 503: a probe stuck
+/// behind a lock must not hold the health checker's request open.
+const READINESS_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the status routes read.
 #[derive(Debug, Clone)]
@@ -59,7 +64,10 @@ async fn metrics(State(state): State<StatusState>) -> impl IntoResponse {
 }
 
 async fn ready(State(state): State<StatusState>) -> (StatusCode, String) {
-    match readiness(&state).await {
+    let checked = tokio::time::timeout(READINESS_BOUND, readiness(&state))
+        .await
+        .unwrap_or_else(|_| Err("the database did not answer in time".to_owned()));
+    match checked {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -80,6 +88,8 @@ async fn readiness(state: &StatusState) -> Result<(), String> {
     if !pending.is_empty() {
         return Err(format!("migrations pending: {}", pending.join(", ")));
     }
+    // The probe takes a connection of its own from this small pool.
+    drop(client);
     crate::settle::probe(&state.pool)
         .await
         .map_err(|e| e.to_string())?;
