@@ -14,6 +14,7 @@ async fn invalid_config_is_rejected_by_name() {
         ("WEBHOOK_BACKOFF_MAX_MS", "1"),
         ("WEBHOOK_POOL_SIZE", "1"),
         ("WEBHOOK_CONCURRENCY", "-5"),
+        ("WEBHOOK_WORKER_THREADS", "0"),
     ];
     for (variable, value) in cases {
         let mut command = outboxd_command();

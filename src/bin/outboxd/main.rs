@@ -141,10 +141,13 @@ fn main() -> ExitCode {
     };
     let json_logs = cli.log_format == "json";
     init_logging(&cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Run { serve, .. } = &cli.command
+        && let Some(threads) = serve.worker_threads
     {
+        builder.worker_threads(usize::from(threads));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// How long a rotated-out secret keeps signing beside the new one, e.g. 24h or 30m
     #[arg(long, env = "WEBHOOK_SECRET_ROTATION_GRACE", value_name = "WEBHOOK_SECRET_ROTATION_GRACE", default_value = "24h", value_parser = parse_grace)]
     pub secret_rotation_grace: Duration,
+    /// Runtime threads [default: the CPUs available to the process]; several dispatchers on one host each do best with their share of its cores
+    #[arg(long, env = "WEBHOOK_WORKER_THREADS", value_name = "WEBHOOK_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
 }
 
 /// Parses a listen address; a bare port binds loopback, so nothing is exposed beyond
