@@ -81,9 +81,20 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `outboxd run` against `url` with private targets allowed.
-    pub fn spawn(bin: &Path, url: &str, worker_id: &str) -> anyhow::Result<Self> {
-        let child = tokio::process::Command::new(bin)
+    /// Starts `outboxd run` against `url` with private targets allowed, and with
+    /// `threads` runtime threads (`None`: the binary's default).
+    pub fn spawn(
+        bin: &Path,
+        url: &str,
+        worker_id: &str,
+        threads: Option<u16>,
+    ) -> anyhow::Result<Self> {
+        let mut command = tokio::process::Command::new(bin);
+        match threads {
+            Some(threads) => command.env("WEBHOOK_WORKER_THREADS", threads.to_string()),
+            None => command.env_remove("WEBHOOK_WORKER_THREADS"),
+        };
+        let child = command
             .arg("run")
             .env("DATABASE_URL", url)
             .env("WEBHOOK_ALLOW_PRIVATE_TARGETS", "true")
