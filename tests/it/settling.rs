@@ -13,6 +13,18 @@ use crate::harness::{Receiver, RunningDispatcher, TestDb, eventually, test_confi
 const HIDE_SETTLE: &str = "ALTER FUNCTION webhook_settle RENAME TO webhook_settle_hidden";
 const RESTORE_SETTLE: &str = "ALTER FUNCTION webhook_settle_hidden RENAME TO webhook_settle";
 
+/// Commits `n` events in one transaction.
+async fn enqueue_together(db: &TestDb, n: i32) {
+    db.client
+        .execute(
+            "INSERT INTO webhook_outbox (event_type, payload)
+             SELECT 'order.created', jsonb_build_object('n', n) FROM generate_series(1, $1) n",
+            &[&n],
+        )
+        .await
+        .unwrap();
+}
+
 /// Runs a dispatcher that should refuse to start; returns its error.
 async fn start_error(url: &str, label: &str) -> Error {
     let dispatcher = outboxd::Dispatcher::new(url, test_config(label)).unwrap();
@@ -89,9 +101,9 @@ async fn claiming_stops_while_outcomes_cannot_be_written() {
     db.wait_all_in_state(1, "delivered").await;
 
     db.client.batch_execute(HIDE_SETTLE).await.unwrap();
-    for n in 1..=3 {
-        db.enqueue("order.created", &json!({ "n": n })).await;
-    }
+    // In one transaction, so one claim takes all three: a claim after the first
+    // failed flush would wait for the stall to end.
+    enqueue_together(&db, 3).await;
     receiver.wait_for(4).await;
     eventually("a flush fails", Duration::from_secs(10), || async {
         dispatcher.metrics.settle_failures_total() > 0
@@ -240,9 +252,7 @@ async fn shutdown_ends_while_outcomes_cannot_be_written() {
     db.wait_until("SELECT armed FROM webhook_doorbell").await;
 
     db.client.batch_execute(HIDE_SETTLE).await.unwrap();
-    for n in 0..2 {
-        db.enqueue("order.created", &json!({ "n": n })).await;
-    }
+    enqueue_together(&db, 2).await;
     receiver.wait_for(2).await;
     eventually("a flush fails", Duration::from_secs(10), || async {
         dispatcher.metrics.settle_failures_total() > 0
