@@ -118,6 +118,13 @@ impl TestDb {
         Self { name, url, client }
     }
 
+    /// Whether the test's database user may create roles (a superuser, or CREATEROLE):
+    /// tests of privileges skip themselves without it.
+    pub async fn may_create_roles(&self) -> bool {
+        self.scalar("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user")
+            .await
+    }
+
     /// Another plain connection to this database.
     pub async fn connect(&self) -> Client {
         connect_raw(&self.url).await

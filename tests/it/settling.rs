@@ -13,8 +13,18 @@ use crate::harness::{Receiver, RunningDispatcher, TestDb, eventually, test_confi
 const HIDE_SETTLE: &str = "ALTER FUNCTION webhook_settle RENAME TO webhook_settle_hidden";
 const RESTORE_SETTLE: &str = "ALTER FUNCTION webhook_settle_hidden RENAME TO webhook_settle";
 
-/// Commits `n` events in one transaction.
-async fn enqueue_together(db: &TestDb, n: i32) {
+/// Hides the settle function, commits `n` events and waits until they have been sent
+/// and a flush of their outcomes has failed. The events are committed in one
+/// transaction, so one claim takes them all: a claim after the first failed flush
+/// would wait for the stall to end.
+async fn stall_after_sending(
+    db: &TestDb,
+    receiver: &Receiver,
+    dispatcher: &RunningDispatcher,
+    n: i32,
+) {
+    let sent_before = receiver.count();
+    db.client.batch_execute(HIDE_SETTLE).await.unwrap();
     db.client
         .execute(
             "INSERT INTO webhook_outbox (event_type, payload)
@@ -23,6 +33,20 @@ async fn enqueue_together(db: &TestDb, n: i32) {
         )
         .await
         .unwrap();
+    receiver.wait_for(sent_before + n as usize).await;
+    eventually("a flush fails", Duration::from_secs(10), || async {
+        dispatcher.metrics.settle_failures_total() > 0
+    })
+    .await;
+}
+
+/// A test configuration whose lease runs out after one second, so that a dispatcher
+/// that went on claiming during a stall would soon send a leased row again.
+fn short_lease(label: &str) -> outboxd::Config {
+    let mut config = test_config(label);
+    config.lease = Duration::from_millis(1_000);
+    config.http_timeout = Duration::from_millis(900);
+    config
 }
 
 /// Runs a dispatcher that should refuse to start; returns its error.
@@ -93,22 +117,12 @@ async fn claiming_stops_while_outcomes_cannot_be_written() {
     let db = TestDb::new("settlestall").await;
     let receiver = Receiver::start().await;
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
-    let mut config = test_config("settlestall");
-    config.lease = Duration::from_millis(1_000);
-    config.http_timeout = Duration::from_millis(900);
+    let config = short_lease("settlestall");
     let dispatcher = RunningDispatcher::start(&db.url, config);
     db.enqueue("order.created", &json!({ "n": 0 })).await;
     db.wait_all_in_state(1, "delivered").await;
 
-    db.client.batch_execute(HIDE_SETTLE).await.unwrap();
-    // In one transaction, so one claim takes all three: a claim after the first
-    // failed flush would wait for the stall to end.
-    enqueue_together(&db, 3).await;
-    receiver.wait_for(4).await;
-    eventually("a flush fails", Duration::from_secs(10), || async {
-        dispatcher.metrics.settle_failures_total() > 0
-    })
-    .await;
+    stall_after_sending(&db, &receiver, &dispatcher, 3).await;
     // Delivered but not recorded: a dispatcher that went on claiming would take these
     // rows back when their one-second lease ran out, and send them again.
     let late = db.enqueue("order.created", &json!({ "n": 4 })).await;
@@ -151,10 +165,7 @@ async fn claiming_stops_while_outcomes_cannot_be_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_role_needs_the_documented_grants() {
     let db = TestDb::new("dispatcherrole").await;
-    let may_create_roles: bool = db
-        .scalar("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user")
-        .await;
-    if !may_create_roles {
+    if !db.may_create_roles().await {
         eprintln!("skipped: the test database user cannot create roles");
         return;
     }
@@ -245,19 +256,11 @@ async fn shutdown_ends_while_outcomes_cannot_be_written() {
     let db = TestDb::new("settlestop").await;
     let receiver = Receiver::start().await;
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
-    let mut config = test_config("settlestop");
-    config.lease = Duration::from_millis(1_000);
-    config.http_timeout = Duration::from_millis(900);
+    let mut config = short_lease("settlestop");
     let dispatcher = RunningDispatcher::start(&db.url, config.clone());
     db.wait_until("SELECT armed FROM webhook_doorbell").await;
 
-    db.client.batch_execute(HIDE_SETTLE).await.unwrap();
-    enqueue_together(&db, 2).await;
-    receiver.wait_for(2).await;
-    eventually("a flush fails", Duration::from_secs(10), || async {
-        dispatcher.metrics.settle_failures_total() > 0
-    })
-    .await;
+    stall_after_sending(&db, &receiver, &dispatcher, 2).await;
     let report = dispatcher.stop().await;
     assert_eq!(report.totals.delivered, 0, "{report:?}");
 
