@@ -15,6 +15,7 @@ async fn invalid_config_is_rejected_by_name() {
         ("WEBHOOK_POOL_SIZE", "1"),
         ("WEBHOOK_CONCURRENCY", "-5"),
         ("WEBHOOK_WORKER_THREADS", "0"),
+        ("WEBHOOK_WORKER_THREADS", "1025"),
     ];
     for (variable, value) in cases {
         let mut command = outboxd_command();

@@ -142,10 +142,15 @@ fn main() -> ExitCode {
     let json_logs = cli.log_format == "json";
     init_logging(&cli.log_format);
     let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Run { serve, .. } = &cli.command
-        && let Some(threads) = serve.worker_threads
+    if let Command::Run {
+        serve: run::ServeArgs {
+            worker_threads: Some(threads),
+            ..
+        },
+        ..
+    } = &cli.command
     {
-        builder.worker_threads(usize::from(threads));
+        builder.worker_threads(usize::from(*threads));
     }
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
