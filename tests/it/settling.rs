@@ -40,12 +40,13 @@ async fn stall_after_sending(
     .await;
 }
 
-/// A test configuration whose lease runs out after one second, so that a dispatcher
-/// that went on claiming during a stall would soon send a leased row again.
+/// A test configuration whose lease runs out after three seconds, so that a dispatcher
+/// that went on claiming during a stall would soon send a leased row again, while a
+/// loaded machine still has ample time between a claim and its failed flush.
 fn short_lease(label: &str) -> outboxd::Config {
     let mut config = test_config(label);
-    config.lease = Duration::from_millis(1_000);
-    config.http_timeout = Duration::from_millis(900);
+    config.lease = Duration::from_millis(3_000);
+    config.http_timeout = Duration::from_millis(2_000);
     config
 }
 
@@ -124,9 +125,9 @@ async fn claiming_stops_while_outcomes_cannot_be_written() {
 
     stall_after_sending(&db, &receiver, &dispatcher, 3).await;
     // Delivered but not recorded: a dispatcher that went on claiming would take these
-    // rows back when their one-second lease ran out, and send them again.
+    // rows back when their three-second lease ran out, and send them again.
     let late = db.enqueue("order.created", &json!({ "n": 4 })).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
         receiver.count(),
         4,
