@@ -90,9 +90,15 @@ impl Proc {
         threads: Option<u16>,
     ) -> anyhow::Result<Self> {
         let mut command = tokio::process::Command::new(bin);
+        // TOKIO_WORKER_THREADS too, for a `BENCH_AB_BIN` from before
+        // WEBHOOK_WORKER_THREADS existed (tokio reads it when no count is set).
         match threads {
-            Some(threads) => command.env("WEBHOOK_WORKER_THREADS", threads.to_string()),
-            None => command.env_remove("WEBHOOK_WORKER_THREADS"),
+            Some(threads) => command
+                .env("WEBHOOK_WORKER_THREADS", threads.to_string())
+                .env("TOKIO_WORKER_THREADS", threads.to_string()),
+            None => command
+                .env_remove("WEBHOOK_WORKER_THREADS")
+                .env_remove("TOKIO_WORKER_THREADS"),
         };
         let child = command
             .arg("run")

@@ -115,7 +115,15 @@ impl Settings {
             producer_conns: env_u64("BENCH_PRODUCER_CONNS", 16)?,
             producer_rounds: env_u64("BENCH_PRODUCER_ROUNDS", q(6, 2))?.max(1),
             producer_secs: env_u64("BENCH_PRODUCER_SECS", q(5, 2))?.max(1),
-            scaleout_procs: env_list("BENCH_SCALEOUT_PROCS", &[1, 2, 4])?,
+            scaleout_procs: {
+                let mut procs = env_list("BENCH_SCALEOUT_PROCS", &[1, 2, 4])?;
+                if procs.contains(&0) {
+                    bail!("BENCH_SCALEOUT_PROCS: process counts start at 1");
+                }
+                procs.sort_unstable();
+                procs.dedup();
+                procs
+            },
             scaleout_ab_bin: std::env::var_os("BENCH_AB_BIN")
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from),
@@ -387,31 +395,40 @@ struct ScaleoutConfig {
     procs: u64,
     /// `WEBHOOK_WORKER_THREADS`; `None` leaves the binary's default.
     threads: Option<u16>,
+    /// Each process runs with its share of the cores: the configuration the target is
+    /// for. The others run the default threads beside it, for comparison.
+    target: bool,
 }
 
 impl ScaleoutConfig {
-    /// The JSON key and burst tag: `scaleout_4` (threads set, or one process) or
-    /// `scaleout_4_default_threads`.
+    /// The JSON key and burst tag: `scaleout_4`, or `scaleout_4_default_threads`.
     fn key(&self) -> String {
-        match (self.procs, self.threads) {
-            (1, _) | (_, Some(_)) => format!("scaleout_{}", self.procs),
-            (p, None) => format!("scaleout_{p}_default_threads"),
+        if self.target {
+            format!("scaleout_{}", self.procs)
+        } else {
+            format!("scaleout_{}_default_threads", self.procs)
         }
-    }
-
-    /// Whether the default threads are already each process's share (a machine with
-    /// as many cores as processes, or more).
-    fn share_is_default(&self, cores: usize) -> bool {
-        self.threads.is_none() && (cores / self.procs as usize).max(1) >= cores
     }
 
     fn label(&self, cores: usize) -> String {
         let procs = self.procs;
+        let threads = |n: usize| {
+            if n == 1 {
+                "1 thread".to_owned()
+            } else {
+                format!("{n} threads")
+            }
+        };
         match self.threads {
             _ if procs == 1 => "scale-out 1 x outboxd run".to_owned(),
-            Some(1) => format!("scale-out {procs} x outboxd run, 1 thread each"),
-            Some(t) => format!("scale-out {procs} x outboxd run, {t} threads each"),
-            None => format!("scale-out {procs} x outboxd run, default ({cores} threads each)"),
+            Some(t) => format!(
+                "scale-out {procs} x outboxd run, {} each",
+                threads(usize::from(t))
+            ),
+            None => format!(
+                "scale-out {procs} x outboxd run, default ({} each)",
+                threads(cores)
+            ),
         }
     }
 }
@@ -777,20 +794,25 @@ impl Ctx {
         let mut configs: Vec<ScaleoutConfig> = Vec::new();
         for &procs in &self.s.scaleout_procs {
             let share = (cores / procs as usize).max(1);
-            if procs == 1 || share >= cores {
+            if share >= cores {
+                // One process, or a machine with no more cores than processes: the
+                // default is the share.
                 configs.push(ScaleoutConfig {
                     procs,
                     threads: None,
+                    target: true,
                 });
             } else {
-                let threads = u16::try_from(share).unwrap_or(u16::MAX);
+                let threads = u16::try_from(share.min(1024)).unwrap_or(1024);
                 configs.push(ScaleoutConfig {
                     procs,
                     threads: Some(threads),
+                    target: true,
                 });
                 configs.push(ScaleoutConfig {
                     procs,
                     threads: None,
+                    target: false,
                 });
             }
         }
@@ -808,7 +830,14 @@ impl Ctx {
         let mut rounds_json: Vec<Vec<Vec<Value>>> =
             vec![vec![Vec::new(); configs.len()]; bins.len()];
         for round in 0..rounds {
-            for (i, config) in configs.iter().enumerate() {
+            // Odd rounds run the configurations in reverse, so none always follows
+            // another (each share-of-the-cores run and its default-threads run, above all).
+            let mut sequence: Vec<usize> = (0..configs.len()).collect();
+            if round % 2 == 1 {
+                sequence.reverse();
+            }
+            for i in sequence {
+                let config = &configs[i];
                 let mut order: Vec<usize> = (0..bins.len()).collect();
                 if round % 2 == 1 {
                     order.reverse();
@@ -864,10 +893,7 @@ impl Ctx {
             match one {
                 // The target is for processes given their share of the cores; with the
                 // default threads, several processes on one host oversubscribe it.
-                Some(one)
-                    if procs > 1
-                        && (config.threads.is_some() || config.share_is_default(cores)) =>
-                {
+                Some(one) if procs > 1 && config.target => {
                     self.report
                         .target(&label, &metric, vs_one(one), ">= 1 process", rate >= one)
                 }
