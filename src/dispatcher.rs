@@ -93,8 +93,7 @@ impl Dispatcher {
         let pool = db::dispatcher_pool(&self.database_url, cfg.pool_size).await?;
         // Fail fast on an unreachable database rather than looping on warnings, and on
         // one that could not record what is delivered.
-        drop(pool.get().await?);
-        settle::probe(&pool).await?;
+        settle::probe(&*pool.get().await?).await?;
         let sender = Sender::new(&cfg)?;
 
         let wake = Arc::new(Notify::new());

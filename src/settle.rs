@@ -7,6 +7,7 @@
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
+use tokio_postgres::GenericClient;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::db::Pool;
@@ -20,8 +21,9 @@ pub const MAX_BATCH: usize = 500;
 ///
 /// Each flush has a fixed cost in PostgreSQL besides its rows: a statement to execute,
 /// its relations to lock, a transaction to commit (and, before the statement moved into
-/// the function `webhook_settle`, which keeps its plan, 0.3-0.6 ms of planning). At a burst's rate one
-/// dispatcher gathers this many outcomes during the previous flush, so it never waits.
+/// the function `webhook_settle`, which keeps its plan, 0.3-0.6 ms of planning). At a
+/// burst's rate one dispatcher gathers this many outcomes during the previous flush, so
+/// it never waits.
 /// A dispatcher that sees a few thousand outcomes a second (one of several sharing a
 /// burst, or a steady stream) waits, and with four sharing a burst it writes in 43%
 /// fewer statements than when it waited 3 ms at most.
@@ -179,6 +181,16 @@ impl Columns {
 /// Writes a batch of outcomes; returns how many deliveries were settled (fewer than
 /// given when a lease was lost to another worker).
 pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result<u64> {
+    let client = pool.get().await?;
+    flush_on(&*client, worker_id, outcomes).await
+}
+
+/// [`flush`] on a connection the caller holds.
+async fn flush_on(
+    client: &impl GenericClient,
+    worker_id: &str,
+    outcomes: &[Outcome],
+) -> Result<u64> {
     let c = Columns::from_outcomes(outcomes);
     let params: [(&(dyn ToSql + Sync), Type); 20] = [
         (&worker_id, Type::TEXT),
@@ -202,19 +214,18 @@ pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result
         (&c.healthy, Type::INT8_ARRAY),
         (&c.failing, Type::INT8_ARRAY),
     ];
-    let client = pool.get().await?;
     let row = client.query_typed_one(SETTLE, &params).await?;
     let settled: i64 = row.get(0);
     Ok(settled as u64)
 }
 
-/// Checks that outcomes can be recorded through `pool`: `webhook_settle` resolves on
-/// the connection's search path, its role may execute it and write every table it
+/// Checks that outcomes can be recorded through `client`: `webhook_settle` resolves
+/// on the connection's search path, its role may execute it and write every table it
 /// writes, and the database accepts writes (it is not a standby). It runs the settle
 /// statement on no outcomes, so it changes nothing. Those refusals (SQLSTATE class 42,
 /// 3F000 or 25006) are [`Error::CannotSettle`]; any other error is returned as it is.
-pub async fn probe(pool: &Pool) -> Result<()> {
-    match flush(pool, "", &[]).await {
+pub async fn probe(client: &impl GenericClient) -> Result<()> {
+    match flush_on(client, "", &[]).await {
         Err(Error::Db(e)) if e.as_db_error().is_some_and(|db| refuses_setup(db.code())) => {
             Err(Error::CannotSettle(e))
         }

@@ -88,9 +88,7 @@ async fn readiness(state: &StatusState) -> Result<(), String> {
     if !pending.is_empty() {
         return Err(format!("migrations pending: {}", pending.join(", ")));
     }
-    // The probe takes a connection of its own from this small pool.
-    drop(client);
-    crate::settle::probe(&state.pool)
+    crate::settle::probe(&*client)
         .await
         .map_err(|e| e.to_string())?;
     if state.listen && !state.metrics.listener_connected() {
