@@ -352,6 +352,17 @@ async fn wait_ready(client: &Client, mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The order in which round `round` runs `n` compared sides: forward in even rounds,
+/// reversed in odd ones, so that over the rounds no side always goes first or always
+/// follows another.
+fn round_order(n: usize, round: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if round % 2 == 1 {
+        order.reverse();
+    }
+    order
+}
+
 /// First receive time per (event, endpoint) and how many receipts were duplicates.
 fn first_receipts(recs: &[Rec]) -> (HashMap<(i64, u32), i64>, usize) {
     let mut first = HashMap::with_capacity(recs.len());
@@ -620,11 +631,7 @@ impl Ctx {
         // 20% apart.
         let mut outs: Vec<Vec<BurstOut>> = vec![Vec::new(), Vec::new()];
         for round in 0..rounds {
-            let mut order = [0, 1];
-            if round % 2 == 1 {
-                order.reverse();
-            }
-            for m in order {
+            for m in round_order(modes.len(), round) {
                 let mode = modes[m];
                 let tag = format!("burst_{}_r{}", mode.label(), round + 1);
                 let out = self
@@ -832,17 +839,9 @@ impl Ctx {
         for round in 0..rounds {
             // Odd rounds run the configurations in reverse, so none always follows
             // another (each share-of-the-cores run and its default-threads run, above all).
-            let mut sequence: Vec<usize> = (0..configs.len()).collect();
-            if round % 2 == 1 {
-                sequence.reverse();
-            }
-            for i in sequence {
+            for i in round_order(configs.len(), round) {
                 let config = &configs[i];
-                let mut order: Vec<usize> = (0..bins.len()).collect();
-                if round % 2 == 1 {
-                    order.reverse();
-                }
-                for b in order {
+                for b in round_order(bins.len(), round) {
                     let suffix = if b == 0 { "" } else { "_ab" };
                     let tag = format!("{}_r{}{suffix}", config.key(), round + 1);
                     self.outboxd_bin = bins[b].clone();
