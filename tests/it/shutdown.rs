@@ -23,7 +23,18 @@ fn run_command(db: &TestDb, drain_timeout_ms: u64) -> tokio::process::Command {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_and_exits_zero() {
-    let db = TestDb::new("sigterm").await;
+    drains_in_flight_and_exits_zero("sigterm", None).await;
+}
+
+/// One runtime thread is tokio's current-thread scheduler, not a one-worker pool: the
+/// same drain must hold on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_and_exits_zero_on_one_thread() {
+    drains_in_flight_and_exits_zero("sigterm_one_thread", Some(1)).await;
+}
+
+async fn drains_in_flight_and_exits_zero(name: &str, worker_threads: Option<u16>) {
+    let db = TestDb::new(name).await;
     let receiver = Receiver::start().await;
     receiver.always("/hook", Reply::ok().delay(Duration::from_millis(1_500)));
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
@@ -31,7 +42,11 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
         db.enqueue("order.created", &json!({ "n": n })).await;
     }
 
-    let child = run_command(&db, 10_000).spawn().expect("spawn outboxd");
+    let mut command = run_command(&db, 10_000);
+    if let Some(threads) = worker_threads {
+        command.env("WEBHOOK_WORKER_THREADS", threads.to_string());
+    }
+    let child = command.spawn().expect("spawn outboxd");
     let pid = child.id().expect("a running child has a pid");
     // At least one request is in flight (the receiver holds each for 1.5 s).
     receiver.wait_for(1).await;

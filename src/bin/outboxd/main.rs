@@ -133,6 +133,26 @@ fn settings_help() -> String {
     text
 }
 
+/// The async runtime: `threads` workers, by default as many as the CPUs available to
+/// the process (a container's CPU quota included). `TOKIO_WORKER_THREADS` is not read:
+/// `WEBHOOK_WORKER_THREADS` is the one setting, checked like the others.
+fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = threads
+        .map(usize::from)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let mut builder = if threads == 1 {
+        // One worker: tokio's current-thread scheduler runs the same tasks without the
+        // work-stealing machinery (no cross-thread queues or wake-ups to synchronise),
+        // for less CPU per delivery (measured in docs/performance.md).
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all().build()
+}
+
 fn main() -> ExitCode {
     let matches = Cli::command().after_help(settings_help()).get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
@@ -141,18 +161,11 @@ fn main() -> ExitCode {
     };
     let json_logs = cli.log_format == "json";
     init_logging(&cli.log_format);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Command::Run {
-        serve: run::ServeArgs {
-            worker_threads: Some(threads),
-            ..
-        },
-        ..
-    } = &cli.command
-    {
-        builder.worker_threads(usize::from(*threads));
-    }
-    let runtime = match builder.enable_all().build() {
+    let threads = match &cli.command {
+        Command::Run { serve, .. } => serve.worker_threads,
+        _ => None,
+    };
+    let runtime = match runtime(threads) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
