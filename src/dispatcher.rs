@@ -247,13 +247,17 @@ impl ClaimLoop {
         let mut close_gate = false;
         let mut error_delay = Duration::from_millis(100);
         loop {
-            let Some(free) = self.wait_for_capacity(shutdown).await else {
+            if !self.wait_for_capacity(shutdown).await {
                 return;
-            };
+            }
             if !self.wait_while_settle_stalled(shutdown).await {
                 return;
             }
-            let want = free.min(self.cfg.batch_size);
+            // A whole batch, however few send slots are free: what does not fit waits in
+            // `dispatch` for a slot. Sized to the free slots, claims shrank to a third of
+            // a batch in bursts (and smaller with several dispatchers), each paying a
+            // commit and a round trip for fewer rows.
+            let want = self.cfg.batch_size;
             let claim::Batch { claimed, more } = match self.claim(want).await {
                 Ok(batch) => {
                     if close_gate {
@@ -355,26 +359,25 @@ impl ClaimLoop {
         }
     }
 
-    /// Waits until a useful number of send slots is free and returns how many are.
-    /// Claiming a single row each time one slot frees would make every round trip carry
-    /// one delivery, so it waits briefly for a quarter of a batch. Returns `None` on
-    /// shutdown.
-    async fn wait_for_capacity(&self, shutdown: &CancellationToken) -> Option<u32> {
+    /// Waits until a useful number of send slots is free: a quarter of a batch, or any
+    /// after a short pause. Claiming each time one slot frees would keep a claim's rows
+    /// waiting for slots while the next claim went out. Returns `false` on shutdown.
+    async fn wait_for_capacity(&self, shutdown: &CancellationToken) -> bool {
         let enough = (self.cfg.batch_size.min(self.cfg.concurrency) / 4).max(1);
         loop {
             if shutdown.is_cancelled() {
-                return None;
+                return false;
             }
             let free = self.permits.available_permits() as u32;
             if free >= enough {
-                return Some(free);
+                return true;
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return None,
+                _ = shutdown.cancelled() => return false,
                 _ = self.permits.acquire_many(enough) => {}
                 _ = tokio::time::sleep(SHORT_CLAIM_PAUSE) => {
                     if free > 0 {
-                        return Some(self.permits.available_permits() as u32);
+                        return true;
                     }
                 }
             }
@@ -447,19 +450,47 @@ impl ClaimLoop {
     }
 
     /// Starts a send task per delivery; parks deliveries whose endpoint closed.
+    /// Starts a send task for each claimed delivery as send slots free up, and parks
+    /// what must be parked. A claim may bring more deliveries than there are free slots:
+    /// the rest wait here, and the loop does not claim again until each has a slot.
+    /// Deliveries still waiting at shutdown, and any that waited so long that its lease
+    /// could run out during the request, are released unsent: due again at once, the
+    /// claim not counted as an attempt.
     async fn dispatch(&self, claimed: Vec<Claimed>, shutdown: &CancellationToken) {
-        for item in claimed {
+        let claimed_at = tokio::time::Instant::now();
+        let mut unsent = Vec::new();
+        let mut items = claimed.into_iter();
+        while let Some(item) = items.next() {
             match item {
                 Claimed::Send(delivery) => {
-                    // Only this loop takes permits, and it claimed no more than were
-                    // free, so one is available; waiting covers the impossible case.
                     let permit = match Arc::clone(&self.permits).try_acquire_owned() {
                         Ok(permit) => permit,
-                        Err(_) => match Arc::clone(&self.permits).acquire_owned().await {
-                            Ok(permit) => permit,
-                            Err(_) => return,
+                        Err(_) => tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => {
+                                // Parks left unwritten come back with the lease.
+                                unsent.push(delivery);
+                                unsent.extend(items.filter_map(|item| match item {
+                                    Claimed::Send(delivery) => Some(delivery),
+                                    Claimed::Park { .. } => None,
+                                }));
+                                break;
+                            }
+                            permit = Arc::clone(&self.permits).acquire_owned() => match permit {
+                                Ok(permit) => permit,
+                                // The semaphore is never closed.
+                                Err(_) => return,
+                            },
                         },
                     };
+                    if !lease_covers_a_request(
+                        claimed_at.elapsed(),
+                        self.cfg.http_timeout,
+                        self.cfg.lease,
+                    ) {
+                        unsent.push(delivery);
+                        continue;
+                    }
                     let task = SendTask {
                         sender: Arc::clone(&self.sender),
                         policy: self.policy,
@@ -494,7 +525,46 @@ impl ClaimLoop {
                 }
             }
         }
+        if !unsent.is_empty() {
+            self.release(unsent);
+        }
     }
+
+    /// Hands deliveries back unsent, from a task the drain waits for (and bounds): the
+    /// outcome queue may be full while the settler cannot write, and the claim loop must
+    /// still stop. A release that cannot be queued before the drain ends is dropped;
+    /// the lease brings that delivery back.
+    fn release(&self, deliveries: Vec<Delivery>) {
+        tracing::debug!(
+            count = deliveries.len(),
+            "releasing claimed deliveries unsent"
+        );
+        let settle_tx = self.settle_tx.clone();
+        let abort = self.abort.clone();
+        self.tracker.spawn(async move {
+            for delivery in deliveries {
+                let outcome = Outcome {
+                    event_id: delivery.event_id,
+                    endpoint_id: delivery.endpoint_id,
+                    attempt: delivery.attempt,
+                    next: Next::Release,
+                    record: None,
+                };
+                tokio::select! {
+                    biased;
+                    _ = settle_tx.send(outcome) => {}
+                    _ = abort.cancelled() => return,
+                }
+            }
+        });
+    }
+}
+
+/// Whether a delivery claimed `waited` ago may still be sent: its request, bounded by
+/// `http_timeout`, must end before the lease does, or another dispatcher could claim
+/// and send it again while this one's request is still running.
+fn lease_covers_a_request(waited: Duration, http_timeout: Duration, lease: Duration) -> bool {
+    waited + http_timeout < lease
 }
 
 struct SendTask {

@@ -427,7 +427,8 @@ pub struct SettleTotals {
     pub retried: u64,
     /// Deliveries that became `dead`.
     pub dead: u64,
-    /// Deliveries released unattempted at shutdown.
+    /// Deliveries handed back unattempted: at shutdown, or after waiting for a send
+    /// slot so long that the lease could not cover a request.
     pub released: u64,
     /// Outcomes that found their lease taken by another worker.
     pub lease_lost: u64,

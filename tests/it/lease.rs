@@ -239,3 +239,50 @@ async fn late_outcome_after_own_reclaim_changes_nothing() {
         .unwrap();
     assert_eq!(foreign, 0);
 }
+
+/// A claim may bring more deliveries than there are free send slots. One that waited
+/// for a slot so long that its request could outlast the lease is handed back unsent
+/// (another dispatcher may claim it once the lease runs out), and sent by a later claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_that_waited_too_long_for_a_slot_is_released_not_sent_late() {
+    let db = TestDb::new("slotwait").await;
+    let receiver = Receiver::start().await;
+    // One slot and 1.2 s per request: a delivery behind another waits at least 1.2 s,
+    // and with a 2 s request timeout its request could then end after the 3 s lease.
+    receiver.always("/hook", Reply::ok().delay(Duration::from_millis(1_200)));
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    const N: usize = 3;
+    for n in 0..N {
+        db.enqueue("order.created", &json!({ "n": n })).await;
+    }
+
+    let dispatcher = RunningDispatcher::start(
+        &db.url,
+        outboxd::Config {
+            concurrency: 1,
+            lease: Duration::from_millis(3_000),
+            http_timeout: Duration::from_millis(2_000),
+            ..test_config("slotwait")
+        },
+    );
+    db.wait_all_in_state(N as i64, "delivered").await;
+    let report = dispatcher.stop().await;
+
+    assert!(
+        report.totals.released >= 1,
+        "nothing was released: {report:?}"
+    );
+    let requests = receiver.requests();
+    let sent: BTreeSet<i64> = requests.iter().map(|r| r.event_id()).collect();
+    assert_eq!(
+        (requests.len(), sent.len()),
+        (N, N),
+        "each sent exactly once"
+    );
+    for d in db.deliveries().await {
+        // A release does not count as an attempt.
+        assert_eq!((d.state.as_str(), d.attempts), ("delivered", 1), "{d:?}");
+    }
+    let recorded: i64 = db.scalar("SELECT count(*) FROM webhook_attempts").await;
+    assert_eq!(recorded, N as i64);
+}

@@ -86,6 +86,56 @@ async fn drains_in_flight_and_exits_zero(name: &str, worker_threads: Option<u16>
     }
 }
 
+/// A claim takes a whole batch even when fewer send slots are free; at shutdown the
+/// deliveries still waiting for a slot are released unsent, due again at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_releases_deliveries_waiting_for_a_send_slot() {
+    let db = TestDb::new("sigtermqueued").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::ok().delay(Duration::from_millis(1_500)));
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    const N: usize = 10;
+    for n in 0..N {
+        db.enqueue("order.created", &json!({ "n": n })).await;
+    }
+
+    let mut command = run_command(&db, 10_000);
+    command.env("WEBHOOK_CONCURRENCY", "2");
+    let child = command.spawn().expect("spawn outboxd");
+    let pid = child.id().expect("a running child has a pid");
+    receiver.wait_for(2).await;
+    // The claim committed before its sends began: all ten are leased, two are sent.
+    let leased: i64 = db
+        .scalar("SELECT count(*) FROM webhook_deliveries WHERE locked_by IS NOT NULL")
+        .await;
+    assert_eq!(leased, N as i64, "one claim takes the whole backlog");
+    sigterm(pid);
+    let finished = wait_child(child, Duration::from_secs(60)).await;
+    assert_eq!(finished.code, Some(0), "stderr:\n{}", finished.stderr);
+
+    let requests = receiver.requests();
+    let deliveries = db.deliveries().await;
+    assert_eq!(deliveries.len(), N);
+    let mut released = 0;
+    for d in &deliveries {
+        assert_eq!(d.locked_by, None, "left locked: {d:?}");
+        if requests.iter().any(|r| r.event_id() == d.event_id) {
+            assert_eq!((d.state.as_str(), d.attempts), ("delivered", 1), "{d:?}");
+        } else {
+            assert_eq!((d.state.as_str(), d.attempts), ("pending", 0), "{d:?}");
+            released += 1;
+        }
+    }
+    assert!(
+        released > 0,
+        "some deliveries were still waiting at SIGTERM"
+    );
+    let due: bool = db
+        .scalar("SELECT bool_and(next_attempt_at <= now()) FROM webhook_deliveries WHERE state = 'pending'")
+        .await;
+    assert!(due, "released rows are due again at once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drain_timeout_releases_rows() {
     let db = TestDb::new("sigtermhang").await;
