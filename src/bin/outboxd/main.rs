@@ -135,11 +135,23 @@ fn settings_help() -> String {
 
 /// The async runtime: `threads` workers, by default as many as the CPUs available to
 /// the process (a container's CPU quota included). `TOKIO_WORKER_THREADS` is not read:
-/// `WEBHOOK_WORKER_THREADS` is the one setting, checked like the others.
-fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+/// `WEBHOOK_WORKER_THREADS` is the one setting, checked like the others. A `serving`
+/// process logs which scheduler it runs.
+fn runtime(threads: Option<u16>, serving: bool) -> std::io::Result<tokio::runtime::Runtime> {
     let threads = threads
         .map(usize::from)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if serving {
+        tracing::info!(
+            worker_threads = threads,
+            scheduler = if threads == 1 {
+                "current_thread"
+            } else {
+                "multi_thread"
+            },
+            "async runtime"
+        );
+    }
     let mut builder = if threads == 1 {
         // One worker: tokio's current-thread scheduler runs the same tasks without the
         // work-stealing machinery (no cross-thread queues or wake-ups to synchronise),
@@ -161,11 +173,11 @@ fn main() -> ExitCode {
     };
     let json_logs = cli.log_format == "json";
     init_logging(&cli.log_format);
-    let threads = match &cli.command {
-        Command::Run { serve, .. } => serve.worker_threads,
-        _ => None,
+    let (threads, serving) = match &cli.command {
+        Command::Run { serve, .. } => (serve.worker_threads, true),
+        _ => (None, false),
     };
-    let runtime = match runtime(threads) {
+    let runtime = match runtime(threads, serving) {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
