@@ -45,6 +45,12 @@ const RECHECKS: [Duration; 5] = [
     Duration::from_millis(25),
     Duration::from_millis(60),
 ];
+/// A claimed delivery that waits longer than this for a send slot marks the slots as
+/// scarce: for [`SCARCE_SLOTS_FOR`], claims take no more than the free slots. In a
+/// burst, a whole batch finds slots within milliseconds.
+const SCARCE_SLOT_WAIT: Duration = Duration::from_secs(1);
+/// How long claims stay sized to the free slots after a long wait for one.
+const SCARCE_SLOTS_FOR: Duration = Duration::from_secs(10);
 /// How long the settler may keep trying to write the last outcomes at shutdown.
 const FINAL_SETTLE_BOUND: Duration = Duration::from_secs(10);
 
@@ -246,18 +252,29 @@ impl ClaimLoop {
         // was rung), so it is closed once the next claim has succeeded.
         let mut close_gate = false;
         let mut error_delay = Duration::from_millis(100);
+        // Until when claims take no more than the free send slots (see below).
+        let mut slots_scarce_until: Option<tokio::time::Instant> = None;
         loop {
-            if !self.wait_for_capacity(shutdown).await {
+            let Some(free) = self.wait_for_capacity(shutdown).await else {
                 return;
-            }
+            };
             if !self.wait_while_settle_stalled(shutdown).await {
                 return;
             }
-            // A whole batch, however few send slots are free: what does not fit waits in
-            // `dispatch` for a slot. Sized to the free slots, claims shrank to a third of
-            // a batch in bursts (and smaller with several dispatchers), each paying a
-            // commit and a round trip for fewer rows.
-            let want = self.cfg.batch_size;
+            // A whole batch, however few slots are free: the rest wait in `dispatch`
+            // for a slot. Sized to the free slots, claims were a third to a half of a
+            // batch in bursts (smaller with several dispatchers), each paying a commit
+            // and a round trip for fewer rows. But for a while after a delivery waited
+            // long for a slot (timing-out endpoints hold them), claims take only the
+            // free slots again, so that a dispatcher whose slots turn over slowly does
+            // not keep holding rows that another could send.
+            let scarce = slots_scarce_until.is_some_and(|until| until.elapsed().is_zero());
+            let want = if scarce {
+                free.min(self.cfg.batch_size)
+            } else {
+                self.cfg.batch_size
+            };
+            let claimed_at = tokio::time::Instant::now();
             let claim::Batch { claimed, more } = match self.claim(want).await {
                 Ok(batch) => {
                     if close_gate {
@@ -280,7 +297,9 @@ impl ClaimLoop {
             if got > 0 {
                 self.metrics.claim_batch_size.observe(got as f64);
                 tracing::info!(claimed = got, "batch claimed");
-                self.dispatch(claimed, shutdown).await;
+                if self.dispatch(claimed, claimed_at, shutdown).await {
+                    slots_scarce_until = Some(tokio::time::Instant::now() + SCARCE_SLOTS_FOR);
+                }
             }
             // A full batch (or a full fan-out of events) means more is probably
             // waiting: claim again at once, whatever the mode.
@@ -359,25 +378,26 @@ impl ClaimLoop {
         }
     }
 
-    /// Waits until a useful number of send slots is free: a quarter of a batch, or any
-    /// after a short pause. Claiming each time one slot frees would keep a claim's rows
-    /// waiting for slots while the next claim went out. Returns `false` on shutdown.
-    async fn wait_for_capacity(&self, shutdown: &CancellationToken) -> bool {
+    /// Waits until a useful number of send slots is free and returns how many are.
+    /// Claiming a single row each time one slot frees would make every round trip carry
+    /// one delivery, so it waits briefly for a quarter of a batch. Returns `None` on
+    /// shutdown.
+    async fn wait_for_capacity(&self, shutdown: &CancellationToken) -> Option<u32> {
         let enough = (self.cfg.batch_size.min(self.cfg.concurrency) / 4).max(1);
         loop {
             if shutdown.is_cancelled() {
-                return false;
+                return None;
             }
             let free = self.permits.available_permits() as u32;
             if free >= enough {
-                return true;
+                return Some(free);
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => return None,
                 _ = self.permits.acquire_many(enough) => {}
                 _ = tokio::time::sleep(SHORT_CLAIM_PAUSE) => {
                     if free > 0 {
-                        return true;
+                        return Some(self.permits.available_permits() as u32);
                     }
                 }
             }
@@ -452,57 +472,24 @@ impl ClaimLoop {
     /// Starts a send task per delivery; parks deliveries whose endpoint closed.
     /// Starts a send task for each claimed delivery as send slots free up, and parks
     /// what must be parked. A claim may bring more deliveries than there are free slots:
-    /// the rest wait here, and the loop does not claim again until each has a slot.
-    /// Deliveries still waiting at shutdown, and any that waited so long that its lease
-    /// could run out during the request, are released unsent: due again at once, the
-    /// claim not counted as an attempt.
-    async fn dispatch(&self, claimed: Vec<Claimed>, shutdown: &CancellationToken) {
-        let claimed_at = tokio::time::Instant::now();
+    /// the rest wait here, and the loop does not claim again until each has a slot. A delivery that had to wait is sent only while the
+    /// settler can write outcomes, and only if at least half of the lease's spare time
+    /// (the lease less the request timeout) is left for writing its outcome, as a
+    /// delivery sent at once has all of it; otherwise it is handed back unsent, due
+    /// again at once and the claim not counted. So is everything still waiting at
+    /// shutdown. Returns whether a delivery waited longer than [`SCARCE_SLOT_WAIT`].
+    async fn dispatch(
+        &self,
+        claimed: Vec<Claimed>,
+        claimed_at: tokio::time::Instant,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let mut unsent = Vec::new();
+        let mut scarce = false;
         let mut items = claimed.into_iter();
         while let Some(item) = items.next() {
-            match item {
-                Claimed::Send(delivery) => {
-                    let permit = match Arc::clone(&self.permits).try_acquire_owned() {
-                        Ok(permit) => permit,
-                        Err(_) => tokio::select! {
-                            biased;
-                            _ = shutdown.cancelled() => {
-                                // Parks left unwritten come back with the lease.
-                                unsent.push(delivery);
-                                unsent.extend(items.filter_map(|item| match item {
-                                    Claimed::Send(delivery) => Some(delivery),
-                                    Claimed::Park { .. } => None,
-                                }));
-                                break;
-                            }
-                            permit = Arc::clone(&self.permits).acquire_owned() => match permit {
-                                Ok(permit) => permit,
-                                // The semaphore is never closed.
-                                Err(_) => return,
-                            },
-                        },
-                    };
-                    if !lease_covers_a_request(
-                        claimed_at.elapsed(),
-                        self.cfg.http_timeout,
-                        self.cfg.lease,
-                    ) {
-                        unsent.push(delivery);
-                        continue;
-                    }
-                    let task = SendTask {
-                        sender: Arc::clone(&self.sender),
-                        policy: self.policy,
-                        abort: self.abort.clone(),
-                        settle_tx: self.settle_tx.clone(),
-                        metrics: Arc::clone(&self.metrics),
-                    };
-                    self.tracker.spawn(async move {
-                        task.run(delivery).await;
-                        drop(permit);
-                    });
-                }
+            let delivery = match item {
+                Claimed::Send(delivery) => delivery,
                 Claimed::Park {
                     event_id,
                     endpoint_id,
@@ -516,40 +503,79 @@ impl ClaimLoop {
                         record: None,
                     };
                     // Like a send task's outcome, but the claim loop must notice a
-                    // shutdown; a park left unwritten comes back with the lease.
+                    // shutdown.
                     tokio::select! {
                         biased;
-                        _ = self.settle_tx.send(outcome) => {}
-                        _ = shutdown.cancelled() => {}
+                        _ = self.settle_tx.send(outcome) => continue,
+                        _ = shutdown.cancelled() => {
+                            unsent.extend(items.map(unsent_outcome));
+                            break;
+                        }
                     }
                 }
-            }
+            };
+            // Only this loop takes permits, so the first `free` deliveries of a claim
+            // never wait.
+            let permit = match Arc::clone(&self.permits).try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let permit = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => None,
+                        permit = Arc::clone(&self.permits).acquire_owned() => permit.ok(),
+                    };
+                    scarce |= claimed_at.elapsed() > SCARCE_SLOT_WAIT;
+                    let sendable = permit.is_some()
+                        && self.wait_while_settle_stalled(shutdown).await
+                        && may_send_after_waiting(
+                            claimed_at.elapsed(),
+                            self.cfg.http_timeout,
+                            self.cfg.lease,
+                        );
+                    match permit {
+                        Some(permit) if sendable => permit,
+                        _ => {
+                            unsent.push(unsent_outcome(Claimed::Send(delivery)));
+                            if shutdown.is_cancelled() {
+                                unsent.extend(items.map(unsent_outcome));
+                                break;
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let task = SendTask {
+                sender: Arc::clone(&self.sender),
+                policy: self.policy,
+                abort: self.abort.clone(),
+                settle_tx: self.settle_tx.clone(),
+                metrics: Arc::clone(&self.metrics),
+            };
+            self.tracker.spawn(async move {
+                task.run(delivery).await;
+                drop(permit);
+            });
         }
         if !unsent.is_empty() {
-            self.release(unsent);
+            self.hand_back(unsent);
         }
+        scarce
     }
 
-    /// Hands deliveries back unsent, from a task the drain waits for (and bounds): the
-    /// outcome queue may be full while the settler cannot write, and the claim loop must
-    /// still stop. A release that cannot be queued before the drain ends is dropped;
-    /// the lease brings that delivery back.
-    fn release(&self, deliveries: Vec<Delivery>) {
+    /// Queues outcomes for deliveries not sent, from a task the drain waits for (and
+    /// bounds): the outcome queue may be full while the settler cannot write, and the
+    /// claim loop must still stop. What cannot be queued before the drain ends is
+    /// dropped; the lease brings those deliveries back.
+    fn hand_back(&self, outcomes: Vec<Outcome>) {
         tracing::debug!(
-            count = deliveries.len(),
-            "releasing claimed deliveries unsent"
+            count = outcomes.len(),
+            "handing back claimed deliveries unsent"
         );
         let settle_tx = self.settle_tx.clone();
         let abort = self.abort.clone();
         self.tracker.spawn(async move {
-            for delivery in deliveries {
-                let outcome = Outcome {
-                    event_id: delivery.event_id,
-                    endpoint_id: delivery.endpoint_id,
-                    attempt: delivery.attempt,
-                    next: Next::Release,
-                    record: None,
-                };
+            for outcome in outcomes {
                 tokio::select! {
                     biased;
                     _ = settle_tx.send(outcome) => {}
@@ -560,11 +586,32 @@ impl ClaimLoop {
     }
 }
 
-/// Whether a delivery claimed `waited` ago may still be sent: its request, bounded by
-/// `http_timeout`, must end before the lease does, or another dispatcher could claim
-/// and send it again while this one's request is still running.
-fn lease_covers_a_request(waited: Duration, http_timeout: Duration, lease: Duration) -> bool {
-    waited + http_timeout < lease
+/// The outcome for a claimed delivery that is not sent: released, or parked.
+fn unsent_outcome(item: Claimed) -> Outcome {
+    let (event_id, endpoint_id, attempt, next) = match item {
+        Claimed::Send(d) => (d.event_id, d.endpoint_id, d.attempt, Next::Release),
+        Claimed::Park {
+            event_id,
+            endpoint_id,
+            attempt,
+        } => (event_id, endpoint_id, attempt, Next::Park),
+    };
+    Outcome {
+        event_id,
+        endpoint_id,
+        attempt,
+        next,
+        record: None,
+    }
+}
+
+/// Whether a delivery that waited for a send slot may still be sent, `waited` after
+/// its claim went out. Its request ends within `http_timeout`; what is left of the
+/// lease then is the time to write its outcome before another dispatcher may claim it
+/// again. A delivery sent at once has `lease - http_timeout` for that; one that waited
+/// must keep at least half of it.
+fn may_send_after_waiting(waited: Duration, http_timeout: Duration, lease: Duration) -> bool {
+    waited < lease.saturating_sub(http_timeout) / 2
 }
 
 struct SendTask {

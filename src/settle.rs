@@ -66,7 +66,8 @@ pub enum Next {
     Verdict(Verdict),
     /// Its endpoint is closed: park it; the claim does not count as an attempt.
     Park,
-    /// Not attempted (shutdown): due again now; the claim does not count.
+    /// Not attempted (a shutdown, or a wait for a send slot that used up the lease's
+    /// spare time): due again now; the claim does not count.
     Release,
 }
 
@@ -331,9 +332,11 @@ impl Settler {
             }
         }
         disable_gone(&self.pool, batch, &self.metrics).await;
+        // Work due again (a retry, or a delivery handed back unsent) may be due before
+        // the claim loop's next look.
         if batch
             .iter()
-            .any(|o| matches!(o.next, Next::Verdict(Verdict::Retry(_))))
+            .any(|o| matches!(o.next, Next::Verdict(Verdict::Retry(_)) | Next::Release))
         {
             self.wake.notify_one();
         }

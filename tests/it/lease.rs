@@ -286,3 +286,46 @@ async fn delivery_that_waited_too_long_for_a_slot_is_released_not_sent_late() {
     let recorded: i64 = db.scalar("SELECT count(*) FROM webhook_attempts").await;
     assert_eq!(recorded, N as i64);
 }
+
+/// After a delivery waited long for a send slot, claims take only the free slots for a
+/// while: a dispatcher whose slots turn over slowly does not hold rows that another
+/// dispatcher could send.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_take_only_free_slots_after_a_long_wait_for_one() {
+    let db = TestDb::new("scarceslots").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::ok().delay(Duration::from_millis(1_500)));
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    for n in 0..2 {
+        db.enqueue("order.created", &json!({ "n": n })).await;
+    }
+    // One slot: the first claim takes both events, and the second waits 1.5 s.
+    let dispatcher = RunningDispatcher::start(
+        &db.url,
+        outboxd::Config {
+            concurrency: 1,
+            ..test_config("scarceslots")
+        },
+    );
+    receiver.wait_for(2).await;
+    db.client
+        .execute(
+            "INSERT INTO webhook_outbox (event_type, payload)
+             SELECT 'order.created', jsonb_build_object('n', n) FROM generate_series(2, 4) n",
+            &[],
+        )
+        .await
+        .unwrap();
+    // The next claim, once the second request has ended, takes one event of the three.
+    receiver.wait_for(3).await;
+    // (Deliveries are made as their events are claimed.)
+    let claimed: i64 = db
+        .scalar(
+            "SELECT count(*) FROM webhook_deliveries d JOIN webhook_outbox o ON o.id = d.event_id
+             WHERE (o.payload->>'n')::int >= 2",
+        )
+        .await;
+    assert_eq!(claimed, 1, "a claim took more than the free slot");
+    db.wait_all_in_state(5, "delivered").await;
+    dispatcher.stop().await;
+}

@@ -8,7 +8,7 @@ use outboxd::Error;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Receiver, RunningDispatcher, TestDb, eventually, test_config};
+use crate::harness::{Receiver, Reply, RunningDispatcher, TestDb, eventually, test_config};
 
 const HIDE_SETTLE: &str = "ALTER FUNCTION webhook_settle RENAME TO webhook_settle_hidden";
 const RESTORE_SETTLE: &str = "ALTER FUNCTION webhook_settle_hidden RENAME TO webhook_settle";
@@ -156,6 +156,69 @@ async fn claiming_stops_while_outcomes_cannot_be_written() {
     assert_eq!(received.get(&late), Some(&1));
     let attempts: i64 = db.scalar("SELECT count(*) FROM webhook_attempts").await;
     assert_eq!(attempts, 5, "each attempt is recorded once");
+    let report = dispatcher.stop().await;
+    assert_eq!(report.totals.delivered, 5);
+    assert_eq!(report.totals.lease_lost, 0);
+}
+
+/// Deliveries a claim brought beyond the free send slots wait for a slot; once the
+/// settler cannot write outcomes, a slot that frees does not start one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_waiting_for_a_slot_are_not_sent_while_outcomes_cannot_be_written() {
+    let db = TestDb::new("stallwait").await;
+    let receiver = Receiver::start().await;
+    // Two slots, four deliveries in one claim. The first request to end (after 1 s)
+    // frees a slot for the third delivery, and its outcome's flush fails: the stall
+    // begins. When the other two end (after 3 s), the fourth must not start.
+    // (Request 0 is a first event, delivered once the dispatcher is up.)
+    receiver.script("/hook", |n| match n {
+        1 => Reply::ok().delay(Duration::from_millis(1_000)),
+        2 => Reply::ok().delay(Duration::from_millis(3_000)),
+        3 => Reply::ok().delay(Duration::from_millis(2_000)),
+        _ => Reply::ok(),
+    });
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let config = outboxd::Config {
+        concurrency: 2,
+        ..test_config("stallwait")
+    };
+    let dispatcher = RunningDispatcher::start(&db.url, config);
+    db.enqueue("order.created", &json!({ "n": 0 })).await;
+    db.wait_all_in_state(1, "delivered").await;
+    db.client.batch_execute(HIDE_SETTLE).await.unwrap();
+    db.client
+        .execute(
+            "INSERT INTO webhook_outbox (event_type, payload)
+             SELECT 'order.created', jsonb_build_object('n', n) FROM generate_series(1, 4) n",
+            &[],
+        )
+        .await
+        .unwrap();
+    receiver.wait_for(4).await;
+    eventually("a flush fails", Duration::from_secs(10), || async {
+        dispatcher.metrics.settle_failures_total() > 0
+    })
+    .await;
+    let claimed: i64 = db
+        .scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending' AND attempts = 1")
+        .await;
+    assert_eq!(claimed, 4, "one claim took all four");
+    // The slowest request ends 3 s after the claim; give the fourth time to start.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        receiver.count(),
+        4,
+        "nothing waiting is sent while outcomes cannot be written"
+    );
+
+    db.client.batch_execute(RESTORE_SETTLE).await.unwrap();
+    db.wait_all_in_state(5, "delivered").await;
+    let mut received = BTreeMap::new();
+    for request in receiver.requests() {
+        *received.entry(request.event_id()).or_insert(0) += 1;
+    }
+    assert_eq!(received.len(), 5, "{received:?}");
+    assert!(received.values().all(|&n| n == 1), "{received:?}");
     let report = dispatcher.stop().await;
     assert_eq!(report.totals.delivered, 5);
     assert_eq!(report.totals.lease_lost, 0);

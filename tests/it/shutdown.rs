@@ -30,10 +30,12 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
 /// same drain must hold on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_and_exits_zero_on_one_thread() {
-    drains_in_flight_and_exits_zero("sigterm_one_thread", Some(1)).await;
+    let stderr = drains_in_flight_and_exits_zero("sigterm_one_thread", Some(1)).await;
+    assert!(stderr.contains("current_thread"), "stderr:\n{stderr}");
 }
 
-async fn drains_in_flight_and_exits_zero(name: &str, worker_threads: Option<u16>) {
+/// Returns the process's stderr.
+async fn drains_in_flight_and_exits_zero(name: &str, worker_threads: Option<u16>) -> String {
     let db = TestDb::new(name).await;
     let receiver = Receiver::start().await;
     receiver.always("/hook", Reply::ok().delay(Duration::from_millis(1_500)));
@@ -84,10 +86,11 @@ async fn drains_in_flight_and_exits_zero(name: &str, worker_threads: Option<u16>
             assert!(requests.iter().all(|r| r.event_id() != d.event_id));
         }
     }
+    finished.stderr
 }
 
-/// A claim takes a whole batch even when fewer send slots are free; at shutdown the
-/// deliveries still waiting for a slot are released unsent, due again at once.
+/// A claim may take more deliveries than there are free send slots; at shutdown those
+/// still waiting for a slot are released unsent, due again at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_releases_deliveries_waiting_for_a_send_slot() {
     let db = TestDb::new("sigtermqueued").await;
@@ -104,18 +107,21 @@ async fn sigterm_releases_deliveries_waiting_for_a_send_slot() {
     let child = command.spawn().expect("spawn outboxd");
     let pid = child.id().expect("a running child has a pid");
     receiver.wait_for(2).await;
-    // The claim committed before its sends began: all ten are leased, two are sent.
-    let leased: i64 = db
-        .scalar("SELECT count(*) FROM webhook_deliveries WHERE locked_by IS NOT NULL")
+    // The claim committed before its sends began: it took more than the two free slots
+    // (up to twice as many), and they stay claimed until they are settled.
+    let claimed: i64 = db
+        .scalar("SELECT count(*) FROM webhook_deliveries WHERE attempts = 1")
         .await;
-    assert_eq!(leased, N as i64, "one claim takes the whole backlog");
+    assert!(
+        claimed > 2,
+        "a claim takes more than the free slots: {claimed}"
+    );
     sigterm(pid);
     let finished = wait_child(child, Duration::from_secs(60)).await;
     assert_eq!(finished.code, Some(0), "stderr:\n{}", finished.stderr);
 
     let requests = receiver.requests();
     let deliveries = db.deliveries().await;
-    assert_eq!(deliveries.len(), N);
     let mut released = 0;
     for d in &deliveries {
         assert_eq!(d.locked_by, None, "left locked: {d:?}");
