@@ -45,9 +45,9 @@ const RECHECKS: [Duration; 5] = [
     Duration::from_millis(25),
     Duration::from_millis(60),
 ];
-/// A claimed delivery that waits longer than this for a send slot marks the slots as
-/// scarce: for [`SCARCE_SLOTS_FOR`], claims take no more than the free slots. In a
-/// burst, a whole batch finds slots within milliseconds.
+/// A claimed delivery still waiting for a send slot this long after its claim went out
+/// marks the slots as scarce: for [`SCARCE_SLOTS_FOR`], claims take no more than the
+/// free slots. In a burst, a whole batch finds slots within milliseconds.
 const SCARCE_SLOT_WAIT: Duration = Duration::from_secs(1);
 /// How long claims stay sized to the free slots after a long wait for one.
 const SCARCE_SLOTS_FOR: Duration = Duration::from_secs(10);
@@ -268,7 +268,11 @@ impl ClaimLoop {
             // long for a slot (timing-out endpoints hold them), claims take only the
             // free slots again, so that a dispatcher whose slots turn over slowly does
             // not keep holding rows that another could send.
-            let scarce = slots_scarce_until.is_some_and(|until| until.elapsed().is_zero());
+            // With little spare time in the lease, a delivery could wait only briefly
+            // before being handed back: claim no more than can be sent at once.
+            let scarce = slots_scarce_until
+                .is_some_and(|until| tokio::time::Instant::now() < until)
+                || self.cfg.lease.saturating_sub(self.cfg.http_timeout) / 2 < SCARCE_SLOT_WAIT;
             let want = if scarce {
                 free.min(self.cfg.batch_size)
             } else {
@@ -469,15 +473,17 @@ impl ClaimLoop {
         claim::next_due(&*client).await
     }
 
-    /// Starts a send task per delivery; parks deliveries whose endpoint closed.
     /// Starts a send task for each claimed delivery as send slots free up, and parks
     /// what must be parked. A claim may bring more deliveries than there are free slots:
-    /// the rest wait here, and the loop does not claim again until each has a slot. A delivery that had to wait is sent only while the
-    /// settler can write outcomes, and only if at least half of the lease's spare time
-    /// (the lease less the request timeout) is left for writing its outcome, as a
-    /// delivery sent at once has all of it; otherwise it is handed back unsent, due
-    /// again at once and the claim not counted. So is everything still waiting at
-    /// shutdown. Returns whether a delivery waited longer than [`SCARCE_SLOT_WAIT`].
+    /// the rest wait here, and the loop does not claim again until each has a slot or
+    /// has been handed back. Once one delivery of the claim has had to wait, each later
+    /// one is sent only while the settler can write outcomes, and only if at least half
+    /// of the lease's spare time (the lease less the request timeout) is left for
+    /// writing its outcome, as a delivery sent at once has all of it. Otherwise it and
+    /// the rest of the claim are handed back unsent: due again at once, the claim not
+    /// counted (parks are still written). So is everything left at shutdown. Returns
+    /// whether send slots were scarce: a delivery was still waiting for one
+    /// [`SCARCE_SLOT_WAIT`] after the claim went out, or was handed back for time.
     async fn dispatch(
         &self,
         claimed: Vec<Claimed>,
@@ -485,9 +491,15 @@ impl ClaimLoop {
         shutdown: &CancellationToken,
     ) -> bool {
         let mut unsent = Vec::new();
+        let mut waited = false;
         let mut scarce = false;
         let mut items = claimed.into_iter();
         while let Some(item) = items.next() {
+            if shutdown.is_cancelled() {
+                unsent.push(unsent_outcome(item));
+                unsent.extend(items.map(unsent_outcome));
+                break;
+            }
             let delivery = match item {
                 Claimed::Send(delivery) => delivery,
                 Claimed::Park {
@@ -503,11 +515,18 @@ impl ClaimLoop {
                         record: None,
                     };
                     // Like a send task's outcome, but the claim loop must notice a
-                    // shutdown.
+                    // shutdown; the queue's slot is reserved first, so that the
+                    // outcome is either queued or handed back.
                     tokio::select! {
                         biased;
-                        _ = self.settle_tx.send(outcome) => continue,
+                        slot = self.settle_tx.reserve() => {
+                            if let Ok(slot) = slot {
+                                slot.send(outcome);
+                            }
+                            continue;
+                        }
                         _ = shutdown.cancelled() => {
+                            unsent.push(outcome);
                             unsent.extend(items.map(unsent_outcome));
                             break;
                         }
@@ -517,33 +536,37 @@ impl ClaimLoop {
             // Only this loop takes permits, so the first `free` deliveries of a claim
             // never wait.
             let permit = match Arc::clone(&self.permits).try_acquire_owned() {
-                Ok(permit) => permit,
+                Ok(permit) => Some(permit),
                 Err(_) => {
+                    waited = true;
                     let permit = tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => None,
                         permit = Arc::clone(&self.permits).acquire_owned() => permit.ok(),
                     };
                     scarce |= claimed_at.elapsed() > SCARCE_SLOT_WAIT;
-                    let sendable = permit.is_some()
-                        && self.wait_while_settle_stalled(shutdown).await
+                    permit
+                }
+            };
+            let sendable = match permit {
+                // Shutdown (the semaphore is never closed).
+                None => false,
+                Some(_) if !waited => true,
+                Some(_) => {
+                    self.wait_while_settle_stalled(shutdown).await
                         && may_send_after_waiting(
                             claimed_at.elapsed(),
                             self.cfg.http_timeout,
                             self.cfg.lease,
-                        );
-                    match permit {
-                        Some(permit) if sendable => permit,
-                        _ => {
-                            unsent.push(unsent_outcome(Claimed::Send(delivery)));
-                            if shutdown.is_cancelled() {
-                                unsent.extend(items.map(unsent_outcome));
-                                break;
-                            }
-                            continue;
-                        }
-                    }
+                        )
                 }
+            };
+            let (Some(permit), true) = (permit, sendable) else {
+                // Later deliveries of the claim would have waited at least as long.
+                scarce |= !shutdown.is_cancelled();
+                unsent.push(unsent_outcome(Claimed::Send(delivery)));
+                unsent.extend(items.map(unsent_outcome));
+                break;
             };
             let task = SendTask {
                 sender: Arc::clone(&self.sender),

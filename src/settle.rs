@@ -66,8 +66,8 @@ pub enum Next {
     Verdict(Verdict),
     /// Its endpoint is closed: park it; the claim does not count as an attempt.
     Park,
-    /// Not attempted (a shutdown, or a wait for a send slot that used up the lease's
-    /// spare time): due again now; the claim does not count.
+    /// Not attempted (a shutdown, a settler stall or a wait for a send slot that used
+    /// up half of the lease's spare time): due again now; the claim does not count.
     Release,
 }
 
@@ -252,8 +252,8 @@ pub struct Settler {
     pub worker_id: String,
     /// Counts endpoints disabled by a 410, and failed flushes.
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
-    /// Woken after a flush that scheduled retries, so a sleeping claim loop
-    /// recomputes when it must wake up next.
+    /// Woken after a flush that scheduled retries or released deliveries, so a
+    /// sleeping claim loop recomputes when it must wake up next.
     pub wake: std::sync::Arc<tokio::sync::Notify>,
     /// Stops retrying a failing flush (at the end of a shutdown).
     pub give_up: tokio_util::sync::CancellationToken,
@@ -431,7 +431,7 @@ pub struct SettleTotals {
     /// Deliveries that became `dead`.
     pub dead: u64,
     /// Deliveries handed back unattempted: at shutdown, or after waiting for a send
-    /// slot so long that the lease could not cover a request.
+    /// slot (see `Next::Release`).
     pub released: u64,
     /// Outcomes that found their lease taken by another worker.
     pub lease_lost: u64,

@@ -247,9 +247,9 @@ async fn late_outcome_after_own_reclaim_changes_nothing() {
 async fn delivery_that_waited_too_long_for_a_slot_is_released_not_sent_late() {
     let db = TestDb::new("slotwait").await;
     let receiver = Receiver::start().await;
-    // One slot and 1.2 s per request: a delivery behind another waits at least 1.2 s,
-    // and with a 2 s request timeout its request could then end after the 3 s lease.
-    receiver.always("/hook", Reply::ok().delay(Duration::from_millis(1_200)));
+    // One slot and 1.8 s per request: a delivery behind another waits at least 1.8 s,
+    // more than half of the lease's 3 s of spare time (5.5 s less a 2.5 s timeout).
+    receiver.always("/hook", Reply::ok().delay(Duration::from_millis(1_800)));
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
     const N: usize = 3;
     for n in 0..N {
@@ -260,18 +260,17 @@ async fn delivery_that_waited_too_long_for_a_slot_is_released_not_sent_late() {
         &db.url,
         outboxd::Config {
             concurrency: 1,
-            lease: Duration::from_millis(3_000),
-            http_timeout: Duration::from_millis(2_000),
+            lease: Duration::from_millis(5_500),
+            http_timeout: Duration::from_millis(2_500),
             ..test_config("slotwait")
         },
     );
     db.wait_all_in_state(N as i64, "delivered").await;
     let report = dispatcher.stop().await;
 
-    assert!(
-        report.totals.released >= 1,
-        "nothing was released: {report:?}"
-    );
+    // The second delivery is handed back, and the third with it: it would have waited
+    // as long (it must not take the slot the second gave up, unchecked).
+    assert!(report.totals.released >= 2, "{report:?}");
     let requests = receiver.requests();
     let sent: BTreeSet<i64> = requests.iter().map(|r| r.event_id()).collect();
     assert_eq!(
