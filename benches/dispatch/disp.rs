@@ -81,15 +81,23 @@ pub struct Proc {
 }
 
 impl Proc {
-    /// Starts `outboxd run` against `url` with private targets allowed, and with
-    /// `threads` runtime threads (`None`: the binary's default).
+    /// Starts `outboxd run` against `url` with private targets allowed, with `threads`
+    /// runtime threads (`None`: the binary's default), and with LISTEN off and this
+    /// poll tick if `poll` is set.
     pub fn spawn(
         bin: &Path,
         url: &str,
         worker_id: &str,
         threads: Option<u16>,
+        poll: Option<Duration>,
     ) -> anyhow::Result<Self> {
         let mut command = tokio::process::Command::new(bin);
+        match poll {
+            Some(tick) => command
+                .env("WEBHOOK_LISTEN", "false")
+                .env("WEBHOOK_POLL_INTERVAL_MS", tick.as_millis().to_string()),
+            None => command.env("WEBHOOK_LISTEN", "true"),
+        };
         // TOKIO_WORKER_THREADS too, for a `BENCH_AB_BIN` from before
         // WEBHOOK_WORKER_THREADS existed (tokio reads it when no count is set).
         match threads {

@@ -154,11 +154,18 @@ pub async fn wait_push_ready(
     wait_until(client, &sql, timeout, "the dispatcher to arm the doorbell").await
 }
 
-/// Waits until a dispatcher pool connection exists on this database.
-pub async fn wait_pool_ready(client: &Client, timeout: Duration) -> anyhow::Result<()> {
-    let sql = "SELECT count(*) > 0 FROM pg_stat_activity
-               WHERE datname = current_database() AND application_name = 'outboxd'";
-    wait_until(client, sql, timeout, "the dispatcher to connect").await
+/// Waits until at least `connections` dispatcher pool connections exist on this
+/// database (each dispatcher opens at least one).
+pub async fn wait_pool_ready(
+    client: &Client,
+    connections: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let sql = format!(
+        "SELECT count(*) >= {connections} FROM pg_stat_activity
+          WHERE datname = current_database() AND application_name = 'outboxd'"
+    );
+    wait_until(client, &sql, timeout, "the dispatchers to connect").await
 }
 
 /// Waits until every event is fanned out and every delivery settled as delivered;

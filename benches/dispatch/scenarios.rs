@@ -260,6 +260,8 @@ pub enum Mode {
     Poll,
     /// `n` `outboxd run` processes (push).
     Procs(usize),
+    /// `n` `outboxd run` processes, LISTEN off, poll tick only.
+    PollProcs(usize),
 }
 
 impl Mode {
@@ -268,6 +270,7 @@ impl Mode {
             Mode::Push => "push".into(),
             Mode::Poll => "poll".into(),
             Mode::Procs(n) => format!("{n} x outboxd run"),
+            Mode::PollProcs(n) => format!("{n} x outboxd run, poll"),
         }
     }
 }
@@ -323,7 +326,9 @@ async fn start(ctx: &Ctx, url: &str, client: &Client, mode: Mode) -> anyhow::Res
             disp::config(false, ctx.poll_interval()),
             threads,
         )?),
-        Mode::Procs(n) => {
+        Mode::Procs(n) | Mode::PollProcs(n) => {
+            // Pure polling: LISTEN off, the same tick as the in-process poll mode.
+            let poll = matches!(mode, Mode::PollProcs(_)).then(|| ctx.poll_interval());
             let mut procs = Vec::new();
             for i in 0..n {
                 procs.push(Proc::spawn(
@@ -331,6 +336,7 @@ async fn start(ctx: &Ctx, url: &str, client: &Client, mode: Mode) -> anyhow::Res
                     url,
                     &format!("bench-proc-{}", i + 1),
                     ctx.outboxd_threads,
+                    poll,
                 )?);
             }
             Running::Procs(procs)
@@ -345,7 +351,12 @@ async fn wait_ready(client: &Client, mode: Mode) -> anyhow::Result<()> {
     match mode {
         Mode::Push => pg::wait_push_ready(client, 1, timeout).await?,
         Mode::Procs(n) => pg::wait_push_ready(client, n, timeout).await?,
-        Mode::Poll => pg::wait_pool_ready(client, timeout).await?,
+        Mode::Poll => pg::wait_pool_ready(client, 1, timeout).await?,
+        Mode::PollProcs(n) => {
+            pg::wait_pool_ready(client, n, timeout).await?;
+            // No readiness to see without LISTEN: give each process time to start.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
     }
     // Let every dispatcher finish its arm / look-again sequence and fall asleep.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -409,15 +420,29 @@ struct ScaleoutConfig {
     /// Each process runs with its share of the cores: the configuration the target is
     /// for. The others run the default threads beside it, for comparison.
     target: bool,
+    /// Pure polling (`WEBHOOK_LISTEN=false`), shown beside the push configurations and
+    /// compared by the drain rate from the first receipt.
+    poll: bool,
 }
 
 impl ScaleoutConfig {
-    /// The JSON key and burst tag: `scaleout_4`, or `scaleout_4_default_threads`.
+    /// The JSON key and burst tag: `scaleout_4`, `scaleout_4_default_threads` or
+    /// `scaleout_4_poll`.
     fn key(&self) -> String {
-        if self.target {
+        if self.poll {
+            format!("scaleout_{}_poll", self.procs)
+        } else if self.target {
             format!("scaleout_{}", self.procs)
         } else {
             format!("scaleout_{}_default_threads", self.procs)
+        }
+    }
+
+    fn mode(&self) -> Mode {
+        if self.poll {
+            Mode::PollProcs(self.procs as usize)
+        } else {
+            Mode::Procs(self.procs as usize)
         }
     }
 
@@ -430,7 +455,7 @@ impl ScaleoutConfig {
                 format!("{n} threads")
             }
         };
-        match self.threads {
+        let label = match self.threads {
             _ if procs == 1 => "scale-out 1 x outboxd run".to_owned(),
             Some(t) => format!(
                 "scale-out {procs} x outboxd run, {} each",
@@ -440,6 +465,11 @@ impl ScaleoutConfig {
                 "scale-out {procs} x outboxd run, default ({} each)",
                 threads(cores)
             ),
+        };
+        if self.poll {
+            format!("{label} (poll)")
+        } else {
+            label
         }
     }
 }
@@ -774,6 +804,35 @@ impl Ctx {
             ),
         }
         self.report.detail("fanout", out.json);
+
+        // Pure-poll mode: the same drain once the tick has found the events (a full
+        // batch is claimed again at once in either mode); from the commit it also waits
+        // for the tick.
+        let push_after_first = out.rate_after_first;
+        let poll = self
+            .burst(BurstSpec {
+                tag: "fanout_poll",
+                events: n,
+                endpoints: k,
+                mode: Mode::Poll,
+                history: 0,
+                repeats: None,
+                warmup: false,
+            })
+            .await?;
+        let poll_label = format!("{label} (poll)");
+        self.report.cpu(&poll_label, poll.cpu, Some(poll.items));
+        self.report.info(
+            &poll_label,
+            "deliveries/s from first receipt (median), vs push's; commit → last ack",
+            format!(
+                "{} ({:+.0}% vs push); {}",
+                int(poll.rate_after_first),
+                (poll.rate_after_first / push_after_first - 1.0) * 100.0,
+                int(poll.rate)
+            ),
+        );
+        self.report.detail("fanout_poll", poll.json);
         Ok(())
     }
 
@@ -808,6 +867,7 @@ impl Ctx {
                     procs,
                     threads: None,
                     target: true,
+                    poll: false,
                 });
             } else {
                 let threads = u16::try_from(share.min(1024)).unwrap_or(1024);
@@ -815,13 +875,27 @@ impl Ctx {
                     procs,
                     threads: Some(threads),
                     target: true,
+                    poll: false,
                 });
                 configs.push(ScaleoutConfig {
                     procs,
                     threads: None,
                     target: false,
+                    poll: false,
                 });
             }
+        }
+        // Pure polling, for each count given its share of the cores (shown, no target):
+        // the drain once a tick has found the burst, since from the commit every poll
+        // burst also waits for a tick.
+        let push_configs: Vec<ScaleoutConfig> =
+            configs.iter().filter(|c| c.target).copied().collect();
+        for config in push_configs {
+            configs.push(ScaleoutConfig {
+                target: false,
+                poll: true,
+                ..config
+            });
         }
         // Interleaved: round r bursts once with each configuration (fresh databases and
         // processes each time), so a machine that drifts slower or faster during the
@@ -851,7 +925,7 @@ impl Ctx {
                             tag: &tag,
                             events: n,
                             endpoints: 1,
-                            mode: Mode::Procs(config.procs as usize),
+                            mode: config.mode(),
                             history: 0,
                             repeats: Some(1),
                             warmup: true,
@@ -860,7 +934,11 @@ impl Ctx {
                     self.outboxd_bin = bins[0].clone();
                     self.outboxd_threads = None;
                     let out = out?;
-                    rates[b][i].push(out.rate);
+                    rates[b][i].push(if config.poll {
+                        out.rate_after_first
+                    } else {
+                        out.rate
+                    });
                     cpus[b][i] = Some(cpus[b][i].map_or(out.cpu, |c| c.combine(&out.cpu)));
                     items[b][i] += out.items;
                     rounds_json[b][i].push(out.json);
@@ -874,7 +952,11 @@ impl Ctx {
         let mut details = serde_json::Map::new();
         let one = configs
             .iter()
-            .position(|c| c.procs == 1)
+            .position(|c| c.procs == 1 && !c.poll)
+            .map(|i| median(&rates[0][i]));
+        let one_poll = configs
+            .iter()
+            .position(|c| c.procs == 1 && c.poll)
             .map(|i| median(&rates[0][i]));
         for (i, config) in configs.iter().enumerate() {
             let procs = config.procs;
@@ -884,12 +966,17 @@ impl Ctx {
                 self.report.cpu(&label, cpu, Some(items[0][i]));
             }
             let metric = format!(
-                "deliveries/s, burst {} (median of {rounds} interleaved)",
+                "deliveries/s{}, burst {} (median of {rounds} interleaved)",
+                if config.poll {
+                    " from first receipt"
+                } else {
+                    ""
+                },
                 int(n as f64)
             );
             let vs_one =
                 |one: f64| format!("{} ({:+.0}% vs 1)", int(rate), (rate / one - 1.0) * 100.0);
-            match one {
+            match if config.poll { one_poll } else { one } {
                 // The target is for processes given their share of the cores; with the
                 // default threads, several processes on one host oversubscribe it.
                 Some(one) if procs > 1 && config.target => {
@@ -900,6 +987,7 @@ impl Ctx {
                 _ => self.report.info(&label, &metric, int(rate)),
             }
             if procs == 1
+                && !config.poll
                 && let Some(kib) = hwm[i]
             {
                 let mib = kib as f64 / 1024.0;
@@ -916,6 +1004,8 @@ impl Ctx {
                 json!({
                     "processes": procs,
                     "worker_threads": config.threads,
+                    "poll": config.poll,
+                    "rates_from": if config.poll { "first receipt" } else { "commit" },
                     "median_deliveries_per_s": rate,
                     "deliveries_per_s_by_round": rates[0][i],
                     "peak_rss_kib": hwm[i],
@@ -1119,77 +1209,98 @@ impl Ctx {
 
     async fn steady_scenario(&mut self) -> anyhow::Result<()> {
         for rate in self.s.steady_rates.clone() {
-            let tag = format!("steady_{rate}");
-            let name = self.db_name(&tag);
-            let (url, client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
-            let result = self.steady_in(rate, &url, &client).await;
-            drop(client);
-            pg::drop_db(&self.admin, &name).await?;
-            let out = result?;
-            let label = format!(
-                "steady {}/s for {} s (push)",
-                int(rate as f64),
-                self.s.steady_secs
-            );
-            self.report.cpu(&label, out.cpu, Some(out.committed as u64));
-            self.report
-                .info(&label, "p50 commit → receipt", ms(out.p50));
-            if rate >= 2_000 {
-                self.report.target(
-                    &label,
-                    "p99 commit → receipt",
-                    ms(out.p99),
-                    "< 10 ms",
-                    out.p99 < 10_000.0,
-                );
-            } else {
-                self.report
-                    .info(&label, "p99 commit → receipt", ms(out.p99));
+            for mode in [Mode::Push, Mode::Poll] {
+                self.steady_at(rate, mode).await?;
             }
-            self.report
-                .info(&label, "p99.9 commit → receipt", ms(out.p999));
-            self.report.info(
-                &label,
-                "events over 100 ms; longest gap between receipts",
-                format!("{}; {}", int(out.slow as f64), ms(out.max_gap_us)),
-            );
-            self.report.info(
-                &label,
-                "producer kept its rate",
-                format!(
-                    "{} ({} /s achieved, {} conns, p99 schedule lag {})",
-                    if out.kept_rate { "yes" } else { "NO" },
-                    int(out.achieved),
-                    out.conns,
-                    ms(out.lag_p99)
-                ),
-            );
-            let up = format!(
-                "{} of {} delivered, last {} after the last commit",
-                int(out.delivered as f64),
-                int(out.committed as f64),
-                ms(out.drain_us)
-            );
-            if rate >= 2_000 {
-                self.report.target(
-                    &label,
-                    "dispatcher kept up",
-                    up,
-                    "all within 5 s",
-                    out.kept_up,
-                );
-            } else {
-                self.report.info(&label, "dispatcher kept up", up);
-            }
-            self.report.detail(&tag, out.json);
         }
         Ok(())
     }
 
-    async fn steady_in(&mut self, rate: u64, url: &str, client: &Client) -> anyhow::Result<Steady> {
+    /// One steady run. Targets are for push mode; pure-poll mode's latency is bounded by
+    /// its tick, and the table shows it.
+    async fn steady_at(&mut self, rate: u64, mode: Mode) -> anyhow::Result<()> {
+        let push = mode == Mode::Push;
+        let tag = if push {
+            format!("steady_{rate}")
+        } else {
+            format!("steady_{rate}_{}", mode.label())
+        };
+        let name = self.db_name(&tag);
+        let (url, client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
+        let result = self.steady_in(rate, mode, &url, &client).await;
+        drop(client);
+        pg::drop_db(&self.admin, &name).await?;
+        let out = result?;
+        let label = format!(
+            "steady {}/s for {} s ({})",
+            int(rate as f64),
+            self.s.steady_secs,
+            mode.label()
+        );
+        self.report.cpu(&label, out.cpu, Some(out.committed as u64));
+        self.report
+            .info(&label, "p50 commit → receipt", ms(out.p50));
+        if rate >= 2_000 && push {
+            self.report.target(
+                &label,
+                "p99 commit → receipt",
+                ms(out.p99),
+                "< 10 ms",
+                out.p99 < 10_000.0,
+            );
+        } else {
+            self.report
+                .info(&label, "p99 commit → receipt", ms(out.p99));
+        }
+        self.report
+            .info(&label, "p99.9 commit → receipt", ms(out.p999));
+        self.report.info(
+            &label,
+            "events over 100 ms; longest gap between receipts",
+            format!("{}; {}", int(out.slow as f64), ms(out.max_gap_us)),
+        );
+        self.report.info(
+            &label,
+            "producer kept its rate",
+            format!(
+                "{} ({} /s achieved, {} conns, p99 schedule lag {})",
+                if out.kept_rate { "yes" } else { "NO" },
+                int(out.achieved),
+                out.conns,
+                ms(out.lag_p99)
+            ),
+        );
+        let up = format!(
+            "{} of {} delivered, last {} after the last commit",
+            int(out.delivered as f64),
+            int(out.committed as f64),
+            ms(out.drain_us)
+        );
+        if rate >= 2_000 && push {
+            self.report.target(
+                &label,
+                "dispatcher kept up",
+                up,
+                "all within 5 s",
+                out.kept_up,
+            );
+        } else {
+            self.report.info(&label, "dispatcher kept up", up);
+        }
+        self.report.detail(&tag, out.json);
+        Ok(())
+    }
+
+    async fn steady_in(
+        &mut self,
+        rate: u64,
+        mode: Mode,
+        url: &str,
+        client: &Client,
+    ) -> anyhow::Result<Steady> {
         pg::add_endpoints(client, [self.receiver.url(0)]).await?;
         self.receiver.take().await?;
-        let running = start(self, url, client, Mode::Push).await?;
+        let running = start(self, url, client, mode).await?;
         let probe = self.probe(Vec::new());
         // Enough connections that fsync'd commits (group commit) keep the schedule.
         let conns = (rate / 125).clamp(4, 32);
@@ -1258,7 +1369,8 @@ impl Ctx {
         let kept_up = lat.delivered == commits.len() && drain_us <= 5e6;
         let cpu = snap0.until(&snap1);
         eprintln!(
-            "bench:   steady {rate}/s: {} committed ({} /s), {} delivered, p50 {} p99 {}",
+            "bench:   steady {rate}/s ({}): {} committed ({} /s), {} delivered, p50 {} p99 {}",
+            mode.label(),
             commits.len(),
             int(achieved),
             lat.delivered,
@@ -1282,6 +1394,7 @@ impl Ctx {
             cpu,
             json: json!({
                 "rate": rate,
+                "mode": mode.label(),
                 "secs": self.s.steady_secs,
                 "producer_connections": conns,
                 "scheduled": total,
@@ -1303,19 +1416,25 @@ impl Ctx {
     }
 
     /// Producers' insert rate with and without the notify trigger, dispatcher running.
+    /// The target is for push mode. In pure-poll mode no dispatcher ever opens the
+    /// doorbell's gate, so the trigger costs only its `WHEN` test; the table shows it.
     async fn producer_cost(&mut self) -> anyhow::Result<()> {
-        let name = self.db_name("producer");
-        let (url, client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
-        let result = self.producer_in(&url, &client).await;
-        drop(client);
-        pg::drop_db(&self.admin, &name).await?;
-        result
+        for mode in [Mode::Push, Mode::Poll] {
+            let name = self.db_name(&format!("producer_{}", mode.label()));
+            let (url, client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
+            let result = self.producer_in(mode, &url, &client).await;
+            drop(client);
+            pg::drop_db(&self.admin, &name).await?;
+            result?;
+        }
+        Ok(())
     }
 
-    async fn producer_in(&mut self, url: &str, client: &Client) -> anyhow::Result<()> {
+    async fn producer_in(&mut self, mode: Mode, url: &str, client: &Client) -> anyhow::Result<()> {
+        let push = mode == Mode::Push;
         pg::add_endpoints(client, [self.receiver.url(0)]).await?;
         self.receiver.take().await?;
-        let running = start(self, url, client, Mode::Push).await?;
+        let running = start(self, url, client, mode).await?;
         let probe = self.probe(Vec::new());
         let mut producers = Vec::new();
         for _ in 0..self.s.producer_conns {
@@ -1348,7 +1467,7 @@ impl Ctx {
                     .wait_for(inserted - delivered, Duration::from_secs(30))
                     .await?;
                 delivered += self.receiver.take().await?.len() as u64;
-                if trigger {
+                if trigger && push {
                     pg::wait_push_ready(client, 1, Duration::from_secs(10)).await?;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1383,7 +1502,8 @@ impl Ctx {
                 inserted += n;
                 let rate = n as f64 / elapsed;
                 eprintln!(
-                    "bench:   {} trigger {}: {} inserts/s",
+                    "bench:   {} {} trigger {}: {} inserts/s",
+                    mode.label(),
                     if warmup {
                         "warm-up".to_string()
                     } else {
@@ -1423,31 +1543,46 @@ impl Ctx {
         let (a, b) = (median(&with), median(&without));
         let ratio = a / b;
         let label = format!(
-            "producer cost, {} conns, {} x {} s rounds",
-            self.s.producer_conns, self.s.producer_rounds, self.s.producer_secs
+            "producer cost, {} conns, {} x {} s rounds ({})",
+            self.s.producer_conns,
+            self.s.producer_rounds,
+            self.s.producer_secs,
+            mode.label()
         );
         self.report
             .info(&label, "median inserts/s with trigger + dispatcher", int(a));
         self.report
             .info(&label, "median inserts/s without trigger", int(b));
-        self.report.target(
-            &label,
-            "ratio with / without",
-            format!("{ratio:.3}"),
-            ">= 0.90",
-            ratio >= 0.90,
-        );
-        if let Some(c) = cpu_with {
+        if push {
+            self.report.target(
+                &label,
+                "ratio with / without",
+                format!("{ratio:.3}"),
+                ">= 0.90",
+                ratio >= 0.90,
+            );
+        } else {
             self.report
-                .cpu("producers, trigger on", c, Some(inserted_with));
+                .info(&label, "ratio with / without", format!("{ratio:.3}"));
+        }
+        if let Some(c) = cpu_with {
+            self.report.cpu(
+                &format!("producers, trigger on ({})", mode.label()),
+                c,
+                Some(inserted_with),
+            );
         }
         if let Some(c) = cpu_without {
-            self.report
-                .cpu("producers, trigger off", c, Some(inserted_without));
+            self.report.cpu(
+                &format!("producers, trigger off ({})", mode.label()),
+                c,
+                Some(inserted_without),
+            );
         }
         self.report.detail(
-            "producer",
+            if push { "producer" } else { "producer_poll" },
             json!({
+                "mode": mode.label(),
                 "connections": self.s.producer_conns,
                 "median_with_trigger": a,
                 "median_without_trigger": b,
