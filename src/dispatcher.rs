@@ -251,6 +251,8 @@ impl ClaimLoop {
         // Woken by a notification: the doorbell's gate is open for nothing (the bell
         // was rung), so it is closed once the next claim has succeeded.
         let mut close_gate = false;
+        // When a polling loop last closed the gate.
+        let mut gate_closed_at: Option<tokio::time::Instant> = None;
         let mut error_delay = Duration::from_millis(100);
         // Until when claims take no more than the free send slots (see below).
         let mut slots_scarce_until: Option<tokio::time::Instant> = None;
@@ -284,6 +286,16 @@ impl ClaimLoop {
                     if close_gate {
                         self.close_gate().await;
                         close_gate = false;
+                    } else if !self.cfg.listen
+                        && gate_closed_at.is_none_or(|at| at.elapsed() >= self.cfg.poll_interval)
+                    {
+                        // Polling, nothing opens the gate, but a fresh database starts
+                        // with it open, and the ring function would run for every
+                        // insert statement. Close it (a read once it is closed) at most
+                        // once per tick; an armed bell (a push-mode dispatcher asleep
+                        // beside this one) keeps it open.
+                        self.close_gate().await;
+                        gate_closed_at = Some(tokio::time::Instant::now());
                     }
                     batch
                 }

@@ -386,3 +386,42 @@ async fn producer_role_needs_only_insert() {
         "the producer's insert must ring the real doorbell"
     );
 }
+
+/// A fresh database starts with the doorbell's gate open (it fails safe), and only a
+/// dispatcher woken by a ring closed it: with pure polling, every insert statement ran
+/// the ring function for nothing. A polling dispatcher closes it; a push-mode one
+/// asleep beside it keeps it open (its armed bell).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_dispatcher_closes_the_gate_unless_a_bell_is_armed() {
+    let db = TestDb::new("pollgate").await;
+    let open: bool = db.scalar(GATE_OPEN).await;
+    assert!(open, "a fresh database starts with the gate open");
+    let polling = RunningDispatcher::start(
+        &db.url,
+        outboxd::Config {
+            listen: false,
+            ..test_config("pollgate")
+        },
+    );
+    db.wait_until(&format!("SELECT NOT ({GATE_OPEN})")).await;
+
+    // A push-mode dispatcher arms the bell and opens the gate to sleep; the poller's
+    // later closes leave it open.
+    let push = RunningDispatcher::start(
+        &db.url,
+        outboxd::Config {
+            poll_interval: ONE_HOUR,
+            ..test_config("pushgate")
+        },
+    );
+    db.wait_until(&format!("SELECT ({GATE_OPEN}) AND ({ARMED})"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let open: bool = db.scalar(GATE_OPEN).await;
+    assert!(
+        open,
+        "the gate stays open while a dispatcher sleeps on the bell"
+    );
+    push.stop().await;
+    polling.stop().await;
+}
