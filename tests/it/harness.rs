@@ -159,6 +159,20 @@ impl TestDb {
             .expect("a new event (no idempotency key)")
     }
 
+    /// Commits `order.created` events with payloads `{"n": first}` to `{"n": last}` in
+    /// one transaction, so that one claim can take them all.
+    pub async fn enqueue_series(&self, first: i32, last: i32) {
+        self.client
+            .execute(
+                "INSERT INTO webhook_outbox (event_type, payload)
+                 SELECT 'order.created', jsonb_build_object('n', n)
+                 FROM generate_series($1::int, $2::int) n",
+                &[&first, &last],
+            )
+            .await
+            .expect("enqueue a series");
+    }
+
     /// Runs a query returning one value.
     pub async fn scalar<T>(&self, sql: &str) -> T
     where

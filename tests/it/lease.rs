@@ -307,14 +307,7 @@ async fn claims_take_only_free_slots_after_a_long_wait_for_one() {
         },
     );
     receiver.wait_for(2).await;
-    db.client
-        .execute(
-            "INSERT INTO webhook_outbox (event_type, payload)
-             SELECT 'order.created', jsonb_build_object('n', n) FROM generate_series(2, 4) n",
-            &[],
-        )
-        .await
-        .unwrap();
+    db.enqueue_series(2, 4).await;
     // The next claim, once the second request has ended, takes one event of the three.
     receiver.wait_for(3).await;
     // (Deliveries are made as their events are claimed.)

@@ -25,14 +25,7 @@ async fn stall_after_sending(
 ) {
     let sent_before = receiver.count();
     db.client.batch_execute(HIDE_SETTLE).await.unwrap();
-    db.client
-        .execute(
-            "INSERT INTO webhook_outbox (event_type, payload)
-             SELECT 'order.created', jsonb_build_object('n', n) FROM generate_series(1, $1) n",
-            &[&n],
-        )
-        .await
-        .unwrap();
+    db.enqueue_series(1, n).await;
     receiver.wait_for(sent_before + n as usize).await;
     eventually("a flush fails", Duration::from_secs(10), || async {
         dispatcher.metrics.settle_failures_total() > 0
@@ -186,14 +179,7 @@ async fn deliveries_waiting_for_a_slot_are_not_sent_while_outcomes_cannot_be_wri
     db.enqueue("order.created", &json!({ "n": 0 })).await;
     db.wait_all_in_state(1, "delivered").await;
     db.client.batch_execute(HIDE_SETTLE).await.unwrap();
-    db.client
-        .execute(
-            "INSERT INTO webhook_outbox (event_type, payload)
-             SELECT 'order.created', jsonb_build_object('n', n) FROM generate_series(1, 4) n",
-            &[],
-        )
-        .await
-        .unwrap();
+    db.enqueue_series(1, 4).await;
     receiver.wait_for(4).await;
     eventually("a flush fails", Duration::from_secs(10), || async {
         dispatcher.metrics.settle_failures_total() > 0
