@@ -33,6 +33,17 @@ async fn stall_after_sending(
     .await;
 }
 
+/// Asserts the receiver got `n` events, each exactly once; returns requests per event.
+fn each_received_once(receiver: &Receiver, n: usize) -> BTreeMap<i64, usize> {
+    let mut received = BTreeMap::new();
+    for request in receiver.requests() {
+        *received.entry(request.event_id()).or_insert(0) += 1;
+    }
+    assert_eq!(received.len(), n, "{received:?}");
+    assert!(received.values().all(|&n| n == 1), "{received:?}");
+    received
+}
+
 /// A test configuration whose lease runs out after three seconds, so that a dispatcher
 /// that went on claiming during a stall would soon send a leased row again, while a
 /// loaded machine still has ample time between a claim and its failed flush.
@@ -140,12 +151,7 @@ async fn claiming_stops_while_outcomes_cannot_be_written() {
 
     db.client.batch_execute(RESTORE_SETTLE).await.unwrap();
     db.wait_all_in_state(5, "delivered").await;
-    let mut received = BTreeMap::new();
-    for request in receiver.requests() {
-        *received.entry(request.event_id()).or_insert(0) += 1;
-    }
-    assert_eq!(received.len(), 5, "{received:?}");
-    assert!(received.values().all(|&n| n == 1), "{received:?}");
+    let received = each_received_once(&receiver, 5);
     assert_eq!(received.get(&late), Some(&1));
     let attempts: i64 = db.scalar("SELECT count(*) FROM webhook_attempts").await;
     assert_eq!(attempts, 5, "each attempt is recorded once");
@@ -199,12 +205,7 @@ async fn deliveries_waiting_for_a_slot_are_not_sent_while_outcomes_cannot_be_wri
 
     db.client.batch_execute(RESTORE_SETTLE).await.unwrap();
     db.wait_all_in_state(5, "delivered").await;
-    let mut received = BTreeMap::new();
-    for request in receiver.requests() {
-        *received.entry(request.event_id()).or_insert(0) += 1;
-    }
-    assert_eq!(received.len(), 5, "{received:?}");
-    assert!(received.values().all(|&n| n == 1), "{received:?}");
+    each_received_once(&receiver, 5);
     let report = dispatcher.stop().await;
     assert_eq!(report.totals.delivered, 5);
     assert_eq!(report.totals.lease_lost, 0);
