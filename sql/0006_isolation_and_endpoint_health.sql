@@ -1,0 +1,121 @@
+-- The doorbell rung at every isolation level.
+--
+-- Safe to apply while dispatchers of the previous version run (see "Upgrading" in
+-- docs/operations.md): it adds a sequence and a defaulted column, and replaces the ring
+-- function's body. The one brief lock it takes: ACCESS EXCLUSIVE on the one-row
+-- webhook_doorbell (ADD COLUMN, catalog only).
+
+-- ---------------------------------------------------------------------------------------
+-- 1. The ring at REPEATABLE READ and SERIALIZABLE
+-- ---------------------------------------------------------------------------------------
+--
+-- The ring of 0002/0004 locks the bell's row (FOR UPDATE SKIP LOCKED) and disarms it.
+-- A producer at REPEATABLE READ or SERIALIZABLE reads the row as of its snapshot, and
+-- a row lock on a row that changed after that snapshot (a ring, an arm) is refused with
+-- 40001: the producer's business transaction was rolled back. Reading the row without
+-- a lock is no better: a snapshot older than the dispatcher's arm sees the bell
+-- disarmed, and the ring is skipped while the dispatcher sleeps. At SERIALIZABLE even a
+-- plain read would give SSI a rw-edge towards any serializable writer of the row.
+--
+-- So at those levels the ring reads, locks and writes no table row. It numbers itself
+-- in a sequence (webhook_doorbell_rings) and notifies: sequences are neither versioned
+-- by snapshots nor watched by SSI, and advisory locks are not either, so nothing it
+-- does can fail its transaction. READ COMMITTED producers (and READ UNCOMMITTED, which
+-- PostgreSQL runs as READ COMMITTED) keep the ring of 0004 unchanged: the first one
+-- disarms, the others skip.
+--
+-- Such a ring cannot disarm the bell, so every insert statement that finds the gate
+-- open rings, until a woken dispatcher closes the gate (below): that is the only way
+-- not to make one producer rely on another's commit, whose notification may come long
+-- before its own. But while no dispatcher answers (none runs, or all died asleep, the
+-- gate open), that would make every such commit notify, and notifying commits are
+-- serialized (PreCommit_Notify): 16 REPEATABLE READ producers (pgbench, durable
+-- commits) ran at ~450-520 commits/s against ~1,900-2,300 when only the first one
+-- notified. So once 1,000 rings have gone unanswered since a dispatcher last armed or
+-- closed (the gate's last_value, see below), only one such producer at a time
+-- notifies, the one holding a transaction-level advisory lock; the others rely on its
+-- commit, as concurrent READ COMMITTED producers rely on the one holding the bell's row
+-- lock. A dispatcher that answers within a thousand rings never sees that mode.
+--
+-- The bell stays armed after such a ring, so the close of 0004 ("close only a disarmed
+-- bell") would leave the gate open and every later insert statement would ring. A
+-- woken dispatcher may disarm it only if that cannot shut out a dispatcher asleep on
+-- it. The bell's row records, at each arm, the number of the latest such ring
+-- (rings_seen). The close (claim::CLOSE_DOORBELL_GATE) disarms an armed bell only when a
+-- ring numbered higher was made, i.e. after the latest arm: that ring's notification,
+-- sent at its commit, reaches every dispatcher that armed before it. A ring that rolled
+-- back was numbered but never notified, a ring may have left the notifying to another,
+-- and a dispatcher of the previous version arms without recording rings_seen; so the
+-- close that disarms an armed bell also notifies, in its own transaction: every
+-- dispatcher asleep at its commit wakes and arms again before it sleeps, which opens
+-- the gate again. The close records the ring number as seen, so a re-arm by a woken
+-- dispatcher is never closed again for the same rings: each ring causes at most one
+-- such close, and closes cannot wake each other in a loop. The arm and the close still
+-- exclude each other through the row lock (see 0004): an arm that must record a ring
+-- updates the row, as a close does.
+--
+-- The gate's last_value (unused by 0004, whose arm and close set it to 1; the trigger's
+-- WHEN condition reads only whether it is called) carries the number of the latest
+-- ring a dispatcher had seen when it last armed or closed, for producers to read: it is
+-- not transactional either. Only how eagerly producers notify depends on it, never
+-- whether the gate closes. A dispatcher of the previous version resets it to 1, which
+-- makes rings look unanswered: producers then notify one at a time, as above.
+
+-- Ring numbers start at 2: 1, the gate's initial last_value and rings_seen's default,
+-- stands for "no ring yet".
+CREATE SEQUENCE IF NOT EXISTS webhook_doorbell_rings START WITH 2;
+-- Dispatchers compare it with the bell (pg_sequence_last_value needs SELECT); the
+-- count reveals nothing.
+GRANT SELECT ON SEQUENCE webhook_doorbell_rings TO PUBLIC;
+
+-- The number of the latest ring when the bell was last armed or closed.
+ALTER TABLE webhook_doorbell ADD COLUMN IF NOT EXISTS rings_seen bigint NOT NULL DEFAULT 1;
+
+-- The function of 0004 with the branch above first. It stays SECURITY DEFINER with the
+-- owner's schema pinned (see 0004): producers need no privilege on the sequences.
+-- 8026380636457233767 is "obxdring" in ASCII: advisory locks are per database, and the
+-- channel is shared by every outboxd schema of a database anyway.
+DO $migrate$
+BEGIN
+    EXECUTE format($function$
+        CREATE OR REPLACE FUNCTION %1$I.webhook_outbox_ring_doorbell() RETURNS trigger
+        LANGUAGE plpgsql
+        SECURITY DEFINER
+        SET search_path = pg_catalog, %1$I, pg_temp
+        AS $body$
+        DECLARE
+            unanswered bigint;
+        BEGIN
+            IF pg_catalog.current_setting('transaction_isolation')
+                   IN ('repeatable read', 'serializable') THEN
+                -- No row read, lock or write: number the ring and notify, unless too
+                -- many rings have gone unanswered and another producer is notifying.
+                -- Separate steps: SQL does not promise to evaluate OR left to right,
+                -- and the ring must be numbered every time.
+                unanswered := pg_catalog.nextval(%2$L::regclass)
+                    - (SELECT last_value FROM %1$I.webhook_doorbell_gate);
+                IF unanswered <= 1000 THEN
+                    PERFORM pg_catalog.pg_notify('outboxd_wakeup', '');
+                ELSIF pg_catalog.pg_try_advisory_xact_lock(8026380636457233767) THEN
+                    PERFORM pg_catalog.pg_notify('outboxd_wakeup', '');
+                END IF;
+                RETURN NULL;
+            END IF;
+            IF EXISTS (SELECT 1 FROM %1$I.webhook_doorbell WHERE id = 1 AND armed) THEN
+                -- SKIP LOCKED: if another producer is ringing right now, it notifies
+                -- for us. The row is re-checked after the lock, so a bell disarmed
+                -- meanwhile is left.
+                PERFORM 1 FROM %1$I.webhook_doorbell WHERE id = 1 AND armed
+                    FOR UPDATE SKIP LOCKED;
+                IF FOUND THEN
+                    UPDATE %1$I.webhook_doorbell SET armed = false WHERE id = 1;
+                    PERFORM pg_catalog.pg_notify('outboxd_wakeup', '');
+                END IF;
+            END IF;
+            RETURN NULL;
+        END
+        $body$
+    $function$, current_schema(), format('%I.webhook_doorbell_rings', current_schema()));
+END
+$migrate$;
+
