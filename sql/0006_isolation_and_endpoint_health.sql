@@ -1,9 +1,10 @@
--- The doorbell rung at every isolation level.
+-- The doorbell rung at every isolation level, and endpoint health that drops nothing.
 --
 -- Safe to apply while dispatchers of the previous version run (see "Upgrading" in
--- docs/operations.md): it adds a sequence and a defaulted column, and replaces the ring
--- function's body. The one brief lock it takes: ACCESS EXCLUSIVE on the one-row
--- webhook_doorbell (ADD COLUMN, catalog only).
+-- docs/operations.md): it adds a sequence and two defaulted or nullable columns, and
+-- replaces two functions' bodies under their old signatures. The brief locks it takes:
+-- ACCESS EXCLUSIVE on the one-row webhook_doorbell and on webhook_endpoints (ADD
+-- COLUMN, catalog only).
 
 -- ---------------------------------------------------------------------------------------
 -- 1. The ring at REPEATABLE READ and SERIALIZABLE
@@ -119,3 +120,101 @@ BEGIN
 END
 $migrate$;
 
+-- ---------------------------------------------------------------------------------------
+-- 2. Endpoint health
+-- ---------------------------------------------------------------------------------------
+
+-- Until when the endpoint's run of failures counts as ongoing: its latest scheduled
+-- retry, plus an hour. A failure after it (a silence: no attempt was due, or every
+-- delivery had died) starts a new run; housekeeping disables an endpoint only while it
+-- lies ahead, so an old run with no recent attempt never disables. NULL while healthy,
+-- and on endpoints last failing before this migration, whose next failure starts a run.
+ALTER TABLE webhook_endpoints ADD COLUMN IF NOT EXISTS failing_until timestamptz;
+
+-- The settle of 0005, same signature (dispatchers of the previous version call it too)
+-- and same statement, with one change: the failure clock follows the attempts. A
+-- failure starts a run when none is ongoing (failing_until passed or unknown), and
+-- moves failing_until to the latest retry it schedules (delay_ms; a dead or parked
+-- outcome schedules none) plus an hour. The endpoint row is written only on those
+-- transitions, or when failing_until moves by more than a minute: at most about once a
+-- minute per failing endpoint, so dispatchers settling for one endpoint do not queue on
+-- its row.
+CREATE OR REPLACE FUNCTION webhook_settle(
+    text,
+    bigint[], bigint[], int[], text[], bigint[], int[], int[], text[],
+    bigint[], bigint[], int[], timestamptz[], int[], int[], text[], text[], text[],
+    bigint[], bigint[]
+) RETURNS bigint
+LANGUAGE plpgsql
+SET enable_seqscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET plan_cache_mode = force_generic_plan
+AS $settle$
+DECLARE
+    n bigint;
+BEGIN
+    WITH outcome AS (
+        SELECT *
+        FROM unnest($2::bigint[], $3::bigint[], $4::int[], $5::text[], $6::bigint[],
+                    $7::int[], $8::int[], $9::text[])
+          AS o(event_id, endpoint_id, attempt, state, delay_ms, uncount, last_status, last_error)
+    ), settled AS (
+        UPDATE webhook_deliveries d
+        -- A park is written only if the endpoint is still closed: an enable that
+        -- committed since the claim saw it closed must not strand the delivery.
+        SET state = CASE WHEN o.state = 'parked' AND o.uncount = 1 AND EXISTS (
+                             SELECT 1 FROM webhook_endpoints e
+                             WHERE e.id = d.endpoint_id AND e.active AND e.deleted_at IS NULL)
+                         THEN 'pending' ELSE o.state END,
+            attempts = d.attempts - o.uncount,
+            next_attempt_at = CASE WHEN o.state IN ('pending', 'parked')
+                                   THEN now() + o.delay_ms * interval '1 millisecond'
+                                   ELSE d.next_attempt_at END,
+            locked_by = NULL,
+            locked_until = NULL,
+            last_status = CASE WHEN o.uncount = 1 THEN d.last_status ELSE o.last_status END,
+            last_error = CASE WHEN o.uncount = 1 THEN d.last_error ELSE o.last_error END,
+            delivered_at = CASE WHEN o.state = 'delivered' THEN now() END,
+            updated_at = now()
+        FROM outcome o
+        WHERE d.event_id = o.event_id AND d.endpoint_id = o.endpoint_id
+          AND d.locked_by = $1 AND d.attempts = o.attempt
+        RETURNING 1
+    ), recorded AS (
+        INSERT INTO webhook_attempts
+            (event_id, endpoint_id, attempt, started_at, duration_ms, status_code,
+             error_kind, error, response_excerpt, worker_id)
+        SELECT a.*, $1
+        FROM unnest($10::bigint[], $11::bigint[], $12::int[], $13::timestamptz[], $14::int[],
+                    $15::int[], $16::text[], $17::text[], $18::text[]) AS a
+        ON CONFLICT DO NOTHING
+        RETURNING 1
+    ), healthy AS (
+        -- Any success ends the run. Only transitions write.
+        UPDATE webhook_endpoints SET failing_since = NULL, failing_until = NULL
+        WHERE id = ANY ($19::bigint[]) AND failing_since IS NOT NULL
+    ), failed AS (
+        -- $20 holds the endpoints with a failed attempt and no success in this batch;
+        -- their attempts are the outcomes that count (uncount = 0).
+        SELECT o.endpoint_id,
+               now() + max(CASE WHEN o.state = 'pending' THEN o.delay_ms ELSE 0 END)
+                       * interval '1 millisecond'
+                     + interval '1 hour' AS until
+        FROM outcome o
+        WHERE o.uncount = 0 AND o.endpoint_id = ANY ($20::bigint[])
+        GROUP BY o.endpoint_id
+    ), failing AS (
+        UPDATE webhook_endpoints e
+        SET failing_since = CASE WHEN e.failing_since IS NOT NULL AND e.failing_until >= now()
+                                 THEN e.failing_since ELSE now() END,
+            failing_until = f.until
+        FROM failed f
+        WHERE e.id = f.endpoint_id
+          AND (e.failing_since IS NULL OR e.failing_until IS NULL OR e.failing_until < now()
+               OR f.until > e.failing_until + interval '1 minute')
+    )
+    SELECT count(*) INTO n FROM settled;
+    RETURN n;
+END
+$settle$;

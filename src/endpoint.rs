@@ -218,7 +218,8 @@ const DISABLE: &str = "WITH ep AS (
 
 const ENABLE: &str = "WITH ep AS (
         UPDATE webhook_endpoints
-        SET active = true, disabled_reason = NULL, failing_since = NULL, updated_at = now()
+        SET active = true, disabled_reason = NULL, failing_since = NULL,
+            failing_until = NULL, updated_at = now()
         WHERE id = $1 AND deleted_at IS NULL
         RETURNING id
     ), resumed AS (

@@ -1,25 +1,55 @@
-//! Endpoint health: endpoints that fail every attempt for too long are disabled, so a
-//! dead consumer stops costing attempts; enabling one resumes its parked deliveries.
+//! Endpoint health: endpoints whose attempts keep failing for too long are disabled, so
+//! a dead consumer stops costing attempts; enabling one resumes its parked deliveries.
 //!
-//! The failure clock (`webhook_endpoints.failing_since`) is kept by the settle
-//! statement: set at the first failure after a success, cleared by any success. A 410
-//! Gone disables the endpoint at once (see `settle.rs`).
+//! The failure clock is kept by the settle statement (`webhook_settle`, see
+//! `sql/0006_isolation_and_endpoint_health.sql`): `failing_since` is when the current
+//! run of failed attempts began, `failing_until` until when that run counts as ongoing
+//! (the latest retry it has scheduled, plus an hour). Any success ends the run; a
+//! failure after `failing_until` (a silence: no attempt was due, or every delivery had
+//! died) starts a new one. So `failing_since` older than the threshold with
+//! `failing_until` still ahead means: no success since then, and failures at least as
+//! often as the retries were due, the last of them recent. Only then is an endpoint
+//! disabled; an old failure followed by silence never disables.
+//!
+//! A 410 Gone disables the endpoint at once (see `settle.rs`).
 
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::Type;
 
-use crate::endpoint;
 use crate::error::Result;
 
-/// Active endpoints whose failure clock started more than `$1` milliseconds ago.
+/// Active endpoints whose run of failures began more than `$1` milliseconds ago and is
+/// still ongoing, oldest run first.
 pub const FAILING_TOO_LONG: &str = "SELECT id, failing_since
     FROM webhook_endpoints
     WHERE active AND deleted_at IS NULL
-      AND failing_since < now() - $1 * interval '1 millisecond'";
+      AND failing_since < now() - $1 * interval '1 millisecond'
+      AND failing_until > now()
+    ORDER BY failing_since, id";
 
-/// Disables every endpoint that has failed every attempt for longer than `after`,
+/// Disables endpoint `$1` with reason `$3` if it is still failing as
+/// [`FAILING_TOO_LONG`] found it (a success or a silence since then keeps it), and
+/// parks its pending deliveries, in one statement as `endpoint::disable` does. Returns
+/// `(endpoints disabled, deliveries parked)`.
+pub const DISABLE_IF_STILL_FAILING: &str = "WITH ep AS (
+        UPDATE webhook_endpoints
+        SET active = false, disabled_reason = $3, updated_at = now()
+        WHERE id = $1 AND active AND deleted_at IS NULL
+          AND failing_since < now() - $2 * interval '1 millisecond'
+          AND failing_until > now()
+        RETURNING id
+    ), parked AS (
+        UPDATE webhook_deliveries d
+        SET state = 'parked', updated_at = now()
+        FROM ep
+        WHERE d.endpoint_id = ep.id AND d.state = 'pending' AND d.locked_by IS NULL
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM parked)";
+
+/// Disables every endpoint whose attempts have kept failing for longer than `after`,
 /// parking its pending deliveries, and returns their ids.
 pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Result<Vec<i64>> {
     let after_ms = after.as_millis() as i64;
@@ -34,9 +64,22 @@ pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Re
             "failing every attempt since {}",
             humantime::format_rfc3339_seconds(since)
         );
-        let parked = endpoint::disable(client, id, &reason).await?;
-        tracing::warn!(endpoint_id = id, parked, %reason, "endpoint disabled automatically");
-        disabled.push(id);
+        let row = client
+            .query_typed_one(
+                DISABLE_IF_STILL_FAILING,
+                &[
+                    (&id, Type::INT8),
+                    (&after_ms, Type::INT8),
+                    (&reason, Type::TEXT),
+                ],
+            )
+            .await?;
+        // A success, a silence or an operator may have got there first.
+        if row.get::<_, i64>(0) > 0 {
+            let parked: i64 = row.get(1);
+            tracing::warn!(endpoint_id = id, parked, %reason, "endpoint disabled automatically");
+            disabled.push(id);
+        }
     }
     Ok(disabled)
 }

@@ -23,7 +23,7 @@ const PRUNE_BUDGET: Duration = Duration::from_secs(5);
 pub struct Housekeeping {
     /// Retention of finished rows.
     pub retention: RetentionPolicy,
-    /// Disable an endpoint failing every attempt for this long.
+    /// Disable an endpoint whose attempts keep failing for this long.
     pub disable_failing_after: Duration,
 }
 

@@ -35,12 +35,15 @@ pub const LINGER: Duration = Duration::from_millis(15);
 
 /// Settles deliveries and records attempts in one statement. `$1` is the worker id.
 ///
-/// The statement is the function `webhook_settle` (`sql/0005_settle_function.sql`),
-/// which each session plans once, held to primary-key probes whatever the table's
-/// statistics say. Only deliveries this worker still holds at the attempt it claimed
-/// change: an outcome whose lease was lost to another worker changes nothing. Attempts
-/// are recorded either way, and repeating a flush after an ambiguous connection error
-/// is harmless.
+/// The statement is the function `webhook_settle` (`sql/0005_settle_function.sql`,
+/// redefined by `sql/0006_isolation_and_endpoint_health.sql`), which each session plans
+/// once, held to primary-key probes whatever the table's statistics say. Only
+/// deliveries this worker still holds at the attempt it claimed change: an outcome
+/// whose lease was lost to another worker changes nothing. Attempts are recorded either
+/// way, and repeating a flush after an ambiguous connection error is harmless.
+///
+/// In the same transaction it keeps each endpoint's failure clock (see
+/// [`crate::health`]).
 pub const SETTLE: &str = "SELECT webhook_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
     $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
 

@@ -54,15 +54,25 @@ async fn states(db: &TestDb, endpoint: i64) -> Vec<String> {
         .collect()
 }
 
+/// A run of failures that began `hours_ago` and is still going: its last failure
+/// scheduled a retry that is not overdue (`failing_until` ahead).
 async fn set_failing_since(db: &TestDb, endpoint: i64, hours_ago: i32) {
+    set_failure_run(db, endpoint, hours_ago, -1).await;
+}
+
+/// A run of failures that began `since_hours_ago` and counts as ongoing until
+/// `until_hours_ago` (negative: in the future).
+async fn set_failure_run(db: &TestDb, endpoint: i64, since_hours_ago: i32, until_hours_ago: i32) {
     db.client
         .execute(
-            "UPDATE webhook_endpoints SET failing_since = now() - $2::int * interval '1 hour'
+            "UPDATE webhook_endpoints
+             SET failing_since = now() - $2::int * interval '1 hour',
+                 failing_until = now() - $3::int * interval '1 hour'
              WHERE id = $1",
-            &[&endpoint, &hours_ago],
+            &[&endpoint, &since_hours_ago, &until_hours_ago],
         )
         .await
-        .expect("set failing_since");
+        .expect("set the failure clock");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,6 +294,88 @@ async fn deliveries_stranded_parked_under_an_active_endpoint_are_resumed() {
     assert_eq!(
         receiver.count_to("/closed") + receiver.count_to("/removed"),
         0
+    );
+    dispatcher.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The failure clock follows the attempts
+// ---------------------------------------------------------------------------------------
+
+/// A run of failures that began long ago but went silent (no failure since its last
+/// scheduled retry fell due, or a clock from before `failing_until` existed) is not
+/// "failing every attempt": it never disables. One still going does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_failure_followed_by_silence_never_disables() {
+    let db = TestDb::new("health_silence").await;
+    let (silent, _) = db.add_endpoint("https://example.com/silent", &[]).await;
+    let (legacy, _) = db.add_endpoint("https://example.com/legacy", &[]).await;
+    let (going, _) = db.add_endpoint("https://example.com/going", &[]).await;
+    set_failure_run(&db, silent, 200, 150).await;
+    db.client
+        .execute(
+            "UPDATE webhook_endpoints SET failing_since = now() - interval '200 hours'
+             WHERE id = $1",
+            &[&legacy],
+        )
+        .await
+        .unwrap();
+    set_failing_since(&db, going, 200).await;
+
+    let check = outboxd::health::disable_failing(&db.client, DISABLE_AFTER)
+        .await
+        .unwrap();
+    assert_eq!(check, [going]);
+    assert!(
+        health(&db, silent).await.0,
+        "a silent run keeps its endpoint"
+    );
+    assert!(
+        health(&db, legacy).await.0,
+        "an unknown run keeps its endpoint"
+    );
+}
+
+/// A failure after a silence starts a new run: the old `failing_since` no longer
+/// counts. Failures while a run goes on write the endpoint row only on transitions or
+/// when `failing_until` moves by more than a minute: not on every failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_a_silence_starts_a_new_run() {
+    let db = TestDb::new("health_newrun").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::status(500));
+    let (endpoint, _) = db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    set_failure_run(&db, endpoint, 200, 10).await;
+    let mut config = test_config("health_newrun");
+    config.max_attempts = 1000;
+    let dispatcher = RunningDispatcher::start(&db.url, config);
+
+    let event = db.enqueue("order.created", &json!({})).await;
+    db.wait_until(&format!(
+        "SELECT failing_since > now() - interval '1 minute'
+                AND failing_until > now() + interval '50 minutes'
+         FROM webhook_endpoints WHERE id = {endpoint}"
+    ))
+    .await;
+    let row_version = format!(
+        "SELECT xmin::text || failing_since::text FROM webhook_endpoints WHERE id = {endpoint}"
+    );
+    let started: String = db.scalar(&row_version).await;
+    let check = outboxd::health::disable_failing(&db.client, DISABLE_AFTER)
+        .await
+        .unwrap();
+    assert!(check.is_empty(), "a new run: {check:?}");
+
+    // More failures (retries every 50-200 ms) leave the row alone.
+    db.wait_until(&format!(
+        "SELECT attempts >= 5 FROM webhook_deliveries
+         WHERE event_id = {event} AND endpoint_id = {endpoint}"
+    ))
+    .await;
+    assert_eq!(
+        db.scalar::<String>(&row_version).await,
+        started,
+        "the endpoint row was rewritten"
     );
     dispatcher.stop().await;
 }
