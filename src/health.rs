@@ -49,14 +49,27 @@ pub const DISABLE_IF_STILL_FAILING: &str = "WITH ep AS (
     )
     SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM parked)";
 
+/// What one health check did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Endpoints disabled.
+    pub disabled: Vec<i64>,
+    /// Endpoints that were due to be disabled but could not be (each logged); the next
+    /// check tries them again.
+    pub failed: Vec<i64>,
+}
+
 /// Disables every endpoint whose attempts have kept failing for longer than `after`,
-/// parking its pending deliveries, and returns their ids.
-pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Result<Vec<i64>> {
+/// parking its pending deliveries. Each endpoint is disabled on its own: one that
+/// cannot be (a lock timeout, a trigger of the operator's) is logged and reported in
+/// [`HealthCheck::failed`], and the others are still disabled. Fails only if the
+/// endpoints to check cannot be read.
+pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Result<HealthCheck> {
     let after_ms = after.as_millis() as i64;
     let rows = client
         .query_typed(FAILING_TOO_LONG, &[(&after_ms, Type::INT8)])
         .await?;
-    let mut disabled = Vec::with_capacity(rows.len());
+    let mut check = HealthCheck::default();
     for row in rows {
         let id: i64 = row.get(0);
         let since: SystemTime = row.get(1);
@@ -64,7 +77,7 @@ pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Re
             "failing every attempt since {}",
             humantime::format_rfc3339_seconds(since)
         );
-        let row = client
+        let disabled = client
             .query_typed_one(
                 DISABLE_IF_STILL_FAILING,
                 &[
@@ -73,15 +86,22 @@ pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Re
                     (&reason, Type::TEXT),
                 ],
             )
-            .await?;
-        // A success, a silence or an operator may have got there first.
-        if row.get::<_, i64>(0) > 0 {
-            let parked: i64 = row.get(1);
-            tracing::warn!(endpoint_id = id, parked, %reason, "endpoint disabled automatically");
-            disabled.push(id);
+            .await;
+        match disabled {
+            Ok(row) if row.get::<_, i64>(0) > 0 => {
+                let parked: i64 = row.get(1);
+                tracing::warn!(endpoint_id = id, parked, %reason, "endpoint disabled automatically");
+                check.disabled.push(id);
+            }
+            // A success, a silence or an operator got there first.
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(endpoint_id = id, error = %e, "disabling a failing endpoint failed; the next check tries again");
+                check.failed.push(id);
+            }
         }
     }
-    Ok(disabled)
+    Ok(check)
 }
 
 /// Parked deliveries whose endpoint is active again. Enabling an endpoint resumes its

@@ -95,10 +95,11 @@ async fn failing_too_long_disables_and_enable_resumes() {
         .await
         .expect("disable_failing");
     assert_eq!(
-        disabled,
+        disabled.disabled,
         [failing],
         "only the endpoint failing for too long"
     );
+    assert!(disabled.failed.is_empty(), "{disabled:?}");
 
     let (active, reason, _) = health(&db, failing).await;
     assert!(!active, "disabled");
@@ -114,7 +115,7 @@ async fn failing_too_long_disables_and_enable_resumes() {
     let again = outboxd::health::disable_failing(&db.client, DISABLE_AFTER)
         .await
         .unwrap();
-    assert!(again.is_empty(), "{again:?}");
+    assert_eq!(again, outboxd::health::HealthCheck::default());
 
     // A dispatcher sends the others' deliveries, not the parked ones.
     let dispatcher = RunningDispatcher::start(&db.url, test_config("health_disable"));
@@ -325,7 +326,7 @@ async fn an_old_failure_followed_by_silence_never_disables() {
     let check = outboxd::health::disable_failing(&db.client, DISABLE_AFTER)
         .await
         .unwrap();
-    assert_eq!(check, [going]);
+    assert_eq!(check.disabled, [going], "{check:?}");
     assert!(
         health(&db, silent).await.0,
         "a silent run keeps its endpoint"
@@ -364,7 +365,7 @@ async fn a_failure_after_a_silence_starts_a_new_run() {
     let check = outboxd::health::disable_failing(&db.client, DISABLE_AFTER)
         .await
         .unwrap();
-    assert!(check.is_empty(), "a new run: {check:?}");
+    assert!(check.disabled.is_empty(), "a new run: {check:?}");
 
     // More failures (retries every 50-200 ms) leave the row alone.
     db.wait_until(&format!(
@@ -378,4 +379,41 @@ async fn a_failure_after_a_silence_starts_a_new_run() {
         "the endpoint row was rewritten"
     );
     dispatcher.stop().await;
+}
+
+/// One endpoint that cannot be disabled (here a trigger refuses it) is reported and
+/// the others are still disabled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failed_disable_does_not_stop_the_others() {
+    let db = TestDb::new("health_onefails").await;
+    let (stuck, _) = db.add_endpoint("https://example.com/stuck", &[]).await;
+    let (other, _) = db.add_endpoint("https://example.com/other", &[]).await;
+    set_failing_since(&db, stuck, 300).await;
+    set_failing_since(&db, other, 200).await;
+    refuse_disabling(&db, &format!("OLD.id = {stuck}")).await;
+
+    let check = outboxd::health::disable_failing(&db.client, DISABLE_AFTER)
+        .await
+        .expect("a failed disable is reported, not returned");
+    assert_eq!(check.disabled, [other]);
+    assert_eq!(check.failed, [stuck]);
+    assert!(!health(&db, other).await.0);
+    assert!(health(&db, stuck).await.0);
+}
+
+/// Makes PostgreSQL refuse to disable an endpoint matching `condition` (on `OLD`): a
+/// real failure of the statement that disables it.
+async fn refuse_disabling(db: &TestDb, condition: &str) {
+    db.client
+        .batch_execute(&format!(
+            "CREATE FUNCTION test_refuse_disable() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 RAISE EXCEPTION 'test fault: disabling endpoint % refused', OLD.id;
+             END $$;
+             CREATE TRIGGER test_refuse_disable BEFORE UPDATE ON webhook_endpoints
+                 FOR EACH ROW WHEN (OLD.active AND NOT NEW.active AND {condition})
+                 EXECUTE FUNCTION test_refuse_disable();"
+        ))
+        .await
+        .unwrap();
 }
