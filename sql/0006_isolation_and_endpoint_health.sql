@@ -132,13 +132,21 @@ $migrate$;
 ALTER TABLE webhook_endpoints ADD COLUMN IF NOT EXISTS failing_until timestamptz;
 
 -- The settle of 0005, same signature (dispatchers of the previous version call it too)
--- and same statement, with one change: the failure clock follows the attempts. A
--- failure starts a run when none is ongoing (failing_until passed or unknown), and
--- moves failing_until to the latest retry it schedules (delay_ms; a dead or parked
--- outcome schedules none) plus an hour. The endpoint row is written only on those
--- transitions, or when failing_until moves by more than a minute: at most about once a
--- minute per failing endpoint, so dispatchers settling for one endpoint do not queue on
--- its row.
+-- and same statement, with two changes:
+--
+-- * The failure clock follows the attempts. A failure starts a run when none is
+--   ongoing (failing_until passed or unknown), and moves failing_until to the latest
+--   retry it schedules (delay_ms; a dead or parked outcome schedules none) plus an
+--   hour. The endpoint row is written only on those transitions, or when failing_until
+--   moves by more than a minute: at most about once a minute per failing endpoint, so
+--   dispatchers settling for one endpoint do not queue on its row.
+-- * A 410 Gone disables the endpoint in the same transaction that parks the delivery
+--   (before, a separate statement did it after the settle, and a failure between the
+--   two left the delivery parked under an active endpoint, excluded from the sweep
+--   that resumes stranded parks). A 410 is the only outcome written as `parked` that
+--   counts as an attempt (uncount = 0; a park of a closed endpoint's delivery has
+--   uncount = 1). The endpoint's other pending deliveries are parked with it, as
+--   endpoint::disable does, in a second statement that sees the first one's writes.
 CREATE OR REPLACE FUNCTION webhook_settle(
     text,
     bigint[], bigint[], int[], text[], bigint[], int[], int[], text[],
@@ -153,6 +161,7 @@ SET plan_cache_mode = force_generic_plan
 AS $settle$
 DECLARE
     n bigint;
+    gone bigint[];
 BEGIN
     WITH outcome AS (
         SELECT *
@@ -215,6 +224,23 @@ BEGIN
                OR f.until > e.failing_until + interval '1 minute')
     )
     SELECT count(*) INTO n FROM settled;
+
+    SELECT array_agg(DISTINCT o.endpoint_id) INTO gone
+    FROM unnest($3::bigint[], $5::text[], $7::int[]) AS o(endpoint_id, state, uncount)
+    WHERE o.state = 'parked' AND o.uncount = 0;
+    IF gone IS NOT NULL THEN
+        WITH off AS (
+            UPDATE webhook_endpoints
+            SET active = false, disabled_reason = 'endpoint answered 410 Gone',
+                updated_at = now()
+            WHERE id = ANY (gone) AND active AND deleted_at IS NULL
+            RETURNING id
+        )
+        UPDATE webhook_deliveries d
+        SET state = 'parked', updated_at = now()
+        FROM off
+        WHERE d.endpoint_id = off.id AND d.state = 'pending' AND d.locked_by IS NULL;
+    END IF;
     RETURN n;
 END
 $settle$;

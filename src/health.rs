@@ -11,7 +11,8 @@
 //! often as the retries were due, the last of them recent. Only then is an endpoint
 //! disabled; an old failure followed by silence never disables.
 //!
-//! A 410 Gone disables the endpoint at once (see `settle.rs`).
+//! A 410 Gone disables the endpoint at once, in the transaction that parks the
+//! delivery (see `settle.rs`).
 
 use std::time::{Duration, SystemTime};
 
@@ -106,15 +107,15 @@ pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Re
 
 /// Parked deliveries whose endpoint is active again. Enabling an endpoint resumes its
 /// parked deliveries in the same statement, and a park is written only while the
-/// endpoint is closed, but a park committed in the instant between the two can still
-/// slip through; this sweep (run every few seconds, through the small parked index)
-/// makes sure no delivery stays parked under an open endpoint. A delivery parked by a
-/// 410 Gone is not stranded: its endpoint is being disabled by the settler right after,
-/// and only an explicit enable resumes it.
+/// endpoint is closed, but a park committed in the instant between the two (a settle
+/// that parked a delivery) can still slip through; this sweep (run every few seconds,
+/// through the small parked index) makes sure no delivery stays parked under an open
+/// endpoint. A delivery parked by a 410 Gone is no exception: its endpoint was disabled
+/// in the same transaction, so an active endpoint over it has been enabled since.
 pub const RESUME_STRANDED: &str = "UPDATE webhook_deliveries d
     SET state = 'pending', next_attempt_at = now(), updated_at = now()
     FROM webhook_endpoints e
-    WHERE d.state = 'parked' AND d.last_status IS DISTINCT FROM 410
+    WHERE d.state = 'parked'
       AND e.id = d.endpoint_id AND e.active AND e.deleted_at IS NULL";
 
 /// Resumes deliveries left parked under an active endpoint; returns how many.

@@ -278,8 +278,16 @@ async fn deliveries_stranded_parked_under_an_active_endpoint_are_resumed() {
         0
     );
 
-    // A running dispatcher's housekeeping does the same, and the delivery goes out.
-    db.client.batch_execute(&park_open).await.unwrap();
+    // A running dispatcher's housekeeping does the same, and the delivery goes out;
+    // also one parked by a 410 Gone: that park disabled its endpoint in the same
+    // transaction, so an active endpoint over it was enabled since.
+    db.client
+        .batch_execute(&format!(
+            "UPDATE webhook_deliveries SET state = 'parked', last_status = 410
+             WHERE endpoint_id = {open}"
+        ))
+        .await
+        .unwrap();
     let dispatcher = RunningDispatcher::start(&db.url, test_config("health_stranded"));
     eventually("the stranded delivery arrives", WAIT, || async {
         receiver.count_to("/open") >= 1
@@ -416,4 +424,48 @@ async fn refuse_disabling(db: &TestDb, condition: &str) {
         ))
         .await
         .unwrap();
+}
+
+/// A 410 Gone parks the delivery and disables its endpoint in one transaction: while
+/// the disable cannot be written, neither is the park (the outcome is retried), so the
+/// delivery is never left parked under an active endpoint; once it can, both land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_parks_and_disables_together() {
+    let db = TestDb::new("health_gone").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/gone", Reply::status(410));
+    let (gone, _) = db.add_endpoint(&receiver.url("/gone"), &[]).await;
+    refuse_disabling(&db, "true").await;
+    let dispatcher = RunningDispatcher::start(&db.url, test_config("health_gone"));
+    let event = db.enqueue("order.created", &json!({})).await;
+    receiver.wait_for(1).await;
+
+    let stranded = format!(
+        "SELECT count(*) > 0 FROM webhook_deliveries d JOIN webhook_endpoints e
+           ON e.id = d.endpoint_id
+         WHERE d.endpoint_id = {gone} AND d.state = 'parked' AND e.active"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        assert!(
+            !db.scalar::<bool>(&stranded).await,
+            "parked under an active endpoint: {:#?}",
+            db.deliveries().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    db.client
+        .batch_execute("DROP TRIGGER test_refuse_disable ON webhook_endpoints")
+        .await
+        .unwrap();
+    db.wait_until(&format!(
+        "SELECT NOT active AND disabled_reason LIKE '%410%'
+         FROM webhook_endpoints WHERE id = {gone}"
+    ))
+    .await;
+    db.wait_all_in_state(1, "parked").await;
+    assert_eq!(db.delivery(event, gone).await.last_status, Some(410));
+    dispatcher.stop().await;
+    assert_eq!(receiver.count_to("/gone"), 1, "a 410 is not retried");
 }
