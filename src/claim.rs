@@ -23,10 +23,14 @@ use crate::error::Result;
 ///   at claim time, which makes it the lease token that settling checks.
 /// * `events` takes unprocessed, due outbox rows (`SKIP LOCKED` again, so each event is
 ///   fanned out by exactly one dispatcher), as many as fill the remaining capacity when
-///   each goes to every active endpoint, and marks them processed; the deliveries it
-///   inserts are claimed at once up to the remaining capacity, and any rest (possible
-///   only when the due retries took the capacity) is inserted due now for the next
-///   claim. `ON CONFLICT DO NOTHING` on the (event, endpoint) key
+///   each goes to every active endpoint (and no more than about a batch of rows in all
+///   when disabled endpoints add parked ones), and marks them processed; the deliveries
+///   it inserts for active endpoints are claimed at once up to the remaining capacity,
+///   and any rest (possible only when the due retries took the capacity) is inserted due
+///   now for the next claim. A disabled (not removed) endpoint gets its deliveries
+///   parked, so enabling it resumes what it missed; a park that races an enable is
+///   resumed by the stranded-park sweep (`health::RESUME_STRANDED`).
+///   `ON CONFLICT DO NOTHING` on the (event, endpoint) key
 ///   makes fan-out idempotent. The filter match is written out here rather than in a SQL
 ///   function: a function whose body has a sub-select is never inlined, and calling it
 ///   cost ~10 us per (event, endpoint) pair; inline, the common cases (no filter, exact
@@ -57,10 +61,12 @@ WITH due AS (
 ), cap AS (
     -- Enough events to fill the remaining capacity if each goes to every active
     -- endpoint: fanning out more would insert deliveries only to claim them with a
-    -- second write later.
-    SELECT greatest(1, ($3 - (SELECT count(*) FROM reclaimed))
-                       / greatest(1, (SELECT count(*) FROM webhook_endpoints
-                                      WHERE active AND deleted_at IS NULL))) AS events_limit
+    -- second write later. Disabled endpoints get parked rows too, so the rows written
+    -- in all are held to about a batch as well.
+    SELECT greatest(1, least(($3 - (SELECT count(*) FROM reclaimed)) / greatest(1, n.open),
+                             $3 / greatest(1, n.kept))) AS events_limit
+    FROM (SELECT count(*) FILTER (WHERE active) AS open, count(*) AS kept
+          FROM webhook_endpoints WHERE deleted_at IS NULL) AS n
 ), events AS (
     SELECT id, event_type
     FROM webhook_outbox
@@ -73,13 +79,17 @@ WITH due AS (
     SET processed_at = now()
     WHERE o.id = ANY (ARRAY(SELECT id FROM events))
 ), fanout AS (
+    -- Every endpoint not removed: a disabled one gets its deliveries parked, and its
+    -- enable resumes them.
     SELECT e.id AS event_id,
            ep.id AS endpoint_id,
-           row_number() OVER (ORDER BY e.id, ep.id) <= $3 - (SELECT count(*) FROM reclaimed)
+           ep.active AS open,
+           ep.active AND row_number() OVER (PARTITION BY ep.active ORDER BY e.id, ep.id)
+                         <= $3 - (SELECT count(*) FROM reclaimed)
                AS claim_now
     FROM events e
     JOIN webhook_endpoints ep
-      ON ep.active AND ep.deleted_at IS NULL
+      ON ep.deleted_at IS NULL
      AND (cardinality(ep.event_types) = 0
           OR e.event_type = ANY (ep.event_types)
           OR EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
@@ -87,9 +97,10 @@ WITH due AS (
                         OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1)))))
 ), inserted AS (
     INSERT INTO webhook_deliveries
-        (event_id, endpoint_id, attempts, next_attempt_at, locked_by, locked_until)
+        (event_id, endpoint_id, state, attempts, next_attempt_at, locked_by, locked_until)
     SELECT event_id,
            endpoint_id,
+           CASE WHEN open THEN 'pending' ELSE 'parked' END,
            CASE WHEN claim_now THEN 1 ELSE 0 END,
            CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' ELSE now() END,
            CASE WHEN claim_now THEN $1 END,

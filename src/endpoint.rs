@@ -40,7 +40,8 @@ pub struct Endpoint {
     pub event_types: Vec<String>,
     /// Free text for operators.
     pub description: String,
-    /// Whether new deliveries are made and pending ones sent.
+    /// Whether deliveries are sent. A disabled endpoint still gets a delivery of each
+    /// new event it matches, parked until it is enabled.
     pub active: bool,
     /// Why it was disabled, if it was.
     pub disabled_reason: Option<String>,
@@ -64,7 +65,8 @@ pub struct EndpointUpdate {
     pub event_types: Option<Vec<String>>,
     /// A new description.
     pub description: Option<String>,
-    /// Enable (`true`, resuming parked deliveries) or disable (`false`, parking them).
+    /// Enable (`true`, resuming parked deliveries) or disable (`false`, parking them and
+    /// parking the deliveries of events fanned out while it stays disabled).
     pub active: Option<bool>,
 }
 
@@ -199,9 +201,12 @@ fn from_row(row: &tokio_postgres::Row) -> Endpoint {
 }
 
 // Disabling parks the endpoint's pending deliveries (and the dispatcher parks any it
-// had claimed when it sees the endpoint closed), so they stop being claimed. Enabling
-// makes parked deliveries due at once. Both run in one statement so a concurrent
-// claim sees either the old state or the new, never a mix.
+// had claimed when it sees the endpoint closed), so they stop being claimed; while it is
+// disabled, new events are fanned out to it as parked deliveries (claim::CLAIM).
+// Enabling makes parked deliveries due at once, and rings the dispatchers' channel so
+// they go out without waiting for a poll tick (delivered at commit, like any NOTIFY).
+// Each runs in one statement so a concurrent claim sees either the old state or the
+// new, never a mix; a park that slips in between is resumed by health::RESUME_STRANDED.
 const DISABLE: &str = "WITH ep AS (
         UPDATE webhook_endpoints
         SET active = false, disabled_reason = $2, updated_at = now()
@@ -228,8 +233,11 @@ const ENABLE: &str = "WITH ep AS (
         FROM ep
         WHERE d.endpoint_id = ep.id AND d.state = 'parked'
         RETURNING 1
+    ), woken AS (
+        SELECT pg_notify('outboxd_wakeup', '') WHERE EXISTS (SELECT 1 FROM resumed)
     )
-    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM resumed)";
+    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM resumed),
+           (SELECT count(*) FROM woken)";
 
 const REMOVE: &str = "UPDATE webhook_endpoints
     SET active = false, deleted_at = now(), disabled_reason = 'removed', updated_at = now()
@@ -247,8 +255,9 @@ pub async fn disable(client: &impl GenericClient, id: i64, reason: &str) -> Resu
     counted(row, id)
 }
 
-/// Resumes an endpoint; its parked deliveries become due at once. Returns how many
-/// were resumed.
+/// Resumes an endpoint; its parked deliveries become due at once: those parked when it
+/// was disabled (or by its 410 Gone) and those of every event fanned out to it while it
+/// was disabled. Returns how many were resumed.
 pub async fn enable(client: &impl GenericClient, id: i64) -> Result<u64> {
     let row = client.query_one(ENABLE, &[&id]).await?;
     counted(row, id)

@@ -107,11 +107,12 @@ pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Re
 
 /// Parked deliveries whose endpoint is active again. Enabling an endpoint resumes its
 /// parked deliveries in the same statement, and a park is written only while the
-/// endpoint is closed, but a park committed in the instant between the two (a settle
-/// that parked a delivery) can still slip through; this sweep (run every few seconds,
-/// through the small parked index) makes sure no delivery stays parked under an open
-/// endpoint. A delivery parked by a 410 Gone is no exception: its endpoint was disabled
-/// in the same transaction, so an active endpoint over it has been enabled since.
+/// endpoint is closed, but a park committed in the instant between the two (a claim
+/// that fanned out to the endpoint while it was disabled, a settle that parked a
+/// delivery) can still slip through; this sweep (run every few seconds, through the
+/// small parked index) makes sure no delivery stays parked under an open endpoint. A
+/// delivery parked by a 410 Gone is no exception: its endpoint was disabled in the same
+/// transaction, so an active endpoint over it has been enabled since.
 pub const RESUME_STRANDED: &str = "UPDATE webhook_deliveries d
     SET state = 'pending', next_attempt_at = now(), updated_at = now()
     FROM webhook_endpoints e

@@ -469,3 +469,110 @@ async fn gone_parks_and_disables_together() {
     dispatcher.stop().await;
     assert_eq!(receiver.count_to("/gone"), 1, "a 410 is not retried");
 }
+
+// ---------------------------------------------------------------------------------------
+// Disabled, not removed: new events are kept for the endpoint
+// ---------------------------------------------------------------------------------------
+
+/// Events enqueued while an endpoint is disabled are fanned out to it as parked
+/// deliveries (if its filter matches), and enabling it sends them, waking a dispatcher
+/// that only listens. A removed endpoint gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_enqueued_while_disabled_are_delivered_on_enable() {
+    let db = TestDb::new("health_backlog").await;
+    let receiver = Receiver::start().await;
+    let (active, _) = db.add_endpoint(&receiver.url("/active"), &[]).await;
+    let (paused, secret) = db
+        .add_endpoint(&receiver.url("/paused"), &["order.*"])
+        .await;
+    let (unmatched, _) = db
+        .add_endpoint(&receiver.url("/unmatched"), &["invoice.*"])
+        .await;
+    let (removed, _) = db.add_endpoint(&receiver.url("/removed"), &[]).await;
+    for id in [paused, unmatched] {
+        outboxd::endpoint::disable(&db.client, id, "paused by its owner")
+            .await
+            .unwrap();
+    }
+    outboxd::endpoint::remove(&db.client, removed)
+        .await
+        .unwrap();
+    let dispatcher = RunningDispatcher::start(
+        &db.url,
+        outboxd::Config {
+            poll_interval: Duration::from_secs(3600),
+            ..test_config("health_backlog")
+        },
+    );
+
+    let mut events = Vec::new();
+    for n in 0..3 {
+        events.push(db.enqueue("order.created", &json!({ "n": n })).await);
+    }
+    db.wait_until(&format!(
+        "SELECT count(*) = 3 FROM webhook_deliveries
+         WHERE endpoint_id = {active} AND state = 'delivered'"
+    ))
+    .await;
+    assert_eq!(states(&db, paused).await, ["parked"; 3]);
+    assert!(states(&db, unmatched).await.is_empty());
+    assert!(states(&db, removed).await.is_empty());
+    assert_eq!(receiver.count_to("/paused"), 0);
+
+    let resumed = outboxd::endpoint::enable(&db.client, paused).await.unwrap();
+    assert_eq!(resumed, 3);
+    eventually("the backlog arrives", WAIT, || async {
+        receiver.count_to("/paused") >= 3
+    })
+    .await;
+    let mut arrived: Vec<i64> = receiver
+        .requests_to("/paused")
+        .iter()
+        .map(|r| {
+            r.verify(&secret).expect("signed");
+            r.event_id()
+        })
+        .collect();
+    arrived.sort_unstable();
+    assert_eq!(arrived, events);
+    db.wait_all_in_state(6, "delivered").await;
+    dispatcher.stop().await;
+    assert_eq!(
+        receiver.count_to("/unmatched") + receiver.count_to("/removed"),
+        0
+    );
+}
+
+/// With many disabled endpoints, a claim still writes about a batch of rows: parked
+/// ones count towards it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_writes_about_a_batch_with_many_disabled_endpoints() {
+    let db = TestDb::new("health_claimcap").await;
+    db.add_endpoint("https://example.com/active", &[]).await;
+    for n in 0..9 {
+        let (id, _) = db
+            .add_endpoint(&format!("https://example.com/disabled{n}"), &[])
+            .await;
+        outboxd::endpoint::disable(&db.client, id, "paused")
+            .await
+            .unwrap();
+    }
+    db.enqueue_series(1, 50).await;
+    let claimed = outboxd::claim::claim(&db.client, "w", Duration::from_secs(60), 20)
+        .await
+        .unwrap();
+    let (rows, parked): (i64, i64) = {
+        let row = db
+            .client
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE state = 'parked')
+                 FROM webhook_deliveries",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(claimed.len(), 2, "two events, one active endpoint");
+    assert_eq!((rows, parked), (20, 18));
+}
