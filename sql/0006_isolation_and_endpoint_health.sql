@@ -1,10 +1,11 @@
 -- The doorbell rung at every isolation level, and endpoint health that drops nothing.
 --
 -- Safe to apply while dispatchers of the previous version run (see "Upgrading" in
--- docs/operations.md): it adds a sequence and two defaulted or nullable columns, and
--- replaces two functions' bodies under their old signatures. The brief locks it takes:
--- ACCESS EXCLUSIVE on the one-row webhook_doorbell and on webhook_endpoints (ADD
--- COLUMN, catalog only).
+-- docs/operations.md): it adds a sequence, two defaulted or nullable columns, widens a
+-- CHECK constraint without scanning the table, and replaces two functions' bodies
+-- under their old signatures. The brief locks it takes: ACCESS EXCLUSIVE on the one-row
+-- webhook_doorbell and on webhook_endpoints (ADD COLUMN, catalog only) and on
+-- webhook_deliveries (the CHECK constraint, NOT VALID so no scan).
 
 -- ---------------------------------------------------------------------------------------
 -- 1. The ring at REPEATABLE READ and SERIALIZABLE
@@ -130,6 +131,34 @@ $migrate$;
 -- lies ahead, so an old run with no recent attempt never disables. NULL while healthy,
 -- and on endpoints last failing before this migration, whose next failure starts a run.
 ALTER TABLE webhook_endpoints ADD COLUMN IF NOT EXISTS failing_until timestamptz;
+
+-- `discarded`: a parked delivery an operator chose not to send (enabling its endpoint
+-- with the backlog discarded). Final like `delivered`, and kept apart from `dead` so a
+-- bulk re-drive of dead deliveries, the dead-letter gauge and its alerts never see it.
+-- NOT VALID: rows already there satisfy the narrower check, and validating would scan
+-- the table under this migration's exclusive lock; new writes are checked either way.
+DO $migrate$
+DECLARE
+    check_name name;
+BEGIN
+    FOR check_name IN
+        SELECT c.conname
+        FROM pg_catalog.pg_constraint c
+        JOIN pg_catalog.pg_attribute a
+          ON a.attrelid = c.conrelid AND a.attname = 'state' AND c.conkey = ARRAY[a.attnum]
+        WHERE c.conrelid = 'webhook_deliveries'::regclass AND c.contype = 'c'
+          AND pg_catalog.pg_get_constraintdef(c.oid) NOT LIKE '%discarded%'
+    LOOP
+        EXECUTE format('ALTER TABLE webhook_deliveries DROP CONSTRAINT %I', check_name);
+    END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                   WHERE conrelid = 'webhook_deliveries'::regclass
+                     AND conname = 'webhook_deliveries_state_check') THEN
+        ALTER TABLE webhook_deliveries ADD CONSTRAINT webhook_deliveries_state_check
+            CHECK (state IN ('pending', 'delivered', 'dead', 'parked', 'discarded')) NOT VALID;
+    END IF;
+END
+$migrate$;
 
 -- The settle of 0005, same signature (dispatchers of the previous version call it too)
 -- and same statement, with two changes:

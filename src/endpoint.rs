@@ -239,6 +239,25 @@ const ENABLE: &str = "WITH ep AS (
     SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM resumed),
            (SELECT count(*) FROM woken)";
 
+// Enabling without the backlog: the endpoint's parked deliveries become `discarded`
+// (final, kept apart from `dead` so that re-driving dead deliveries, the dead-letter
+// gauge and its alerts never pick them up) in the statement that enables it, so none
+// of them is sent, and every event fanned out after it is.
+const ENABLE_DISCARDING_BACKLOG: &str = "WITH ep AS (
+        UPDATE webhook_endpoints
+        SET active = true, disabled_reason = NULL, failing_since = NULL,
+            failing_until = NULL, updated_at = now()
+        WHERE id = $1 AND deleted_at IS NULL
+        RETURNING id
+    ), discarded AS (
+        UPDATE webhook_deliveries d
+        SET state = 'discarded', updated_at = now()
+        FROM ep
+        WHERE d.endpoint_id = ep.id AND d.state = 'parked'
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM discarded)";
+
 const REMOVE: &str = "UPDATE webhook_endpoints
     SET active = false, deleted_at = now(), disabled_reason = 'removed', updated_at = now()
     WHERE id = $1 AND deleted_at IS NULL
@@ -260,6 +279,14 @@ pub async fn disable(client: &impl GenericClient, id: i64, reason: &str) -> Resu
 /// was disabled. Returns how many were resumed.
 pub async fn enable(client: &impl GenericClient, id: i64) -> Result<u64> {
     let row = client.query_one(ENABLE, &[&id]).await?;
+    counted(row, id)
+}
+
+/// Resumes an endpoint without its backlog: its parked deliveries become `discarded`
+/// and are never sent (unless replayed one by one); events fanned out from now on are
+/// delivered. Returns how many deliveries were discarded.
+pub async fn enable_discarding_backlog(client: &impl GenericClient, id: i64) -> Result<u64> {
+    let row = client.query_one(ENABLE_DISCARDING_BACKLOG, &[&id]).await?;
     counted(row, id)
 }
 

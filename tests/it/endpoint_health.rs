@@ -576,3 +576,136 @@ async fn a_claim_writes_about_a_batch_with_many_disabled_endpoints() {
     assert_eq!(claimed.len(), 2, "two events, one active endpoint");
     assert_eq!((rows, parked), (20, 18));
 }
+
+/// Enabling with the backlog discarded: the parked deliveries become `discarded`, are
+/// never sent, are not dead (a bulk re-drive leaves them alone), and a replay can still
+/// send one; later events are delivered. Through the CLI and the admin API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enable_can_discard_the_backlog() {
+    let db = TestDb::new("health_discard").await;
+    let receiver = Receiver::start().await;
+    let (cli, _) = db.add_endpoint(&receiver.url("/cli"), &[]).await;
+    let (api, _) = db.add_endpoint(&receiver.url("/api"), &[]).await;
+    for id in [cli, api] {
+        outboxd::endpoint::disable(&db.client, id, "paused")
+            .await
+            .unwrap();
+    }
+    let dispatcher = RunningDispatcher::start(&db.url, test_config("health_discard"));
+    let old = db.enqueue("order.created", &json!({"old": true})).await;
+    db.enqueue("order.created", &json!({"old": true})).await;
+    db.wait_until("SELECT count(*) = 4 AND bool_and(state = 'parked') FROM webhook_deliveries")
+        .await;
+
+    // The CLI.
+    let mut command = crate::harness::outboxd_command();
+    command
+        .args(["endpoint", "enable", &cli.to_string(), "--discard-backlog"])
+        .env("DATABASE_URL", &db.url);
+    let finished = crate::harness::run_to_end(command).await;
+    assert_eq!(finished.code, Some(0), "{finished:#?}");
+    assert!(
+        finished.stdout.contains("2 parked deliveries discarded"),
+        "{finished:#?}"
+    );
+    assert_eq!(states(&db, cli).await, ["discarded"; 2]);
+    assert!(health(&db, cli).await.0);
+
+    // The admin API.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let token = "test-admin-token-0123456789abcdef";
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(outboxd::admin::serve(
+        listener,
+        outboxd::admin::AdminState::new(db.pool().await, token, Duration::from_secs(60)),
+        stop.clone(),
+    ));
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: String, body: Option<serde_json::Value>| {
+        let mut request = http
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        async move {
+            let answer = request.send().await.expect("the admin API answers");
+            let status = answer.status().as_u16();
+            let text = answer.text().await.expect("a body");
+            (
+                status,
+                serde_json::from_str::<serde_json::Value>(&text).unwrap_or_default(),
+            )
+        }
+    };
+    let enable = format!("/v1/endpoints/{api}/enable");
+    let post = reqwest::Method::POST;
+    let (status, _) = call(
+        post.clone(),
+        enable.clone(),
+        Some(json!({"discard_backlog": "yes"})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let answer = call(
+        post.clone(),
+        enable.clone(),
+        Some(json!({"discard_backlog": true})),
+    )
+    .await;
+    assert_eq!(answer, (200, json!({"resumed": 0, "discarded": 2})));
+    assert_eq!(states(&db, api).await, ["discarded"; 2]);
+    let (status, listed) = call(
+        reqwest::Method::GET,
+        "/v1/deliveries?state=discarded".to_owned(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        listed["items"].as_array().map(Vec::len),
+        Some(4),
+        "{listed}"
+    );
+
+    // Not dead: a bulk re-drive finds nothing.
+    let retried = outboxd::redrive::retry_dead_matching(&db.client, &Default::default())
+        .await
+        .unwrap();
+    assert!(retried.is_empty(), "{retried:?}");
+
+    // New events are delivered; a replay sends a discarded one again.
+    let new = db.enqueue("order.created", &json!({"new": true})).await;
+    outboxd::redrive::replay(&db.client, old, Some(api))
+        .await
+        .unwrap();
+    eventually("the new event and the replay arrive", WAIT, || async {
+        receiver.count_to("/cli") >= 1 && receiver.count_to("/api") >= 2
+    })
+    .await;
+    let cli_got: Vec<i64> = receiver
+        .requests_to("/cli")
+        .iter()
+        .map(|r| r.event_id())
+        .collect();
+    assert_eq!(cli_got, [new]);
+    let mut api_got: Vec<i64> = receiver
+        .requests_to("/api")
+        .iter()
+        .map(|r| r.event_id())
+        .collect();
+    api_got.sort_unstable();
+    assert_eq!(api_got, [old, new]);
+
+    // Enabling without discarding: an empty body resumes (here nothing is parked).
+    let answer = call(post.clone(), enable, None).await;
+    assert_eq!(answer, (200, json!({"resumed": 0, "discarded": 0})));
+    let (status, _) = call(post, "/v1/endpoints/999999/enable".to_owned(), None).await;
+    assert_eq!(status, 404);
+    stop.cancel();
+    let _ = server.await;
+    dispatcher.stop().await;
+}
