@@ -126,10 +126,13 @@ $migrate$;
 -- ---------------------------------------------------------------------------------------
 
 -- Until when the endpoint's run of failures counts as ongoing: its latest scheduled
--- retry, plus an hour. A failure after it (a silence: no attempt was due, or every
+-- retry, plus twelve hours. A failure after it (a silence: no attempt was due, or every
 -- delivery had died) starts a new run; housekeeping disables an endpoint only while it
--- lies ahead, so an old run with no recent attempt never disables. NULL while healthy,
--- and on endpoints last failing before this migration, whose next failure starts a run.
+-- lies ahead, so an old run with no recent attempt never disables. Twelve hours: more
+-- than any delay in claiming a due retry, and more than the default backoff cap (10 h),
+-- so that failures scheduling no retry (a 4xx, a last attempt) still make one run when
+-- events come about as often as retries would. NULL while healthy, and on endpoints
+-- last failing before this migration, whose next failure starts a run.
 ALTER TABLE webhook_endpoints ADD COLUMN IF NOT EXISTS failing_until timestamptz;
 
 -- `discarded`: a parked delivery an operator chose not to send (enabling its endpoint
@@ -165,8 +168,8 @@ $migrate$;
 --
 -- * The failure clock follows the attempts. A failure starts a run when none is
 --   ongoing (failing_until passed or unknown), and moves failing_until to the latest
---   retry it schedules (delay_ms; a dead or parked outcome schedules none) plus an
---   hour. The endpoint row is written only on those transitions, or when failing_until
+--   retry it schedules (delay_ms; a dead or parked outcome schedules none) plus twelve
+--   hours. The endpoint row is written only on those transitions, or when failing_until
 --   moves by more than a minute: at most about once a minute per failing endpoint, so
 --   dispatchers settling for one endpoint do not queue on its row.
 -- * A 410 Gone disables the endpoint in the same transaction that parks the delivery
@@ -238,7 +241,7 @@ BEGIN
         SELECT o.endpoint_id,
                now() + max(CASE WHEN o.state = 'pending' THEN o.delay_ms ELSE 0 END)
                        * interval '1 millisecond'
-                     + interval '1 hour' AS until
+                     + interval '12 hours' AS until
         FROM outcome o
         WHERE o.uncount = 0 AND o.endpoint_id = ANY ($20::bigint[])
         GROUP BY o.endpoint_id

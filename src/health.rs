@@ -3,13 +3,13 @@
 //!
 //! The failure clock is kept by the settle statement (`webhook_settle`, see
 //! `sql/0006_isolation_and_endpoint_health.sql`): `failing_since` is when the current
-//! run of failed attempts began, `failing_until` until when that run counts as ongoing
-//! (the latest retry it has scheduled, plus an hour). Any success ends the run; a
-//! failure after `failing_until` (a silence: no attempt was due, or every delivery had
-//! died) starts a new one. So `failing_since` older than the threshold with
-//! `failing_until` still ahead means: no success since then, and failures at least as
-//! often as the retries were due, the last of them recent. Only then is an endpoint
-//! disabled; an old failure followed by silence never disables.
+//! run of failed attempts began, `failing_until` until when that run counts as
+//! ongoing: the latest retry it has scheduled, plus twelve hours. Any success ends the
+//! run; a failure after `failing_until` (a silence: no attempt was due, or every
+//! delivery had died) starts a new one. So `failing_since` older than the threshold
+//! with `failing_until` still ahead means: no success since then, no silence, and the
+//! last failure recent. Only then is an endpoint disabled; an old failure followed by
+//! silence never disables.
 //!
 //! A 410 Gone disables the endpoint at once, in the transaction that parks the
 //! delivery (see `settle.rs`).
