@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 
 use crate::harness::{Receiver, RunningDispatcher, TestDb, test_config};
+use crate::wakeups::push_only;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_key_deduplicates() {
@@ -175,23 +176,10 @@ async fn deliver_after_delays_delivery() {
 
 /// Producers per scenario: each holds a transaction open, so they run at once.
 const PRODUCERS: usize = 20;
-/// Longer than any test: only a push can wake the dispatcher.
-const ONE_HOUR: Duration = Duration::from_secs(3600);
 
 /// Whether a dispatcher is asleep on the doorbell: bell armed, gate open.
 const ASLEEP: &str = "SELECT armed AND pg_sequence_last_value('webhook_doorbell_gate') IS NULL
      FROM webhook_doorbell";
-
-fn push_only(url: &str, label: &str) -> RunningDispatcher {
-    RunningDispatcher::start(
-        url,
-        outboxd::Config {
-            poll_interval: ONE_HOUR,
-            listen: true,
-            ..test_config(label)
-        },
-    )
-}
 
 /// Waits until the push-only dispatcher sleeps on the bell, past the rechecks it makes
 /// after arming (~100 ms): from then on only a notification wakes it.

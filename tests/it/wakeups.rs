@@ -30,7 +30,7 @@ async fn listener_pids(db: &TestDb) -> Vec<i32> {
 
 /// A dispatcher that listens and whose poll tick is an hour away: only a push (or a
 /// reconnect's catch-up) can wake it within a test.
-fn push_only(url: &str, label: &str) -> RunningDispatcher {
+pub(crate) fn push_only(url: &str, label: &str) -> RunningDispatcher {
     RunningDispatcher::start(
         url,
         outboxd::Config {
