@@ -23,9 +23,15 @@ pub fn parse_url(database_url: &str) -> Result<tokio_postgres::Config> {
 /// lost event, because the producers' commits keep their own durability. Connections
 /// are not tested on checkout (that would cost a round trip per query); a broken one is
 /// noticed by the query that uses it and replaced.
-pub async fn dispatcher_pool(database_url: &str, size: u32) -> Result<Pool> {
+///
+/// Without `startup_options` (behind a transaction-mode pooler, which refuses or drops
+/// them) the settings must come from the role or database (`ALTER ROLE ... SET`):
+/// [`crate::session::check`] says which are missing.
+pub async fn dispatcher_pool(database_url: &str, size: u32, startup_options: bool) -> Result<Pool> {
     let mut config = parse_url(database_url)?;
-    config.options("-c synchronous_commit=off");
+    if startup_options {
+        config.options("-c synchronous_commit=off");
+    }
     config.application_name("outboxd");
     build_pool(config, size).await
 }
@@ -35,6 +41,20 @@ pub async fn admin_pool(database_url: &str) -> Result<Pool> {
     let mut config = parse_url(database_url)?;
     config.application_name("outboxd-admin");
     build_pool(config, 2).await
+}
+
+/// [`admin_pool`] that opens its connections when they are first needed, so that it
+/// can be made while the database is not up yet (the status server starts first).
+pub fn admin_pool_lazy(database_url: &str) -> Result<Pool> {
+    let mut config = parse_url(database_url)?;
+    config.application_name("outboxd-admin");
+    config.connect_timeout(Duration::from_secs(10));
+    config.keepalives_idle(Duration::from_secs(30));
+    Ok(bb8::Pool::builder()
+        .max_size(2)
+        .test_on_check_out(false)
+        .connection_timeout(Duration::from_secs(10))
+        .build_unchecked(PostgresConnectionManager::new(config, NoTls)))
 }
 
 async fn build_pool(mut config: tokio_postgres::Config, size: u32) -> Result<Pool> {

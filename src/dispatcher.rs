@@ -24,8 +24,10 @@ use crate::error::Result;
 use crate::housekeeping::{self, Housekeeping};
 use crate::listener;
 use crate::metrics::{DeliveryOutcome, Metrics};
+use crate::pooler::{self, StatementMode};
 use crate::retention::RetentionPolicy;
 use crate::retry::{RetryPolicy, Verdict};
+use crate::session;
 use crate::settle::{self, Next, Outcome, SettleTotals};
 use crate::shutdown::{self, Drained};
 
@@ -64,11 +66,21 @@ pub struct Report {
 }
 
 /// A webhook dispatcher. Any number may run against one database.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Dispatcher {
     database_url: String,
+    listen_database_url: Option<String>,
     config: Config,
     metrics: Arc<Metrics>,
+}
+
+/// Connection strings may carry passwords: they are left out.
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Dispatcher {
@@ -77,9 +89,25 @@ impl Dispatcher {
         config.validate()?;
         Ok(Self {
             database_url: database_url.into(),
+            listen_database_url: None,
             config,
             metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// Opens the LISTEN session with `url` instead of the main connection string: the
+    /// pool may then go through a transaction-mode pooler, where LISTEN hears nothing,
+    /// while the one LISTEN session goes straight to PostgreSQL. It must reach the same
+    /// database, since a notification reaches only sessions of the database it was sent
+    /// in.
+    pub fn with_listen_database_url(mut self, url: impl Into<String>) -> Self {
+        self.listen_database_url = Some(url.into());
+        self
+    }
+
+    /// The name this dispatcher records in `locked_by`.
+    pub fn worker_id(&self) -> &str {
+        &self.config.worker_id
     }
 
     /// The metrics this dispatcher records into, for a metrics endpoint to render.
@@ -96,7 +124,19 @@ impl Dispatcher {
     /// logged and retried, and claiming stops while outcomes cannot be written.
     pub async fn run(self, shutdown: CancellationToken) -> Result<Report> {
         let cfg = self.config;
-        let pool = db::dispatcher_pool(&self.database_url, cfg.pool_size).await?;
+        let statements = pooler::start(
+            &self.database_url,
+            cfg.prepared_statements,
+            cfg.listen && self.listen_database_url.is_none(),
+        )
+        .await?;
+        let pool = db::dispatcher_pool(
+            &self.database_url,
+            cfg.pool_size,
+            statements == StatementMode::Prepared,
+        )
+        .await?;
+        session::check(&*pool.get().await?).await?;
         // Fail fast on an unreachable database rather than looping on warnings, and on
         // one that could not record what is delivered.
         settle::probe(&*pool.get().await?).await?;
@@ -106,7 +146,9 @@ impl Dispatcher {
         let listener_stop = CancellationToken::new();
         let listener = cfg.listen.then(|| {
             tokio::spawn(listener::run(
-                self.database_url.clone(),
+                self.listen_database_url
+                    .clone()
+                    .unwrap_or_else(|| self.database_url.clone()),
                 Arc::clone(&wake),
                 Arc::clone(&self.metrics),
                 listener_stop.clone(),
@@ -153,6 +195,7 @@ impl Dispatcher {
 
         let claim_loop = ClaimLoop {
             session: tokio::sync::Mutex::new(None),
+            statements,
             gate_closer: tokio::sync::Mutex::new(None),
             policy: RetryPolicy {
                 base: cfg.backoff_base,
@@ -215,17 +258,19 @@ enum Wake {
     Timer,
 }
 
-/// A pooled connection held by the claim loop, with the claim statement prepared on it.
+/// A pooled connection held by the claim loop, with the claim statement prepared on it
+/// unless statements are sent unnamed.
 struct ClaimSession {
     conn: bb8::PooledConnection<
         'static,
         bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>,
     >,
-    statement: tokio_postgres::Statement,
+    statement: Option<tokio_postgres::Statement>,
 }
 
 struct ClaimLoop {
     session: tokio::sync::Mutex<Option<ClaimSession>>,
+    statements: StatementMode,
     /// The doorbell gate's last close (see [`ClaimLoop::close_gate`]).
     gate_closer: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     cfg: Config,
@@ -421,28 +466,41 @@ impl ClaimLoop {
     }
 
     /// Claims on the loop's own pooled connection, where the claim statement is
-    /// prepared once; after any error the connection is given back and a fresh one
-    /// prepared at the next claim.
+    /// prepared once (unless statements are sent unnamed); after any error the
+    /// connection is given back, or closed if its server is read-only, and a fresh one
+    /// taken at the next claim.
     async fn claim(&self, limit: u32) -> Result<claim::Batch> {
         let mut session = self.session.lock().await;
-        let current = match session.take() {
+        let mut current = match session.take() {
             Some(current) => current,
             None => {
                 let conn = self.pool.get_owned().await?;
-                let statement = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES).await?;
+                let statement = match self.statements {
+                    StatementMode::Prepared => {
+                        Some(conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES).await?)
+                    }
+                    StatementMode::Unnamed => None,
+                };
                 ClaimSession { conn, statement }
             }
         };
-        let batch = claim::claim_prepared(
-            &current.conn,
-            &current.statement,
-            &self.cfg.worker_id,
-            self.cfg.lease,
-            limit,
-        )
-        .await?;
-        *session = Some(current);
-        Ok(batch)
+        let (worker_id, lease) = (&self.cfg.worker_id, self.cfg.lease);
+        let claimed = match &current.statement {
+            Some(statement) => {
+                claim::claim_prepared(&current.conn, statement, worker_id, lease, limit).await
+            }
+            None => claim::claim_unnamed(&*current.conn, worker_id, lease, limit).await,
+        };
+        match claimed {
+            Ok(batch) => {
+                *session = Some(current);
+                Ok(batch)
+            }
+            Err(e) => {
+                pooler::discard_if_read_only(&mut current.conn, &e);
+                Err(e)
+            }
+        }
     }
 
     /// Closes the doorbell's gate in a task of its own, on another pooled connection:
