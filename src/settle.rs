@@ -225,7 +225,23 @@ async fn flush_on(
 /// writes, and the database accepts writes (it is not a standby). It runs the settle
 /// statement on no outcomes, so it changes nothing. Those refusals (SQLSTATE class 42,
 /// 3F000 or 25006) are [`Error::CannotSettle`]; any other error is returned as it is.
+///
+/// A read-only server is named as such first, as [`Error::ReadOnlyDatabase`]: a hot
+/// standby (`pg_is_in_recovery()`), or a session that is read-only by default
+/// (`default_transaction_read_only`, which some failover tools set to fence an old
+/// primary and some managed services set when the disk is full).
 pub async fn probe(client: &impl GenericClient) -> Result<()> {
+    let row = client.query_typed_one(READ_ONLY, &[]).await?;
+    if row.get::<_, bool>(0) {
+        return Err(Error::ReadOnlyDatabase(
+            "the server is a standby (pg_is_in_recovery() is true)".to_owned(),
+        ));
+    }
+    if row.get::<_, bool>(1) {
+        return Err(Error::ReadOnlyDatabase(
+            "its sessions are read-only (default_transaction_read_only is on)".to_owned(),
+        ));
+    }
     match flush_on(client, "", &[]).await {
         Err(Error::Db(e)) if e.as_db_error().is_some_and(|db| refuses_setup(db.code())) => {
             Err(Error::CannotSettle(e))
@@ -233,6 +249,10 @@ pub async fn probe(client: &impl GenericClient) -> Result<()> {
         other => other.map(drop),
     }
 }
+
+/// Whether the server is a standby, and whether this session is read-only by default.
+const READ_ONLY: &str = "SELECT pg_is_in_recovery(), \
+    current_setting('default_transaction_read_only')::bool OR current_setting('transaction_read_only')::bool";
 
 /// Errors that say the session is not set up to write outcomes, rather than that the
 /// database is busy or going away: a missing object or privilege, an unknown schema, a
