@@ -57,6 +57,7 @@ pub mod session;
 pub mod settle;
 pub mod shutdown;
 pub mod sign;
+pub mod startup;
 pub mod status;
 pub mod target;
 pub mod time_format;
