@@ -18,6 +18,7 @@ mod lease;
 mod migrations;
 mod observability;
 mod plans;
+mod pooler;
 mod producer;
 mod retention;
 mod retries;

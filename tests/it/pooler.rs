@@ -1,0 +1,313 @@
+//! Through pgbouncer in transaction pooling mode (the Debian package, 1.18, which keeps
+//! no prepared statement across transactions): several polling dispatchers deliver
+//! everything exactly once, and push works with the pool through pgbouncer and the
+//! LISTEN session straight to PostgreSQL.
+//!
+//! Each test starts its own pgbouncer on a free port in front of the test cluster
+//! ([`Bouncer`]); `scripts/pgbouncer.sh` installs the package when it is missing.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use outboxd::config::PreparedStatements;
+
+use crate::harness::{Receiver, RunningDispatcher, TestDb, admin_url, test_config, unique};
+
+/// A pgbouncer in transaction pooling mode in front of the test cluster, stopped and
+/// removed when dropped.
+pub struct Bouncer {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+/// The pgbouncer binary, installed by `scripts/pgbouncer.sh` if needed (once per run);
+/// `None`, with the reason printed, where it cannot be had.
+fn pgbouncer_binary() -> Option<&'static str> {
+    static BINARY: OnceLock<Option<String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pgbouncer.sh");
+            match Command::new(script).arg("bin").output() {
+                Ok(out) if out.status.success() => {
+                    Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+                }
+                Ok(out) => {
+                    eprintln!(
+                        "SKIPPED: pgbouncer cannot be installed here: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                    None
+                }
+                Err(e) => {
+                    eprintln!("SKIPPED: cannot run {script}: {e}");
+                    None
+                }
+            }
+        })
+        .as_deref()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Bouncer {
+    /// Starts pgbouncer in transaction mode in front of `DATABASE_URL`'s server, letting
+    /// in `users` (trust authentication, as the test cluster has). pgbouncer's default
+    /// `ignore_startup_parameters` is kept (nothing ignored but what it handles itself),
+    /// so a client sending startup `options` is refused, as by a stock pgbouncer.
+    /// `None` (the test skips) only where pgbouncer cannot be installed.
+    pub async fn start(users: &[&str]) -> Option<Self> {
+        let binary = pgbouncer_binary()?;
+        let server: tokio_postgres::Config = admin_url().parse().expect("DATABASE_URL parses");
+        let host = match &server.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(host) => host.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        };
+        let server_port = server.get_ports().first().copied().unwrap_or(5432);
+        let dir = std::env::temp_dir().join(unique("outboxd-pgbouncer"));
+        std::fs::create_dir_all(&dir).expect("pgbouncer dir");
+        let users_file = dir.join("users.txt");
+        let mut all_users = vec!["postgres"];
+        all_users.extend_from_slice(users);
+        std::fs::write(
+            &users_file,
+            all_users
+                .iter()
+                .map(|u| format!("\"{u}\" \"\"\n"))
+                .collect::<String>(),
+        )
+        .expect("write the users file");
+        for _ in 0..5 {
+            let port = free_port();
+            let config = dir.join("pgbouncer.ini");
+            std::fs::write(
+                &config,
+                format!(
+                    "[databases]\n\
+                     * = host={host} port={server_port}\n\
+                     [pgbouncer]\n\
+                     listen_addr = 127.0.0.1\n\
+                     listen_port = {port}\n\
+                     unix_socket_dir =\n\
+                     auth_type = trust\n\
+                     auth_file = {users}\n\
+                     pool_mode = transaction\n\
+                     default_pool_size = 8\n\
+                     max_client_conn = 400\n\
+                     server_login_retry = 1\n",
+                    users = users_file.display()
+                ),
+            )
+            .expect("write pgbouncer.ini");
+            let log = std::fs::File::create(dir.join("pgbouncer.log")).expect("log file");
+            // pgbouncer refuses to run as root: run it as the cluster's OS user.
+            let mut command = if is_root() {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--", binary]);
+                c
+            } else {
+                Command::new(binary)
+            };
+            let mut child = command
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn pgbouncer");
+            if wait_listening(&mut child, port).await {
+                return Some(Self { child, port, dir });
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default();
+            eprintln!("pgbouncer did not come up on port {port}; retrying. Log:\n{log}");
+        }
+        panic!("pgbouncer did not start");
+    }
+
+    /// `db`'s connection string with pgbouncer's address instead of the server's.
+    pub fn url(&self, db: &TestDb) -> String {
+        let mut url = url::Url::parse(&db.url).expect("the test URL is a URL");
+        url.set_host(Some("127.0.0.1")).expect("host");
+        url.set_port(Some(self.port)).expect("port");
+        url.to_string()
+    }
+}
+
+/// Waits until `child` accepts connections on `port`; `false` if it exits or takes
+/// longer than 10 s.
+async fn wait_listening(child: &mut Child, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Asserts that the receiver saw each of `events` events exactly once.
+fn assert_each_once(receiver: &Receiver, events: usize) {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in receiver.requests() {
+        *seen.entry(r.webhook_id().to_owned()).or_default() += 1;
+    }
+    let duplicated = seen.values().filter(|n| **n > 1).count();
+    assert_eq!(duplicated, 0, "deliveries received more than once");
+    assert_eq!(seen.len(), events, "every event received");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_dispatchers_through_pgbouncer_deliver_everything_once() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    let db = TestDb::new("bouncerpoll").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    const EVENTS: usize = 1_500;
+    let url = bouncer.url(&db);
+    let dispatchers: Vec<RunningDispatcher> = (0..3)
+        .map(|i| {
+            RunningDispatcher::start(
+                &url,
+                outboxd::Config {
+                    listen: false,
+                    poll_interval: Duration::from_millis(50),
+                    batch_size: 50,
+                    lease: Duration::from_secs(60),
+                    http_timeout: Duration::from_secs(20),
+                    ..test_config(&format!("bouncer{i}"))
+                },
+            )
+        })
+        .collect();
+    db.enqueue_series(1, EVENTS as i32).await;
+    db.wait_all_in_state_within(EVENTS as i64, "delivered", Duration::from_secs(90))
+        .await;
+    let mut lost = 0;
+    for dispatcher in dispatchers {
+        lost += dispatcher.stop().await.totals.lease_lost;
+    }
+    assert_eq!(lost, 0, "no outcome found its lease taken");
+    assert_each_once(&receiver, EVENTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_with_the_pool_through_pgbouncer_and_listen_direct() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    let db = TestDb::new("bouncerpush").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let config = outboxd::Config {
+        // Only a notification can deliver within the test's bound.
+        poll_interval: Duration::from_secs(600),
+        ..test_config("bouncerpush")
+    };
+    let dispatcher = RunningDispatcher::start_with(
+        outboxd::Dispatcher::new(bouncer.url(&db), config)
+            .expect("valid config")
+            .with_listen_database_url(db.url.clone()),
+    );
+    crate::harness::eventually("the LISTEN session is up", Duration::from_secs(20), || {
+        let metrics = dispatcher.metrics.clone();
+        async move { metrics.listener_connected() }
+    })
+    .await;
+    // Let the dispatcher go to sleep with the doorbell armed, then ring it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in 1..=3 {
+        db.enqueue("order.created", &serde_json::json!({ "n": n }))
+            .await;
+        receiver.wait_for_within(n, Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let rendered = dispatcher.metrics.render();
+    let notifications: f64 = rendered
+        .lines()
+        .find_map(|l| l.strip_prefix("outboxd_notifications_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the notifications counter");
+    assert!(notifications >= 1.0, "the doorbell was heard: {rendered}");
+    dispatcher.stop().await;
+    assert_each_once(&receiver, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_through_a_transaction_pooler_is_refused_with_the_variable_named() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    let db = TestDb::new("bouncerlisten").await;
+    let dispatcher = outboxd::Dispatcher::new(bouncer.url(&db), test_config("bouncerlisten"))
+        .expect("valid config");
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        dispatcher.run(tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("refused at start")
+    .expect_err("push through a transaction pooler cannot hear notifications");
+    let message = err.to_string();
+    assert!(
+        matches!(err, outboxd::Error::Config(ref c) if c.variable == "WEBHOOK_LISTEN_DATABASE_URL"),
+        "{message}"
+    );
+    assert!(message.contains("WEBHOOK_LISTEN=false"), "{message}");
+}
+
+#[tokio::test]
+async fn auto_finds_a_pooler_only_where_there_is_one() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    let db = TestDb::new("bouncerauto").await;
+    use outboxd::pooler::{Sessions, StatementMode, decide, look_at_sessions};
+    let direct = look_at_sessions(&db.url).await.expect("look directly");
+    assert!(matches!(direct, Sessions::Separate(..)), "{direct:?}");
+    let pooled = look_at_sessions(&bouncer.url(&db))
+        .await
+        .expect("look through pgbouncer");
+    assert!(matches!(pooled, Sessions::Shared(_)), "{pooled:?}");
+    assert_eq!(
+        decide(PreparedStatements::Auto, pooled).0,
+        StatementMode::Unnamed
+    );
+    assert_eq!(
+        decide(PreparedStatements::Auto, direct).0,
+        StatementMode::Prepared
+    );
+}
