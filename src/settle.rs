@@ -181,9 +181,17 @@ impl Columns {
 
 /// Writes a batch of outcomes; returns how many deliveries were settled (fewer than
 /// given when a lease was lost to another worker).
+///
+/// A connection whose server turned read-only is closed rather than given back: while
+/// outcomes cannot be written the claim loop waits, so this is the one place where the
+/// pool's sessions on a fenced or demoted server can be weeded out.
 pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result<u64> {
-    let client = pool.get().await?;
-    flush_on(&*client, worker_id, outcomes).await
+    let mut client = pool.get().await?;
+    let flushed = flush_on(&*client, worker_id, outcomes).await;
+    if let Err(e) = &flushed {
+        crate::pooler::discard_if_read_only(&mut client, e);
+    }
+    flushed
 }
 
 /// [`flush`] on a connection the caller holds.
