@@ -24,6 +24,7 @@ mod pooler;
 mod producer;
 mod retention;
 mod retries;
+mod roles;
 mod settling;
 mod shutdown;
 mod signing;
