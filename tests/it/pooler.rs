@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 
 use outboxd::config::PreparedStatements;
 
-use crate::harness::{Receiver, RunningDispatcher, TestDb, admin_url, test_config, unique};
+use crate::harness::{
+    Receiver, RunningDispatcher, Spawned, TestDb, admin_url, outboxd_command, sigterm, test_config,
+    unique,
+};
 
 /// A pgbouncer in transaction pooling mode in front of the test cluster, stopped and
 /// removed when dropped.
@@ -188,6 +191,23 @@ fn assert_each_once(receiver: &Receiver, events: usize) {
     assert_eq!(seen.len(), events, "every event received");
 }
 
+/// `outboxd run` through `url`, polling every 50 ms.
+fn polling_process(url: &str, label: &str, env: &[(&str, &str)]) -> Spawned {
+    let mut command = outboxd_command();
+    command
+        .arg("run")
+        .env("DATABASE_URL", url)
+        .env("WEBHOOK_LISTEN", "false")
+        .env("WEBHOOK_POLL_INTERVAL_MS", "50")
+        .env("WEBHOOK_BATCH_SIZE", "50")
+        .env("WEBHOOK_ALLOW_PRIVATE_TARGETS", "true")
+        .env("WEBHOOK_WORKER_ID", unique(label));
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    Spawned::start(command)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn polling_dispatchers_through_pgbouncer_deliver_everything_once() {
     let Some(bouncer) = Bouncer::start(&[]).await else {
@@ -198,29 +218,45 @@ async fn polling_dispatchers_through_pgbouncer_deliver_everything_once() {
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
     const EVENTS: usize = 1_500;
     let url = bouncer.url(&db);
-    let dispatchers: Vec<RunningDispatcher> = (0..3)
-        .map(|i| {
-            RunningDispatcher::start(
-                &url,
-                outboxd::Config {
-                    listen: false,
-                    poll_interval: Duration::from_millis(50),
-                    batch_size: 50,
-                    lease: Duration::from_secs(60),
-                    http_timeout: Duration::from_secs(20),
-                    ..test_config(&format!("bouncer{i}"))
-                },
-            )
-        })
+    // Separate processes, as deployed: tokio-postgres names prepared statements s0, s1,
+    // ... per process, so only separate processes clash on a shared server session.
+    let processes: Vec<Spawned> = (0..3)
+        .map(|i| polling_process(&url, &format!("bouncer{i}"), &[]))
         .collect();
     db.enqueue_series(1, EVENTS as i32).await;
-    db.wait_all_in_state_within(EVENTS as i64, "delivered", Duration::from_secs(90))
-        .await;
-    let mut lost = 0;
-    for dispatcher in dispatchers {
-        lost += dispatcher.stop().await.totals.lease_lost;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let delivered: i64 = db
+            .scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
+            .await;
+        if delivered == EVENTS as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{delivered} of {EVENTS} delivered within 90 s; the first dispatcher's log:\n{}",
+            processes[0].stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(lost, 0, "no outcome found its lease taken");
+    for process in processes {
+        sigterm(process.pid());
+        let finished = process.finish(Duration::from_secs(60)).await;
+        assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+        assert!(
+            finished.stderr.contains("claim statement mode decided"),
+            "the decision is logged: {}",
+            finished.stderr
+        );
+        // With a named claim statement the processes still delivered everything here,
+        // but only after claims failed on server sessions that lacked their statement
+        // (26000) or had another process's of the same name (42P05).
+        assert!(
+            !finished.stderr.contains("claim failed"),
+            "no claim fails: {}",
+            finished.stderr
+        );
+    }
     assert_each_once(&receiver, EVENTS);
 }
 
