@@ -313,3 +313,74 @@ pub async fn connect(database_url: &str) -> Result<Client> {
     let connector = Connector::new(database_url, Session::Operator)?;
     Ok(connector.connect().await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    /// What a stand-in server saw of a client's opening: PostgreSQL 17's direct TLS
+    /// cannot be had from the PostgreSQL 15 the tests run, so a rustls server on
+    /// loopback takes the handshake and reports how it began.
+    async fn opening(negotiation: &str) -> (Vec<u8>, Option<Vec<u8>>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["db.test".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let root = std::env::temp_dir().join(format!(
+            "outboxd-direct-{}-{negotiation}.pem",
+            std::process::id()
+        ));
+        std::fs::write(&root, cert.pem()).unwrap();
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        server.alpn_protocols = vec![b"postgresql".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut first = [0u8; 8];
+            socket.peek(&mut first).await.unwrap();
+            if first[0] != 0x16 {
+                // An SSLRequest: read it and say no.
+                let mut socket = socket;
+                socket.read_exact(&mut first).await.unwrap();
+                return (first.to_vec(), None);
+            }
+            let tls = acceptor.accept(socket).await.unwrap();
+            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            (first.to_vec(), alpn)
+        });
+        let conninfo = format!(
+            "host=db.test hostaddr=127.0.0.1 port={port} sslmode=verify-full \
+             sslrootcert={} sslnegotiation={negotiation} connect_timeout=5",
+            root.display()
+        );
+        let connector = Connector::new(&conninfo, Session::Operator).unwrap();
+        // The stand-in speaks no PostgreSQL after the handshake: the connection fails.
+        assert!(connector.connect().await.is_err());
+        let _ = std::fs::remove_file(&root);
+        seen.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn sslnegotiation_direct_starts_with_tls_and_alpn() {
+        let (first, alpn) = opening("direct").await;
+        assert_eq!(first[0], 0x16, "a TLS handshake record, not an SSLRequest");
+        assert_eq!(alpn.as_deref(), Some(&b"postgresql"[..]));
+        // The default asks first: the SSLRequest (length 8, code 80877103).
+        let (first, _) = opening("postgres").await;
+        assert_eq!(first, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+    }
+}
