@@ -283,3 +283,25 @@ async fn an_operator_command_gives_up_on_a_lock_instead_of_hanging() {
     );
     tx.rollback().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_limits_are_checked_by_name() {
+    let db = TestDb::new("dblimits").await;
+    for (variable, value) in [
+        ("WEBHOOK_DB_LOCK_TIMEOUT_MS", "5"),
+        ("WEBHOOK_DB_LOCK_TIMEOUT_MS", "soon"),
+        ("WEBHOOK_DB_STATEMENT_TIMEOUT_MS", "50"),
+        ("WEBHOOK_DB_STATEMENT_TIMEOUT_MS", "1000"),
+    ] {
+        let mut run = outboxd_command();
+        run.arg("run")
+            .env("DATABASE_URL", &db.url)
+            .env(variable, value);
+        let finished = run_to_end(run).await;
+        assert_eq!(finished.code, Some(2), "{variable}={value}: {finished:?}");
+        assert!(
+            finished.stderr.contains(variable),
+            "{variable}={value}: {finished:?}"
+        );
+    }
+}
