@@ -345,6 +345,22 @@ async fn require_encrypts_and_checks_the_chain_only_when_given_a_root() {
     assert!(e.contains("unknown issuer"), "{e}");
     let with_root = format!("{require} sslrootcert={}", server.ca());
     assert!(ssl_in_use(&connected(&with_root).await).await);
+
+    // An address without a name: encryption and a chain check need none; verify-full
+    // does, and is refused before connecting.
+    let by_address = format!(
+        "hostaddr=127.0.0.1 port={} user=postgres dbname={dbname}",
+        server.cluster.port
+    );
+    assert!(ssl_in_use(&connected(&format!("{by_address} sslmode=require")).await).await);
+    let chain = format!("{by_address} sslmode=verify-ca sslrootcert={}", server.ca());
+    assert!(ssl_in_use(&connected(&chain).await).await);
+    let full = chain.replace("verify-ca", "verify-full");
+    let e = refused(connect(&full).await, &full);
+    assert!(
+        e.contains("DATABASE_URL") && e.contains("add host=NAME"),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
