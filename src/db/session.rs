@@ -152,11 +152,12 @@ mod tests {
             .unwrap();
         assert_eq!(
             options,
-            r"-c search_path=my\ schema -c default_transaction_isolation=read\ committed \
-              -c synchronous_commit=off -c lock_timeout=1500 -c statement_timeout=30000 \
-              -c idle_in_transaction_session_timeout=60000"
-                .replace("  ", "")
-                .replace("\\\n", "")
+            concat!(
+                r"-c search_path=my\ schema",
+                r" -c default_transaction_isolation=read\ committed",
+                " -c synchronous_commit=off -c lock_timeout=1500 -c statement_timeout=30000",
+                " -c idle_in_transaction_session_timeout=60000"
+            )
         );
     }
 
