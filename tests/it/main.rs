@@ -4,6 +4,7 @@
 //! the harness needs `DATABASE_URL` pointing at a PostgreSQL superuser, and creates a
 //! database per test.
 
+mod cluster;
 mod harness;
 
 mod admin;
@@ -21,8 +22,10 @@ mod plans;
 mod producer;
 mod retention;
 mod retries;
+mod sessions;
 mod settling;
 mod shutdown;
 mod signing;
 mod ssrf;
+mod tls;
 mod wakeups;
