@@ -17,17 +17,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::claim::{self, Claimed};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::db::{self, Pool};
 use crate::deliver::{AttemptResult, Delivery, ErrorKind, Sender};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::housekeeping::{self, Housekeeping};
 use crate::listener;
 use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::pooler::{self, StatementMode};
 use crate::retention::RetentionPolicy;
 use crate::retry::{RetryPolicy, Verdict};
-use crate::session;
 use crate::settle::{self, Next, Outcome, SettleTotals};
 use crate::shutdown::{self, Drained};
 
@@ -124,19 +123,27 @@ impl Dispatcher {
     /// logged and retried, and claiming stops while outcomes cannot be written.
     pub async fn run(self, shutdown: CancellationToken) -> Result<Report> {
         let cfg = self.config;
+        // Every dispatcher session, pooled or LISTEN, comes from a connector like this.
+        let session = db::Session::dispatcher(&cfg);
+        let sessions = db::Connector::new(&self.database_url, session.clone())?;
+        let listen_sessions = match &self.listen_database_url {
+            Some(url) => db::Connector::new(url, session.clone()).map_err(|e| match e {
+                Error::Config(c) => Error::Config(ConfigError {
+                    variable: "WEBHOOK_LISTEN_DATABASE_URL",
+                    message: c.message,
+                }),
+                other => other,
+            })?,
+            None => sessions.clone(),
+        };
         let statements = pooler::start(
-            &self.database_url,
+            &sessions,
             cfg.prepared_statements,
             cfg.listen && self.listen_database_url.is_none(),
         )
         .await?;
-        let pool = db::dispatcher_pool(
-            &self.database_url,
-            cfg.pool_size,
-            statements == StatementMode::Prepared,
-        )
-        .await?;
-        session::check(&*pool.get().await?).await?;
+        let pool = db::pool(&sessions, cfg.pool_size).await?;
+        pooler::check_settings(&*pool.get().await?, &session.settings()).await?;
         // Fail fast on an unreachable database rather than looping on warnings, and on
         // one that could not record what is delivered.
         settle::probe(&*pool.get().await?).await?;
@@ -146,9 +153,7 @@ impl Dispatcher {
         let listener_stop = CancellationToken::new();
         let listener = cfg.listen.then(|| {
             tokio::spawn(listener::run(
-                self.listen_database_url
-                    .clone()
-                    .unwrap_or_else(|| self.database_url.clone()),
+                listen_sessions,
                 Arc::clone(&wake),
                 Arc::clone(&self.metrics),
                 listener_stop.clone(),
@@ -261,10 +266,7 @@ enum Wake {
 /// A pooled connection held by the claim loop, with the claim statement prepared on it
 /// unless statements are sent unnamed.
 struct ClaimSession {
-    conn: bb8::PooledConnection<
-        'static,
-        bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>,
-    >,
+    conn: db::PooledConnection,
     statement: Option<tokio_postgres::Statement>,
 }
 

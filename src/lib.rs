@@ -53,7 +53,6 @@ pub mod redrive;
 pub mod retention;
 pub mod retry;
 pub mod schema;
-pub mod session;
 pub mod settle;
 pub mod shutdown;
 pub mod sign;

@@ -14,6 +14,8 @@
 use tokio_postgres::Client;
 
 use crate::config::{ConfigError, PreparedStatements};
+use crate::db::Connector;
+use crate::db::session::Settings;
 use crate::error::{Error, Result};
 
 /// How the claim statement is sent.
@@ -49,12 +51,11 @@ const BACKEND_PID: &str = "SELECT pg_backend_pid()";
 /// opens two connections and asks each, in turn, which backend serves it. Two
 /// connections that are both open can share a backend only through a pooler that
 /// reassigns server sessions per transaction, so [`Sessions::Shared`] is proof;
-/// [`Sessions::Separate`] is the absence of proof. The connections carry no startup
-/// `options` (which pgbouncer refuses by default) and their statements are unnamed, so
-/// the look works either way.
-pub async fn look_at_sessions(database_url: &str) -> Result<Sessions> {
-    let first = crate::db::connect(database_url).await?;
-    let second = crate::db::connect(database_url).await?;
+/// [`Sessions::Separate`] is the absence of proof. Their statements are unnamed, so the
+/// look works either way.
+pub async fn look_at_sessions(sessions: &Connector) -> Result<Sessions> {
+    let first = sessions.connect().await?;
+    let second = sessions.connect().await?;
     let mut last = (0, 0);
     for _ in 0..SESSION_LOOKS {
         let a = backend_pid(&first).await?;
@@ -103,20 +104,18 @@ pub fn decide(setting: PreparedStatements, sessions: Sessions) -> (StatementMode
     }
 }
 
-/// Decides at start how the claim is sent, and logs the decision with its reason:
-/// [`StatementMode::Unnamed`] also means a transaction-mode pooler is in between, so
-/// the dispatcher's session settings cannot travel as startup `options`.
+/// Decides at start how the claim is sent, and logs the decision with its reason.
 /// `listen_through_pool` says the LISTEN session would use the pool's connection
 /// string: behind a transaction-mode pooler it would hear nothing, so that is refused
 /// (a [`ConfigError`] naming `WEBHOOK_LISTEN_DATABASE_URL`) rather than left to fall
 /// back silently on the poll tick.
 pub async fn start(
-    database_url: &str,
+    sessions: &Connector,
     setting: PreparedStatements,
     listen_through_pool: bool,
 ) -> Result<StatementMode> {
-    let sessions = look_at_sessions(database_url).await?;
-    if let (true, Sessions::Shared(pid)) = (listen_through_pool, sessions) {
+    let found = look_at_sessions(sessions).await?;
+    if let (true, Sessions::Shared(pid)) = (listen_through_pool, found) {
         return Err(ConfigError {
             variable: "WEBHOOK_LISTEN_DATABASE_URL",
             message: format!(
@@ -128,10 +127,113 @@ pub async fn start(
         }
         .into());
     }
-    let (mode, reason) = decide(setting, sessions);
+    let (mode, reason) = decide(setting, found);
     let prepared = mode == StatementMode::Prepared;
     tracing::info!(prepared, %reason, "claim statement mode decided");
     Ok(mode)
+}
+
+/// Whether a connection attempt failed because the server (a pooler: pgbouncer unless
+/// `options` is in its `ignore_startup_parameters`) refuses the startup parameter
+/// `options`, which carries the session settings. pgbouncer says so with the generic
+/// protocol-violation code, so its words are what tells this refusal apart.
+pub fn refuses_startup_options(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION
+            && db.message().contains("startup parameter")
+            && db.message().contains("options")
+    })
+}
+
+/// One session setting that is not what outboxd sets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// The parameter.
+    pub name: &'static str,
+    /// What the session has, in the parameter's base unit (milliseconds for times).
+    pub found: String,
+    /// What outboxd sets.
+    pub expected: String,
+}
+
+/// The session's own value of each named parameter, in its base unit, as `pg_settings`
+/// shows it (`lock_timeout` 5000, not `5s`), so that values compare as numbers do.
+const CURRENT_SETTINGS: &str = "SELECT current_user::text, \
+    array(SELECT coalesce((SELECT setting FROM pg_settings WHERE name = n), '') \
+          FROM unnest($1::text[]) WITH ORDINALITY AS s(n, i) ORDER BY i)";
+
+/// Compares what `client`'s session runs with to `expected`; returns the role and what
+/// differs.
+pub async fn compare_settings(
+    client: &Client,
+    expected: &[(&'static str, String)],
+) -> Result<(String, Vec<Mismatch>)> {
+    let names: Vec<&str> = expected.iter().map(|(name, _)| *name).collect();
+    let params: [(
+        &(dyn tokio_postgres::types::ToSql + Sync),
+        tokio_postgres::types::Type,
+    ); 1] = [(&names, tokio_postgres::types::Type::TEXT_ARRAY)];
+    let row = client.query_typed_one(CURRENT_SETTINGS, &params).await?;
+    let role: String = row.get(0);
+    let found: Vec<String> = row.get(1);
+    let mismatches = expected
+        .iter()
+        .zip(found)
+        .filter(|((_, want), found)| found != want)
+        .map(|((name, want), found)| Mismatch {
+            name,
+            found,
+            expected: want.clone(),
+        })
+        .collect();
+    Ok((role, mismatches))
+}
+
+/// Checks, on one of the dispatcher's sessions, that the settings outboxd sets at
+/// connect time arrived. On a direct connection they always do; behind a pooler that
+/// refuses or drops startup `options` they must come from the role instead
+/// (`ALTER ROLE ... SET`, which PostgreSQL applies to every server session the pooler
+/// opens, at no cost per transaction). A wrong `default_transaction_isolation` is
+/// refused (claims and the doorbell rely on READ COMMITTED), as a [`ConfigError`] of
+/// `DATABASE_URL` that gives the statement to run; any other missing setting is logged
+/// with its statement.
+pub async fn check_settings(client: &Client, settings: &Settings) -> Result<()> {
+    let (role, mismatches) = compare_settings(client, &settings.required).await?;
+    for m in &mismatches {
+        let fix = alter_role(&role, m.name, &m.expected);
+        if m.name == "default_transaction_isolation" {
+            return Err(ConfigError {
+                variable: "DATABASE_URL",
+                message: format!(
+                    "the dispatcher's sessions run at {} isolation, not {} (a pooler in \
+                     between refuses or drops the startup options that set it): run {fix}",
+                    m.found, m.expected
+                ),
+            }
+            .into());
+        }
+        tracing::warn!(
+            setting = m.name,
+            found = %m.found,
+            expected = %m.expected,
+            fix = %fix,
+            "a session setting of the dispatcher did not arrive (a pooler in between \
+             refuses or drops startup options): set it for the role"
+        );
+    }
+    if mismatches.is_empty() {
+        tracing::debug!("the dispatcher's session settings are in place");
+    }
+    Ok(())
+}
+
+/// `ALTER ROLE "role" SET name = 'value'`, quoted for PostgreSQL.
+pub fn alter_role(role: &str, name: &str, value: &str) -> String {
+    format!(
+        "ALTER ROLE \"{}\" SET {name} = '{}'",
+        role.replace('"', "\"\""),
+        value.replace('\'', "''")
+    )
 }
 
 /// Whether `error` says the server refused a write because it is read-only: a standby,
@@ -190,5 +292,13 @@ mod tests {
             );
         }
         assert!(decide(PreparedStatements::Auto, shared).1.contains("pid 7"));
+    }
+
+    #[test]
+    fn alter_role_quotes() {
+        assert_eq!(
+            alter_role("out\"boxd", "lock_timeout", "5000"),
+            "ALTER ROLE \"out\"\"boxd\" SET lock_timeout = '5000'"
+        );
     }
 }

@@ -4,6 +4,7 @@
 //! the harness needs `DATABASE_URL` pointing at a PostgreSQL superuser, and creates a
 //! database per test.
 
+mod cluster;
 mod harness;
 
 mod admin;
@@ -25,9 +26,11 @@ mod producer;
 mod retention;
 mod retries;
 mod roles;
+mod sessions;
 mod settling;
 mod shutdown;
 mod signing;
 mod ssrf;
 mod startup;
+mod tls;
 mod wakeups;

@@ -180,6 +180,12 @@ impl Drop for Bouncer {
     }
 }
 
+/// Dispatcher sessions for `url`, as a dispatcher with the test configuration opens them.
+fn connector(url: &str) -> outboxd::db::Connector {
+    outboxd::db::Connector::new(url, outboxd::db::Session::dispatcher(&test_config("c")))
+        .expect("a valid connection string")
+}
+
 /// Asserts that the receiver saw each of `events` events exactly once.
 fn assert_each_once(receiver: &Receiver, events: usize) {
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -332,9 +338,11 @@ async fn auto_finds_a_pooler_only_where_there_is_one() {
     };
     let db = TestDb::new("bouncerauto").await;
     use outboxd::pooler::{Sessions, StatementMode, decide, look_at_sessions};
-    let direct = look_at_sessions(&db.url).await.expect("look directly");
+    let direct = look_at_sessions(&connector(&db.url))
+        .await
+        .expect("look directly");
     assert!(matches!(direct, Sessions::Separate(..)), "{direct:?}");
-    let pooled = look_at_sessions(&bouncer.url(&db))
+    let pooled = look_at_sessions(&connector(&bouncer.url(&db)))
         .await
         .expect("look through pgbouncer");
     assert!(matches!(pooled, Sessions::Shared(_)), "{pooled:?}");

@@ -100,7 +100,7 @@ pub async fn run(
     let listen = config.listen;
     let database_wait = config.database_wait;
     if let Some(url) = &listen_database_url {
-        db::parse_url(url).map_err(|e| ConfigError {
+        db::ConnInfo::parse(url).map_err(|e| ConfigError {
             variable: "WEBHOOK_LISTEN_DATABASE_URL",
             message: e.to_string(),
         })?;
