@@ -355,3 +355,94 @@ async fn auto_finds_a_pooler_only_where_there_is_one() {
         StatementMode::Prepared
     );
 }
+
+/// `outboxd run` through `bouncer` for `db`, polling, until it logged `needle` (or
+/// exited); returns its output after a SIGTERM.
+async fn run_through(bouncer: &Bouncer, db: &TestDb, needle: &str) -> crate::harness::Finished {
+    let process = polling_process(&bouncer.url(db), "settings", &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !process.stderr().contains(needle) {
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(pid) = process.child.id() {
+        sigterm(pid);
+    }
+    process.finish(Duration::from_secs(60)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_pgbouncer_the_session_settings_come_from_the_role_and_are_checked() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    // A stock pgbouncer refuses the startup options that carry the settings: outboxd
+    // connects without them and says which settings did not arrive, and how to set them.
+    let bare = TestDb::new("settingsbare").await;
+    let finished = run_through(&bouncer, &bare, "dispatcher started").await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    assert!(
+        finished
+            .stderr
+            .contains("the server refuses startup options"),
+        "{}",
+        finished.stderr
+    );
+    for setting in [
+        "lock_timeout",
+        "statement_timeout",
+        "idle_in_transaction_session_timeout",
+    ] {
+        assert!(
+            finished.stderr.contains(&format!("SET {setting} = '")),
+            "the fix for {setting} is logged: {}",
+            finished.stderr
+        );
+    }
+
+    // A database whose sessions default to SERIALIZABLE is refused: claims need READ
+    // COMMITTED, and the message says what to run.
+    let serializable = TestDb::new("settingsser").await;
+    serializable
+        .client
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
+            serializable.name
+        ))
+        .await
+        .expect("make the database serializable by default");
+    let finished = run_through(&bouncer, &serializable, "serializable").await;
+    assert_eq!(finished.code, Some(2), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("invalid DATABASE_URL")
+            && finished
+                .stderr
+                .contains("SET default_transaction_isolation = 'read committed'"),
+        "{}",
+        finished.stderr
+    );
+
+    // Set for the role (here the database: the test runs as its superuser), every
+    // setting arrives and nothing is reported missing.
+    let set = TestDb::new("settingsset").await;
+    set.client
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET lock_timeout = 5000;
+             ALTER DATABASE {db} SET statement_timeout = 30000;
+             ALTER DATABASE {db} SET idle_in_transaction_session_timeout = 60000;
+             ALTER DATABASE {db} SET synchronous_commit = off;",
+            db = set.name
+        ))
+        .await
+        .expect("set the settings for the database");
+    let finished = run_through(&bouncer, &set, "dispatcher started").await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("dispatcher started")
+            && !finished.stderr.contains("did not arrive"),
+        "{}",
+        finished.stderr
+    );
+}
