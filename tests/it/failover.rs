@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_postgres::NoTls;
 
-use crate::clusters::Cluster;
+use crate::cluster::{Cluster, ClusterSpec};
 use crate::harness::{Receiver, RunningDispatcher, TestDb, eventually, test_config};
 
 async fn connect(url: &str) -> tokio_postgres::Client {
@@ -76,11 +76,9 @@ async fn caught_up(primary: &tokio_postgres::Client, standby: &tokio_postgres::C
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_is_refused_at_start_by_name() {
     let receiver = Receiver::start().await;
-    let primary = Cluster::init("refusedprimary");
-    primary.start();
+    let primary = Cluster::start(&ClusterSpec::plain());
     let primary_client = prepare(&primary, &receiver).await;
-    let standby = Cluster::standby_of(&primary, "refusedstandby");
-    standby.start();
+    let standby = Cluster::standby_of(&primary);
     caught_up(&primary_client, &connect(&standby.url("outboxd")).await).await;
 
     let dispatcher = outboxd::Dispatcher::new(standby.url("outboxd"), test_config("standby"))
@@ -134,11 +132,9 @@ async fn read_only_sessions_are_refused_at_start_by_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_dispatcher_delivers_on_the_new_primary_after_a_failover() {
     let receiver = Receiver::start().await;
-    let primary = Cluster::init("foprimary");
-    primary.start();
+    let primary = Cluster::start(&ClusterSpec::plain());
     let primary_client = prepare(&primary, &receiver).await;
-    let standby = Cluster::standby_of(&primary, "fostandby");
-    standby.start();
+    let standby = Cluster::standby_of(&primary);
 
     // Both hosts, the primary first; only a writable one is taken.
     let url = format!(
@@ -193,11 +189,9 @@ async fn a_session_that_finds_its_server_read_only_is_dropped() {
     // default, reloaded: sessions already open turn read-only too, as some failover
     // tools do to an old primary) must send the dispatcher to the second.
     let receiver = Receiver::start().await;
-    let fenced = Cluster::init("fenced");
-    fenced.start();
+    let fenced = Cluster::start(&ClusterSpec::plain());
     let fenced_client = prepare(&fenced, &receiver).await;
-    let other = Cluster::init("other");
-    other.start();
+    let other = Cluster::start(&ClusterSpec::plain());
     let other_client = prepare(&other, &receiver).await;
     let url = format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/outboxd?target_session_attrs=read-write",

@@ -10,7 +10,6 @@ mod harness;
 mod admin;
 mod cli;
 mod cli_ops;
-mod clusters;
 mod concurrency;
 mod delivery;
 mod endpoint_health;

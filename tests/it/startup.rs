@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::NoTls;
 
-use crate::clusters::Cluster;
+use crate::cluster::{Cluster, ClusterSpec};
 use crate::harness::{Receiver, Spawned, outboxd_command, run_to_end, unique};
 
 fn free_port() -> u16 {
@@ -41,9 +41,8 @@ async fn wait_for_status(url: &str, status: u16, outboxd: &Spawned) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dispatcher_started_before_postgres_delivers_once_it_is_up() {
     let receiver = Receiver::start().await;
-    let cluster = Cluster::init("late");
     // Ready the database, with an event waiting, then stop the server.
-    cluster.start();
+    let cluster = Cluster::start(&ClusterSpec::plain());
     {
         let (mut client, connection) = tokio_postgres::connect(&cluster.url("postgres"), NoTls)
             .await
@@ -90,7 +89,7 @@ async fn a_dispatcher_started_before_postgres_delivers_once_it_is_up() {
         .await;
     assert_eq!(receiver.count(), 0);
 
-    cluster.start();
+    cluster.restart();
     let deadline = Instant::now() + Duration::from_secs(60);
     while receiver.count() == 0 {
         assert!(
