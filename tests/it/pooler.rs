@@ -7,7 +7,7 @@
 //! ([`Bouncer`]); `scripts/pgbouncer.sh` installs the package when it is missing.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -59,6 +59,21 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+/// The `postgres` OS user's uid and gid.
+fn postgres_ids() -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("run id");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("the postgres OS user exists (scripts/pg.sh creates it)")
+    };
+    (id("-u"), id("-g"))
 }
 
 fn free_port() -> u16 {
@@ -118,14 +133,14 @@ impl Bouncer {
             )
             .expect("write pgbouncer.ini");
             let log = std::fs::File::create(dir.join("pgbouncer.log")).expect("log file");
-            // pgbouncer refuses to run as root: run it as the cluster's OS user.
-            let mut command = if is_root() {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--", binary]);
-                c
-            } else {
-                Command::new(binary)
-            };
+            // pgbouncer refuses to run as root: run it as the cluster's OS user, as this
+            // process's own child (not under runuser, which would outlive a kill of it).
+            let mut command = Command::new(binary);
+            if is_root() {
+                use std::os::unix::process::CommandExt as _;
+                let (uid, gid) = postgres_ids();
+                command.uid(uid).gid(gid);
+            }
             let mut child = command
                 .arg(&config)
                 .stdin(Stdio::null())
@@ -134,6 +149,7 @@ impl Bouncer {
                 .spawn()
                 .expect("spawn pgbouncer");
             if wait_listening(&mut child, port).await {
+                watchdog(child.id(), &config);
                 return Some(Self { child, port, dir });
             }
             let _ = child.kill();
@@ -151,6 +167,25 @@ impl Bouncer {
         url.set_port(Some(self.port)).expect("port");
         url.to_string()
     }
+}
+
+/// Ends pgbouncer `pid` (started with `config`) once this test process is gone, should
+/// it end without dropping its [`Bouncer`] (killed, or aborted). Only if that pid still
+/// runs that configuration: a pid is reused once its process is gone.
+fn watchdog(pid: u32, config: &Path) {
+    let watch = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 1; done; \
+         grep -qF '{config}' /proc/{pid}/cmdline 2>/dev/null && kill {pid}",
+        me = std::process::id(),
+        config = config.display()
+    );
+    // Detached (the shell forks it and exits), so it is nobody's child to reap.
+    let _ = Command::new("sh")
+        .args(["-c", &format!("({watch}) </dev/null >/dev/null 2>&1 &")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Waits until `child` accepts connections on `port`; `false` if it exits or takes
