@@ -1,0 +1,285 @@
+//! The dispatcher: one claim loop feeding a bounded pool of HTTP sends, one settler
+//! writing outcomes back, one listener waking the loop.
+//!
+//! ```text
+//!  listener ──wake──▶ claim loop ──Delivery──▶ send tasks (≤ concurrency) ──Outcome──▶ settler
+//!   (LISTEN)          (claim.rs)               (deliver.rs, retry.rs)                  (settle.rs)
+//! ```
+//!
+//! The claim loop is made of parts: [`wakeup`] decides when to claim, arm the doorbell
+//! and sleep (no I/O), [`session`] runs the loop's statements, and [`send`] takes what
+//! a claim brought into send slots. The loop in this module only strings them together.
+//!
+//! No transaction is ever held across an HTTP request: a claim commits before the
+//! sends start, and outcomes are written by a later statement.
+
+mod send;
+mod session;
+mod wakeup;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::db;
+use crate::deliver::Sender;
+use crate::error::Result;
+use crate::housekeeping::{self, Housekeeping};
+use crate::listener;
+use crate::metrics::Metrics;
+use crate::retention::RetentionPolicy;
+use crate::settle::{self, SettleTotals};
+use crate::shutdown::{self, Drained};
+
+use send::SendSide;
+use session::Session;
+use wakeup::{Action, Wake, Wakeup};
+
+/// How long the settler may keep trying to write the last outcomes at shutdown.
+const FINAL_SETTLE_BOUND: Duration = Duration::from_secs(10);
+
+/// What a dispatcher did before it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Outcome counts written by the settler.
+    pub totals: SettleTotals,
+    /// How the drain ended.
+    pub drained: Drained,
+}
+
+/// A webhook dispatcher. Any number may run against one database.
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    database_url: String,
+    config: Config,
+    metrics: Arc<Metrics>,
+}
+
+impl Dispatcher {
+    /// A dispatcher for the database at `database_url`; fails if `config` is invalid.
+    pub fn new(database_url: impl Into<String>, config: Config) -> Result<Self> {
+        config.validate()?;
+        Ok(Self {
+            database_url: database_url.into(),
+            config,
+            metrics: Arc::new(Metrics::default()),
+        })
+    }
+
+    /// The metrics this dispatcher records into, for a metrics endpoint to render.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
+    }
+
+    /// Delivers until `shutdown` is cancelled, then drains: stops claiming, lets
+    /// in-flight deliveries finish for up to `drain_timeout`, releases what is
+    /// unfinished, writes every outcome back and returns.
+    ///
+    /// Returns an error only if it cannot start (database unreachable, outcomes could
+    /// not be recorded, HTTP client unavailable); once running, database errors are
+    /// logged and retried, and claiming stops while outcomes cannot be written.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<Report> {
+        let cfg = self.config;
+        let pool = db::dispatcher_pool(&self.database_url, cfg.pool_size).await?;
+        // Fail fast on an unreachable database rather than looping on warnings, and on
+        // one that could not record what is delivered.
+        settle::probe(&*pool.get().await?).await?;
+        let sender = Sender::new(&cfg)?;
+
+        let wake = Arc::new(Notify::new());
+        let listener_stop = CancellationToken::new();
+        let listener = cfg.listen.then(|| {
+            tokio::spawn(listener::run(
+                self.database_url.clone(),
+                Arc::clone(&wake),
+                Arc::clone(&self.metrics),
+                listener_stop.clone(),
+            ))
+        });
+
+        let housekeeping_stop = CancellationToken::new();
+        let housekeeping = tokio::spawn(housekeeping::run(
+            pool.clone(),
+            Arc::clone(&self.metrics),
+            Housekeeping {
+                retention: RetentionPolicy {
+                    delivered: cfg.retention,
+                    dead: cfg.dead_retention,
+                },
+                disable_failing_after: cfg.endpoint_disable_after,
+            },
+            housekeeping_stop.clone(),
+        ));
+
+        let (settle_tx, settle_rx) = mpsc::channel(cfg.concurrency as usize + settle::MAX_BATCH);
+        let settle_give_up = CancellationToken::new();
+        let (settle_stalled, settle_stalled_rx) = tokio::sync::watch::channel(false);
+        let mut settler = tokio::spawn(
+            settle::Settler {
+                pool: pool.clone(),
+                worker_id: cfg.worker_id.clone(),
+                metrics: Arc::clone(&self.metrics),
+                wake: Arc::clone(&wake),
+                give_up: settle_give_up.clone(),
+                stalled: settle_stalled,
+            }
+            .run(settle_rx),
+        );
+
+        tracing::info!(
+            worker_id = %cfg.worker_id,
+            listen = cfg.listen,
+            poll_interval_ms = cfg.poll_interval.as_millis() as u64,
+            batch_size = cfg.batch_size,
+            concurrency = cfg.concurrency,
+            "dispatcher started"
+        );
+
+        let mut claim_loop = ClaimLoop {
+            session: Session::new(pool),
+            send: SendSide::new(
+                &cfg,
+                sender,
+                settle_tx,
+                settle_stalled_rx,
+                Arc::clone(&self.metrics),
+            ),
+            wake,
+            metrics: Arc::clone(&self.metrics),
+            cfg,
+        };
+        claim_loop.run(&shutdown).await;
+        claim_loop.session.finish_gate_close().await;
+
+        let drained = shutdown::drain(
+            &claim_loop.send.tracker,
+            claim_loop.cfg.drain_timeout,
+            &claim_loop.send.abort,
+        )
+        .await;
+        // Every send task has finished and dropped its sender; dropping ours lets the
+        // settler flush the rest and stop.
+        drop(claim_loop);
+        let totals = match tokio::time::timeout(FINAL_SETTLE_BOUND, &mut settler).await {
+            Ok(totals) => totals,
+            Err(_) => {
+                settle_give_up.cancel();
+                settler.await
+            }
+        }
+        .unwrap_or_default();
+        listener_stop.cancel();
+        housekeeping_stop.cancel();
+        let _ = housekeeping.await;
+        if let Some(listener) = listener {
+            let _ = listener.await;
+        }
+        tracing::info!(
+            delivered = totals.delivered,
+            retried = totals.retried,
+            dead = totals.dead,
+            released = totals.released,
+            "dispatcher stopped cleanly"
+        );
+        Ok(Report { totals, drained })
+    }
+}
+
+/// The claim loop: claims while there is work and send slots to take it, and otherwise
+/// waits as [`Wakeup`] decides.
+struct ClaimLoop {
+    cfg: Config,
+    session: Session,
+    send: SendSide,
+    wake: Arc<Notify>,
+    metrics: Arc<Metrics>,
+}
+
+impl ClaimLoop {
+    async fn run(&mut self, shutdown: &CancellationToken) {
+        let mut wakeup = Wakeup::new(self.cfg.listen, self.cfg.poll_interval);
+        let mut action = Action::Claim;
+        loop {
+            action = match action {
+                Action::Claim => match self.claim(&mut wakeup, shutdown).await {
+                    Some(next) => next,
+                    None => return,
+                },
+                Action::Arm => {
+                    if let Err(e) = self.session.arm().await {
+                        tracing::warn!(error = %e, "arming the doorbell failed");
+                    }
+                    wakeup.armed()
+                }
+                Action::ReadNextDue => match self.session.next_due().await {
+                    Ok(due) => wakeup.next_due(due),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the next due time failed");
+                        wakeup.next_due(None)
+                    }
+                },
+                Action::Pause(duration) | Action::Backoff(duration) => {
+                    wakeup.woke(self.pause(duration, shutdown).await)
+                }
+                Action::Sleep {
+                    duration,
+                    poll_tick,
+                } => {
+                    let wake = self.pause(duration, shutdown).await;
+                    if wake == Wake::Timer && poll_tick {
+                        self.metrics.poll_tick();
+                    }
+                    wakeup.woke(wake)
+                }
+                Action::Stop => return,
+            };
+        }
+    }
+
+    /// Claims as many deliveries as the send slots can take and hands them to the send
+    /// side; returns what to do next, or `None` on shutdown.
+    async fn claim(&mut self, wakeup: &mut Wakeup, shutdown: &CancellationToken) -> Option<Action> {
+        let free = self.send.wait_for_capacity(shutdown).await?;
+        if !self.send.wait_while_settle_stalled(shutdown).await {
+            return None;
+        }
+        let want = self.send.claim_size(free);
+        let claimed_at = tokio::time::Instant::now();
+        let batch = match self
+            .session
+            .claim(&self.cfg.worker_id, self.cfg.lease, want)
+            .await
+        {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::warn!(error = %e, "claim failed; retrying");
+                return Some(wakeup.failed());
+            }
+        };
+        let got = batch.claimed.len();
+        let after = wakeup.claimed(got, want, batch.more, claimed_at);
+        if after.close_gate {
+            self.session.close_gate();
+        }
+        if got > 0 {
+            self.metrics.claim_batch_size.observe(got as f64);
+            tracing::info!(claimed = got, "batch claimed");
+            self.send
+                .dispatch(batch.claimed, claimed_at, shutdown)
+                .await;
+        }
+        Some(after.next)
+    }
+
+    /// Waits for `duration`, a wake-up or shutdown, whichever comes first.
+    async fn pause(&self, duration: Duration, shutdown: &CancellationToken) -> Wake {
+        tokio::select! {
+            _ = shutdown.cancelled() => Wake::Shutdown,
+            _ = self.wake.notified() => Wake::Woken,
+            _ = tokio::time::sleep(duration) => Wake::Timer,
+        }
+    }
+}
