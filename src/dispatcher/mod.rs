@@ -208,17 +208,18 @@ impl ClaimLoop {
                     Some(next) => next,
                     None => return,
                 },
-                Action::Arm => {
-                    if let Err(e) = self.session.arm().await {
-                        tracing::warn!(error = %e, "arming the doorbell failed");
+                Action::Arm => match self.session.arm().await {
+                    Ok(()) => wakeup.armed(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "arming the doorbell failed; retrying");
+                        wakeup.failed()
                     }
-                    wakeup.armed()
-                }
+                },
                 Action::ReadNextDue => match self.session.next_due().await {
                     Ok(due) => wakeup.next_due(due),
                     Err(e) => {
-                        tracing::warn!(error = %e, "reading the next due time failed");
-                        wakeup.next_due(None)
+                        tracing::warn!(error = %e, "reading the next due time failed; retrying");
+                        wakeup.failed()
                     }
                 },
                 Action::Pause(duration) | Action::Backoff(duration) => {

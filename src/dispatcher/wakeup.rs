@@ -10,6 +10,14 @@
 //! wakes closes the doorbell's gate with its next claim, so that while it is awake
 //! inserts do not call the ring function. A polling loop (no LISTEN) never arms, and
 //! closes the gate at most once per poll tick.
+//!
+//! The loop's view of the bell must never drift from the database's: a loop that
+//! sleeps believing the bell armed while a producer has already rung it hears nothing
+//! until the poll tick. So the loop believes the bell armed only from an arm that
+//! succeeded to the next sleep, and forgets it on any wake-up that was not its own
+//! timer (a notification, the listener's reconnect after notifications were lost) and
+//! on any failure (the claim, the arm, the next due time): each means arming again
+//! before the next sleep.
 
 use std::time::Duration;
 
@@ -31,7 +39,9 @@ pub(super) const RECHECKS: [Duration; 5] = [
     Duration::from_millis(25),
     Duration::from_millis(60),
 ];
-/// The pause after a first failure; it doubles with each failure that follows.
+/// The pause after a first failure; it doubles with each failure that follows, up to
+/// [`MAX_ERROR_DELAY`] or the poll interval, whichever is shorter: failing or not, the
+/// loop looks for work at least once per poll interval.
 pub(super) const FIRST_ERROR_DELAY: Duration = Duration::from_millis(100);
 /// The longest pause after failures.
 pub(super) const MAX_ERROR_DELAY: Duration = Duration::from_secs(5);
@@ -49,7 +59,7 @@ pub(super) enum Wake {
 }
 
 /// What the claim loop does next.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Action {
     /// Claim now, and report [`Wakeup::claimed`] or [`Wakeup::failed`].
     Claim,
@@ -80,16 +90,16 @@ pub(super) struct AfterClaim {
 }
 
 /// The loop's belief about the doorbell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Bell {
-    /// Not armed by this loop since it last slept or woke.
+    /// Not armed by this loop since it last slept, woke or failed.
     Unarmed,
     /// Armed by this loop, which has since looked again `rechecks` times.
     Armed { rechecks: usize },
 }
 
 /// The claim loop's decisions. Start with [`Action::Claim`].
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) struct Wakeup {
     listen: bool,
     poll_interval: Duration,
@@ -99,10 +109,11 @@ pub(super) struct Wakeup {
     close_gate: bool,
     /// When a polling loop last closed the gate.
     gate_closed_at: Option<Instant>,
-    /// The pause after the next failure.
+    /// The pause after the next failure. It grows while failures follow each other,
+    /// and starts over once the loop makes progress (a claim that took work, or a sleep
+    /// reached with the bell armed): a claim that succeeds between arms that fail does
+    /// not count as progress, or a failing arm would be retried at the first pause.
     error_delay: Duration,
-    /// A failure's pause is under way.
-    backing_off: bool,
 }
 
 impl Wakeup {
@@ -116,7 +127,6 @@ impl Wakeup {
             close_gate: false,
             gate_closed_at: None,
             error_delay: FIRST_ERROR_DELAY,
-            backing_off: false,
         }
     }
 
@@ -138,7 +148,9 @@ impl Wakeup {
             }
             due
         };
-        self.error_delay = FIRST_ERROR_DELAY;
+        if got > 0 {
+            self.error_delay = FIRST_ERROR_DELAY;
+        }
         // A full batch (or a full fan-out of events) means more is probably waiting:
         // claim again at once, whatever the mode.
         let next = if got as u64 >= u64::from(want) || more {
@@ -168,7 +180,7 @@ impl Wakeup {
         AfterClaim { close_gate, next }
     }
 
-    /// The doorbell is armed.
+    /// The doorbell is armed (the statement succeeded; a failed arm is a failure).
     pub(super) fn armed(&mut self) -> Action {
         self.bell = Bell::Armed { rechecks: 0 };
         Action::Claim
@@ -177,7 +189,10 @@ impl Wakeup {
     /// The next known work falls due in `due` (`None`: nothing is waiting): sleep until
     /// then, the poll tick or a wake-up, whichever comes first.
     pub(super) fn next_due(&mut self, due: Option<Duration>) -> Action {
+        // Belief in the arm ends with the sleep: after it, the loop arms again (only a
+        // read if the bell is still armed) before it sleeps once more.
         self.bell = Bell::Unarmed;
+        self.error_delay = FIRST_ERROR_DELAY;
         let duration = due.map_or(self.poll_interval, |due| {
             due.min(self.poll_interval).max(Duration::from_millis(1))
         });
@@ -187,24 +202,26 @@ impl Wakeup {
         }
     }
 
-    /// A claim failed.
+    /// A statement failed: the claim, the arm or reading the next due time, whatever
+    /// the error (a lost connection, a `lock_timeout` or `statement_timeout`, ...).
     pub(super) fn failed(&mut self) -> Action {
-        let delay = self.error_delay;
-        self.error_delay = (delay * 2).min(MAX_ERROR_DELAY);
-        self.backing_off = true;
+        // The bell's state is unknown (was the arm committed? did the connection's loss
+        // also cost the listener notifications?): arm again before sleeping.
+        self.bell = Bell::Unarmed;
+        let delay = self.error_delay.min(self.poll_interval);
+        self.error_delay = (self.error_delay * 2).min(MAX_ERROR_DELAY);
         Action::Backoff(delay)
     }
 
-    /// A pause or sleep ended.
+    /// A pause, sleep or backoff ended.
     pub(super) fn woke(&mut self, wake: Wake) -> Action {
-        let backing_off = std::mem::take(&mut self.backing_off);
         match wake {
             Wake::Shutdown => Action::Stop,
             Wake::Timer => Action::Claim,
-            Wake::Woken if backing_off => Action::Claim,
-            // A notification means a producer rang, and so disarmed, the doorbell: it
-            // must be armed again before the next sleep, or that sleep would last until
-            // the poll tick.
+            // A notification means a producer rang, and so disarmed, the doorbell; a
+            // reconnect, that rings may have gone unheard. Either way the bell must be
+            // armed again before the next sleep, or that sleep would last until the
+            // poll tick, whatever pause the wake-up ended.
             Wake::Woken => {
                 self.bell = Bell::Unarmed;
                 self.close_gate = self.listen;
@@ -377,21 +394,106 @@ mod tests {
         assert_eq!(w.woke(Wake::Shutdown), Action::Stop);
     }
 
+    /// The pauses of `n` failures in a row.
+    fn backoffs(w: &mut Wakeup, n: usize) -> Vec<u128> {
+        (0..n)
+            .map(|_| {
+                let Action::Backoff(pause) = w.failed() else {
+                    panic!("a failure backs off")
+                };
+                assert_eq!(w.woke(Wake::Timer), Action::Claim);
+                pause.as_millis()
+            })
+            .collect()
+    }
+
     #[test]
     fn failures_back_off_doubling_to_a_ceiling() {
+        let mut w = Wakeup::new(true, Duration::from_secs(3600));
+        assert_eq!(
+            backoffs(&mut w, 8),
+            [100, 200, 400, 800, 1600, 3200, 5000, 5000]
+        );
+        // Never longer than the poll interval: failing or not, the loop looks for work
+        // at least once per tick.
         let mut w = push();
-        let mut pauses = Vec::new();
-        for _ in 0..8 {
-            let Action::Backoff(pause) = w.failed() else {
-                panic!("a failure backs off")
-            };
-            pauses.push(pause.as_millis());
-            assert_eq!(w.woke(Wake::Timer), Action::Claim);
-        }
-        assert_eq!(pauses, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        // A claim that succeeds starts the schedule over.
-        claimed(&mut w, 0);
+        assert_eq!(backoffs(&mut w, 7), [100, 200, 400, 800, 1000, 1000, 1000]);
+    }
+
+    #[test]
+    fn progress_starts_the_backoff_over() {
+        let mut w = push();
+        backoffs(&mut w, 3);
+        // A claim that took work.
+        claimed(&mut w, 1);
+        assert_eq!(backoffs(&mut w, 1), [100]);
+        // A sleep reached with the bell armed.
+        arm_and_recheck(&mut w);
+        w.next_due(None);
+        w.woke(Wake::Timer);
+        assert_eq!(backoffs(&mut w, 1), [100]);
+        // Not an empty claim: between arms that fail, it would retry the arm at the
+        // first pause forever.
+        backoffs(&mut w, 2);
+        assert_eq!(empty(&mut w), Action::Arm);
+        assert_eq!(w.failed(), Action::Backoff(ms(800)));
+    }
+
+    /// The fault behind a push path lost after a connection loss: the listener's
+    /// reconnect wake-up arrived while the loop paused after a failed claim, and the
+    /// loop went on with its rechecks as if the bell were still armed, then slept on a
+    /// bell a producer had rung while nobody listened.
+    #[test]
+    fn a_wake_up_during_a_failures_pause_means_arming_again() {
+        let mut w = push();
+        assert_eq!(empty(&mut w), Action::Arm);
+        w.armed();
+        assert_eq!(empty(&mut w), Action::Pause(RECHECKS[0]));
+        w.woke(Wake::Timer);
         assert_eq!(w.failed(), Action::Backoff(FIRST_ERROR_DELAY));
+        assert_eq!(w.woke(Wake::Woken), Action::Claim);
+        // A producer's event, committed while the listener was down.
+        let after = claimed(&mut w, 1);
+        assert!(
+            after.close_gate,
+            "a wake-up is a wake-up, whatever pause it ended"
+        );
+        w.woke(Wake::Timer);
+        assert_eq!(empty(&mut w), Action::Arm);
+    }
+
+    #[test]
+    fn any_failure_means_arming_again() {
+        // A claim that fails in the middle of the rechecks, woken by its timer.
+        let mut w = push();
+        assert_eq!(empty(&mut w), Action::Arm);
+        w.armed();
+        empty(&mut w);
+        w.woke(Wake::Timer);
+        w.failed();
+        assert_eq!(w.woke(Wake::Timer), Action::Claim);
+        assert_eq!(empty(&mut w), Action::Arm);
+        // An arm that fails is not an arm.
+        assert_eq!(w.failed(), Action::Backoff(ms(200)));
+        assert_eq!(w.woke(Wake::Timer), Action::Claim);
+        assert_eq!(empty(&mut w), Action::Arm);
+        // Reading the next due time fails after the rechecks.
+        arm_and_recheck(&mut w);
+        assert!(matches!(w.failed(), Action::Backoff(_)));
+        assert_eq!(w.woke(Wake::Timer), Action::Claim);
+        assert_eq!(empty(&mut w), Action::Arm);
+    }
+
+    /// The listener wakes the loop after every (re)connect, since notifications sent
+    /// while it was down are lost: a wake-up like a notification.
+    #[test]
+    fn a_reconnect_while_asleep_means_arming_again() {
+        let mut w = push();
+        arm_and_recheck(&mut w);
+        w.next_due(None);
+        assert_eq!(w.woke(Wake::Woken), Action::Claim);
+        assert_eq!(empty(&mut w), Action::Arm);
+        assert_eq!(w.armed(), Action::Claim);
     }
 
     #[test]
@@ -438,5 +540,133 @@ mod tests {
         w.woke(Wake::Woken);
         assert!(claimed(&mut w, 100).close_gate);
         assert!(!claimed(&mut w, 100).close_gate);
+    }
+
+    /// What the search in [`every_reachable_state_keeps_the_bell_in_view`] tracks
+    /// beside the machine: what really happened since the loop last armed the bell.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    struct Seen {
+        /// An arm succeeded, with no wake-up, failure or sleep since.
+        armed: bool,
+        /// A claim succeeded since that arm.
+        looked_again: bool,
+    }
+
+    /// Every state the machine can reach, in either mode, from every answer the loop
+    /// can give to each action (a claim that is full, short, empty or fails; an arm
+    /// that succeeds or fails; a next due time, none, or a failure; a pause ended by
+    /// its timer or a wake-up). In each: a push-mode loop sleeps only with the bell
+    /// armed and looked at again since, with no wake-up or failure in between; a
+    /// polling loop never arms; no sleep or backoff outlasts the poll interval.
+    #[test]
+    fn every_reachable_state_keeps_the_bell_in_view() {
+        use std::collections::HashSet;
+        let at = Instant::now();
+        for listen in [true, false] {
+            let start = (
+                Wakeup::new(listen, POLL),
+                Action::Claim,
+                Seen {
+                    armed: false,
+                    looked_again: false,
+                },
+            );
+            let mut seen = HashSet::from([start.clone()]);
+            let mut todo = vec![start];
+            while let Some((w, action, model)) = todo.pop() {
+                let mut next = Vec::new();
+                match action {
+                    Action::Claim => {
+                        for (got, more) in [(100, false), (3, false), (0, true), (0, false)] {
+                            let mut w = w.clone();
+                            let action = w.claimed(got, 100, more, at).next;
+                            let model = Seen {
+                                looked_again: true,
+                                ..model
+                            };
+                            next.push((w, action, model));
+                        }
+                    }
+                    Action::Arm => {
+                        assert!(listen, "a polling loop must never arm");
+                        let mut armed = w.clone();
+                        let action = armed.armed();
+                        next.push((
+                            armed,
+                            action,
+                            Seen {
+                                armed: true,
+                                looked_again: false,
+                            },
+                        ));
+                    }
+                    Action::ReadNextDue => {
+                        for due in [None, Some(ms(20)), Some(POLL * 2)] {
+                            let mut w = w.clone();
+                            let action = w.next_due(due);
+                            let Action::Sleep { duration, .. } = action else {
+                                panic!("the next due time leads to a sleep: {action:?}")
+                            };
+                            assert!(duration <= POLL);
+                            if listen {
+                                assert!(
+                                    model.armed && model.looked_again,
+                                    "asleep on a bell not armed, or not looked at since: {model:?} {w:?}"
+                                );
+                            }
+                            next.push((
+                                w,
+                                action,
+                                Seen {
+                                    armed: false,
+                                    ..model
+                                },
+                            ));
+                        }
+                    }
+                    Action::Pause(_) | Action::Sleep { .. } | Action::Backoff(_) => {
+                        if let Action::Backoff(pause) = action {
+                            assert!(pause <= POLL.min(MAX_ERROR_DELAY));
+                        }
+                        let mut timer = w.clone();
+                        let action = timer.woke(Wake::Timer);
+                        next.push((timer, action, model));
+                        let mut woken = w.clone();
+                        let action = woken.woke(Wake::Woken);
+                        next.push((
+                            woken,
+                            action,
+                            Seen {
+                                armed: false,
+                                ..model
+                            },
+                        ));
+                        let mut stopped = w.clone();
+                        assert_eq!(stopped.woke(Wake::Shutdown), Action::Stop);
+                    }
+                    Action::Stop => unreachable!("only shutdown stops"),
+                }
+                // Any statement may fail.
+                if matches!(action, Action::Claim | Action::Arm | Action::ReadNextDue) {
+                    let mut failed = w.clone();
+                    let action = failed.failed();
+                    assert!(matches!(action, Action::Backoff(_)));
+                    next.push((
+                        failed,
+                        action,
+                        Seen {
+                            armed: false,
+                            ..model
+                        },
+                    ));
+                }
+                for state in next {
+                    if seen.insert(state.clone()) {
+                        todo.push(state);
+                    }
+                }
+            }
+            assert!(seen.len() > 20, "the search went nowhere: {}", seen.len());
+        }
     }
 }
