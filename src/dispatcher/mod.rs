@@ -40,6 +40,9 @@ use wakeup::{Action, Wake, Wakeup};
 
 /// How long the settler may keep trying to write the last outcomes at shutdown.
 const FINAL_SETTLE_BOUND: Duration = Duration::from_secs(10);
+/// How long a background task told to stop may take to do so once the outcomes are
+/// written; it had the drain's time already.
+const TASK_STOP_BOUND: Duration = Duration::from_secs(2);
 
 /// What a dispatcher did before it stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,30 +155,43 @@ impl Dispatcher {
             cfg,
         };
         claim_loop.run(&shutdown).await;
-        claim_loop.session.finish_gate_close().await;
-
-        let drained = shutdown::drain(
-            &claim_loop.send.tracker,
-            claim_loop.cfg.drain_timeout,
-            &claim_loop.send.abort,
-        )
-        .await;
-        // Every send task has finished and dropped its sender; dropping ours lets the
-        // settler flush the rest and stop.
-        drop(claim_loop);
-        let totals = match tokio::time::timeout(FINAL_SETTLE_BOUND, &mut settler).await {
-            Ok(totals) => totals,
-            Err(_) => {
-                settle_give_up.cancel();
-                settler.await
-            }
-        }
-        .unwrap_or_default();
+        // Nothing is woken or kept any more; both stop while the drain runs.
         listener_stop.cancel();
         housekeeping_stop.cancel();
-        let _ = housekeeping.await;
+        let ClaimLoop {
+            mut session,
+            send,
+            cfg,
+            ..
+        } = claim_loop;
+        session.finish_gate_close().await;
+
+        let drained = shutdown::drain(&send.tracker, cfg.drain_timeout, &send.abort).await;
+        // Every send task has finished and dropped its sender; dropping ours lets the
+        // settler flush the rest and stop.
+        drop(send);
+        let totals = match tokio::time::timeout(FINAL_SETTLE_BOUND, &mut settler).await {
+            Ok(totals) => totals.unwrap_or_default(),
+            Err(_) => {
+                settle_give_up.cancel();
+                // Giving up ends a flush; anything else it might wait on is cut short.
+                match tokio::time::timeout(TASK_STOP_BOUND, &mut settler).await {
+                    Ok(totals) => totals.unwrap_or_default(),
+                    Err(_) => {
+                        tracing::warn!("the settler did not stop in time at shutdown; aborted");
+                        settler.abort();
+                        SettleTotals::default()
+                    }
+                }
+            }
+        };
+        // Only now do the loop's connections go back to the pool: one may still run a
+        // statement abandoned at shutdown, and the settler's writes must not queue
+        // behind it.
+        drop(session);
+        stop_task(housekeeping, "housekeeping").await;
         if let Some(listener) = listener {
-            let _ = listener.await;
+            stop_task(listener, "listener").await;
         }
         tracing::info!(
             delivered = totals.delivered,
@@ -185,6 +201,20 @@ impl Dispatcher {
             "dispatcher stopped cleanly"
         );
         Ok(Report { totals, drained })
+    }
+}
+
+/// Waits for `task`, told to stop, for at most [`TASK_STOP_BOUND`], then aborts it:
+/// one of its statements may wait on a lock. Housekeeping's steps are safe to
+/// interrupt (each runs again at its next period), and the listener holds no work.
+async fn stop_task(task: tokio::task::JoinHandle<()>, name: &'static str) {
+    let abort = task.abort_handle();
+    if tokio::time::timeout(TASK_STOP_BOUND, task).await.is_err() {
+        tracing::warn!(
+            task = name,
+            "a task did not stop in time at shutdown; aborted"
+        );
+        abort.abort();
     }
 }
 
@@ -199,45 +229,60 @@ struct ClaimLoop {
 }
 
 impl ClaimLoop {
+    /// Runs until `shutdown`. Every wait in it ends on shutdown, statements included
+    /// (see [`session`]).
     async fn run(&mut self, shutdown: &CancellationToken) {
         let mut wakeup = Wakeup::new(self.cfg.listen, self.cfg.poll_interval);
         let mut action = Action::Claim;
-        loop {
-            action = match action {
-                Action::Claim => match self.claim(&mut wakeup, shutdown).await {
-                    Some(next) => next,
-                    None => return,
-                },
-                Action::Arm => match self.session.arm().await {
-                    Ok(()) => wakeup.armed(),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "arming the doorbell failed; retrying");
-                        wakeup.failed()
-                    }
-                },
-                Action::ReadNextDue => match self.session.next_due().await {
-                    Ok(due) => wakeup.next_due(due),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the next due time failed; retrying");
-                        wakeup.failed()
-                    }
-                },
-                Action::Pause(duration) | Action::Backoff(duration) => {
-                    wakeup.woke(self.pause(duration, shutdown).await)
-                }
-                Action::Sleep {
-                    duration,
-                    poll_tick,
-                } => {
-                    let wake = self.pause(duration, shutdown).await;
-                    if wake == Wake::Timer && poll_tick {
-                        self.metrics.poll_tick();
-                    }
-                    wakeup.woke(wake)
-                }
-                Action::Stop => return,
-            };
+        // A statement that ended after shutdown (a claim whose rows were handed back)
+        // still yields an action: none is started.
+        while !shutdown.is_cancelled() {
+            match self.step(action, &mut wakeup, shutdown).await {
+                Some(next) => action = next,
+                None => return,
+            }
         }
+    }
+
+    /// Does `action` and tells `wakeup` how it went; returns what follows, or `None` on
+    /// shutdown.
+    async fn step(
+        &mut self,
+        action: Action,
+        wakeup: &mut Wakeup,
+        shutdown: &CancellationToken,
+    ) -> Option<Action> {
+        Some(match action {
+            Action::Claim => return self.claim(wakeup, shutdown).await,
+            Action::Arm => match self.session.arm(shutdown).await? {
+                Ok(()) => wakeup.armed(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "arming the doorbell failed; retrying");
+                    wakeup.failed()
+                }
+            },
+            Action::ReadNextDue => match self.session.next_due(shutdown).await? {
+                Ok(due) => wakeup.next_due(due),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the next due time failed; retrying");
+                    wakeup.failed()
+                }
+            },
+            Action::Pause(duration) | Action::Backoff(duration) => {
+                wakeup.woke(self.pause(duration, shutdown).await)
+            }
+            Action::Sleep {
+                duration,
+                poll_tick,
+            } => {
+                let wake = self.pause(duration, shutdown).await;
+                if wake == Wake::Timer && poll_tick {
+                    self.metrics.poll_tick();
+                }
+                wakeup.woke(wake)
+            }
+            Action::Stop => return None,
+        })
     }
 
     /// Claims as many deliveries as the send slots can take and hands them to the send
@@ -251,8 +296,8 @@ impl ClaimLoop {
         let claimed_at = tokio::time::Instant::now();
         let batch = match self
             .session
-            .claim(&self.cfg.worker_id, self.cfg.lease, want)
-            .await
+            .claim(&self.cfg.worker_id, self.cfg.lease, want, shutdown)
+            .await?
         {
             Ok(batch) => batch,
             Err(e) => {
@@ -263,7 +308,7 @@ impl ClaimLoop {
         let got = batch.claimed.len();
         let after = wakeup.claimed(got, want, batch.more, claimed_at);
         if after.close_gate {
-            self.session.close_gate();
+            self.session.close_gate(shutdown);
         }
         if got > 0 {
             self.metrics.claim_batch_size.observe(got as f64);
