@@ -1,8 +1,19 @@
 //! The send side: claimed deliveries into a bounded number of send slots, each send's
 //! outcome to the settler, and what is not sent handed back.
+//!
+//! A send task always ends with an outcome for its delivery, a panic included: a panic
+//! that unwound out of the task would leave the delivery leased with no outcome, to be
+//! claimed again at every lease's end, its attempt count climbing with no attempt
+//! recorded. A panic is recorded instead as an attempt that failed with
+//! [`ErrorKind::Internal`], and the delivery ends `dead`: a bug does not heal by
+//! retrying, and an operator can re-drive the delivery after an upgrade.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use futures_util::FutureExt as _;
 
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
@@ -11,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::claim::Claimed;
 use crate::config::Config;
-use crate::deliver::{AttemptResult, Delivery, ErrorKind, Sender};
+use crate::deliver::{Attempt, AttemptResult, Delivery, ErrorKind, Sender};
 use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::retry::{RetryPolicy, Verdict};
 use crate::settle::{Next, Outcome};
@@ -25,10 +36,27 @@ const SCARCE_SLOTS_FOR: Duration = Duration::from_secs(10);
 /// How long the claim loop waits for more send slots when fewer than a useful number
 /// are free (see [`SendSide::wait_for_capacity`]).
 const CAPACITY_WAIT: Duration = Duration::from_millis(2);
+/// The error recorded for an attempt that panicked. The panic's own message is kept
+/// nowhere: it may quote whatever the panicking code held, a payload or a secret
+/// included (a string slicing panic quotes the string).
+const PANICKED: &str = "the attempt panicked: a bug in outboxd, not in the endpoint;      re-drive the delivery after upgrading";
+
+/// Makes one HTTP attempt: the real [`Sender`] in production, and in tests an attempt
+/// that fails in a chosen way (a panic, say).
+pub(super) trait Attempter: Send + Sync + 'static {
+    /// Attempts `delivery` once.
+    fn attempt(&self, delivery: &Delivery) -> impl Future<Output = Attempt> + Send;
+}
+
+impl Attempter for Sender {
+    fn attempt(&self, delivery: &Delivery) -> impl Future<Output = Attempt> + Send {
+        self.send(delivery)
+    }
+}
 
 /// Send slots, send tasks and the way to the settler.
-pub(super) struct SendSide {
-    sender: Arc<Sender>,
+pub(super) struct SendSide<A: Attempter = Sender> {
+    sender: Arc<A>,
     policy: RetryPolicy,
     batch_size: u32,
     concurrency: u32,
@@ -47,11 +75,11 @@ pub(super) struct SendSide {
     scarce_until: Option<Instant>,
 }
 
-impl SendSide {
+impl<A: Attempter> SendSide<A> {
     /// `cfg.concurrency` send slots, sending with `sender`, outcomes to `settle_tx`.
     pub(super) fn new(
         cfg: &Config,
-        sender: Sender,
+        sender: A,
         settle_tx: mpsc::Sender<Outcome>,
         settle_stalled: watch::Receiver<bool>,
         metrics: Arc<Metrics>,
@@ -306,21 +334,21 @@ fn may_send_after_waiting(waited: Duration, http_timeout: Duration, lease: Durat
 }
 
 /// One delivery's send: the attempt, its verdict, its outcome queued for the settler.
-struct SendTask {
-    sender: Arc<Sender>,
+struct SendTask<A> {
+    sender: Arc<A>,
     policy: RetryPolicy,
     abort: CancellationToken,
     settle_tx: mpsc::Sender<Outcome>,
     metrics: Arc<Metrics>,
 }
 
-impl SendTask {
+impl<A: Attempter> SendTask<A> {
     async fn run(self, delivery: Delivery) {
         self.metrics.inflight_add(1);
         let (next, record) = tokio::select! {
             biased;
             _ = self.abort.cancelled() => (Next::Release, None),
-            attempt = self.sender.send(&delivery) => {
+            attempt = self.attempt(&delivery) => {
                 let tries = u32::try_from(delivery.tries).unwrap_or(1).max(1);
                 let verdict = self.policy.decide(tries, &attempt.result, rand::random());
                 if verdict == Verdict::Dead {
@@ -357,6 +385,34 @@ impl SendTask {
                     endpoint_id = delivery.endpoint_id,
                     "an outcome could not be queued before the drain ended; the delivery comes back when its lease runs out"
                 );
+            }
+        }
+    }
+
+    /// The attempt, or, if it panicked, an attempt that failed with
+    /// [`ErrorKind::Internal`], started when the panic was caught (the clock is not
+    /// read for every attempt to date a rare failure).
+    async fn attempt(&self, delivery: &Delivery) -> Attempt {
+        // The attempt's future is made inside the caught future too: an attempter may
+        // panic before its future first runs.
+        let attempt = async { self.sender.attempt(delivery).await };
+        match AssertUnwindSafe(attempt).catch_unwind().await {
+            Ok(attempt) => attempt,
+            Err(_panic) => {
+                tracing::error!(
+                    event_id = delivery.event_id,
+                    endpoint_id = delivery.endpoint_id,
+                    attempt = delivery.attempt,
+                    "a send panicked (a bug in outboxd); the delivery is dead, re-drive it after upgrading"
+                );
+                Attempt {
+                    started_at: SystemTime::now(),
+                    duration: Duration::ZERO,
+                    result: AttemptResult::Failed {
+                        kind: ErrorKind::Internal,
+                        message: PANICKED.to_owned(),
+                    },
+                }
             }
         }
     }
@@ -398,5 +454,111 @@ fn reason(result: &AttemptResult) -> String {
     match result {
         AttemptResult::Response { status, .. } => format!("HTTP {status}"),
         AttemptResult::Failed { kind, .. } => kind.as_str().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Event 13's attempt panics once it runs, quoting what it held; event 15's panics
+    /// before its future exists; every other is answered 200.
+    struct Buggy;
+
+    impl Attempter for Buggy {
+        fn attempt(&self, delivery: &Delivery) -> impl Future<Output = Attempt> + Send {
+            let (event_id, payload) = (delivery.event_id, delivery.payload.clone());
+            if event_id == 15 {
+                panic!("cannot build the request for {payload}");
+            }
+            async move {
+                if event_id == 13 {
+                    panic!("cannot sign {payload}");
+                }
+                Attempt {
+                    started_at: SystemTime::now(),
+                    duration: Duration::ZERO,
+                    result: AttemptResult::Response {
+                        status: 200,
+                        retry_after: None,
+                        excerpt: String::new(),
+                    },
+                }
+            }
+        }
+    }
+
+    const PAYLOAD: &str = r#"{"card":"4242 4242 4242 4242"}"#;
+
+    fn delivery(event_id: i64) -> Claimed {
+        Claimed::Send(Delivery {
+            event_id,
+            endpoint_id: 7,
+            attempt: 1,
+            event_type: "order.created".into(),
+            payload: PAYLOAD.into(),
+            created_at: SystemTime::now(),
+            url: "http://127.0.0.1:9/hook".into(),
+            secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+            previous_secret: None,
+            tries: 1,
+        })
+    }
+
+    /// Sends `claimed` through a send side of two slots and returns the outcomes by
+    /// event, once every send task has ended, with the send side.
+    async fn send(claimed: Vec<Claimed>) -> (Vec<Outcome>, SendSide<Buggy>, Arc<Metrics>) {
+        let cfg = Config {
+            concurrency: 2,
+            batch_size: 10,
+            ..Config::default()
+        };
+        let (settle_tx, mut settle_rx) = mpsc::channel(16);
+        let (_stalled, stalled_rx) = watch::channel(false);
+        let metrics = Arc::new(Metrics::default());
+        let mut side = SendSide::new(&cfg, Buggy, settle_tx, stalled_rx, Arc::clone(&metrics));
+        let n = claimed.len();
+        side.dispatch(claimed, Instant::now(), &CancellationToken::new())
+            .await;
+        side.tracker.close();
+        side.tracker.wait().await;
+        let mut outcomes = Vec::new();
+        settle_rx.recv_many(&mut outcomes, n + 1).await;
+        outcomes.sort_by_key(|o| o.event_id);
+        (outcomes, side, metrics)
+    }
+
+    #[tokio::test]
+    async fn a_send_that_panics_ends_dead_with_a_reason_and_frees_its_slot() {
+        let claimed = [12, 13, 14, 15, 16].map(delivery).into();
+        let (outcomes, side, metrics) = send(claimed).await;
+        let events: Vec<i64> = outcomes.iter().map(|o| o.event_id).collect();
+        assert_eq!(events, [12, 13, 14, 15, 16], "one outcome per delivery");
+        for outcome in &outcomes {
+            let record = outcome.record.as_ref().expect("an attempt is recorded");
+            if matches!(outcome.event_id, 13 | 15) {
+                assert_eq!(outcome.next, Next::Verdict(Verdict::Dead), "{outcome:?}");
+                assert_eq!(
+                    record.result,
+                    AttemptResult::Failed {
+                        kind: ErrorKind::Internal,
+                        message: PANICKED.to_owned(),
+                    }
+                );
+                // What the settler stores for the attempt and the delivery.
+                assert_eq!(ErrorKind::Internal.as_str(), "internal");
+                let (status, error) = crate::settle::summarize(&record.result);
+                assert_eq!(status, None);
+                assert!(error.is_some_and(|e| e.starts_with("internal: ")));
+            } else {
+                assert_eq!(outcome.next, Next::Verdict(Verdict::Delivered));
+            }
+            // Neither the payload nor the panic's message is kept.
+            assert!(!format!("{outcome:?}").contains("4242"), "{outcome:?}");
+        }
+        // Every slot is free again, and the panics count as dead deliveries.
+        assert_eq!(side.permits.available_permits(), 2);
+        assert_eq!(metrics.deliveries_total(DeliveryOutcome::Dead), 2);
+        assert_eq!(metrics.deliveries_total(DeliveryOutcome::Delivered), 3);
     }
 }
