@@ -54,11 +54,40 @@ pub struct Report {
 }
 
 /// A webhook dispatcher. Any number may run against one database.
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output shows where it connects without the password.
+#[derive(Clone)]
 pub struct Dispatcher {
     database_url: String,
     config: Config,
     metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("database", &shown_database_url(&self.database_url))
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection string as it may be shown: a URL without its password and its query
+/// (where libpq parameters such as `sslpassword` may be), any other form not at all,
+/// since its `password=` could be written in several ways.
+fn shown_database_url(database_url: &str) -> String {
+    match url::Url::parse(database_url) {
+        Ok(mut url) if matches!(url.scheme(), "postgres" | "postgresql") => {
+            if url.password().is_some() {
+                // Fails only for URLs that cannot have a password, which this has.
+                let _ = url.set_password(Some("redacted"));
+            }
+            url.set_query(None);
+            url.set_fragment(None);
+            url.to_string()
+        }
+        _ => "(a key=value connection string, not shown)".to_owned(),
+    }
 }
 
 impl Dispatcher {
@@ -327,5 +356,35 @@ impl ClaimLoop {
             _ = self.wake.notified() => Wake::Woken,
             _ = tokio::time::sleep(duration) => Wake::Timer,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn debug(database_url: &str) -> String {
+        let dispatcher = Dispatcher::new(database_url, Config::default()).unwrap();
+        format!("{dispatcher:?}")
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let shown = debug(
+            "postgres://app:hunter2@db.example:5433/orders?sslmode=require&sslpassword=hunter3",
+        );
+        assert!(
+            shown.contains("postgres://app:redacted@db.example:5433/orders"),
+            "{shown}"
+        );
+        for secret in ["hunter2", "hunter3"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        let shown = debug("postgresql://app:hun%40ter2@db.example/orders");
+        assert!(!shown.contains("hun"), "{shown}");
+        let shown = debug("host=db.example password=hunter2 dbname=orders");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let shown = debug("postgres://db.example/orders");
+        assert!(shown.contains("postgres://db.example/orders"), "{shown}");
     }
 }
