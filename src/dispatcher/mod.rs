@@ -247,6 +247,21 @@ async fn stop_task(task: tokio::task::JoinHandle<()>, name: &'static str) {
     }
 }
 
+/// After a statement of the claim loop failed: logs it and backs off, or at shutdown
+/// (when the failure is most likely the statement's cancel) stops.
+fn failed(
+    wakeup: &mut Wakeup,
+    shutdown: &CancellationToken,
+    what: &str,
+    e: &crate::Error,
+) -> Option<Action> {
+    if shutdown.is_cancelled() {
+        return None;
+    }
+    tracing::warn!(error = %e, "{what} failed; retrying");
+    Some(wakeup.failed())
+}
+
 /// The claim loop: claims while there is work and send slots to take it, and otherwise
 /// waits as [`Wakeup`] decides.
 struct ClaimLoop {
@@ -285,17 +300,11 @@ impl ClaimLoop {
             Action::Claim => return self.claim(wakeup, shutdown).await,
             Action::Arm => match self.session.arm(shutdown).await? {
                 Ok(()) => wakeup.armed(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "arming the doorbell failed; retrying");
-                    wakeup.failed()
-                }
+                Err(e) => return failed(wakeup, shutdown, "arming the doorbell", &e),
             },
             Action::ReadNextDue => match self.session.next_due(shutdown).await? {
                 Ok(due) => wakeup.next_due(due),
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading the next due time failed; retrying");
-                    wakeup.failed()
-                }
+                Err(e) => return failed(wakeup, shutdown, "reading the next due time", &e),
             },
             Action::Pause(duration) | Action::Backoff(duration) => {
                 wakeup.woke(self.pause(duration, shutdown).await)
@@ -329,10 +338,7 @@ impl ClaimLoop {
             .await?
         {
             Ok(batch) => batch,
-            Err(e) => {
-                tracing::warn!(error = %e, "claim failed; retrying");
-                return Some(wakeup.failed());
-            }
+            Err(e) => return failed(wakeup, shutdown, "claiming", &e),
         };
         let got = batch.claimed.len();
         let after = wakeup.claimed(got, want, batch.more, claimed_at);

@@ -111,8 +111,9 @@ pub(super) struct Wakeup {
     gate_closed_at: Option<Instant>,
     /// The pause after the next failure. It grows while failures follow each other,
     /// and starts over once the loop makes progress (a claim that took work, or a sleep
-    /// reached with the bell armed): a claim that succeeds between arms that fail does
-    /// not count as progress, or a failing arm would be retried at the first pause.
+    /// reached without a failure, the bell armed in push mode): a claim that succeeds
+    /// between arms that fail does not count, or a failing arm would be retried after
+    /// the first, shortest pause every time.
     error_delay: Duration,
 }
 
