@@ -16,7 +16,9 @@ async fn private_targets_are_refused() {
     // The two the brief names, then spellings that reach the same loopback listener or
     // would on a looser guard: 0.0.0.0 connects to the local host on Linux, an
     // IPv4-mapped IPv6 literal reaches the IPv4 listener, the URL parser turns the
-    // decimal and short forms into 127.0.0.1.
+    // decimal and short forms into 127.0.0.1. Last, IPv6 forms that a translator on the
+    // path would forward into the local network: IPv4-translated (SIIT) and the local-use
+    // NAT64 prefix, which are refused before any connection is tried.
     let hosts = [
         "127.0.0.1",
         "localhost",
@@ -25,6 +27,9 @@ async fn private_targets_are_refused() {
         "[::1]",
         "2130706433",
         "127.1",
+        "[::ffff:0:7f00:1]",
+        "[64:ff9b:1::7f00:1]",
+        "[64:ff9b:1::808:808]",
     ];
     let mut endpoints = Vec::new();
     for host in hosts {
