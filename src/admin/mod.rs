@@ -51,8 +51,9 @@ use crate::db::Pool;
 pub struct AdminState {
     /// Connections for the queries; a small pool such as [`crate::db::admin_pool`].
     pub pool: Pool,
-    /// The bearer token every request must carry. An empty token refuses every
-    /// request.
+    /// The bearer token every request must carry, compared exactly (build the state
+    /// with [`AdminState::new`], which drops surrounding whitespace). An empty token
+    /// refuses every request.
     pub token: Arc<str>,
     /// After a secret rotation, how long the previous secret keeps signing beside the
     /// new one.
@@ -60,11 +61,17 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// Bundles the state.
+    /// Bundles the state. Surrounding whitespace is not part of the token (a token read
+    /// from a file usually ends in a newline that no client sends).
     pub fn new(pool: Pool, token: impl Into<Arc<str>>, rotation_grace: Duration) -> Self {
+        let token: Arc<str> = token.into();
+        let token = match token.trim() {
+            trimmed if trimmed.len() == token.len() => token,
+            trimmed => Arc::from(trimmed),
+        };
         Self {
             pool,
-            token: token.into(),
+            token,
             rotation_grace,
         }
     }

@@ -11,7 +11,10 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Receiver, Reply, RunningDispatcher, TestDb, WAIT, eventually, test_config};
+use crate::harness::{
+    Receiver, Reply, RunningDispatcher, Spawned, TestDb, WAIT, eventually, outboxd_command,
+    run_to_end, sigterm, test_config,
+};
 
 const TOKEN: &str = "test-admin-token-0123456789abcdef";
 const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -393,8 +396,104 @@ fn assert_schema(name: &str, value: &Value) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The real binary serving the admin API
+// ---------------------------------------------------------------------------------------
+
+/// `outboxd run` against `db` with the admin API on a free loopback port and
+/// `ADMIN_TOKEN` set to `token_env` exactly; returns the process and the API's base URL,
+/// read from its log once it serves.
+pub async fn start_binary_api(db: &TestDb, token_env: &str) -> (Spawned, String) {
+    let mut command = outboxd_command();
+    command
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env("ADMIN_ADDR", "127.0.0.1:0")
+        .env("ADMIN_TOKEN", token_env)
+        .env("LOG_FORMAT", "json")
+        .env("WEBHOOK_POLL_INTERVAL_MS", "200");
+    let outboxd = Spawned::start(command);
+    let mut bound = None;
+    eventually("the admin API serves", WAIT, || {
+        bound = outboxd.stderr().lines().find_map(|line| {
+            let line: Value = serde_json::from_str(line).ok()?;
+            let fields = &line["fields"];
+            let addr = fields["addr"].as_str()?;
+            (fields["message"] == json!("serving the admin API") && !addr.ends_with(":0"))
+                .then(|| addr.to_owned())
+        });
+        let found = bound.is_some();
+        async move { found }
+    })
+    .await;
+    let addr = bound.expect("the admin API's address");
+    (outboxd, format!("http://{addr}"))
+}
+
+/// Stops a binary started by [`start_binary_api`]; asserts a clean exit.
+pub async fn stop_binary(outboxd: Spawned) -> crate::harness::Finished {
+    sigterm(outboxd.pid());
+    let finished = outboxd.finish(Duration::from_secs(60)).await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    finished
+}
+
+// ---------------------------------------------------------------------------------------
 // The tests
 // ---------------------------------------------------------------------------------------
+
+/// The token is `ADMIN_TOKEN` without surrounding whitespace, for the length check and
+/// for the comparison alike: a token file's final newline does not lock everyone out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_from_a_file_with_a_newline_is_accepted() {
+    let db = TestDb::new("admin_token_trim").await;
+    let http = reqwest::Client::new();
+    for token_env in [format!("{TOKEN}\n"), format!("  {TOKEN}\r\n")] {
+        let (outboxd, base) = start_binary_api(&db, &token_env).await;
+        let ask = |authorization: String| {
+            http.get(format!("{base}/v1/stats"))
+                .header("authorization", authorization)
+                .send()
+        };
+        let ok = ask(format!("Bearer {TOKEN}"))
+            .await
+            .expect("the API answers");
+        assert_eq!(ok.status(), StatusCode::OK, "ADMIN_TOKEN={token_env:?}");
+        for wrong in [
+            format!("Bearer {TOKEN}x"),
+            format!("Bearer {}", &TOKEN[1..]),
+        ] {
+            let refused = ask(wrong.clone()).await.expect("the API answers");
+            assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "{wrong:?}");
+        }
+        let finished = stop_binary(outboxd).await;
+        assert!(
+            !finished.stderr.contains(TOKEN),
+            "the token appears in the log:\n{}",
+            finished.stderr
+        );
+    }
+
+    // What is left after trimming must still be a usable token: exit 2, naming the variable.
+    for token_env in [
+        "  short-token \n".to_owned(),
+        format!("{}\n\n\n\n\n\n\n\n\n\n\n\n", &TOKEN[..8]),
+        "0123456789 abcdef 0123456789".to_owned(),
+    ] {
+        let mut command = outboxd_command();
+        command
+            .arg("run")
+            .env("DATABASE_URL", &db.url)
+            .env("ADMIN_ADDR", "127.0.0.1:0")
+            .env("ADMIN_TOKEN", &token_env);
+        let finished = run_to_end(command).await;
+        assert_eq!(finished.code, Some(2), "{token_env:?}: {finished:?}");
+        assert!(
+            finished.stderr.contains("ADMIN_TOKEN"),
+            "{token_env:?}: {}",
+            finished.stderr
+        );
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_every_route_requires_the_token() {
