@@ -41,8 +41,8 @@ use rand::RngCore as _;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::time_format::parse_rfc3339;
 pub use error::ApiError;
+pub use input::parse_date_time;
 
 use crate::db::Pool;
 
