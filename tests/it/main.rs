@@ -7,6 +7,7 @@
 mod harness;
 
 mod admin;
+mod admin_contract;
 mod cli;
 mod cli_ops;
 mod concurrency;
