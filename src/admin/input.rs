@@ -11,14 +11,13 @@
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use regex::Regex;
-
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
+use regex::Regex;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -550,8 +549,23 @@ pub(super) fn check_url(url: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Event-type filters, each as [`FILTER_PATTERN`] says.
+/// Most event-type filters on one endpoint (through the API).
+pub(super) const MAX_FILTERS: usize = 100;
+/// Longest description, in characters (through the API).
+pub(super) const MAX_DESCRIPTION_CHARS: usize = 1000;
+
+/// Event-type filters: at most [`MAX_FILTERS`], each as [`FILTER_PATTERN`] says.
+///
+/// The bounds on filters, descriptions and URLs keep every body the document calls valid
+/// well under [`super::MAX_BODY_BYTES`] however it is encoded (12 bytes a character at
+/// worst), so a valid request is never refused for its size.
 pub(super) fn check_filters(filters: &[String]) -> Result<(), ApiError> {
+    if filters.len() > MAX_FILTERS {
+        return Err(ApiError::invalid_input(format!(
+            "event_types takes at most {MAX_FILTERS} filters, got {}",
+            filters.len()
+        )));
+    }
     for filter in filters {
         crate::endpoint::validate_filter(filter).map_err(crate::Error::from)?;
         if !matches(&FILTER_RE, filter) {
@@ -576,10 +590,16 @@ pub(super) fn check_secret(secret: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// A description: any text without NUL (PostgreSQL text cannot hold it).
+/// A description: up to [`MAX_DESCRIPTION_CHARS`] characters without NUL (PostgreSQL
+/// text cannot hold it).
 pub(super) fn check_description(description: &str) -> Result<(), ApiError> {
     if description.contains('\0') {
         return Err(ApiError::invalid_input("description must not contain NUL"));
+    }
+    if description.chars().count() > MAX_DESCRIPTION_CHARS {
+        return Err(ApiError::invalid_input(format!(
+            "description must be at most {MAX_DESCRIPTION_CHARS} characters"
+        )));
     }
     Ok(())
 }
@@ -709,6 +729,20 @@ mod tests {
             .pointer("/components/schemas/NewEndpoint/properties/url")
             .expect("url");
         assert_eq!(url["maxLength"], MAX_URL_CHARS);
+        for schema in ["NewEndpoint", "EndpointUpdate"] {
+            let properties = &doc["components"]["schemas"][schema]["properties"];
+            assert_eq!(
+                properties["event_types"]["maxItems"], MAX_FILTERS,
+                "{schema}"
+            );
+            assert_eq!(
+                properties["description"]["maxLength"], MAX_DESCRIPTION_CHARS,
+                "{schema}"
+            );
+        }
+        // The largest valid body, every character escaped at 12 bytes, fits the limit.
+        let worst = 12 * MAX_DESCRIPTION_CHARS + MAX_URL_CHARS + MAX_FILTERS * (257 + 3) + 1024;
+        assert!(worst < super::super::MAX_BODY_BYTES, "{worst}");
         let event_type = doc
             .pointer("/components/parameters/EventType/schema")
             .expect("event type");
@@ -1118,6 +1152,10 @@ mod tests {
         assert!(opt_event_type(Some("a\0b".into())).is_err());
         assert!(check_description("a\0b").is_err());
         assert!(check_description("").is_ok());
+        assert!(check_description(&"😀".repeat(1000)).is_ok());
+        assert!(check_description(&"a".repeat(1001)).is_err());
+        assert!(check_filters(&vec!["a".to_owned(); 100]).is_ok());
+        assert!(check_filters(&vec!["a".to_owned(); 101]).is_err());
     }
 
     #[test]

@@ -19,6 +19,10 @@
 //!   appears in a response only when it is created or rotated.
 //! * The routes are exactly [`ROUTES`], and `docs/openapi.json` describes exactly
 //!   those (checked by the integration tests).
+//! * The document is the contract for input: a request it describes as valid is never
+//!   refused as malformed, and every other request is a 400 (or a 413 past
+//!   [`MAX_BODY_BYTES`], which no valid body reaches). The unit tests of the input
+//!   checks and a schemathesis run in the integration tests hold the two together.
 //!
 //! The API is meant for a loopback or private address: it can read every payload and
 //! re-send any event.

@@ -862,6 +862,18 @@ async fn admin_bad_input_is_a_json_400() {
             "secret",
         ),
         (Method::PATCH, ep.clone(), json!([null, null]), "object"),
+        (
+            Method::PATCH,
+            ep.clone(),
+            json!({"description": "x".repeat(1001)}),
+            "description",
+        ),
+        (
+            Method::PATCH,
+            ep.clone(),
+            json!({"event_types": vec!["a"; 101]}),
+            "event_types",
+        ),
         (Method::PATCH, ep.clone(), json!(null), "object"),
         (
             Method::PATCH,

@@ -88,7 +88,10 @@ async fn admin_api_keeps_its_openapi_contract() {
     let work = concat!(env!("CARGO_TARGET_TMPDIR"), "/admin-contract");
     std::fs::create_dir_all(work).expect("a working directory");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/schemathesis.sh");
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/schemathesis.toml");
     let args = [
+        "--config-file".to_owned(),
+        config.to_owned(),
         "run".to_owned(),
         format!("{base}/openapi.json"),
         "--header".to_owned(),
