@@ -61,6 +61,12 @@ pub struct Config {
     pub dead_retention: Duration,
     /// An endpoint failing every attempt for this long is disabled.
     pub endpoint_disable_after: Duration,
+    /// `lock_timeout` of the dispatcher's sessions: no statement waits longer for a
+    /// lock (zero: no limit). A timed-out statement is retried like any failed one.
+    pub db_lock_timeout: Duration,
+    /// `statement_timeout` of the dispatcher's sessions (zero: no limit); must leave
+    /// room for a claim of a whole batch and a write of its outcomes.
+    pub db_statement_timeout: Duration,
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -84,6 +90,8 @@ impl Default for Config {
             retention: 72 * HOUR,
             dead_retention: 720 * HOUR,
             endpoint_disable_after: 120 * HOUR,
+            db_lock_timeout: Duration::from_millis(5_000),
+            db_statement_timeout: Duration::from_millis(30_000),
         }
     }
 }
@@ -176,6 +184,36 @@ impl Config {
             "WEBHOOK_ENDPOINT_DISABLE_AFTER_HOURS",
             self.endpoint_disable_after,
         )?;
+        // Zero turns a limit off, as in PostgreSQL; otherwise at least 100 ms, since a
+        // shorter wait would fail ordinary statements on a busy database.
+        let limit = |var, d: Duration, max| {
+            if !d.is_zero() {
+                range_ms(var, d, 100, max)?;
+            }
+            Ok::<_, ConfigError>(())
+        };
+        limit(
+            "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+            self.db_lock_timeout,
+            3_600_000,
+        )?;
+        limit(
+            "WEBHOOK_DB_STATEMENT_TIMEOUT_MS",
+            self.db_statement_timeout,
+            86_400_000,
+        )?;
+        if !self.db_statement_timeout.is_zero() && self.db_lock_timeout > self.db_statement_timeout
+        {
+            return Err(ConfigError::new(
+                "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+                format!(
+                    "must not exceed WEBHOOK_DB_STATEMENT_TIMEOUT_MS ({} ms), got {} ms; the \
+                     statement timeout would end the wait first",
+                    self.db_statement_timeout.as_millis(),
+                    self.db_lock_timeout.as_millis()
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -297,6 +335,22 @@ pub struct RunArgs {
         default_value_t = 120
     )]
     pub endpoint_disable_after_hours: u64,
+    /// Longest wait for a lock by any dispatcher statement, in milliseconds (its sessions' lock_timeout; 0: no limit)
+    #[arg(
+        long,
+        env = "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+        value_name = "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub db_lock_timeout_ms: u64,
+    /// Longest run of any dispatcher statement, in milliseconds (its sessions' statement_timeout; 0: no limit)
+    #[arg(
+        long,
+        env = "WEBHOOK_DB_STATEMENT_TIMEOUT_MS",
+        value_name = "WEBHOOK_DB_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub db_statement_timeout_ms: u64,
 }
 
 /// Hours as a `Duration` multiplier, saturating so absurd values fail validation
@@ -333,6 +387,8 @@ impl RunArgs {
             retention: HOUR.saturating_mul(hours(self.retention_hours)),
             dead_retention: HOUR.saturating_mul(hours(self.dead_retention_hours)),
             endpoint_disable_after: HOUR.saturating_mul(hours(self.endpoint_disable_after_hours)),
+            db_lock_timeout: Duration::from_millis(self.db_lock_timeout_ms),
+            db_statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
         };
         config.validate()?;
         Ok(config)
@@ -386,12 +442,56 @@ mod tests {
                 },
                 "WEBHOOK_POLL_INTERVAL_MS",
             ),
+            (
+                Config {
+                    db_lock_timeout: Duration::from_millis(5),
+                    ..Config::default()
+                },
+                "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+            ),
+            (
+                Config {
+                    db_statement_timeout: Duration::from_millis(50),
+                    ..Config::default()
+                },
+                "WEBHOOK_DB_STATEMENT_TIMEOUT_MS",
+            ),
+            (
+                Config {
+                    db_lock_timeout: Duration::from_secs(60),
+                    ..Config::default()
+                },
+                "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+            ),
         ];
         for (config, variable) in bad {
             let err = config.validate().unwrap_err();
             assert_eq!(err.variable, variable);
             assert!(err.to_string().contains(variable), "{err}");
         }
+    }
+
+    #[test]
+    fn database_limits_may_be_off() {
+        Config {
+            db_lock_timeout: Duration::ZERO,
+            db_statement_timeout: Duration::ZERO,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        Config {
+            db_statement_timeout: Duration::ZERO,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        Config {
+            db_lock_timeout: Duration::ZERO,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

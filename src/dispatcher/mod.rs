@@ -115,7 +115,9 @@ impl Dispatcher {
     /// logged and retried, and claiming stops while outcomes cannot be written.
     pub async fn run(self, shutdown: CancellationToken) -> Result<Report> {
         let cfg = self.config;
-        let pool = db::dispatcher_pool(&self.database_url, cfg.pool_size).await?;
+        // Every dispatcher session, pooled or LISTEN, comes from this connector.
+        let sessions = db::Connector::new(&self.database_url, db::Session::dispatcher(&cfg))?;
+        let pool = db::pool(&sessions, cfg.pool_size).await?;
         // Fail fast on an unreachable database rather than looping on warnings, and on
         // one that could not record what is delivered.
         settle::probe(&*pool.get().await?).await?;
@@ -125,7 +127,7 @@ impl Dispatcher {
         let listener_stop = CancellationToken::new();
         let listener = cfg.listen.then(|| {
             tokio::spawn(listener::run(
-                self.database_url.clone(),
+                sessions.clone(),
                 Arc::clone(&wake),
                 Arc::clone(&self.metrics),
                 listener_stop.clone(),
@@ -171,7 +173,7 @@ impl Dispatcher {
         );
 
         let mut claim_loop = ClaimLoop {
-            session: Session::new(pool),
+            session: Session::new(pool, sessions),
             send: SendSide::new(
                 &cfg,
                 sender,

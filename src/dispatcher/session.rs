@@ -13,19 +13,16 @@ use std::future::Future;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::claim;
-use crate::db::Pool;
+use crate::db::{Connector, Pool, PooledConnection as Conn};
 use crate::error::Result;
 
 /// How long a statement abandoned at shutdown may take to end once its cancel has been
 /// requested (normally a round trip).
 const CANCEL_BOUND: Duration = Duration::from_secs(2);
-
-type Conn =
-    bb8::PooledConnection<'static, bb8_postgres::PostgresConnectionManager<tokio_postgres::NoTls>>;
 
 /// The loop's connection, with the claim statement prepared on it.
 struct Prepared {
@@ -36,6 +33,8 @@ struct Prepared {
 /// The claim loop's connection and statements.
 pub(super) struct Session {
     pool: Pool,
+    /// The pool's connector: it sends cancel requests as it connects (TLS included).
+    connector: Connector,
     /// Given back to the pool after any error; a fresh one is prepared at the next claim.
     prepared: Option<Prepared>,
     /// Connections whose statement was abandoned at shutdown and did not end: kept out
@@ -48,9 +47,10 @@ pub(super) struct Session {
 }
 
 impl Session {
-    pub(super) fn new(pool: Pool) -> Self {
+    pub(super) fn new(pool: Pool, connector: Connector) -> Self {
         Self {
             pool,
+            connector,
             prepared: None,
             abandoned: Vec::new(),
             gate_closer: None,
@@ -66,22 +66,23 @@ impl Session {
         limit: u32,
         shutdown: &CancellationToken,
     ) -> Option<Result<claim::Batch>> {
-        let p = match self.open(shutdown).await? {
-            Ok(p) => p,
+        let (connector, p) = match self.open(shutdown).await? {
+            Ok(opened) => opened,
             Err(e) => return Some(Err(e)),
         };
         let claim = claim::claim_prepared(&p.conn, &p.claim, worker_id, lease, limit);
-        let batch = until_shutdown(&p.conn, shutdown, claim).await;
+        let batch = until_shutdown(connector, &p.conn, shutdown, claim).await;
         self.after(batch)
     }
 
     /// Arms the doorbell. `None` on shutdown.
     pub(super) async fn arm(&mut self, shutdown: &CancellationToken) -> Option<Result<()>> {
-        let p = match self.open(shutdown).await? {
-            Ok(p) => p,
+        let (connector, p) = match self.open(shutdown).await? {
+            Ok(opened) => opened,
             Err(e) => return Some(Err(e)),
         };
-        let armed = until_shutdown(&p.conn, shutdown, claim::arm_doorbell(&*p.conn)).await;
+        let armed =
+            until_shutdown(connector, &p.conn, shutdown, claim::arm_doorbell(&*p.conn)).await;
         self.after(armed)
     }
 
@@ -90,17 +91,20 @@ impl Session {
         &mut self,
         shutdown: &CancellationToken,
     ) -> Option<Result<Option<Duration>>> {
-        let p = match self.open(shutdown).await? {
-            Ok(p) => p,
+        let (connector, p) = match self.open(shutdown).await? {
+            Ok(opened) => opened,
             Err(e) => return Some(Err(e)),
         };
-        let due = until_shutdown(&p.conn, shutdown, claim::next_due(&*p.conn)).await;
+        let due = until_shutdown(connector, &p.conn, shutdown, claim::next_due(&*p.conn)).await;
         self.after(due)
     }
 
     /// The loop's connection, taken from the pool and the claim prepared on it if there
-    /// is none. `None` on shutdown.
-    async fn open(&mut self, shutdown: &CancellationToken) -> Option<Result<&Prepared>> {
+    /// is none, with the connector that cancels its statements. `None` on shutdown.
+    async fn open(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<(&Connector, &Prepared)>> {
         let prepared = match self.prepared.take() {
             Some(prepared) => prepared,
             None => {
@@ -109,7 +113,7 @@ impl Session {
                     Err(e) => return Some(Err(e.into())),
                 };
                 let prepare = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES);
-                match until_shutdown(&conn, shutdown, prepare).await {
+                match until_shutdown(&self.connector, &conn, shutdown, prepare).await {
                     Some(Ok(claim)) => Prepared { conn, claim },
                     Some(Err(e)) => return Some(Err(e.into())),
                     None => {
@@ -119,7 +123,7 @@ impl Session {
                 }
             }
         };
-        Some(Ok(self.prepared.insert(prepared)))
+        Some(Ok((&self.connector, self.prepared.insert(prepared))))
     }
 
     /// After a statement on the loop's connection: an error gives the connection back
@@ -146,6 +150,7 @@ impl Session {
             return;
         }
         let pool = self.pool.clone();
+        let connector = self.connector.clone();
         let shutdown = shutdown.clone();
         self.gate_closer = Some(tokio::spawn(async move {
             let conn = match until_cancelled(&shutdown, pool.get_owned()).await? {
@@ -156,7 +161,7 @@ impl Session {
                 }
             };
             let close = claim::close_doorbell_gate(&*conn);
-            match until_shutdown(&conn, &shutdown, close).await {
+            match until_shutdown(&connector, &conn, &shutdown, close).await {
                 Some(Ok(())) => None,
                 Some(Err(e)) => {
                     // Only an optimisation for producers: the next arm resets the gate.
@@ -193,10 +198,12 @@ async fn until_cancelled<T>(
 }
 
 /// Awaits `statement`, running on `client`, unless `shutdown` comes first: then asks the
-/// server to cancel it and waits at most [`CANCEL_BOUND`] more for it to end. The
+/// server to cancel it (through `connector`, which opened `client`) and waits at most
+/// [`CANCEL_BOUND`] more for it to end. The
 /// statement's result if it ended (a claim that committed must be handed back);
 /// `None` if it did not.
 async fn until_shutdown<T>(
+    connector: &Connector,
     client: &Client,
     shutdown: &CancellationToken,
     statement: impl Future<Output = T>,
@@ -211,7 +218,7 @@ async fn until_shutdown<T>(
     let ended = tokio::time::timeout(CANCEL_BOUND, async {
         // The cancel request goes over a connection of its own; if it cannot be sent
         // (the server is gone), the bound still ends the wait.
-        let mut cancel = std::pin::pin!(token.cancel_query(NoTls));
+        let mut cancel = std::pin::pin!(connector.cancel(&token));
         let mut cancelling = true;
         loop {
             tokio::select! {

@@ -4,9 +4,11 @@
 //! the harness needs `DATABASE_URL` pointing at a PostgreSQL superuser, and creates a
 //! database per test.
 
+mod cluster;
 mod harness;
 
 mod admin;
+mod admin_contract;
 mod cli;
 mod cli_ops;
 mod concurrency;
@@ -21,8 +23,10 @@ mod plans;
 mod producer;
 mod retention;
 mod retries;
+mod sessions;
 mod settling;
 mod shutdown;
 mod signing;
 mod ssrf;
+mod tls;
 mod wakeups;

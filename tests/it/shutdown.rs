@@ -227,6 +227,15 @@ async fn wait_while_locked(db: &TestDb, sql: &str) {
     eventually(sql, WAIT, || db.scalar::<bool>(sql)).await
 }
 
+/// A test configuration whose sessions wait for locks without limit: the drain must be
+/// bounded without a `lock_timeout`.
+fn no_lock_timeout(label: &str) -> outboxd::Config {
+    outboxd::Config {
+        db_lock_timeout: Duration::ZERO,
+        ..test_config(label)
+    }
+}
+
 /// A producer holding the doorbell's row in an idle transaction makes the claim loop's
 /// arm wait for the lock. SIGTERM must still end the process within its drain bound,
 /// and the arm it gave up must be cancelled in the server, not left to wait there.
@@ -240,7 +249,10 @@ async fn sigterm_ends_while_an_arm_waits_for_the_doorbell() {
         .await
         .unwrap();
 
-    let outboxd = Spawned::start(run_command(&db, 1_000));
+    // No lock_timeout: the drain must be bounded without one.
+    let mut command = run_command(&db, 1_000);
+    command.env("WEBHOOK_DB_LOCK_TIMEOUT_MS", "0");
+    let outboxd = Spawned::start(command);
     wait_while_locked(&db, &waiting_for_a_lock("SET armed = true")).await;
     sigterm(outboxd.pid());
     let finished = outboxd.finish(Duration::from_secs(20)).await;
@@ -263,7 +275,7 @@ async fn shutdown_ends_while_a_claim_waits_for_a_lock() {
     let db = TestDb::new("stopclaim").await;
     let receiver = Receiver::start().await;
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
-    let dispatcher = RunningDispatcher::start(&db.url, test_config("stopclaim"));
+    let dispatcher = RunningDispatcher::start(&db.url, no_lock_timeout("stopclaim"));
     db.wait_until("SELECT armed FROM webhook_doorbell").await;
 
     let mut operator = db.connect().await;
@@ -306,7 +318,7 @@ async fn shutdown_ends_while_an_outcome_waits_for_a_row_lock() {
     receiver.always("/hook", Reply::ok().delay(Duration::from_millis(1_000)));
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
     let event_id = db.enqueue("order.created", &json!({})).await;
-    let dispatcher = RunningDispatcher::start(&db.url, test_config("stopsettle"));
+    let dispatcher = RunningDispatcher::start(&db.url, no_lock_timeout("stopsettle"));
     receiver.wait_for(1).await;
 
     let mut operator = db.connect().await;

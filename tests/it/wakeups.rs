@@ -505,28 +505,27 @@ async fn push_survives_losing_every_connection() {
 }
 
 /// An arm that fails is not an arm. Here it times out on the doorbell's row, which a
-/// producer holds in an idle transaction (`lock_timeout` set for the database): the
-/// claim loop must retry it, not sleep as if the bell were armed, or nothing is pushed
-/// once the producer lets go.
+/// producer holds in an idle transaction: the claim loop must retry it, not sleep as if
+/// the bell were armed, or nothing is pushed once the producer lets go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_arm_is_retried() {
     let db = TestDb::new("armfails").await;
     let receiver = Receiver::start().await;
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
-    db.client
-        .batch_execute(&format!(
-            "ALTER DATABASE {} SET lock_timeout = '100ms'",
-            db.name
-        ))
-        .await
-        .unwrap();
     let mut producer = db.connect().await;
     let tx = producer.transaction().await.unwrap();
     tx.execute("SELECT * FROM webhook_doorbell FOR UPDATE", &[])
         .await
         .unwrap();
 
-    let dispatcher = push_only(&db.url, "armfails");
+    let dispatcher = RunningDispatcher::start(
+        &db.url,
+        outboxd::Config {
+            poll_interval: ONE_HOUR,
+            db_lock_timeout: Duration::from_millis(100),
+            ..test_config("armfails")
+        },
+    );
     db.wait_until(&format!("SELECT count(*) = 1 FROM ({LISTENER_PIDS}) l"))
         .await;
     // Long enough for arms to time out (the first one comes at once).

@@ -26,7 +26,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// Every setting is an environment variable with a matching --flag; run
 /// `outboxd run --help` for the dispatcher's settings and their defaults.
-#[derive(Debug, Parser)]
+// No Debug: it holds DATABASE_URL, password included, and endpoint secrets.
+#[derive(Parser)]
 #[command(name = "outboxd", version, about, long_about = None)]
 struct Cli {
     /// PostgreSQL connection string (URL or key=value form)
@@ -45,7 +46,8 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+// No Debug: `endpoint add` and `rotate-secret` carry a secret.
+#[derive(Subcommand)]
 enum Command {
     /// Create or upgrade the schema and the notify trigger (safe to repeat, and to run from several processes at once)
     Migrate,
