@@ -134,6 +134,10 @@ pub enum ErrorKind {
     InvalidEndpoint,
     /// Anything else on the wire (reset, protocol error).
     Network,
+    /// The attempt failed inside outboxd (its send task panicked): a bug, not the
+    /// endpoint's fault. Terminal: retrying would meet the same bug; re-drive the
+    /// delivery after upgrading.
+    Internal,
 }
 
 impl ErrorKind {
@@ -145,6 +149,7 @@ impl ErrorKind {
             Self::RefusedTarget => "refused_target",
             Self::InvalidEndpoint => "invalid_endpoint",
             Self::Network => "network",
+            Self::Internal => "internal",
         }
     }
 }

@@ -175,6 +175,7 @@ fn main() -> ExitCode {
     };
     let json_logs = cli.log_format == "json";
     init_logging(&cli.log_format);
+    log_panics_without_their_message();
     let (threads, serving) = match &cli.command {
         Command::Run { serve, .. } => (serve.worker_threads, true),
         _ => (None, false),
@@ -228,6 +229,23 @@ fn init_logging(format: &str) {
     } else {
         builder.init();
     }
+}
+
+/// Replaces the default panic output, which prints the panic's message: a message may
+/// quote whatever the panicking code held, a webhook payload or a secret included (a
+/// string slicing panic quotes the string). Where it happened is enough to find the
+/// bug; the dispatcher records a send that panics as `internal` and goes on.
+fn log_panics_without_their_message() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        tracing::error!(
+            location,
+            "panicked (the message is not logged: it may quote a payload or a secret)"
+        );
+    }));
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
