@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use rand::seq::SliceRandom as _;
 use tokio_postgres::config::SslMode as DriverSslMode;
-use tokio_postgres::{Client, Connection, Socket};
+use tokio_postgres::{CancelToken, Client, Connection, Socket};
 
 pub use conninfo::{ConnInfo, ConnInfoError, SslMode};
 pub use session::Session;
@@ -282,6 +282,12 @@ impl Connector {
             }
         }
         Err(last.expect("a connection string has at least one target"))
+    }
+
+    /// Asks the server to cancel the statement running on the connection `token` was
+    /// taken from, over a connection of its own made as that one was (TLS included).
+    pub async fn cancel(&self, token: &CancelToken) -> Result<(), tokio_postgres::Error> {
+        token.cancel_query(self.tls.clone()).await
     }
 
     /// Opens a connection driven by a background task that ends with it.

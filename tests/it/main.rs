@@ -8,6 +8,7 @@ mod cluster;
 mod harness;
 
 mod admin;
+mod admin_contract;
 mod cli;
 mod cli_ops;
 mod concurrency;

@@ -11,7 +11,7 @@ use outboxd::{Config, ConfigError, Dispatcher, db, schema, shutdown, status};
 use tokio_util::sync::CancellationToken;
 
 /// Settings of the servers that run beside the dispatcher.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct ServeArgs {
     /// Serve /metrics, /healthz and /readyz on this address (off when unset); a bare port such as 9090 means 127.0.0.1:9090
     #[arg(long, env = "METRICS_ADDR", value_name = "METRICS_ADDR", value_parser = parse_addr)]
@@ -19,7 +19,7 @@ pub struct ServeArgs {
     /// Serve the admin API on this address (off when unset); a bare port such as 8080 means 127.0.0.1:8080
     #[arg(long, env = "ADMIN_ADDR", value_name = "ADMIN_ADDR", value_parser = parse_addr)]
     pub admin_addr: Option<SocketAddr>,
-    /// Bearer token the admin API requires (at least 16 characters); required when ADMIN_ADDR is set
+    /// Bearer token the admin API requires: at least 16 printable ASCII characters, no spaces (surrounding whitespace, such as a file's final newline, is not part of it); required when ADMIN_ADDR is set
     #[arg(
         long,
         env = "ADMIN_TOKEN",
@@ -51,16 +51,70 @@ pub fn parse_grace(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected a duration such as 24h)"))
 }
 
+/// The token is never shown: only whether one is set.
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field("metrics_addr", &self.metrics_addr)
+            .field("admin_addr", &self.admin_addr)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("secret_rotation_grace", &self.secret_rotation_grace)
+            .field("worker_threads", &self.worker_threads)
+            .finish()
+    }
+}
+
 /// [`ServeArgs`] checked as a whole.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Serve {
     metrics_addr: Option<SocketAddr>,
+    /// The admin API's address and its token, trimmed.
     admin: Option<(SocketAddr, String)>,
     rotation_grace: Duration,
 }
 
+/// The token is never shown.
+impl std::fmt::Debug for Serve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serve")
+            .field("metrics_addr", &self.metrics_addr)
+            .field("admin_addr", &self.admin.as_ref().map(|(addr, _)| addr))
+            .field("rotation_grace", &self.rotation_grace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fewest characters an admin token may have.
+const MIN_TOKEN_CHARS: usize = 16;
+
+/// What `ADMIN_TOKEN` means: the value without surrounding whitespace (a token read from
+/// a file usually ends in a newline, which no client sends). What is left must be one
+/// bearer credential a client can send as it is: printable ASCII without spaces.
+fn admin_token(raw: &str) -> Result<String, ConfigError> {
+    let refuse = |message: &str| ConfigError {
+        variable: "ADMIN_TOKEN",
+        message: message.to_owned(),
+    };
+    let token = raw.trim();
+    if token.len() < MIN_TOKEN_CHARS {
+        return Err(refuse(
+            "must be at least 16 characters, not counting surrounding whitespace",
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(refuse(
+            "must be printable ASCII without spaces (it is sent in an Authorization header)",
+        ));
+    }
+    Ok(token.to_owned())
+}
+
 impl ServeArgs {
-    /// Checks that the admin API has a usable token when it is on.
+    /// Checks that the admin API has a usable token when it is on, and settles what the
+    /// token is (see [`admin_token`]): the admin API compares requests with exactly that.
     pub fn validate(self) -> Result<Serve, ConfigError> {
         let admin = match (self.admin_addr, self.admin_token) {
             (None, _) => None,
@@ -70,13 +124,7 @@ impl ServeArgs {
                     message: "is required when ADMIN_ADDR is set".to_owned(),
                 });
             }
-            (Some(_), Some(token)) if token.trim().len() < 16 => {
-                return Err(ConfigError {
-                    variable: "ADMIN_TOKEN",
-                    message: "must be at least 16 characters".to_owned(),
-                });
-            }
-            (Some(addr), Some(token)) => Some((addr, token)),
+            (Some(addr), Some(token)) => Some((addr, admin_token(&token)?)),
         };
         Ok(Serve {
             metrics_addr: self.metrics_addr,
@@ -186,4 +234,52 @@ pub async fn run(
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_token_is_the_trimmed_value() {
+        let token = "0123456789abcdef-token";
+        for raw in [
+            token.to_owned(),
+            format!("{token}\n"),
+            format!("{token}\r\n"),
+            format!("  {token}\t "),
+        ] {
+            assert_eq!(admin_token(&raw).unwrap(), token, "{raw:?}");
+        }
+        for (raw, word) in [
+            ("", "16"),
+            ("short-token\n\n\n\n\n\n\n", "16"),
+            ("                        ", "16"),
+            ("0123456789 abcdef-token", "printable"),
+            ("0123456789abcdef-tökén", "printable"),
+            ("0123456789abcdef\0token", "printable"),
+        ] {
+            let e = admin_token(raw).unwrap_err();
+            assert_eq!(e.variable, "ADMIN_TOKEN");
+            assert!(e.message.contains(word), "{raw:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_token() {
+        let secret = "0123456789abcdef-token";
+        let args = ServeArgs {
+            metrics_addr: None,
+            admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            admin_token: Some(secret.to_owned()),
+            secret_rotation_grace: Duration::from_secs(60),
+            worker_threads: None,
+        };
+        let shown = format!("{args:?}");
+        assert!(!shown.contains(secret), "{shown}");
+        let serve = args.validate().unwrap();
+        let shown = format!("{serve:?} {serve:#?}");
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("127.0.0.1:8080"), "{shown}");
+    }
 }
