@@ -323,5 +323,6 @@ pub fn signal(pid: u32, name: &str) {
         .arg(format!("-{name}"))
         .arg(pid.to_string())
         .stdin(Stdio::null())
+        .stderr(Stdio::null())
         .status();
 }

@@ -104,13 +104,7 @@ impl<'a> Prober<'a> {
         let waited = PROBE_BOUND.max(poll + Duration::from_secs(5));
         let deadline = Instant::now() + waited;
         let latency = loop {
-            let arrived = self
-                .receiver
-                .records()
-                .iter()
-                .find(|r| r.event_id == Some(id) && r.fate.processed())
-                .map(|r| r.at_ms);
-            if let Some(at) = arrived {
+            if let Some(at) = self.receiver.processed_at(id) {
                 break Some(Duration::from_millis(at.saturating_sub(committed)));
             }
             if Instant::now() > deadline {

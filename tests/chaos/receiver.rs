@@ -174,6 +174,18 @@ impl Receiver {
         }
     }
 
+    /// When event `event_id` was first processed at any endpoint (ms), if it was.
+    pub fn processed_at(&self, event_id: i64) -> Option<u64> {
+        self.state
+            .records
+            .lock()
+            .expect("records")
+            .iter()
+            .filter(|r| r.event_id == Some(event_id) && r.fate.processed())
+            .map(|r| r.at_ms)
+            .min()
+    }
+
     /// Everything received so far.
     pub fn records(&self) -> Vec<Rec> {
         self.state.records.lock().expect("records").clone()
