@@ -16,8 +16,9 @@ use crate::target::{ForbiddenTarget, GuardedResolver, is_forbidden};
 /// Bytes of a response body kept for inspection; the rest is never read.
 pub const EXCERPT_BYTES: usize = 1024;
 
-/// A claimed delivery, with everything needed to send it.
-#[derive(Debug, Clone)]
+/// A claimed delivery, with everything needed to send it. Its `Debug` output shows ids,
+/// the event type and sizes, never the payload, the URL or a secret.
+#[derive(Clone)]
 pub struct Delivery {
     /// The event's id; also the `webhook-id` header, identical on every retry and
     /// every endpoint, so consumers can deduplicate.
@@ -44,6 +45,26 @@ pub struct Delivery {
     pub tries: i32,
 }
 
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("event_id", &self.event_id)
+            .field("endpoint_id", &self.endpoint_id)
+            .field("attempt", &self.attempt)
+            .field("event_type", &self.event_type)
+            .field("payload_bytes", &self.payload.len())
+            .field("created_at", &self.created_at)
+            .field("url_bytes", &self.url.len())
+            .field("secret", &"<redacted>")
+            .field(
+                "previous_secret",
+                &self.previous_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("tries", &self.tries)
+            .finish()
+    }
+}
+
 impl Delivery {
     /// The request body: `{"id", "type", "timestamp", "data"}` with the payload verbatim.
     pub fn body(&self) -> String {
@@ -56,8 +77,9 @@ impl Delivery {
     }
 }
 
-/// What an attempt produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an attempt produced. Its `Debug` output gives the excerpt's length, not the
+/// receiver's words.
+#[derive(Clone, PartialEq, Eq)]
 pub enum AttemptResult {
     /// The receiver answered (any status).
     Response {
@@ -77,6 +99,28 @@ pub enum AttemptResult {
     },
 }
 
+impl std::fmt::Debug for AttemptResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Response {
+                status,
+                retry_after,
+                excerpt,
+            } => f
+                .debug_struct("Response")
+                .field("status", status)
+                .field("retry_after", retry_after)
+                .field("excerpt_bytes", &excerpt.len())
+                .finish(),
+            Self::Failed { kind, message } => f
+                .debug_struct("Failed")
+                .field("kind", kind)
+                .field("message", message)
+                .finish(),
+        }
+    }
+}
+
 /// Why an attempt produced no answer. Stored as `error_kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -90,6 +134,10 @@ pub enum ErrorKind {
     InvalidEndpoint,
     /// Anything else on the wire (reset, protocol error).
     Network,
+    /// The attempt failed inside outboxd (its send task panicked): a bug, not the
+    /// endpoint's fault. Terminal: retrying would meet the same bug; re-drive the
+    /// delivery after upgrading.
+    Internal,
 }
 
 impl ErrorKind {
@@ -101,6 +149,7 @@ impl ErrorKind {
             Self::RefusedTarget => "refused_target",
             Self::InvalidEndpoint => "invalid_endpoint",
             Self::Network => "network",
+            Self::Internal => "internal",
         }
     }
 }
@@ -116,8 +165,8 @@ pub struct Attempt {
     pub result: AttemptResult,
 }
 
-/// Sends webhooks over one shared keep-alive connection pool.
-#[derive(Debug)]
+/// Sends webhooks over one shared keep-alive connection pool. Its `Debug` output leaves
+/// out the endpoint URLs it has parsed.
 pub struct Sender {
     client: reqwest::Client,
     allow_private: bool,
@@ -125,6 +174,16 @@ pub struct Sender {
     /// same few URLs, and parsing each one again (IDNA host processing included) was
     /// ~6% of the dispatcher's CPU in a profile of a burst.
     urls: Mutex<HashMap<String, reqwest::Url>>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cached = self.urls.lock().map_or(0, |urls| urls.len());
+        f.debug_struct("Sender")
+            .field("allow_private", &self.allow_private)
+            .field("cached_urls", &cached)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Most URLs [`Sender`] keeps parsed; the cache starts over when it is full.

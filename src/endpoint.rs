@@ -70,8 +70,9 @@ pub struct EndpointUpdate {
     pub active: Option<bool>,
 }
 
-/// What registering an endpoint takes.
-#[derive(Debug, Clone, Default)]
+/// What registering an endpoint takes. Its `Debug` output leaves out the secret and
+/// the URL (which may carry a token of the consumer's).
+#[derive(Clone, Default)]
 pub struct NewEndpoint {
     /// `http` or `https` URL with a host.
     pub url: String,
@@ -81,6 +82,17 @@ pub struct NewEndpoint {
     pub secret: Option<String>,
     /// Free text for operators.
     pub description: String,
+}
+
+impl std::fmt::Debug for NewEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewEndpoint")
+            .field("url_bytes", &self.url.len())
+            .field("event_types", &self.event_types)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("description", &self.description)
+            .finish()
+    }
 }
 
 /// Checks an endpoint URL: absolute `http`/`https` with a host, no credentials (they

@@ -733,3 +733,119 @@ async fn snapshot_isolated_producers_wake_every_sleeping_dispatcher() {
     second.stop().await;
     assert_eq!(receiver.count(), sent);
 }
+
+/// Every backend of the test database whose session outboxd opened (its pool and its
+/// listener).
+const OUTBOXD_BACKENDS: &str = "SELECT pid FROM pg_stat_activity
+     WHERE application_name LIKE 'outboxd%' AND datname = current_database()";
+
+/// Terminates every backend of the dispatcher, as a PostgreSQL restart or a network cut
+/// would; returns how many there were.
+async fn terminate_outboxd_backends(db: &TestDb) -> i64 {
+    db.scalar(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM ({OUTBOXD_BACKENDS}) b"
+    ))
+    .await
+}
+
+/// Commits `n` events one by one, `every` apart, on a connection of its own.
+fn produce(db: &TestDb, n: i32, every: Duration) -> tokio::task::JoinHandle<()> {
+    let url = db.url.clone();
+    tokio::spawn(async move {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("producer connection");
+        tokio::spawn(connection);
+        for i in 0..n {
+            outboxd::enqueue(
+                &client,
+                &outboxd::NewEvent::new("order.created", &json!({ "i": i })),
+            )
+            .await
+            .expect("enqueue");
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
+/// After a connection loss the claim loop must arm the doorbell again before it sleeps:
+/// with a poll tick an hour away, an unarmed bell means no later insert is delivered.
+/// Every backend of the dispatcher is terminated, in turn while it sleeps and while
+/// events keep arriving, and a producer commits while the listener is down (its ring is
+/// lost: only the listener's reconnect can bring the claim loop to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_survives_losing_every_connection() {
+    let db = TestDb::new("pushloss").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let dispatcher = push_only(&db.url, "pushloss");
+    let listening = format!("SELECT count(*) = 1 FROM ({LISTENER_PIDS}) l");
+
+    let mut sent = 0;
+    for round in 0..6 {
+        db.wait_until(&listening).await;
+        db.wait_until(ARMED).await;
+        if round % 2 == 0 {
+            // Asleep on the bell: the fault, then an event while the listener is down.
+            assert!(terminate_outboxd_backends(&db).await > 0);
+            db.enqueue("order.created", &json!({ "round": round }))
+                .await;
+            sent += 1;
+        } else {
+            // Busy: events keep arriving through the fault.
+            let producer = produce(&db, 20, Duration::from_millis(10));
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            assert!(terminate_outboxd_backends(&db).await > 0);
+            producer.await.unwrap();
+            sent += 20;
+        }
+        db.wait_all_in_state(sent, "delivered").await;
+
+        // The loop's view of the bell did not drift from the database's: it armed the
+        // bell again before sleeping, so the next insert is pushed.
+        db.wait_until(&listening).await;
+        db.wait_until(ARMED).await;
+        db.enqueue("order.paid", &json!({ "round": round })).await;
+        sent += 1;
+        db.wait_all_in_state(sent, "delivered").await;
+    }
+    dispatcher.stop().await;
+}
+
+/// An arm that fails is not an arm. Here it times out on the doorbell's row, which a
+/// producer holds in an idle transaction: the claim loop must retry it, not sleep as if
+/// the bell were armed, or nothing is pushed once the producer lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_arm_is_retried() {
+    let db = TestDb::new("armfails").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let mut producer = db.connect().await;
+    let tx = producer.transaction().await.unwrap();
+    tx.execute("SELECT * FROM webhook_doorbell FOR UPDATE", &[])
+        .await
+        .unwrap();
+
+    let dispatcher = RunningDispatcher::start(
+        &db.url,
+        outboxd::Config {
+            poll_interval: ONE_HOUR,
+            db_lock_timeout: Duration::from_millis(100),
+            ..test_config("armfails")
+        },
+    );
+    db.wait_until(&format!("SELECT count(*) = 1 FROM ({LISTENER_PIDS}) l"))
+        .await;
+    // Long enough for arms to time out (the first one comes at once).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(!db.scalar::<bool>(ARMED).await);
+    tx.commit().await.unwrap();
+
+    db.wait_until(ARMED).await;
+    let event_id = db.enqueue("order.created", &json!({})).await;
+    db.wait_all_in_state_within(1, "delivered", Duration::from_secs(10))
+        .await;
+    dispatcher.stop().await;
+    let ids: Vec<i64> = receiver.requests().iter().map(|r| r.event_id()).collect();
+    assert_eq!(ids, [event_id]);
+}

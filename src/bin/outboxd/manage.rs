@@ -18,7 +18,8 @@ use crate::run::parse_grace;
 /// not dead).
 const NOTHING_DONE: u8 = 4;
 
-#[derive(Debug, Subcommand)]
+// No Debug: `add` and `rotate-secret` carry a secret.
+#[derive(Subcommand)]
 pub enum EndpointCommand {
     /// Register an endpoint; prints its id and signing secret (shown only here)
     Add {
