@@ -316,8 +316,7 @@ async fn serializable_producers_with_a_snapshot_before_a_ring() {
 
 /// A database whose `default_transaction_isolation` is `serializable`: producers that
 /// just `BEGIN` run serializable. They connect as a producer role with only the grants
-/// the README lists. The dispatcher's sessions must run at READ COMMITTED; until the
-/// dispatcher sets that itself, a setting for its role in this database does.
+/// the README lists; the dispatcher sets READ COMMITTED on its own sessions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producers_in_a_serializable_database() {
     let db = TestDb::new("ser_db").await;
@@ -331,9 +330,7 @@ async fn producers_in_a_serializable_database() {
         .batch_execute(&format!(
             "CREATE ROLE {role} LOGIN PASSWORD '{password}';
              GRANT INSERT, SELECT (id) ON webhook_outbox TO {role};
-             ALTER DATABASE {name} SET default_transaction_isolation = 'serializable';
-             ALTER ROLE CURRENT_USER IN DATABASE {name}
-                 SET default_transaction_isolation = 'read committed';",
+             ALTER DATABASE {name} SET default_transaction_isolation = 'serializable';",
             name = db.name
         ))
         .await
