@@ -54,7 +54,14 @@ impl Serialize for DeliveryId {
 
 /// The states a delivery can be in, as filters accept them. `inflight` is `pending`
 /// with a live lease.
-pub const DELIVERY_STATES: &[&str] = &["pending", "inflight", "delivered", "dead", "parked"];
+pub const DELIVERY_STATES: &[&str] = &[
+    "pending",
+    "inflight",
+    "delivered",
+    "dead",
+    "parked",
+    "discarded",
+];
 
 /// Checks a page size: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
 pub fn page_size(limit: Option<u32>) -> Result<u32> {
@@ -120,7 +127,7 @@ pub struct DeliveryView {
     pub endpoint_id: i64,
     /// The event's type.
     pub event_type: String,
-    /// pending, inflight, delivered, dead or parked.
+    /// pending, inflight, delivered, dead, parked or discarded.
     pub state: String,
     /// Attempts made so far.
     pub attempts: i32,

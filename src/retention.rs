@@ -4,8 +4,8 @@
 //!
 //! Pruning walks the outbox from its oldest id in small batches, each its own short
 //! transaction, so it never holds long locks or pins vacuum. It only deletes final rows
-//! (`delivered`, `dead`): pending, in-flight and parked work is never touched, nor an
-//! event that has not been fanned out.
+//! (`delivered`, `discarded`, `dead`): pending, in-flight and parked work is never
+//! touched, nor an event that has not been fanned out.
 
 use std::time::{Duration, Instant};
 
@@ -34,12 +34,13 @@ pub const NEXT_EVENTS: &str = "SELECT id, created_at < now() - $3 * interval '1 
     LIMIT $2";
 
 /// Deletes the batch's final deliveries that are past retention, then their attempts.
-/// `$2`/`$3` are the delivered/dead retentions in milliseconds.
+/// `$2`/`$3` are the delivered/dead retentions in milliseconds; a discarded delivery is
+/// kept as long as a delivered one.
 pub const DELETE_DELIVERIES: &str = "
 WITH gone AS (
     DELETE FROM webhook_deliveries
     WHERE event_id = ANY ($1::bigint[])
-      AND ((state = 'delivered' AND updated_at < now() - $2 * interval '1 millisecond')
+      AND ((state IN ('delivered', 'discarded') AND updated_at < now() - $2 * interval '1 millisecond')
         OR (state = 'dead' AND updated_at < now() - $3 * interval '1 millisecond'))
     RETURNING event_id, endpoint_id
 ), attempts AS (

@@ -25,6 +25,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_settle_function.sql",
         include_str!("../sql/0005_settle_function.sql"),
     ),
+    (
+        "0006_isolation_and_endpoint_health.sql",
+        include_str!("../sql/0006_isolation_and_endpoint_health.sql"),
+    ),
 ];
 
 /// Serializes concurrent `migrate` runs across processes: any constant works as

@@ -197,6 +197,44 @@ pub(super) async fn rotate_secret(
     .into_response())
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EnableEndpoint {
+    #[serde(default)]
+    discard_backlog: bool,
+}
+
+#[derive(Serialize)]
+struct Enabled {
+    resumed: u64,
+    discarded: u64,
+}
+
+/// Enables an endpoint: its parked deliveries resume, or with `discard_backlog` become
+/// `discarded` instead, in the statement that enables it.
+pub(super) async fn enable_endpoint(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+    OptionalJsonBody(body): OptionalJsonBody<EnableEndpoint>,
+) -> Handled {
+    let id = parse_id("endpoint id", &id)?;
+    let conn = state.pool.get().await?;
+    let enabled = if body.discard_backlog {
+        let discarded = endpoint::enable_discarding_backlog(&*conn, id).await?;
+        Enabled {
+            resumed: 0,
+            discarded,
+        }
+    } else {
+        let resumed = endpoint::enable(&*conn, id).await?;
+        Enabled {
+            resumed,
+            discarded: 0,
+        }
+    };
+    Ok(Json(enabled).into_response())
+}
+
 #[derive(Serialize)]
 struct OneDelivery {
     delivery_id: DeliveryId,
