@@ -110,6 +110,7 @@ impl From<Error> for ApiError {
             | Error::Pool(_)
             | Error::CannotSettle(_)
             | Error::Migration { .. }
+            | Error::MigrationChanged { .. }
             | Error::HttpClient(_) => {
                 tracing::error!(error = %e, "admin API request failed");
                 Self::internal()
