@@ -28,8 +28,8 @@ pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Re
         .await?;
     let mut disabled = Vec::with_capacity(rows.len());
     for row in rows {
-        let id: i64 = row.get(0);
-        let since: SystemTime = row.get(1);
+        let id: i64 = row.try_get("id")?;
+        let since: SystemTime = row.try_get("failing_since")?;
         let reason = format!(
             "failing every attempt since {}",
             humantime::format_rfc3339_seconds(since)

@@ -55,6 +55,8 @@ pub mod schema;
 pub mod settle;
 pub mod shutdown;
 pub mod sign;
+#[cfg(test)]
+mod sql_check;
 pub mod status;
 pub mod target;
 pub mod time_format;

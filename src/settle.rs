@@ -42,7 +42,7 @@ pub const LINGER: Duration = Duration::from_millis(15);
 /// are recorded either way, and repeating a flush after an ambiguous connection error
 /// is harmless.
 pub const SETTLE: &str = "SELECT webhook_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
+    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) AS settled";
 
 /// What to write for one delivery.
 #[derive(Debug, Clone)]
@@ -216,7 +216,7 @@ async fn flush_on(
         (&c.failing, Type::INT8_ARRAY),
     ];
     let row = client.query_typed_one(SETTLE, &params).await?;
-    let settled: i64 = row.get(0);
+    let settled: i64 = row.try_get("settled")?;
     Ok(settled as u64)
 }
 
