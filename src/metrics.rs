@@ -199,17 +199,8 @@ impl Metrics {
         }
         if let Ok(mut map) = self.per_endpoint.write() {
             // Another thread may have added it, or filled the map, meanwhile.
-            let len = map.len();
-            match map.get(&endpoint_id) {
-                Some(counts) => {
-                    counts[i].fetch_add(1, Ordering::Relaxed);
-                }
-                None if len < MAX_LABELLED_ENDPOINTS => {
-                    let counts: [AtomicU64; 4] = Default::default();
-                    counts[i].store(1, Ordering::Relaxed);
-                    map.insert(endpoint_id, counts);
-                }
-                None => {}
+            if map.len() < MAX_LABELLED_ENDPOINTS || map.contains_key(&endpoint_id) {
+                map.entry(endpoint_id).or_default()[i].fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -404,66 +395,68 @@ impl Collector for Snapshot {
                 labelled_counter(&mut family, &labels, counts[outcome as usize])?;
             }
         }
-        histogram(
-            e,
-            "outboxd_attempt_duration_seconds",
-            "Duration of each HTTP attempt.",
-            &self.attempt_duration,
-        )?;
-        histogram(
-            e,
-            "outboxd_commit_to_delivery_seconds",
-            "From the event's creation (its transaction's start) to a 2xx from the endpoint.",
-            &self.commit_to_delivery,
-        )?;
-        histogram(
-            e,
-            "outboxd_claim_batch_size",
-            "Deliveries claimed per claim statement.",
-            &self.claim_batch_size,
-        )?;
-        gauge(
-            e,
-            "outboxd_inflight_requests",
-            "HTTP requests in flight.",
-            self.inflight,
-        )?;
-        gauge(
-            e,
-            "outboxd_listener_connected",
-            "1 while the LISTEN session is up.",
-            i64::from(self.listener_connected),
-        )?;
-        counter(
-            e,
-            "outboxd_listener_reconnects",
-            "Times the LISTEN session was re-established after a loss.",
-            self.listener_reconnects,
-        )?;
-        counter(
-            e,
-            "outboxd_notifications",
-            "Notifications received on the LISTEN session.",
-            self.notifications,
-        )?;
-        counter(
-            e,
-            "outboxd_poll_ticks",
-            "Times the poll tick (not a notification) woke the claim loop.",
-            self.poll_ticks,
-        )?;
-        counter(
-            e,
-            "outboxd_endpoints_disabled",
-            "Endpoints disabled automatically (410 Gone or failing too long).",
-            self.endpoints_disabled,
-        )?;
-        counter(
-            e,
-            "outboxd_settle_failures",
-            "Flushes of outcomes the database could not take; claiming stops until one succeeds.",
-            self.settle_failures,
-        )?;
+        for (name, help, h) in [
+            (
+                "outboxd_attempt_duration_seconds",
+                "Duration of each HTTP attempt.",
+                &self.attempt_duration,
+            ),
+            (
+                "outboxd_commit_to_delivery_seconds",
+                "From the event's creation (its transaction's start) to a 2xx from the endpoint.",
+                &self.commit_to_delivery,
+            ),
+            (
+                "outboxd_claim_batch_size",
+                "Deliveries claimed per claim statement.",
+                &self.claim_batch_size,
+            ),
+        ] {
+            histogram(e, name, help, h)?;
+        }
+        for (name, help, value) in [
+            (
+                "outboxd_inflight_requests",
+                "HTTP requests in flight.",
+                self.inflight,
+            ),
+            (
+                "outboxd_listener_connected",
+                "1 while the LISTEN session is up.",
+                i64::from(self.listener_connected),
+            ),
+        ] {
+            gauge(e, name, help, value)?;
+        }
+        for (name, help, value) in [
+            (
+                "outboxd_listener_reconnects",
+                "Times the LISTEN session was re-established after a loss.",
+                self.listener_reconnects,
+            ),
+            (
+                "outboxd_notifications",
+                "Notifications received on the LISTEN session.",
+                self.notifications,
+            ),
+            (
+                "outboxd_poll_ticks",
+                "Times the poll tick (not a notification) woke the claim loop.",
+                self.poll_ticks,
+            ),
+            (
+                "outboxd_endpoints_disabled",
+                "Endpoints disabled automatically (410 Gone or failing too long).",
+                self.endpoints_disabled,
+            ),
+            (
+                "outboxd_settle_failures",
+                "Flushes of outcomes the database could not take; claiming stops until one succeeds.",
+                self.settle_failures,
+            ),
+        ] {
+            counter(e, name, help, value)?;
+        }
         if let Some(queue) = &self.queue {
             let mut family = e.encode_descriptor(
                 "outboxd_queue_depth",
