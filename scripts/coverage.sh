@@ -27,10 +27,13 @@ out=target/coverage
 mkdir -p "$out"
 
 cargo llvm-cov clean --workspace
+# A failing test still leaves a report of what ran; the exit status is the tests'.
+status=0
 PG_FAST=1 scripts/with-postgres.sh cargo llvm-cov --no-report --locked \
-    --lib --bins --tests -- --test-threads="${TEST_THREADS:-6}"
+    --lib --bins --tests -- --test-threads="${TEST_THREADS:-6}" || status=$?
 
 cargo llvm-cov report --ignore-filename-regex "$ignore" --summary-only
 cargo llvm-cov report --ignore-filename-regex "$ignore" --lcov --output-path "$out/lcov.info"
 cargo llvm-cov report --ignore-filename-regex "$ignore" --html --output-dir "$out"
 echo "coverage: $out/lcov.info, $out/html/index.html"
+exit "$status"
