@@ -48,6 +48,7 @@ pub mod inspect;
 pub mod listener;
 pub mod metrics;
 pub mod outbox;
+pub mod pooler;
 pub mod redrive;
 pub mod retention;
 pub mod retry;
@@ -57,6 +58,7 @@ pub mod shutdown;
 pub mod sign;
 #[cfg(test)]
 mod sql_check;
+pub mod startup;
 pub mod status;
 pub mod target;
 pub mod time_format;

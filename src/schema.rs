@@ -167,17 +167,18 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
 /// Fails with [`Error::MigrationChanged`] when an applied file's recorded checksum
 /// differs from this build's (a file recorded without one is not checked: see the
 /// module's documentation). Reads only, so a dispatcher role with SELECT on
-/// `outboxd_migrations` can call it.
+/// `outboxd_migrations` can call it; its statements are unnamed, so it works through a
+/// transaction-mode pooler (`outboxd run` and `/readyz` call it).
 pub async fn pending_migrations(client: &Client) -> Result<Vec<&'static str>> {
     let exists: bool = client
-        .query_one(MIGRATIONS_TABLE_EXISTS, &[])
+        .query_typed_one(MIGRATIONS_TABLE_EXISTS, &[])
         .await?
         .try_get("present")?;
     if !exists {
         return Ok(MIGRATIONS.iter().map(|(name, _)| *name).collect());
     }
     let mut recorded = std::collections::HashMap::new();
-    for row in client.query(APPLIED_MIGRATIONS, &[]).await? {
+    for row in client.query_typed(APPLIED_MIGRATIONS, &[]).await? {
         let name: String = row.try_get("name")?;
         let checksum: Option<String> = row.try_get("checksum")?;
         recorded.insert(name, checksum);

@@ -181,9 +181,17 @@ impl Columns {
 
 /// Writes a batch of outcomes; returns how many deliveries were settled (fewer than
 /// given when a lease was lost to another worker).
+///
+/// A connection whose server turned read-only is closed rather than given back: while
+/// outcomes cannot be written the claim loop waits, so this is the one place where the
+/// pool's sessions on a fenced or demoted server can be weeded out.
 pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result<u64> {
-    let client = pool.get().await?;
-    flush_on(&*client, worker_id, outcomes).await
+    let mut client = pool.get().await?;
+    let flushed = flush_on(&*client, worker_id, outcomes).await;
+    if let Err(e) = &flushed {
+        crate::pooler::discard_if_read_only(&mut client, e);
+    }
+    flushed
 }
 
 /// [`flush`] on a connection the caller holds.
@@ -225,7 +233,23 @@ async fn flush_on(
 /// writes, and the database accepts writes (it is not a standby). It runs the settle
 /// statement on no outcomes, so it changes nothing. Those refusals (SQLSTATE class 42,
 /// 3F000 or 25006) are [`Error::CannotSettle`]; any other error is returned as it is.
+///
+/// A read-only server is named as such first, as [`Error::ReadOnlyDatabase`]: a hot
+/// standby (`pg_is_in_recovery()`), or a session that is read-only by default
+/// (`default_transaction_read_only`, which some failover tools set to fence an old
+/// primary and some managed services set when the disk is full).
 pub async fn probe(client: &impl GenericClient) -> Result<()> {
+    let row = client.query_typed_one(READ_ONLY, &[]).await?;
+    if row.try_get::<_, bool>("standby")? {
+        return Err(Error::ReadOnlyDatabase(
+            "the server is a standby (pg_is_in_recovery() is true)".to_owned(),
+        ));
+    }
+    if row.try_get::<_, bool>("read_only")? {
+        return Err(Error::ReadOnlyDatabase(
+            "its sessions are read-only (default_transaction_read_only is on)".to_owned(),
+        ));
+    }
     match flush_on(client, "", &[]).await {
         Err(Error::Db(e)) if e.as_db_error().is_some_and(|db| refuses_setup(db.code())) => {
             Err(Error::CannotSettle(e))
@@ -233,6 +257,11 @@ pub async fn probe(client: &impl GenericClient) -> Result<()> {
         other => other.map(drop),
     }
 }
+
+/// Whether the server is a standby, and whether this session is read-only by default.
+pub(crate) const READ_ONLY: &str = "SELECT pg_is_in_recovery() AS standby, \
+    current_setting('default_transaction_read_only')::bool OR current_setting('transaction_read_only')::bool \
+    AS read_only";
 
 /// Errors that say the session is not set up to write outcomes, rather than that the
 /// database is busy or going away: a missing object or privilege, an unknown schema, a

@@ -109,6 +109,7 @@ impl From<Error> for ApiError {
             Error::Db(_)
             | Error::Pool(_)
             | Error::CannotSettle(_)
+            | Error::ReadOnlyDatabase(_)
             | Error::Migration { .. }
             | Error::MigrationChanged { .. }
             | Error::HttpClient(_) => {

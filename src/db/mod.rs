@@ -12,6 +12,7 @@ pub mod tls;
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rand::seq::SliceRandom as _;
@@ -50,6 +51,9 @@ pub struct Connector {
     options: Option<String>,
     application_name: String,
     keepalives: Option<(Duration, Duration, u32)>,
+    /// Set once the server refused the startup `options` (a pooler): later connections
+    /// leave them out (see [`Connector::connect_raw`]).
+    options_refused: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Connector {
@@ -89,6 +93,7 @@ impl Connector {
             options,
             application_name: application_name.to_owned(),
             keepalives: None,
+            options_refused: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -112,7 +117,12 @@ impl Connector {
     }
 
     /// The driver's configuration for one target and one TLS attempt.
-    fn driver_config(&self, target: &Target, ssl: DriverSslMode) -> tokio_postgres::Config {
+    fn driver_config(
+        &self,
+        target: &Target,
+        ssl: DriverSslMode,
+        options: bool,
+    ) -> tokio_postgres::Config {
         let info = &*self.info;
         let mut c = tokio_postgres::Config::new();
         match (&target.host, target.hostaddr) {
@@ -143,7 +153,7 @@ impl Connector {
         if let Some(dbname) = &info.dbname {
             c.dbname(dbname);
         }
-        if let Some(options) = &self.options {
+        if let (true, Some(options)) = (options, &self.options) {
             c.options(options);
         }
         c.application_name(
@@ -217,8 +227,36 @@ impl Connector {
     /// itself (the LISTEN session polls it for notifications). Tries each host in turn
     /// (in random order with `load_balance_hosts=random`) and returns the last error
     /// if none answers.
+    ///
+    /// A server that refuses the startup parameter `options` is a pooler (pgbouncer
+    /// refuses it unless told to ignore it): the connection is opened again without
+    /// it, and so are this connector's later ones, with a warning, once. The session
+    /// settings must then come from the role; the dispatcher checks at start that they
+    /// did ([`crate::pooler::check_settings`]).
     pub async fn connect_raw(
         &self,
+    ) -> Result<(Client, Connection<Socket, RustlsStream>), tokio_postgres::Error> {
+        let options = self.options.is_some() && !self.options_refused.load(Ordering::Relaxed);
+        match self.connect_targets(options).await {
+            Err(e) if options && crate::pooler::refuses_startup_options(&e) => {
+                if !self.options_refused.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %e,
+                        "the server refuses startup options (a pooler such as pgbouncer): \
+                         connecting without them, so outboxd's session settings and the \
+                         connection string's own options must come from the role \
+                         (ALTER ROLE ... SET)"
+                    );
+                }
+                self.connect_targets(false).await
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_targets(
+        &self,
+        options: bool,
     ) -> Result<(Client, Connection<Socket, RustlsStream>), tokio_postgres::Error> {
         let mut targets: Vec<&Target> = self.info.targets.iter().collect();
         if self.info.load_balance_hosts {
@@ -228,7 +266,7 @@ impl Connector {
         for target in targets {
             let attempts = self.attempts(target);
             for (i, &ssl) in attempts.iter().enumerate() {
-                let config = self.driver_config(target, ssl);
+                let config = self.driver_config(target, ssl, options);
                 match config.connect(self.tls.clone()).await {
                     Ok(connected) => return Ok(connected),
                     Err(e) => {
@@ -311,6 +349,17 @@ pub async fn dispatcher_pool(database_url: &str, config: &crate::Config) -> Resu
 pub async fn admin_pool(database_url: &str) -> Result<Pool> {
     let connector = Connector::new(database_url, Session::Operator)?;
     pool(&connector, 2).await
+}
+
+/// [`admin_pool`] that opens its connections when they are first needed, so that it
+/// can be made while the database is not up yet (the status server starts first).
+pub fn admin_pool_lazy(database_url: &str) -> Result<Pool> {
+    let connector = Connector::new(database_url, Session::Operator)?;
+    Ok(bb8::Pool::builder()
+        .max_size(2)
+        .test_on_check_out(false)
+        .connection_timeout(Duration::from_secs(10))
+        .build_unchecked(Manager(connector)))
 }
 
 /// One unpooled operator connection (migrations, the CLI, an application enqueueing),

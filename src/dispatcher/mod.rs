@@ -23,13 +23,14 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::db;
 use crate::deliver::Sender;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::housekeeping::{self, Housekeeping};
 use crate::listener;
 use crate::metrics::Metrics;
+use crate::pooler;
 use crate::retention::RetentionPolicy;
 use crate::settle::{self, SettleTotals};
 use crate::shutdown::{self, Drained};
@@ -59,6 +60,7 @@ pub struct Report {
 #[derive(Clone)]
 pub struct Dispatcher {
     database_url: String,
+    listen_database_url: Option<String>,
     config: Config,
     metrics: Arc<Metrics>,
 }
@@ -67,6 +69,10 @@ impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dispatcher")
             .field("database", &shown_database_url(&self.database_url))
+            .field(
+                "listen_database",
+                &self.listen_database_url.as_deref().map(shown_database_url),
+            )
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -96,9 +102,25 @@ impl Dispatcher {
         config.validate()?;
         Ok(Self {
             database_url: database_url.into(),
+            listen_database_url: None,
             config,
             metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// Opens the LISTEN session with `url` instead of the main connection string: the
+    /// pool may then go through a transaction-mode pooler, where LISTEN hears nothing,
+    /// while the one LISTEN session goes straight to PostgreSQL. It must reach the same
+    /// database, since a notification reaches only sessions of the database it was sent
+    /// in.
+    pub fn with_listen_database_url(mut self, url: impl Into<String>) -> Self {
+        self.listen_database_url = Some(url.into());
+        self
+    }
+
+    /// The name this dispatcher records in `locked_by`.
+    pub fn worker_id(&self) -> &str {
+        &self.config.worker_id
     }
 
     /// The metrics this dispatcher records into, for a metrics endpoint to render.
@@ -115,9 +137,27 @@ impl Dispatcher {
     /// logged and retried, and claiming stops while outcomes cannot be written.
     pub async fn run(self, shutdown: CancellationToken) -> Result<Report> {
         let cfg = self.config;
-        // Every dispatcher session, pooled or LISTEN, comes from this connector.
-        let sessions = db::Connector::new(&self.database_url, db::Session::dispatcher(&cfg))?;
+        // Every dispatcher session, pooled or LISTEN, comes from a connector like this.
+        let session = db::Session::dispatcher(&cfg);
+        let sessions = db::Connector::new(&self.database_url, session.clone())?;
+        let listen_sessions = match &self.listen_database_url {
+            Some(url) => db::Connector::new(url, session.clone()).map_err(|e| match e {
+                Error::Config(c) => Error::Config(ConfigError {
+                    variable: "WEBHOOK_LISTEN_DATABASE_URL",
+                    message: c.message,
+                }),
+                other => other,
+            })?,
+            None => sessions.clone(),
+        };
+        let statements = pooler::start(
+            &sessions,
+            cfg.prepared_statements,
+            cfg.listen && self.listen_database_url.is_none(),
+        )
+        .await?;
         let pool = db::pool(&sessions, cfg.pool_size).await?;
+        pooler::check_settings(&*pool.get().await?, &session.settings()).await?;
         // Fail fast on an unreachable database rather than looping on warnings, and on
         // one that could not record what is delivered.
         settle::probe(&*pool.get().await?).await?;
@@ -127,7 +167,7 @@ impl Dispatcher {
         let listener_stop = CancellationToken::new();
         let listener = cfg.listen.then(|| {
             tokio::spawn(listener::run(
-                sessions.clone(),
+                listen_sessions,
                 Arc::clone(&wake),
                 Arc::clone(&self.metrics),
                 listener_stop.clone(),
@@ -173,7 +213,7 @@ impl Dispatcher {
         );
 
         let mut claim_loop = ClaimLoop {
-            session: Session::new(pool, sessions),
+            session: Session::new(pool, sessions, statements),
             send: SendSide::new(
                 &cfg,
                 sender,

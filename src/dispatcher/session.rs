@@ -1,6 +1,7 @@
 //! The claim loop's statements: the claim, the doorbell's arm and the next due time on
-//! a connection the loop holds (the claim statement is prepared on it once), and the
-//! gate close beside them on another.
+//! a connection the loop holds (the claim statement is prepared on it once, unless
+//! statements go unnamed behind a transaction-mode pooler), and the gate close beside
+//! them on another.
 //!
 //! Each of them, and each wait for a connection, ends on shutdown: a statement may wait
 //! on a lock without bound (a producer holding the doorbell's row in an idle
@@ -19,15 +20,17 @@ use tokio_util::sync::CancellationToken;
 use crate::claim;
 use crate::db::{Connector, Pool, PooledConnection as Conn};
 use crate::error::Result;
+use crate::pooler::{self, StatementMode};
 
 /// How long a statement abandoned at shutdown may take to end once its cancel has been
 /// requested (normally a round trip).
 const CANCEL_BOUND: Duration = Duration::from_secs(2);
 
-/// The loop's connection, with the claim statement prepared on it.
+/// The loop's connection, with the claim statement prepared on it unless statements
+/// are sent unnamed.
 struct Prepared {
     conn: Conn,
-    claim: tokio_postgres::Statement,
+    claim: Option<tokio_postgres::Statement>,
 }
 
 /// The claim loop's connection and statements.
@@ -35,6 +38,8 @@ pub(super) struct Session {
     pool: Pool,
     /// The pool's connector: it sends cancel requests as it connects (TLS included).
     connector: Connector,
+    /// Whether the claim is prepared on the loop's connection or sent unnamed.
+    statements: StatementMode,
     /// Given back to the pool after any error; a fresh one is prepared at the next claim.
     prepared: Option<Prepared>,
     /// Connections whose statement was abandoned at shutdown and did not end: kept out
@@ -47,10 +52,11 @@ pub(super) struct Session {
 }
 
 impl Session {
-    pub(super) fn new(pool: Pool, connector: Connector) -> Self {
+    pub(super) fn new(pool: Pool, connector: Connector, statements: StatementMode) -> Self {
         Self {
             pool,
             connector,
+            statements,
             prepared: None,
             abandoned: Vec::new(),
             gate_closer: None,
@@ -70,8 +76,16 @@ impl Session {
             Ok(opened) => opened,
             Err(e) => return Some(Err(e)),
         };
-        let claim = claim::claim_prepared(&p.conn, &p.claim, worker_id, lease, limit);
-        let batch = until_shutdown(connector, &p.conn, shutdown, claim).await;
+        let batch = match &p.claim {
+            Some(statement) => {
+                let claim = claim::claim_prepared(&p.conn, statement, worker_id, lease, limit);
+                until_shutdown(connector, &p.conn, shutdown, claim).await
+            }
+            None => {
+                let claim = claim::claim_unnamed(&*p.conn, worker_id, lease, limit);
+                until_shutdown(connector, &p.conn, shutdown, claim).await
+            }
+        };
         self.after(batch)
     }
 
@@ -112,13 +126,20 @@ impl Session {
                     Ok(conn) => conn,
                     Err(e) => return Some(Err(e.into())),
                 };
-                let prepare = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES);
-                match until_shutdown(&self.connector, &conn, shutdown, prepare).await {
-                    Some(Ok(claim)) => Prepared { conn, claim },
-                    Some(Err(e)) => return Some(Err(e.into())),
-                    None => {
-                        self.abandoned.push(conn);
-                        return None;
+                if self.statements == StatementMode::Unnamed {
+                    Prepared { conn, claim: None }
+                } else {
+                    let prepare = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES);
+                    match until_shutdown(&self.connector, &conn, shutdown, prepare).await {
+                        Some(Ok(claim)) => Prepared {
+                            conn,
+                            claim: Some(claim),
+                        },
+                        Some(Err(e)) => return Some(Err(e.into())),
+                        None => {
+                            self.abandoned.push(conn);
+                            return None;
+                        }
                     }
                 }
             }
@@ -127,11 +148,16 @@ impl Session {
     }
 
     /// After a statement on the loop's connection: an error gives the connection back
-    /// to the pool (it may be broken); an abandoned statement sets it aside.
+    /// to the pool (it may be broken), or closes it if its server is read-only (see
+    /// [`pooler::discard_if_read_only`]); an abandoned statement sets it aside.
     fn after<T>(&mut self, result: Option<Result<T>>) -> Option<Result<T>> {
         match &result {
             Some(Ok(_)) => {}
-            Some(Err(_)) => self.prepared = None,
+            Some(Err(e)) => {
+                if let Some(mut p) = self.prepared.take() {
+                    pooler::discard_if_read_only(&mut p.conn, e);
+                }
+            }
             None => self.abandoned.extend(self.prepared.take().map(|p| p.conn)),
         }
         result

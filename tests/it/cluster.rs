@@ -8,6 +8,10 @@
 //! case when the test process exits: a watchdog process waits for it, so a cluster
 //! kept in a `static` (shared by several tests) or left behind by a panic is not
 //! leaked.
+//!
+//! For failover and start-up tests a cluster can also be stopped at once as in a crash
+//! and started again ([`Cluster::kill`], [`Cluster::restart`]), copied into a hot
+//! standby with `pg_basebackup -R` ([`Cluster::standby_of`]) and promoted.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -15,7 +19,9 @@ use std::process::{Command, Stdio};
 /// What makes a cluster special.
 #[derive(Debug, Clone, Default)]
 pub struct ClusterSpec {
-    /// Lines appended to `postgresql.conf`, such as `ssl = on`.
+    /// Lines appended to `postgresql.conf`, such as `ssl = on`. Commits are
+    /// asynchronous unless a line says `synchronous_commit = on`, which a cluster that
+    /// is killed and must keep what it acknowledged needs.
     pub conf: Vec<String>,
     /// The whole `pg_hba.conf`; `local all all trust` comes first in any case, so the
     /// harness can always reach the cluster over its socket.
@@ -25,6 +31,22 @@ pub struct ClusterSpec {
     pub files: Vec<(String, Vec<u8>)>,
     /// The `postgres` superuser's password, for password authentication.
     pub superuser_password: Option<String>,
+}
+
+impl ClusterSpec {
+    /// Plain TCP on 127.0.0.1 with trust authentication, replication included (for a
+    /// standby), and synchronous commits, so a killed cluster keeps what it
+    /// acknowledged.
+    pub fn plain() -> Self {
+        Self {
+            conf: vec!["synchronous_commit = on".to_owned()],
+            hba: vec![
+                "host all all 127.0.0.1/32 trust".to_owned(),
+                "host replication all 127.0.0.1/32 trust".to_owned(),
+            ],
+            ..Self::default()
+        }
+    }
 }
 
 /// A running cluster.
@@ -37,6 +59,38 @@ pub struct Cluster {
     data: PathBuf,
     bindir: PathBuf,
     stopped: bool,
+}
+
+/// A fresh directory for a cluster, owned by the server's user.
+fn cluster_dir(root: bool) -> PathBuf {
+    let dir = PathBuf::from(
+        String::from_utf8(
+            Command::new("mktemp")
+                .args(["-d", "/tmp/outboxd-it-cluster.XXXXXX"])
+                .output()
+                .expect("mktemp")
+                .stdout,
+        )
+        .expect("a path")
+        .trim(),
+    );
+    if root {
+        run("chown", Command::new("chown").arg("postgres:").arg(&dir));
+    }
+    dir
+}
+
+/// A PostgreSQL program run as the server's user, in `dir`.
+fn as_owner(root: bool, dir: &Path, program: PathBuf) -> Command {
+    let mut c = if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    c.current_dir(dir);
+    c
 }
 
 fn is_root() -> bool {
@@ -78,33 +132,9 @@ impl Cluster {
     pub fn start(spec: &ClusterSpec) -> Self {
         let root = is_root();
         let bindir = bindir();
-        let dir = PathBuf::from(
-            String::from_utf8(
-                Command::new("mktemp")
-                    .args(["-d", "/tmp/outboxd-it-cluster.XXXXXX"])
-                    .output()
-                    .expect("mktemp")
-                    .stdout,
-            )
-            .expect("a path")
-            .trim(),
-        );
+        let dir = cluster_dir(root);
         let data = dir.join("data");
-        let as_owner = |program: PathBuf| {
-            let mut c = if root {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(program);
-                c
-            } else {
-                Command::new(program)
-            };
-            c.current_dir(&dir);
-            c
-        };
-        if root {
-            run("chown", Command::new("chown").arg("postgres:").arg(&dir));
-        }
-        let mut initdb = as_owner(bindir.join("initdb"));
+        let mut initdb = as_owner(root, &dir, bindir.join("initdb"));
         initdb.arg("-D").arg(&data).args([
             "-A",
             "trust",
@@ -152,15 +182,67 @@ impl Cluster {
             }
         }
 
+        let mut cluster = Self {
+            port: 0,
+            socket_dir: dir.clone(),
+            dir,
+            data,
+            bindir,
+            stopped: false,
+        };
+        cluster.launch();
+        cluster
+    }
+
+    /// A hot standby of `primary`, copied with `pg_basebackup -R` (streaming
+    /// replication from the primary's TCP port) and started on a port of its own.
+    pub fn standby_of(primary: &Cluster) -> Self {
+        let root = is_root();
+        let dir = cluster_dir(root);
+        let data = dir.join("data");
+        run(
+            "pg_basebackup",
+            as_owner(root, &dir, primary.bindir.join("pg_basebackup"))
+                .arg("-D")
+                .arg(&data)
+                .args(["-R", "-X", "stream", "--no-sync", "-h", "127.0.0.1"])
+                // An immediate checkpoint: a spread one takes minutes.
+                .arg("--checkpoint=fast")
+                .args(["-p", &primary.port.to_string(), "-U", "postgres"]),
+        );
+        // Its own socket directory (the copied configuration names the primary's).
+        let mut conf = std::fs::read_to_string(data.join("postgresql.conf")).expect("conf");
+        conf.push_str(&format!(
+            "\nunix_socket_directories = '{}'\n",
+            dir.display()
+        ));
+        std::fs::write(data.join("postgresql.conf"), conf).expect("write conf");
+        let mut standby = Self {
+            port: 0,
+            socket_dir: dir.clone(),
+            dir,
+            data,
+            bindir: primary.bindir.clone(),
+            stopped: false,
+        };
+        standby.launch();
+        standby
+    }
+
+    /// Starts the server on a free port, with a watchdog that stops it and removes it
+    /// once this process is gone.
+    fn launch(&mut self) {
+        let root = is_root();
+        let (dir, data, bindir) = (&self.dir, &self.data, &self.bindir);
         let mut port = 0;
         for attempt in 1..=5 {
             port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .expect("a free port")
                 .port();
-            let out = as_owner(bindir.join("pg_ctl"))
+            let out = as_owner(root, dir, bindir.join("pg_ctl"))
                 .arg("-D")
-                .arg(&data)
+                .arg(data)
                 .args(["-w", "-t", "60", "-l"])
                 .arg(dir.join("postgres.log"))
                 .args(["start", "-o", &format!("-p {port}")])
@@ -196,14 +278,48 @@ impl Cluster {
             .status()
             .expect("start the cluster's watchdog");
         assert!(status.success(), "the watchdog did not start");
-        Self {
-            port,
-            socket_dir: dir.clone(),
-            dir,
-            data,
-            bindir,
-            stopped: false,
-        }
+        self.port = port;
+    }
+
+    /// Stops the server at once, as a crash would (`-m immediate`), keeping its data.
+    pub fn kill(&self) {
+        run(
+            "pg_ctl stop",
+            as_owner(is_root(), &self.dir, self.bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-m", "immediate", "-w", "stop"]),
+        );
+    }
+
+    /// Starts a killed server again, on the same port.
+    pub fn restart(&self) {
+        run(
+            "pg_ctl start",
+            as_owner(is_root(), &self.dir, self.bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-w", "-t", "60", "-l"])
+                .arg(self.dir.join("postgres.log"))
+                .args(["start", "-o", &format!("-p {}", self.port)]),
+        );
+    }
+
+    /// Promotes a standby and waits until it is a primary.
+    pub fn promote(&self) {
+        run(
+            "pg_ctl promote",
+            as_owner(is_root(), &self.dir, self.bindir.join("pg_ctl"))
+                .arg("-D")
+                .arg(&self.data)
+                .args(["-w", "promote"]),
+        );
+    }
+
+    /// A superuser URL over TCP (no TLS, trust), such as a dispatcher would be given;
+    /// several of them make a multi-host URL.
+    pub fn url(&self, dbname: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{dbname}", self.port)
     }
 
     /// A superuser key=value string over the cluster's Unix socket (no TLS, trust),

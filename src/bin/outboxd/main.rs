@@ -272,9 +272,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { dispatcher, serve } => {
             // Validate everything before touching the database, so a bad value exits 2
             // at once.
+            let listen_url = dispatcher.listen_database_url.clone();
             let config = dispatcher.into_config().map_err(Error::from)?;
             let serve = serve.validate().map_err(Error::from)?;
-            run::run(database_url()?, config, serve).await?;
+            run::run(database_url()?, listen_url, config, serve).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Endpoint(command) => {

@@ -2,9 +2,11 @@
 //! the admin API when their addresses are set.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use outboxd::startup::{self, Startup};
 use outboxd::{Config, ConfigError, Dispatcher, db, schema, shutdown, status};
 use tokio_util::sync::CancellationToken;
 
@@ -133,28 +135,41 @@ impl ServeArgs {
 }
 
 /// Runs the dispatcher until SIGTERM/SIGINT and a drain, with the servers beside it.
-pub async fn run(database_url: String, config: Config, serve: Serve) -> anyhow::Result<()> {
+///
+/// The servers come up first; then the start waits for the database (up to
+/// `WEBHOOK_DATABASE_WAIT_MS`), with `/readyz` saying so, and checks it is migrated.
+/// `listen_database_url` is the LISTEN session's own connection string, if set.
+pub async fn run(
+    database_url: String,
+    listen_database_url: Option<String>,
+    config: Config,
+    serve: Serve,
+) -> anyhow::Result<()> {
     let listen = config.listen;
-    let dispatcher = Dispatcher::new(database_url.clone(), config)?;
+    let database_wait = config.database_wait;
+    if let Some(url) = &listen_database_url {
+        db::ConnInfo::parse(url).map_err(|e| ConfigError {
+            variable: "WEBHOOK_LISTEN_DATABASE_URL",
+            message: e.to_string(),
+        })?;
+        if !listen {
+            tracing::info!("WEBHOOK_LISTEN=false: WEBHOOK_LISTEN_DATABASE_URL is not used");
+        }
+    }
+    let mut dispatcher = Dispatcher::new(database_url.clone(), config)?;
+    if let Some(url) = listen_database_url {
+        dispatcher = dispatcher.with_listen_database_url(url);
+    }
     let shutdown = CancellationToken::new();
     shutdown::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
-
-    let client = db::connect(&database_url).await?;
-    let pending = schema::pending_migrations(&client).await?;
-    if !pending.is_empty() {
-        anyhow::bail!(
-            "the database is not migrated (pending: {}); run `outboxd migrate` first",
-            pending.join(", ")
-        );
-    }
-    drop(client);
+    let startup = Arc::new(Startup::waiting_for("waiting for the database"));
 
     // The servers stop only after the dispatcher has drained, so health checks and
     // metrics stay up during the drain.
     let servers_stop = CancellationToken::new();
     let mut servers = Vec::new();
     if serve.metrics_addr.is_some() || serve.admin.is_some() {
-        let pool = db::admin_pool(&database_url).await?;
+        let pool = db::admin_pool_lazy(&database_url)?;
         if let Some(addr) = serve.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -164,6 +179,7 @@ pub async fn run(database_url: String, config: Config, serve: Serve) -> anyhow::
                 metrics: dispatcher.metrics(),
                 pool: pool.clone(),
                 listen,
+                startup: Arc::clone(&startup),
             };
             servers.push(tokio::spawn(status::serve(
                 listener,
@@ -185,15 +201,39 @@ pub async fn run(database_url: String, config: Config, serve: Serve) -> anyhow::
         }
     }
 
-    let result = dispatcher.run(shutdown).await;
+    let result = async {
+        let client = tokio::select! {
+            client = startup::wait_for_database(&database_url, database_wait, &startup) => {
+                client.with_context(|| {
+                    format!(
+                        "the database did not accept a connection within \
+                         WEBHOOK_DATABASE_WAIT_MS ({} ms), or refused it for good",
+                        database_wait.as_millis()
+                    )
+                })?
+            }
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let pending = schema::pending_migrations(&client).await?;
+        if !pending.is_empty() {
+            anyhow::bail!(
+                "the database is not migrated (pending: {}); run `outboxd migrate` first",
+                pending.join(", ")
+            );
+        }
+        drop(client);
+        startup.done();
+        dispatcher.run(shutdown).await?;
+        Ok(())
+    }
+    .await;
     servers_stop.cancel();
     for server in servers {
         if let Ok(Err(e)) = server.await {
             tracing::warn!(error = %e, "a server stopped with an error");
         }
     }
-    result?;
-    Ok(())
+    result
 }
 
 #[cfg(test)]
