@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint fmt build clean bench chaos
+.PHONY: help run test lint fmt build clean bench coverage chaos
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,6 +23,9 @@ run: ## Local demo: throwaway Postgres + outboxd + demo-receiver (Ctrl-C to stop
 
 test: ## Run all tests (lib, bins, integration) against a throwaway Postgres with fsync off
 	PG_FAST=1 scripts/with-postgres.sh $(CARGO) test --lib --bins --tests --locked -- --test-threads=$${TEST_THREADS:-6}
+
+coverage: ## Line coverage of src/ (binaries included) by the whole suite; table + target/coverage/
+	scripts/coverage.sh
 
 lint: ## cargo fmt --check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check

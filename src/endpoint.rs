@@ -139,7 +139,7 @@ pub fn validate_filter(filter: &str) -> Result<(), InvalidEndpoint> {
     }
 }
 
-const INSERT_ENDPOINT: &str =
+pub(crate) const INSERT_ENDPOINT: &str =
     "INSERT INTO webhook_endpoints (url, secret, event_types, description)
      VALUES ($1, $2, $3, $4)
      RETURNING id";
@@ -155,7 +155,7 @@ fn given_or_generated(secret: Option<String>) -> Result<String, InvalidEndpoint>
     }
 }
 
-const SELECT_ENDPOINTS: &str =
+pub(crate) const SELECT_ENDPOINTS: &str =
     "SELECT id, url, event_types, description, active, disabled_reason, created_at,
             failing_since,
             CASE WHEN previous_secret_expires_at > now() THEN previous_secret_expires_at END
@@ -177,7 +177,7 @@ pub async fn add(client: &impl GenericClient, new: NewEndpoint) -> Result<(Endpo
             &[&new.url, &secret, &new.event_types, &new.description],
         )
         .await?;
-    let id: i64 = row.get(0);
+    let id: i64 = row.try_get("id")?;
     Ok((get(client, id).await?, secret))
 }
 
@@ -219,7 +219,7 @@ fn from_row(row: &tokio_postgres::Row) -> Endpoint {
 // they go out without waiting for a poll tick (delivered at commit, like any NOTIFY).
 // Each runs in one statement so a concurrent claim sees either the old state or the
 // new, never a mix; a park that slips in between is resumed by health::RESUME_STRANDED.
-const DISABLE: &str = "WITH ep AS (
+pub(crate) const DISABLE: &str = "WITH ep AS (
         UPDATE webhook_endpoints
         SET active = false, disabled_reason = $2, updated_at = now()
         WHERE id = $1 AND deleted_at IS NULL
@@ -231,9 +231,9 @@ const DISABLE: &str = "WITH ep AS (
         WHERE d.endpoint_id = ep.id AND d.state = 'pending' AND d.locked_by IS NULL
         RETURNING 1
     )
-    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM parked)";
+    SELECT (SELECT count(*) FROM ep) AS endpoints, (SELECT count(*) FROM parked) AS deliveries";
 
-const ENABLE: &str = "WITH ep AS (
+pub(crate) const ENABLE: &str = "WITH ep AS (
         UPDATE webhook_endpoints
         SET active = true, disabled_reason = NULL, failing_since = NULL,
             failing_until = NULL, updated_at = now()
@@ -248,14 +248,14 @@ const ENABLE: &str = "WITH ep AS (
     ), woken AS (
         SELECT pg_notify('outboxd_wakeup', '') WHERE EXISTS (SELECT 1 FROM resumed)
     )
-    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM resumed),
-           (SELECT count(*) FROM woken)";
+    SELECT (SELECT count(*) FROM ep) AS endpoints, (SELECT count(*) FROM resumed) AS deliveries,
+           (SELECT count(*) FROM woken) AS woken";
 
 // Enabling without the backlog: the endpoint's parked deliveries become `discarded`
 // (final, kept apart from `dead` so that re-driving dead deliveries, the dead-letter
 // gauge and its alerts never pick them up) in the statement that enables it, so none
 // of them is sent, and every event fanned out after it is.
-const ENABLE_DISCARDING_BACKLOG: &str = "WITH ep AS (
+pub(crate) const ENABLE_DISCARDING_BACKLOG: &str = "WITH ep AS (
         UPDATE webhook_endpoints
         SET active = true, disabled_reason = NULL, failing_since = NULL,
             failing_until = NULL, updated_at = now()
@@ -268,14 +268,14 @@ const ENABLE_DISCARDING_BACKLOG: &str = "WITH ep AS (
         WHERE d.endpoint_id = ep.id AND d.state = 'parked'
         RETURNING 1
     )
-    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM discarded)";
+    SELECT (SELECT count(*) FROM ep) AS endpoints, (SELECT count(*) FROM discarded) AS deliveries";
 
-const REMOVE: &str = "UPDATE webhook_endpoints
+pub(crate) const REMOVE: &str = "UPDATE webhook_endpoints
     SET active = false, deleted_at = now(), disabled_reason = 'removed', updated_at = now()
     WHERE id = $1 AND deleted_at IS NULL
     RETURNING id";
 
-const PARK_ALL: &str = "UPDATE webhook_deliveries
+pub(crate) const PARK_ALL: &str = "UPDATE webhook_deliveries
     SET state = 'parked', updated_at = now()
     WHERE endpoint_id = $1 AND state = 'pending' AND locked_by IS NULL";
 
@@ -304,7 +304,8 @@ pub async fn enable_discarding_backlog(client: &impl GenericClient, id: i64) -> 
 
 /// Reads `(endpoints touched, deliveries touched)` from DISABLE or ENABLE.
 fn counted(row: tokio_postgres::Row, id: i64) -> Result<u64> {
-    let (found, deliveries): (i64, i64) = (row.get(0), row.get(1));
+    let found: i64 = row.try_get("endpoints")?;
+    let deliveries: i64 = row.try_get("deliveries")?;
     if found == 0 {
         return Err(Error::NotFound(format!("endpoint {id}")));
     }
@@ -322,7 +323,7 @@ pub async fn remove(client: &impl GenericClient, id: i64) -> Result<()> {
     Ok(())
 }
 
-const UPDATE_FIELDS: &str = "UPDATE webhook_endpoints
+pub(crate) const UPDATE_FIELDS: &str = "UPDATE webhook_endpoints
     SET url = coalesce($2, url),
         event_types = coalesce($3, event_types),
         description = coalesce($4, description),
@@ -364,7 +365,7 @@ pub async fn update(
     get(client, id).await
 }
 
-const ROTATE: &str = "UPDATE webhook_endpoints
+pub(crate) const ROTATE: &str = "UPDATE webhook_endpoints
     SET previous_secret = secret,
         previous_secret_expires_at = now() + $3::bigint * interval '1 millisecond',
         secret = $2,

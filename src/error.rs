@@ -59,6 +59,22 @@ pub enum Error {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A migration file differs from the one applied to this database: a released
+    /// migration must never change, so outboxd refuses to guess which schema it faces.
+    #[error(
+        "migration {name} differs from the file applied to this database (recorded \
+         sha256 {recorded}, this build's is {embedded}): a released migration never \
+         changes; restore {name} as it was released and put the change in a new \
+         migration file"
+    )]
+    MigrationChanged {
+        /// The file name, such as `0001_schema.sql`.
+        name: &'static str,
+        /// The SHA-256 recorded when the file was applied (lowercase hex).
+        recorded: String,
+        /// The SHA-256 of this build's file.
+        embedded: String,
+    },
     /// The HTTP client could not be built.
     #[error("http client error: {0}")]
     HttpClient(#[from] reqwest::Error),

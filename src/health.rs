@@ -34,7 +34,7 @@ pub const FAILING_TOO_LONG: &str = "SELECT id, failing_since
 /// [`FAILING_TOO_LONG`] found it (a success or a silence since then keeps it), and
 /// parks its pending deliveries, in one statement as `endpoint::disable` does. Returns
 /// `(endpoints disabled, deliveries parked)`.
-pub const DISABLE_IF_STILL_FAILING: &str = "WITH ep AS (
+pub(crate) const DISABLE_IF_STILL_FAILING: &str = "WITH ep AS (
         UPDATE webhook_endpoints
         SET active = false, disabled_reason = $3, updated_at = now()
         WHERE id = $1 AND active AND deleted_at IS NULL
@@ -72,8 +72,8 @@ pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Re
         .await?;
     let mut check = HealthCheck::default();
     for row in rows {
-        let id: i64 = row.get(0);
-        let since: SystemTime = row.get(1);
+        let id: i64 = row.try_get("id")?;
+        let since: SystemTime = row.try_get("failing_since")?;
         let reason = format!(
             "failing every attempt since {}",
             humantime::format_rfc3339_seconds(since)

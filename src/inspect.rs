@@ -199,7 +199,7 @@ pub struct DeliveryDetail {
     pub attempt_history: Vec<AttemptView>,
 }
 
-const DELIVERY_COLUMNS: &str = "d.event_id, d.endpoint_id, o.event_type,
+pub(crate) const DELIVERY_COLUMNS: &str = "d.event_id, d.endpoint_id, o.event_type,
     CASE WHEN d.state = 'pending' AND d.locked_by IS NOT NULL AND d.locked_until > now()
          THEN 'inflight' ELSE d.state END AS state,
     d.attempts,
@@ -208,7 +208,7 @@ const DELIVERY_COLUMNS: &str = "d.event_id, d.endpoint_id, o.event_type,
 
 /// Newest first by (event, endpoint), which the primary key serves; each filter is
 /// skipped when its parameter is NULL.
-const LIST_DELIVERIES: &str = "SELECT {COLUMNS}
+pub(crate) const LIST_DELIVERIES: &str = "SELECT {COLUMNS}
     FROM webhook_deliveries d
     JOIN webhook_outbox o ON o.id = d.event_id
     WHERE ($1::text IS NULL
@@ -283,12 +283,13 @@ pub async fn list_deliveries(
     Ok(Page::cut(items, limit, |d| d.id.to_string()))
 }
 
-const GET_DELIVERY: &str = "SELECT {COLUMNS}
+pub(crate) const GET_DELIVERY: &str = "SELECT {COLUMNS}
     FROM webhook_deliveries d
     JOIN webhook_outbox o ON o.id = d.event_id
     WHERE d.event_id = $1 AND d.endpoint_id = $2";
 
-const ATTEMPTS: &str = "SELECT attempt, started_at, duration_ms, status_code, error_kind, error,
+pub(crate) const ATTEMPTS: &str =
+    "SELECT attempt, started_at, duration_ms, status_code, error_kind, error,
            response_excerpt, worker_id
     FROM webhook_attempts
     WHERE event_id = $1 AND endpoint_id = $2
@@ -373,7 +374,7 @@ impl fmt::Debug for EventView {
     }
 }
 
-const LIST_EVENTS: &str =
+pub(crate) const LIST_EVENTS: &str =
     "SELECT id, event_type, payload, idempotency_key, created_at, deliver_after,
            processed_at
     FROM webhook_outbox
@@ -419,14 +420,14 @@ pub async fn list_events(
     Ok(Page::cut(items, limit, |e| e.id.to_string()))
 }
 
+pub(crate) const GET_EVENT: &str =
+    "SELECT id, event_type, payload, idempotency_key, created_at, deliver_after, processed_at
+     FROM webhook_outbox WHERE id = $1";
+
 /// One event.
 pub async fn get_event(client: &impl GenericClient, id: i64) -> Result<EventView> {
     let row = client
-        .query_opt(
-            "SELECT id, event_type, payload, idempotency_key, created_at, deliver_after, processed_at
-             FROM webhook_outbox WHERE id = $1",
-            &[&id],
-        )
+        .query_opt(GET_EVENT, &[&id])
         .await?
         .ok_or_else(|| Error::NotFound(format!("event {id}")))?;
     Ok(event_from_row(&row))
@@ -469,22 +470,25 @@ pub struct EndpointStats {
     pub failed_last_hour: i64,
 }
 
-const STATS_DEPTH: &str = "SELECT
-    count(*) FILTER (WHERE state = 'pending' AND NOT (locked_by IS NOT NULL AND locked_until > now())),
-    count(*) FILTER (WHERE state = 'pending' AND locked_by IS NOT NULL AND locked_until > now()),
-    count(*) FILTER (WHERE state = 'parked'),
-    count(*) FILTER (WHERE state = 'dead'),
-    count(*) FILTER (WHERE state = 'delivered'),
-    (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL),
+pub(crate) const STATS_DEPTH: &str = "SELECT
+    count(*) FILTER (WHERE state = 'pending' AND NOT (locked_by IS NOT NULL AND locked_until > now()))
+        AS pending,
+    count(*) FILTER (WHERE state = 'pending' AND locked_by IS NOT NULL AND locked_until > now())
+        AS inflight,
+    count(*) FILTER (WHERE state = 'parked') AS parked,
+    count(*) FILTER (WHERE state = 'dead') AS dead,
+    count(*) FILTER (WHERE state = 'delivered') AS delivered,
+    (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL) AS unprocessed,
     extract(epoch FROM now() - least(
         min(created_at) FILTER (WHERE state = 'pending'),
         (SELECT min(created_at) FROM webhook_outbox
           WHERE processed_at IS NULL AND deliver_after <= now())))::float8
+        AS oldest_pending_age_seconds
     FROM webhook_deliveries";
 
 // Last-hour attempts through the BRIN index on started_at; per-endpoint queue counts
 // through the partial indexes on pending, parked and dead.
-const STATS_ENDPOINTS: &str = "WITH recent AS (
+pub(crate) const STATS_ENDPOINTS: &str = "WITH recent AS (
         SELECT endpoint_id,
                count(*) FILTER (WHERE error_kind IS NULL) AS ok,
                count(*) FILTER (WHERE error_kind IS NOT NULL) AS failed
@@ -501,8 +505,10 @@ const STATS_ENDPOINTS: &str = "WITH recent AS (
         GROUP BY endpoint_id
     )
     SELECT e.id, e.url, e.active,
-           coalesce(open.pending, 0), coalesce(open.dead, 0), coalesce(open.parked, 0),
-           coalesce(recent.ok, 0), coalesce(recent.failed, 0)
+           coalesce(open.pending, 0) AS pending, coalesce(open.dead, 0) AS dead,
+           coalesce(open.parked, 0) AS parked,
+           coalesce(recent.ok, 0) AS delivered_last_hour,
+           coalesce(recent.failed, 0) AS failed_last_hour
     FROM webhook_endpoints e
     LEFT JOIN open ON open.endpoint_id = e.id
     LEFT JOIN recent ON recent.endpoint_id = e.id
@@ -514,35 +520,35 @@ const STATS_ENDPOINTS: &str = "WITH recent AS (
 pub async fn stats(client: &impl GenericClient) -> Result<Stats> {
     let row = client.query_one(STATS_DEPTH, &[]).await?;
     let mut depth = std::collections::BTreeMap::new();
-    for (i, state) in [
+    for state in [
         "pending",
         "inflight",
         "parked",
         "dead",
         "delivered",
         "unprocessed",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        depth.insert(state.to_owned(), row.get::<_, i64>(i));
+    ] {
+        depth.insert(state.to_owned(), row.try_get::<_, i64>(state)?);
     }
-    let oldest = row.get::<_, Option<f64>>(6).unwrap_or(0.0).max(0.0);
-    let endpoints: Vec<EndpointStats> = client
+    let oldest: Option<f64> = row.try_get("oldest_pending_age_seconds")?;
+    let oldest = oldest.unwrap_or(0.0).max(0.0);
+    let endpoints = client
         .query(STATS_ENDPOINTS, &[])
         .await?
         .iter()
-        .map(|r| EndpointStats {
-            endpoint_id: r.get(0),
-            url: r.get(1),
-            active: r.get(2),
-            pending: r.get(3),
-            dead: r.get(4),
-            parked: r.get(5),
-            delivered_last_hour: r.get(6),
-            failed_last_hour: r.get(7),
+        .map(|r| {
+            Ok(EndpointStats {
+                endpoint_id: r.try_get("id")?,
+                url: r.try_get("url")?,
+                active: r.try_get("active")?,
+                pending: r.try_get("pending")?,
+                dead: r.try_get("dead")?,
+                parked: r.try_get("parked")?,
+                delivered_last_hour: r.try_get("delivered_last_hour")?,
+                failed_last_hour: r.try_get("failed_last_hour")?,
+            })
         })
-        .collect();
+        .collect::<Result<Vec<EndpointStats>>>()?;
     Ok(Stats {
         depth,
         oldest_pending_age_seconds: oldest,

@@ -56,6 +56,8 @@ pub mod schema;
 pub mod settle;
 pub mod shutdown;
 pub mod sign;
+#[cfg(test)]
+mod sql_check;
 pub mod startup;
 pub mod status;
 pub mod target;

@@ -46,7 +46,7 @@ impl<'a> NewEvent<'a> {
 
 // The same statement the README shows producers; ON CONFLICT DO NOTHING makes an
 // idempotency key's second insert a silent no-op.
-const INSERT_EVENT: &str =
+pub(crate) const INSERT_EVENT: &str =
     "INSERT INTO webhook_outbox (event_type, payload, idempotency_key, deliver_after)
      VALUES ($1, $2, $3, coalesce($4, now()))
      ON CONFLICT DO NOTHING
@@ -82,5 +82,5 @@ pub async fn enqueue(client: &impl GenericClient, event: &NewEvent<'_>) -> Resul
             ],
         )
         .await?;
-    Ok(row.map(|r| r.get(0)))
+    Ok(row.map(|r| r.try_get("id")).transpose()?)
 }

@@ -45,7 +45,7 @@ pub enum Sessions {
 /// shared sighting is proof, so a few tries make a miss unlikely.
 const SESSION_LOOKS: usize = 3;
 
-const BACKEND_PID: &str = "SELECT pg_backend_pid()";
+pub(crate) const BACKEND_PID: &str = "SELECT pg_backend_pid() AS pid";
 
 /// Looks for a transaction-mode pooler between outboxd and `database_url`'s server:
 /// opens two connections and asks each, in turn, which backend serves it. Two
@@ -69,7 +69,10 @@ pub async fn look_at_sessions(sessions: &Connector) -> Result<Sessions> {
 }
 
 async fn backend_pid(client: &Client) -> Result<i32> {
-    Ok(client.query_typed_one(BACKEND_PID, &[]).await?.get(0))
+    Ok(client
+        .query_typed_one(BACKEND_PID, &[])
+        .await?
+        .try_get("pid")?)
 }
 
 /// The claim's statement mode for `setting`, given what the pool's sessions showed, and
@@ -158,9 +161,9 @@ pub struct Mismatch {
 
 /// The session's own value of each named parameter, in its base unit, as `pg_settings`
 /// shows it (`lock_timeout` 5000, not `5s`), so that values compare as numbers do.
-const CURRENT_SETTINGS: &str = "SELECT current_user::text, \
+pub(crate) const CURRENT_SETTINGS: &str = "SELECT current_user::text AS role, \
     array(SELECT coalesce((SELECT setting FROM pg_settings WHERE name = n), '') \
-          FROM unnest($1::text[]) WITH ORDINALITY AS s(n, i) ORDER BY i)";
+          FROM unnest($1::text[]) WITH ORDINALITY AS s(n, i) ORDER BY i) AS settings";
 
 /// Compares what `client`'s session runs with to `expected`; returns the role and what
 /// differs.
@@ -174,8 +177,8 @@ pub async fn compare_settings(
         tokio_postgres::types::Type,
     ); 1] = [(&names, tokio_postgres::types::Type::TEXT_ARRAY)];
     let row = client.query_typed_one(CURRENT_SETTINGS, &params).await?;
-    let role: String = row.get(0);
-    let found: Vec<String> = row.get(1);
+    let role: String = row.try_get("role")?;
+    let found: Vec<String> = row.try_get("settings")?;
     let mismatches = expected
         .iter()
         .zip(found)

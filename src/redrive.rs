@@ -17,7 +17,7 @@ use crate::inspect::DeliveryId;
 /// Tells listening dispatchers that work is due. Delivered at commit, like any NOTIFY.
 pub const WAKE: &str = "SELECT pg_notify('outboxd_wakeup', '')";
 
-const RETRY_DEAD: &str = "UPDATE webhook_deliveries d
+pub(crate) const RETRY_DEAD: &str = "UPDATE webhook_deliveries d
     SET state = 'pending', next_attempt_at = now(), attempt_base = d.attempts,
         locked_by = NULL, locked_until = NULL, updated_at = now()
     FROM unnest($1::bigint[], $2::bigint[]) AS r(event_id, endpoint_id)
@@ -39,7 +39,7 @@ pub async fn retry_dead(
         )
         .await?;
     wake(client, rows.len()).await?;
-    Ok(rows.iter().map(delivery_id).collect())
+    rows.iter().map(delivery_id).collect()
 }
 
 /// Which dead deliveries a bulk retry takes; every field is optional.
@@ -55,7 +55,7 @@ pub struct DeadFilter {
     pub until: Option<SystemTime>,
 }
 
-const RETRY_DEAD_MATCHING: &str = "UPDATE webhook_deliveries d
+pub(crate) const RETRY_DEAD_MATCHING: &str = "UPDATE webhook_deliveries d
     SET state = 'pending', next_attempt_at = now(), attempt_base = d.attempts,
         locked_by = NULL, locked_until = NULL, updated_at = now()
     FROM webhook_outbox o
@@ -83,14 +83,14 @@ pub async fn retry_dead_matching(
         )
         .await?;
     wake(client, rows.len()).await?;
-    Ok(rows.iter().map(delivery_id).collect())
+    rows.iter().map(delivery_id).collect()
 }
 
 // A finished delivery (delivered, dead, or discarded with its endpoint's backlog)
 // starts over; one still pending, in flight or parked is left alone, since it will be
 // sent anyway. For a named endpoint without a
 // delivery of this event (e.g. registered later), one is created.
-const REPLAY_ONE: &str = "INSERT INTO webhook_deliveries (event_id, endpoint_id)
+pub(crate) const REPLAY_ONE: &str = "INSERT INTO webhook_deliveries (event_id, endpoint_id)
     SELECT $1, $2
     FROM webhook_outbox o
     WHERE o.id = $1 AND o.processed_at IS NOT NULL
@@ -100,7 +100,7 @@ const REPLAY_ONE: &str = "INSERT INTO webhook_deliveries (event_id, endpoint_id)
     WHERE webhook_deliveries.state IN ('delivered', 'dead', 'discarded')
     RETURNING event_id, endpoint_id";
 
-const REPLAY_ALL: &str = "UPDATE webhook_deliveries d
+pub(crate) const REPLAY_ALL: &str = "UPDATE webhook_deliveries d
     SET state = 'pending', next_attempt_at = now(), attempt_base = d.attempts,
         locked_by = NULL, locked_until = NULL, delivered_at = NULL, updated_at = now()
     WHERE d.event_id = $1 AND d.state IN ('delivered', 'dead', 'discarded')
@@ -127,13 +127,13 @@ pub async fn replay(
         None => client.query(REPLAY_ALL, &[&event_id]).await?,
     };
     wake(client, rows.len()).await?;
-    Ok(rows.iter().map(delivery_id).collect())
+    rows.iter().map(delivery_id).collect()
 }
 
 /// The event type of test events.
 pub const TEST_EVENT_TYPE: &str = "outboxd.test";
 
-const TEST_EVENT: &str = "WITH event AS (
+pub(crate) const TEST_EVENT: &str = "WITH event AS (
         INSERT INTO webhook_outbox (event_type, payload, processed_at)
         VALUES ($1, $2, now())
         RETURNING id
@@ -162,14 +162,14 @@ pub async fn send_test(client: &impl GenericClient, endpoint_id: i64) -> Result<
         )
         .await?;
     wake(client, 1).await?;
-    Ok(delivery_id(&row))
+    delivery_id(&row)
 }
 
-fn delivery_id(row: &tokio_postgres::Row) -> DeliveryId {
-    DeliveryId {
-        event_id: row.get(0),
-        endpoint_id: row.get(1),
-    }
+fn delivery_id(row: &tokio_postgres::Row) -> Result<DeliveryId> {
+    Ok(DeliveryId {
+        event_id: row.try_get("event_id")?,
+        endpoint_id: row.try_get("endpoint_id")?,
+    })
 }
 
 async fn wake(client: &impl GenericClient, changed: usize) -> Result<()> {

@@ -27,7 +27,7 @@ pub struct RetentionPolicy {
 pub const BATCH: i64 = 500;
 
 /// The next batch of events, oldest first, after the cursor `$1`.
-pub const NEXT_EVENTS: &str = "SELECT id, created_at < now() - $3 * interval '1 millisecond'
+pub const NEXT_EVENTS: &str = "SELECT id, created_at < now() - $3 * interval '1 millisecond' AS old
     FROM webhook_outbox
     WHERE id > $1
     ORDER BY id
@@ -49,7 +49,7 @@ WITH gone AS (
     WHERE a.event_id = gone.event_id AND a.endpoint_id = gone.endpoint_id
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM attempts)";
+SELECT (SELECT count(*) FROM gone) AS deliveries, (SELECT count(*) FROM attempts) AS attempts";
 
 /// Deletes the batch's events that were fanned out, are past the shorter retention, and
 /// have no delivery left. A separate statement so it sees the deletes above.
@@ -93,11 +93,13 @@ pub async fn prune(pool: &Pool, policy: RetentionPolicy, budget: Duration) -> Re
             )
             .await?;
         // Event ids grow with time, so the walk ends at the first event too young.
-        let old: Vec<i64> = rows
-            .iter()
-            .take_while(|r| r.get::<_, bool>(1))
-            .map(|r| r.get(0))
-            .collect();
+        let mut old: Vec<i64> = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if !row.try_get::<_, bool>("old")? {
+                break;
+            }
+            old.push(row.try_get("id")?);
+        }
         let Some(&last) = old.last() else {
             tx.commit().await?;
             break;
@@ -112,8 +114,8 @@ pub async fn prune(pool: &Pool, policy: RetentionPolicy, budget: Duration) -> Re
                 ],
             )
             .await?;
-        pruned.deliveries += counts.get::<_, i64>(0) as u64;
-        pruned.attempts += counts.get::<_, i64>(1) as u64;
+        pruned.deliveries += counts.try_get::<_, i64>("deliveries")? as u64;
+        pruned.attempts += counts.try_get::<_, i64>("attempts")? as u64;
         pruned.events += tx
             .execute_typed(
                 DELETE_EVENTS,

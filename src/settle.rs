@@ -49,7 +49,7 @@ pub const LINGER: Duration = Duration::from_millis(15);
 /// `parked` by `uncount`: a 410 is an attempt (0), a park of a closed endpoint's
 /// delivery is not (1). See [`Outcome`]'s `state` and the `uncount` column.
 pub const SETTLE: &str = "SELECT webhook_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
+    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) AS settled";
 
 /// What to write for one delivery.
 #[derive(Debug, Clone)]
@@ -238,7 +238,7 @@ async fn flush_on(
         (&c.failing, Type::INT8_ARRAY),
     ];
     let row = client.query_typed_one(SETTLE, &params).await?;
-    let settled: i64 = row.get(0);
+    let settled: i64 = row.try_get("settled")?;
     Ok(settled as u64)
 }
 
@@ -254,12 +254,12 @@ async fn flush_on(
 /// primary and some managed services set when the disk is full).
 pub async fn probe(client: &impl GenericClient) -> Result<()> {
     let row = client.query_typed_one(READ_ONLY, &[]).await?;
-    if row.get::<_, bool>(0) {
+    if row.try_get::<_, bool>("standby")? {
         return Err(Error::ReadOnlyDatabase(
             "the server is a standby (pg_is_in_recovery() is true)".to_owned(),
         ));
     }
-    if row.get::<_, bool>(1) {
+    if row.try_get::<_, bool>("read_only")? {
         return Err(Error::ReadOnlyDatabase(
             "its sessions are read-only (default_transaction_read_only is on)".to_owned(),
         ));
@@ -273,8 +273,9 @@ pub async fn probe(client: &impl GenericClient) -> Result<()> {
 }
 
 /// Whether the server is a standby, and whether this session is read-only by default.
-const READ_ONLY: &str = "SELECT pg_is_in_recovery(), \
-    current_setting('default_transaction_read_only')::bool OR current_setting('transaction_read_only')::bool";
+pub(crate) const READ_ONLY: &str = "SELECT pg_is_in_recovery() AS standby, \
+    current_setting('default_transaction_read_only')::bool OR current_setting('transaction_read_only')::bool \
+    AS read_only";
 
 /// Errors that say the session is not set up to write outcomes, rather than that the
 /// database is busy or going away: a missing object or privilege, an unknown schema, a

@@ -91,7 +91,11 @@ async fn readiness(state: &StatusState) -> Result<(), String> {
         .map_err(|_| "database unreachable".to_owned())?;
     let pending = schema::pending_migrations(&client)
         .await
-        .map_err(|_| "database unreachable".to_owned())?;
+        .map_err(|e| match e {
+            // Reachable, but not the schema this build expects: say which file.
+            crate::Error::MigrationChanged { .. } => e.to_string(),
+            _ => "database unreachable".to_owned(),
+        })?;
     if !pending.is_empty() {
         return Err(format!("migrations pending: {}", pending.join(", ")));
     }

@@ -111,6 +111,7 @@ impl From<Error> for ApiError {
             | Error::CannotSettle(_)
             | Error::ReadOnlyDatabase(_)
             | Error::Migration { .. }
+            | Error::MigrationChanged { .. }
             | Error::HttpClient(_) => {
                 tracing::error!(error = %e, "admin API request failed");
                 Self::internal()

@@ -709,18 +709,41 @@ impl Drop for RunningDispatcher {
 // The real binary
 // ---------------------------------------------------------------------------------------
 
-/// `outboxd` with a clean environment: only `PATH` and what the test sets.
+/// `outboxd` with a clean environment: only `PATH`, what coverage needs, and what the
+/// test sets.
 pub fn outboxd_command() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    package_binary(env!("CARGO_BIN_EXE_outboxd"))
+}
+
+/// One of this package's binaries (`CARGO_BIN_EXE_<name>`: under `cargo llvm-cov`, the
+/// instrumented build) with a clean environment: `PATH`, `RUST_LOG=info`, and the
+/// variables through which `cargo llvm-cov` tells a process where to write its profile,
+/// so the lines the binaries run are counted too. Nothing else from the test's
+/// environment reaches the binary.
+pub fn package_binary(path: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(path);
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(coverage_env())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     command
+}
+
+/// `LLVM_PROFILE_FILE` and the rest of what `cargo llvm-cov` sets (`LLVM_*`,
+/// `CARGO_LLVM_COV*`); empty outside a coverage run. A process counts only if it exits
+/// by itself (a signal it handles, not SIGKILL): the profile is written at exit.
+fn coverage_env() -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    std::env::vars_os()
+        .filter(|(name, _)| {
+            name.to_str()
+                .is_some_and(|n| n.starts_with("LLVM_") || n.starts_with("CARGO_LLVM_COV"))
+        })
+        .collect()
 }
 
 /// What a finished process left behind.

@@ -1,8 +1,9 @@
-//! Migrations: once each, also when racing, and the SQL files applied by hand.
+//! Migrations: once each, also when racing, the SQL files applied by hand, and a
+//! released file that changed refused by name.
 
 use outboxd::schema::{self, MIGRATIONS};
 
-use crate::harness::TestDb;
+use crate::harness::{TestDb, outboxd_command, run_to_end};
 
 /// The `.sql` files on disk, in name order, as an operator applying them by hand sees
 /// them.
@@ -70,6 +71,159 @@ async fn migrate_is_idempotent() {
             .is_empty()
     );
     assert_eq!(recorded(&db).await, all_names());
+    assert_eq!(checksums(&db).await, expected_checksums());
+    assert_usable(&db).await;
+}
+
+/// Each file's recorded checksum, by name (NULL as `None`).
+async fn checksums(db: &TestDb) -> Vec<(String, Option<String>)> {
+    db.client
+        .query(
+            "SELECT name, checksum FROM outboxd_migrations ORDER BY name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get("name"), r.get("checksum")))
+        .collect()
+}
+
+fn expected_checksums() -> Vec<(String, Option<String>)> {
+    MIGRATIONS
+        .iter()
+        .map(|(name, sql)| (name.to_string(), Some(schema::checksum(sql))))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_migration_is_refused_by_name() {
+    let mut db = TestDb::new("migratechanged").await;
+    // As if 0002_notify.sql had been edited after this database applied it.
+    let tampered = "0".repeat(64);
+    db.client
+        .execute(
+            "UPDATE outboxd_migrations SET checksum = $1 WHERE name = '0002_notify.sql'",
+            &[&tampered],
+        )
+        .await
+        .unwrap();
+    let expect_refusal = |what: &str, message: &str| {
+        for needle in ["0002_notify.sql", tampered.as_str(), "new migration file"] {
+            assert!(message.contains(needle), "{what}: {needle:?} in {message}");
+        }
+    };
+
+    let err = schema::migrate(&mut db.client).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            outboxd::Error::MigrationChanged {
+                name: "0002_notify.sql",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    expect_refusal("migrate", &err.to_string());
+    let err = schema::pending_migrations(&db.client).await.unwrap_err();
+    expect_refusal("pending_migrations", &err.to_string());
+    // Nothing was overwritten: the next run refuses the same way.
+    let recorded: String = db
+        .scalar("SELECT checksum FROM outboxd_migrations WHERE name = '0002_notify.sql'")
+        .await;
+    assert_eq!(recorded, tampered);
+
+    // The binary: `migrate` and `run` both refuse, exit 1, and name the file.
+    for args in [&["migrate"][..], &["run"][..]] {
+        let mut command = outboxd_command();
+        command
+            .args(args)
+            .env("DATABASE_URL", &db.url)
+            .env("WEBHOOK_ALLOW_PRIVATE_TARGETS", "true");
+        let finished = run_to_end(command).await;
+        assert_eq!(finished.code, Some(1), "{args:?}: {finished:?}");
+        expect_refusal(&format!("outboxd {}", args[0]), &finished.stderr);
+    }
+
+    // Restoring the file (here: the record) is the way back.
+    db.client
+        .execute(
+            "UPDATE outboxd_migrations SET checksum = $1 WHERE name = '0002_notify.sql'",
+            &[&schema::checksum(MIGRATIONS[1].1)],
+        )
+        .await
+        .unwrap();
+    assert!(schema::migrate(&mut db.client).await.unwrap().is_empty());
+    assert!(
+        schema::pending_migrations(&db.client)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A database migrated by an outboxd that recorded no checksums (no column at all), still
+/// served by such dispatchers while the new `migrate` runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checksums_are_recorded_for_databases_migrated_before_them() {
+    let mut db = TestDb::new("migrateold").await;
+    db.client
+        .batch_execute("ALTER TABLE outboxd_migrations DROP COLUMN checksum")
+        .await
+        .unwrap();
+    // What a new `outboxd run` reads before anyone migrates: nothing pending, no error.
+    assert!(
+        schema::pending_migrations(&db.client)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let applied = schema::migrate(&mut db.client).await.unwrap();
+    assert!(applied.is_empty(), "{applied:?}");
+    assert_eq!(checksums(&db).await, expected_checksums());
+
+    // An older outboxd's own statements still work on the table with the column.
+    db.client
+        .execute(
+            "INSERT INTO outboxd_migrations (name) VALUES ($1)",
+            &[&"9999_from_a_newer_release.sql"],
+        )
+        .await
+        .expect("an older migrate records a file as before");
+    let names = db
+        .client
+        .query("SELECT name FROM outboxd_migrations", &[])
+        .await
+        .unwrap();
+    assert_eq!(names.len(), MIGRATIONS.len() + 1);
+    // A file this build does not know is neither pending nor checked.
+    assert!(
+        schema::pending_migrations(&db.client)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A row recorded without a checksum (an older migrate, or by hand) gets one next
+    // time, and a recorded checksum is never overwritten.
+    db.client
+        .batch_execute(
+            "UPDATE outboxd_migrations SET checksum = NULL WHERE name = '0003_operations.sql'",
+        )
+        .await
+        .unwrap();
+    assert!(
+        schema::pending_migrations(&db.client)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(schema::migrate(&mut db.client).await.unwrap().is_empty());
+    let mut expected = expected_checksums();
+    expected.push(("9999_from_a_newer_release.sql".to_owned(), None));
+    assert_eq!(checksums(&db).await, expected);
     assert_usable(&db).await;
 }
 
@@ -93,6 +247,7 @@ async fn concurrent_migrations_apply_each_file_once() {
     applied.sort_unstable();
     assert_eq!(applied, all_names(), "each file applied exactly once");
     assert_eq!(recorded(&db).await, all_names());
+    assert_eq!(checksums(&db).await, expected_checksums());
     assert_usable(&db).await;
 }
 

@@ -471,6 +471,27 @@ async fn readiness_without_listen_needs_no_listener_but_a_migrated_database() {
         .unwrap();
     status.wait_for("/readyz", 200, &outboxd).await;
 
+    // A released file that differs from the one applied: 503, naming the file.
+    db.client
+        .batch_execute(
+            "UPDATE outboxd_migrations SET checksum = repeat('0', 64)
+             WHERE name = '0002_notify.sql'",
+        )
+        .await
+        .unwrap();
+    let not_ready = status.wait_for("/readyz", 503, &outboxd).await;
+    assert!(
+        not_ready.body.contains("0002_notify.sql") && not_ready.body.contains("new migration"),
+        "{not_ready:?}"
+    );
+    db.client
+        .batch_execute(
+            "UPDATE outboxd_migrations SET checksum = NULL WHERE name = '0002_notify.sql'",
+        )
+        .await
+        .unwrap();
+    status.wait_for("/readyz", 200, &outboxd).await;
+
     // And that outcomes could be written: a settle function gone from the search path
     // makes it 503, with PostgreSQL's reason (undefined function).
     db.client
