@@ -7,27 +7,12 @@ use std::time::SystemTime;
 
 use tokio_postgres::GenericClient;
 
+pub use crate::error::InvalidEndpoint;
 use crate::error::{Error, Result};
 use crate::sign::Secret;
 
 /// Longest URL accepted; longer ones are almost certainly a mistake.
 pub const MAX_URL_LEN: usize = 2048;
-
-/// Why an endpoint was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidEndpoint {
-    /// The URL cannot be used.
-    #[error("invalid endpoint URL: {0}")]
-    Url(String),
-    /// The secret is malformed.
-    #[error("invalid signing secret: {0}")]
-    Secret(#[from] crate::sign::InvalidSecret),
-    /// An event-type filter is malformed.
-    #[error(
-        "invalid event-type filter {0:?}: use an exact name such as order.created, a prefix such as order.*, or *"
-    )]
-    Filter(String),
-}
 
 /// A registered endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -1,7 +1,7 @@
 //! The library's error type.
 
 use crate::config::ConfigError;
-use crate::endpoint::InvalidEndpoint;
+use crate::sign::InvalidSecret;
 
 /// Everything the library can fail with.
 ///
@@ -94,6 +94,22 @@ impl Error {
             _ => false,
         }
     }
+}
+
+/// Why an endpoint was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEndpoint {
+    /// The URL cannot be used.
+    #[error("invalid endpoint URL: {0}")]
+    Url(String),
+    /// The secret is malformed.
+    #[error("invalid signing secret: {0}")]
+    Secret(#[from] InvalidSecret),
+    /// An event-type filter is malformed.
+    #[error(
+        "invalid event-type filter {0:?}: use an exact name such as order.created, a prefix such as order.*, or *"
+    )]
+    Filter(String),
 }
 
 /// tokio-postgres's own message is only "db error"; show PostgreSQL's words and code.

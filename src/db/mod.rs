@@ -238,7 +238,7 @@ impl Connector {
     ) -> Result<(Client, Connection<Socket, RustlsStream>), tokio_postgres::Error> {
         let options = self.options.is_some() && !self.options_refused.load(Ordering::Relaxed);
         match self.connect_targets(options).await {
-            Err(e) if options && crate::pooler::refuses_startup_options(&e) => {
+            Err(e) if options && refuses_startup_options(&e) => {
                 if !self.options_refused.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         error = %e,
@@ -300,6 +300,18 @@ impl Connector {
         });
         Ok(client)
     }
+}
+
+/// Whether a connection attempt failed because the server (a pooler: pgbouncer unless
+/// `options` is in its `ignore_startup_parameters`) refuses the startup parameter
+/// `options`, which carries the session settings. pgbouncer says so with the generic
+/// protocol-violation code, so its words are what tells this refusal apart.
+fn refuses_startup_options(error: &tokio_postgres::Error) -> bool {
+    error.as_db_error().is_some_and(|db| {
+        *db.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION
+            && db.message().contains("startup parameter")
+            && db.message().contains("options")
+    })
 }
 
 /// Makes the pool's connections with a [`Connector`]. A connection is checked only by
