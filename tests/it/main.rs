@@ -25,6 +25,7 @@ mod observability;
 mod plans;
 mod pooler;
 mod producer;
+mod readme;
 mod retention;
 mod retries;
 mod roles;

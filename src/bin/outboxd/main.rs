@@ -6,13 +6,15 @@
 
 mod manage;
 mod run;
+mod settings;
+mod signals;
 
 use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::{Args as _, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use outboxd::Error;
-use outboxd::config::RunArgs;
+use settings::{RunArgs, ServeArgs};
 
 /// mimalloc instead of glibc malloc: a profile of a delivery burst spent ~15% of the
 /// dispatcher's CPU in malloc/free, much of it waiting on arena locks. It is built
@@ -56,7 +58,7 @@ enum Command {
         #[command(flatten)]
         dispatcher: RunArgs,
         #[command(flatten)]
-        serve: run::ServeArgs,
+        serve: ServeArgs,
     },
     /// Manage consumer endpoints
     #[command(subcommand)]
@@ -110,7 +112,7 @@ pub(crate) fn parse_time(s: &str) -> Result<SystemTime, String> {
 /// The dispatcher's variables and defaults, taken from the `run` flags themselves so
 /// the top-level help can never drift from them.
 fn settings_help() -> String {
-    let run = run::ServeArgs::augment_args(RunArgs::augment_args(clap::Command::new("run")));
+    let run = ServeArgs::augment_args(RunArgs::augment_args(clap::Command::new("run")));
     let mut text = String::from("Settings (environment variable = default):\n");
     for arg in run.get_arguments() {
         let Some(env) = arg.get_env() else { continue };
