@@ -242,6 +242,10 @@ pub const CLAIM_TYPES: &[Type] = &[Type::TEXT, Type::INT8, Type::INT8];
 /// Runs [`CLAIM`] once: at most `limit` deliveries, leased to `worker_id` for `lease`.
 /// Parses and plans the statement on every call; a claim loop should prepare it once
 /// per connection and use [`claim_prepared`].
+#[cfg_attr(
+    not(feature = "internals"),
+    allow(dead_code, reason = "tests and tools that claim by hand")
+)]
 pub async fn claim(
     client: &impl GenericClient,
     worker_id: &str,

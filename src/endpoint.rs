@@ -82,7 +82,7 @@ impl std::fmt::Debug for NewEndpoint {
 
 /// Checks an endpoint URL: absolute `http`/`https` with a host, no credentials (they
 /// would be stored and shown in clear), at most [`MAX_URL_LEN`] bytes.
-pub fn validate_url(url: &str) -> Result<(), InvalidEndpoint> {
+pub(crate) fn validate_url(url: &str) -> Result<(), InvalidEndpoint> {
     let bad = |m: &str| Err(InvalidEndpoint::Url(m.to_owned()));
     if url.len() > MAX_URL_LEN {
         return bad("longer than 2048 bytes");
@@ -108,7 +108,7 @@ pub fn validate_url(url: &str) -> Result<(), InvalidEndpoint> {
 
 /// Checks an event-type filter: `*`, an exact name, or a prefix ending in `.*`. Names
 /// use letters, digits and `._-:`; at most 255 bytes.
-pub fn validate_filter(filter: &str) -> Result<(), InvalidEndpoint> {
+pub(crate) fn validate_filter(filter: &str) -> Result<(), InvalidEndpoint> {
     let name = filter.strip_suffix(".*").unwrap_or(filter);
     let valid_name = !name.is_empty()
         && name.len() <= 255

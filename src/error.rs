@@ -33,9 +33,9 @@ pub enum Error {
     /// The named row does not exist.
     #[error("{0} not found")]
     NotFound(String),
-    /// This database session cannot record delivery outcomes (see
-    /// [`crate::settle::probe`]): a dispatcher that delivered anyway would deliver again
-    /// at every lease expiry.
+    /// This database session cannot record delivery outcomes (the dispatcher checks at
+    /// start, and `/readyz` on every call): a dispatcher that delivered anyway would
+    /// deliver again at every lease expiry.
     #[error(
         "cannot record delivery outcomes: {}; the dispatcher's role needs EXECUTE on \
          webhook_settle and write access to webhook_deliveries, webhook_attempts and \
@@ -86,7 +86,7 @@ impl Error {
     /// same values would be refused again; other values may not be. Anything else, a
     /// broken connection, a missing function or privilege, a read-only standby, a full
     /// disk, is a condition of the database that can clear, and is worth retrying.
-    pub fn is_bad_data(&self) -> bool {
+    pub(crate) fn is_bad_data(&self) -> bool {
         match self {
             Error::Db(e) => e
                 .as_db_error()

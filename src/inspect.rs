@@ -63,8 +63,23 @@ pub const DELIVERY_STATES: &[&str] = &[
     "discarded",
 ];
 
+/// Reads a time as the filters' `since` and `until` are written in the admin API's
+/// query strings and on the `outboxd` command line: RFC 3339, `YYYY-MM-DDTHH:MM:SS`,
+/// optional fraction, then `Z` or a numeric offset such as `+02:00` (a space where an
+/// unencoded `+` of a query string arrived). `None` for anything else, or a time
+/// before 1970.
+///
+/// ```
+/// let t = outboxd::inspect::parse_time("2030-01-01T01:00:00+01:00").unwrap();
+/// assert_eq!(t, outboxd::inspect::parse_time("2030-01-01T00:00:00Z").unwrap());
+/// assert!(outboxd::inspect::parse_time("2030-01-01").is_none());
+/// ```
+pub fn parse_time(text: &str) -> Option<SystemTime> {
+    crate::time_format::parse_rfc3339(text)
+}
+
 /// Checks a page size: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
-pub fn page_size(limit: Option<u32>) -> Result<u32> {
+pub(crate) fn page_size(limit: Option<u32>) -> Result<u32> {
     match limit {
         None => Ok(DEFAULT_PAGE),
         Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
@@ -89,7 +104,7 @@ pub struct DeliveryFilter {
     pub until: Option<SystemTime>,
     /// Continue after this delivery (the previous page's `next_cursor`).
     pub after: Option<DeliveryId>,
-    /// Page size (validated by [`page_size`]).
+    /// Page size: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when `None`.
     pub limit: Option<u32>,
 }
 
@@ -334,7 +349,7 @@ pub struct EventFilter {
     pub until: Option<SystemTime>,
     /// Continue after this event id (the previous page's `next_cursor`).
     pub after: Option<i64>,
-    /// Page size (validated by [`page_size`]).
+    /// Page size: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when `None`.
     pub limit: Option<u32>,
 }
 

@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::inspect::DeliveryId;
 
 /// Tells listening dispatchers that work is due. Delivered at commit, like any NOTIFY.
-pub const WAKE: &str = "SELECT pg_notify('outboxd_wakeup', '')";
+pub(crate) const WAKE: &str = "SELECT pg_notify('outboxd_wakeup', '')";
 
 pub(crate) const RETRY_DEAD: &str = "UPDATE webhook_deliveries d
     SET state = 'pending', next_attempt_at = now(), attempt_base = d.attempts,

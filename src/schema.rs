@@ -47,7 +47,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
 
 /// The SHA-256 of a migration's text as recorded in `outboxd_migrations.checksum`
 /// (lowercase hex of the file's bytes, exactly as embedded).
-pub fn checksum(sql: &str) -> String {
+pub(crate) fn checksum(sql: &str) -> String {
     Sha256::digest(sql.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -317,7 +317,8 @@ async fn push_with_the_pool_through_pgbouncer_and_listen_direct() {
     let dispatcher = RunningDispatcher::start_with(
         outboxd::Dispatcher::new(bouncer.url(&db), config)
             .expect("valid config")
-            .with_listen_database_url(db.url.clone()),
+            .with_listen_database_url(db.url.clone())
+            .expect("a valid connection string"),
     );
     crate::harness::eventually("the LISTEN session is up", Duration::from_secs(20), || {
         let metrics = dispatcher.metrics.clone();

@@ -8,6 +8,7 @@ mod manage;
 mod run;
 mod settings;
 mod signals;
+mod startup;
 
 use std::process::ExitCode;
 use std::time::SystemTime;
@@ -105,7 +106,7 @@ enum Command {
 
 /// Parses an RFC 3339 time for flags.
 pub(crate) fn parse_time(s: &str) -> Result<SystemTime, String> {
-    outboxd::time_format::parse_rfc3339(s)
+    outboxd::inspect::parse_time(s)
         .ok_or_else(|| format!("expected an RFC 3339 time such as 2030-01-01T00:00:00Z, got {s:?}"))
 }
 

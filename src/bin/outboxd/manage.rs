@@ -131,7 +131,7 @@ pub struct ListArgs {
     #[arg(long)]
     after: Option<String>,
     /// Page size, 1 to 1000
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = inspect::DEFAULT_PAGE)]
     limit: u32,
     /// Print JSON instead of a table
     #[arg(long)]

@@ -4,12 +4,13 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use outboxd::startup::{self, Startup};
-use outboxd::{Config, ConfigError, Dispatcher, db, schema, status};
+use outboxd::status::Startup;
+use outboxd::{Config, Dispatcher, db, schema, status};
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::Serve;
 use crate::signals;
+use crate::startup;
 
 /// Runs the dispatcher until SIGTERM/SIGINT and a drain, with the servers beside it.
 ///
@@ -24,18 +25,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let listen = config.listen;
     let database_wait = config.database_wait;
-    if let Some(url) = &listen_database_url {
-        db::ConnInfo::parse(url).map_err(|e| ConfigError {
-            variable: "WEBHOOK_LISTEN_DATABASE_URL",
-            message: e.to_string(),
-        })?;
+    let mut dispatcher = Dispatcher::new(database_url.clone(), config)?;
+    if let Some(url) = listen_database_url {
+        dispatcher = dispatcher.with_listen_database_url(url)?;
         if !listen {
             tracing::info!("WEBHOOK_LISTEN=false: WEBHOOK_LISTEN_DATABASE_URL is not used");
         }
-    }
-    let mut dispatcher = Dispatcher::new(database_url.clone(), config)?;
-    if let Some(url) = listen_database_url {
-        dispatcher = dispatcher.with_listen_database_url(url);
     }
     let shutdown = CancellationToken::new();
     signals::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
