@@ -267,6 +267,10 @@ pub async fn claim(
 /// ~0.3 ms), so the prepared form is what keeps the wake-up path short. Its cached
 /// generic plan has the same shape as the custom one (partial-index scans, primary-key
 /// lookups).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "runs the statement prepared on purpose (WEBHOOK_PREPARED_STATEMENTS)"
+)]
 pub async fn claim_prepared(
     client: &Client,
     statement: &Statement,

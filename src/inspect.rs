@@ -314,11 +314,17 @@ pub(crate) const ATTEMPTS: &str =
 pub async fn get_delivery(client: &impl GenericClient, id: DeliveryId) -> Result<DeliveryDetail> {
     let sql = GET_DELIVERY.replace("{COLUMNS}", DELIVERY_COLUMNS);
     let row = client
-        .query_opt(&sql, &[&id.event_id, &id.endpoint_id])
+        .query_typed_opt(
+            &sql,
+            &[(&id.event_id, Type::INT8), (&id.endpoint_id, Type::INT8)],
+        )
         .await?
         .ok_or_else(|| Error::NotFound(format!("delivery {id}")))?;
     let attempts = client
-        .query(ATTEMPTS, &[&id.event_id, &id.endpoint_id])
+        .query_typed(
+            ATTEMPTS,
+            &[(&id.event_id, Type::INT8), (&id.endpoint_id, Type::INT8)],
+        )
         .await?;
     Ok(DeliveryDetail {
         delivery: delivery_from_row(&row),
@@ -442,7 +448,7 @@ pub(crate) const GET_EVENT: &str =
 /// One event.
 pub async fn get_event(client: &impl GenericClient, id: i64) -> Result<EventView> {
     let row = client
-        .query_opt(GET_EVENT, &[&id])
+        .query_typed_opt(GET_EVENT, &[(&id, Type::INT8)])
         .await?
         .ok_or_else(|| Error::NotFound(format!("event {id}")))?;
     Ok(event_from_row(&row))
@@ -533,7 +539,7 @@ pub(crate) const STATS_ENDPOINTS: &str = "WITH recent AS (
 /// Reads the queue statistics. Counts every delivery row, so on a very large history it
 /// takes as long as a scan of the deliveries table: meant for operators, not scrapes.
 pub async fn stats(client: &impl GenericClient) -> Result<Stats> {
-    let row = client.query_one(STATS_DEPTH, &[]).await?;
+    let row = client.query_typed_one(STATS_DEPTH, &[]).await?;
     let mut depth = std::collections::BTreeMap::new();
     for state in [
         "pending",
@@ -548,7 +554,7 @@ pub async fn stats(client: &impl GenericClient) -> Result<Stats> {
     let oldest: Option<f64> = row.try_get("oldest_pending_age_seconds")?;
     let oldest = oldest.unwrap_or(0.0).max(0.0);
     let endpoints = client
-        .query(STATS_ENDPOINTS, &[])
+        .query_typed(STATS_ENDPOINTS, &[])
         .await?
         .iter()
         .map(|r| {

@@ -83,6 +83,9 @@
 //!
 //! [Standard Webhooks]: https://www.standardwebhooks.com/
 
+// Every statement must work behind a transaction-mode pooler: see clippy.toml.
+#![warn(clippy::disallowed_methods)]
+
 /// Declares internal modules: crate-private, or public but hidden from the docs with
 /// the `internals` feature (for the benchmark and the integration tests that drive
 /// internals).

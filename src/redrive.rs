@@ -122,9 +122,18 @@ pub async fn replay(
     let rows = match endpoint_id {
         Some(endpoint_id) => {
             endpoint::get(client, endpoint_id).await?;
-            client.query(REPLAY_ONE, &[&event_id, &endpoint_id]).await?
+            client
+                .query_typed(
+                    REPLAY_ONE,
+                    &[(&event_id, Type::INT8), (&endpoint_id, Type::INT8)],
+                )
+                .await?
         }
-        None => client.query(REPLAY_ALL, &[&event_id]).await?,
+        None => {
+            client
+                .query_typed(REPLAY_ALL, &[(&event_id, Type::INT8)])
+                .await?
+        }
     };
     wake(client, rows.len()).await?;
     rows.iter().map(delivery_id).collect()
@@ -174,7 +183,7 @@ fn delivery_id(row: &tokio_postgres::Row) -> Result<DeliveryId> {
 
 async fn wake(client: &impl GenericClient, changed: usize) -> Result<()> {
     if changed > 0 {
-        client.execute(WAKE, &[]).await?;
+        client.execute_typed(WAKE, &[]).await?;
     }
     Ok(())
 }

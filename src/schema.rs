@@ -19,6 +19,7 @@
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 use crate::error::{Error, Result};
 
@@ -112,10 +113,11 @@ pub(crate) const APPLIED_MIGRATIONS: &str =
 pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
     {
         let tx = client.transaction().await?;
-        tx.execute(LOCK_MIGRATIONS, &[&MIGRATION_LOCK_KEY]).await?;
+        tx.execute_typed(LOCK_MIGRATIONS, &[(&MIGRATION_LOCK_KEY, Type::INT8)])
+            .await?;
         tx.batch_execute(CREATE_MIGRATIONS_TABLE).await?;
         let present: bool = tx
-            .query_one(HAS_CHECKSUM_COLUMN, &[])
+            .query_typed_one(HAS_CHECKSUM_COLUMN, &[])
             .await?
             .try_get("present")?;
         if !present {
@@ -128,8 +130,12 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
     for &(name, sql) in MIGRATIONS {
         let embedded = checksum(sql);
         let tx = client.transaction().await?;
-        tx.execute(LOCK_MIGRATIONS, &[&MIGRATION_LOCK_KEY]).await?;
-        if let Some(row) = tx.query_opt(RECORDED_CHECKSUM, &[&name]).await? {
+        tx.execute_typed(LOCK_MIGRATIONS, &[(&MIGRATION_LOCK_KEY, Type::INT8)])
+            .await?;
+        let recorded = tx
+            .query_typed_opt(RECORDED_CHECKSUM, &[(&name, Type::TEXT)])
+            .await?;
+        if let Some(row) = recorded {
             match row.try_get::<_, Option<String>>("checksum")? {
                 Some(recorded) if recorded == embedded => {}
                 Some(recorded) => {
@@ -140,8 +146,11 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
                     });
                 }
                 None => {
-                    tx.execute(RECORD_MISSING_CHECKSUM, &[&name, &embedded])
-                        .await?;
+                    tx.execute_typed(
+                        RECORD_MISSING_CHECKSUM,
+                        &[(&name, Type::TEXT), (&embedded, Type::TEXT)],
+                    )
+                    .await?;
                     trusted.push(name);
                 }
             }
@@ -151,7 +160,11 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
         tx.batch_execute(sql)
             .await
             .map_err(|source| Error::Migration { name, source })?;
-        tx.execute(RECORD_MIGRATION, &[&name, &embedded]).await?;
+        tx.execute_typed(
+            RECORD_MIGRATION,
+            &[(&name, Type::TEXT), (&embedded, Type::TEXT)],
+        )
+        .await?;
         tx.commit().await?;
         tracing::info!(migration = name, "applied migration");
         applied.push(name);

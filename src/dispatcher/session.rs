@@ -129,6 +129,8 @@ impl Session {
                 if self.statements == StatementMode::Unnamed {
                     Prepared { conn, claim: None }
                 } else {
+                    // The one named statement, where nothing in between forbids it.
+                    #[allow(clippy::disallowed_methods, reason = "prepared on purpose")]
                     let prepare = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES);
                     match until_shutdown(&self.connector, &conn, shutdown, prepare).await {
                         Some(Ok(claim)) => Prepared {

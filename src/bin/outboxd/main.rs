@@ -4,6 +4,9 @@
 //! input or configuration (the message names the variable or flag); 3 not found;
 //! 4 nothing was done (e.g. `retry` of deliveries that are not dead).
 
+// Every statement must work behind a transaction-mode pooler: see clippy.toml.
+#![warn(clippy::disallowed_methods)]
+
 mod manage;
 mod run;
 mod settings;
