@@ -160,6 +160,7 @@ impl Dispatcher {
                 max_attempts: cfg.max_attempts,
             },
             permits: Arc::new(Semaphore::new(cfg.concurrency as usize)),
+            payload_budget: claim::PayloadBudget::from_config(&cfg),
             tracker: TaskTracker::new(),
             abort: CancellationToken::new(),
             sender: Arc::new(sender),
@@ -234,6 +235,8 @@ struct ClaimLoop {
     sender: Arc<Sender>,
     wake: Arc<Notify>,
     permits: Arc<Semaphore>,
+    /// Payload bytes held by claimed, unsent deliveries; claims wait for room in it.
+    payload_budget: Arc<claim::PayloadBudget>,
     tracker: TaskTracker,
     abort: CancellationToken,
     settle_tx: mpsc::Sender<Outcome>,
@@ -261,6 +264,9 @@ impl ClaimLoop {
                 return;
             };
             if !self.wait_while_settle_stalled(shutdown).await {
+                return;
+            }
+            if !self.payload_budget.wait_for_room(shutdown).await {
                 return;
             }
             // A whole batch, however few slots are free: the rest wait in `dispatch`
@@ -439,6 +445,7 @@ impl ClaimLoop {
             &self.cfg.worker_id,
             self.cfg.lease,
             limit,
+            &self.payload_budget,
         )
         .await?;
         *session = Some(current);

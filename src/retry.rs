@@ -61,10 +61,12 @@ impl RetryPolicy {
             }
             AttemptResult::Response { status: 410, .. } => return Verdict::Gone,
             AttemptResult::Response { status, .. } => is_retryable_status(*status),
-            // Terminal (docs/webhooks.md): a refused target, an unusable URL or secret.
-            AttemptResult::Failed { kind, .. } => {
-                !matches!(kind, ErrorKind::RefusedTarget | ErrorKind::InvalidEndpoint)
-            }
+            // Terminal (docs/webhooks.md): a refused target, an unusable URL or secret, a
+            // request that cannot be built.
+            AttemptResult::Failed { kind, .. } => !matches!(
+                kind,
+                ErrorKind::RefusedTarget | ErrorKind::InvalidEndpoint | ErrorKind::Unbuildable
+            ),
         };
         if !retryable || attempt >= self.max_attempts {
             return Verdict::Dead;
