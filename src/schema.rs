@@ -25,6 +25,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_settle_function.sql",
         include_str!("../sql/0005_settle_function.sql"),
     ),
+    (
+        "0007_retention_frontier.sql",
+        include_str!("../sql/0007_retention_frontier.sql"),
+    ),
 ];
 
 /// Serializes concurrent `migrate` runs across processes: any constant works as

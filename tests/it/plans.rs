@@ -243,3 +243,50 @@ async fn claim_reads_through_indexes_on_stale_statistics() {
         }
     }
 }
+
+/// Retention finds expired dead deliveries and removed endpoints' parked ones through
+/// their partial indexes, however stale the statistics: a pass reads what it deletes,
+/// not the deliveries it keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_reads_through_indexes_on_stale_statistics() {
+    let db = TestDb::new("retentionplan").await;
+    db.add_endpoint("https://example.com/hook", &[]).await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = off);
+             INSERT INTO webhook_deliveries (event_id, endpoint_id, state, attempts)
+                 SELECT i, 1, 'delivered', 1 FROM generate_series(1, 20) i;
+             ANALYZE webhook_deliveries;
+             INSERT INTO webhook_deliveries (event_id, endpoint_id, state, attempts, updated_at)
+                 SELECT i, 1 + i % 3, CASE i % 4 WHEN 0 THEN 'dead' WHEN 1 THEN 'parked'
+                                                 ELSE 'delivered' END,
+                        1, now() - interval '100 hours'
+                 FROM generate_series(21, 40000) i;",
+        )
+        .await
+        .unwrap();
+    for statement in [
+        outboxd::retention::DELETE_EXPIRED_DEAD,
+        outboxd::retention::DELETE_REMOVED_PARKED,
+    ] {
+        for mode in ["force_generic_plan", "force_custom_plan"] {
+            db.client
+                .batch_execute(&format!(
+                    "DEALLOCATE ALL; SET plan_cache_mode = {mode};
+                     PREPARE prune(int8, int8) AS {statement}"
+                ))
+                .await
+                .unwrap();
+            let lines = db
+                .client
+                .query("EXPLAIN EXECUTE prune(2592000000, 500)", &[])
+                .await
+                .unwrap();
+            let plan = plan(lines.iter().map(|r| r.get(0)));
+            assert!(
+                !plan.contains("Seq Scan on webhook_deliveries"),
+                "{mode} scans the deliveries whole:\n{plan}"
+            );
+        }
+    }
+}
