@@ -8,14 +8,15 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint fmt build clean bench
+.PHONY: help run test lint fmt build clean bench chaos
 
 help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "  Env: DATABASE_URL (use an existing database), TEST_THREADS (default 6), DEMO_PORT (default 8787)"
-	@echo "  Bench: BENCH_SCENARIOS=burst,fanout,idle,steady,producer,scaleout,ceiling,history BENCH_QUICK=1"
+	@echo "  Bench: BENCH_SCENARIOS=burst,fanout,idle,steady,producer,scaleout,ceiling,history,statements BENCH_QUICK=1"
 	@echo "         BENCH_DATABASE_URL (bench an existing server instead of a throwaway one)"
+	@echo "  Chaos: CHAOS_SECONDS (default 60) CHAOS_SEED (repeat a run's faults) CHAOS_RATE CHAOS_BIN"
 
 run: ## Local demo: throwaway Postgres + outboxd + demo-receiver (Ctrl-C to stop)
 	scripts/with-postgres.sh scripts/demo.sh
@@ -38,6 +39,9 @@ bench: ## Benchmark against a throwaway PostgreSQL with durability on; table + t
 	$(CARGO) bench --locked --bench dispatch --no-run
 	env -u DATABASE_URL $${BENCH_DATABASE_URL:+DATABASE_URL="$$BENCH_DATABASE_URL"} RUST_LOG=$${RUST_LOG:-warn} \
 		scripts/with-postgres.sh $(CARGO) bench --locked --bench dispatch
+
+chaos: ## Fault-injection suite: kill -9, backends terminated, PostgreSQL restarts, a failing receiver
+	CARGO=$(CARGO) scripts/chaos.sh
 
 clean: ## Remove build artifacts
 	$(CARGO) clean

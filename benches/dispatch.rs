@@ -11,7 +11,8 @@
 //! `target/bench/latest.json`.
 //!
 //! Environment: `BENCH_SCENARIOS=burst,idle,...` (default all: burst, fanout, idle,
-//! steady, producer, scaleout, ceiling, history), `BENCH_QUICK=1` (smaller counts), and
+//! steady, producer, scaleout, ceiling, history, statements), `BENCH_QUICK=1` (smaller
+//! counts), and
 //! per-figure overrides such as `BENCH_BURST_EVENTS`, `BENCH_HISTORY_ROWS`,
 //! `BENCH_STEADY_RATES=500,2000` (see `Settings::from_env`); `BENCH_MAX_SECONDS`
 //! bounds the whole run (default 1800). `BENCH_AB_BIN=<another outboxd>` repeats each

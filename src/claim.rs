@@ -30,8 +30,9 @@ use crate::time_format::PgTimestamp;
 ///   form can lock and update more than n rows, PostgreSQL bug #15715).
 /// * `candidates` takes unprocessed, due outbox rows (`SKIP LOCKED` again, so each event
 ///   is fanned out by exactly one dispatcher), as many as fill the remaining capacity
-///   when each goes to every active endpoint: fanning out more would insert deliveries
-///   only to claim them with a second write later.
+///   when each goes to every active endpoint (and no more than about a batch of rows in
+///   all when disabled endpoints add parked ones): fanning out more would insert
+///   deliveries only to claim them with a second write later.
 /// * `offered` to `admitted` bound the claim by payload bytes as well as rows: each
 ///   event counts once, however many of its deliveries come along, the due deliveries'
 ///   events first (in the order of their first due delivery), then the fresh ones; an
@@ -49,13 +50,16 @@ use crate::time_format::PgTimestamp;
 ///   due again when the lease runs out and the same index finds it. `attempts` is bumped
 ///   at claim time, which makes it the lease token that settling checks.
 /// * `events` (the fresh events taken) are marked processed and fanned out; the
-///   deliveries `inserted` are claimed at once up to the remaining capacity, and any rest
-///   (possible only when the due retries took the capacity) is inserted due now for the
-///   next claim. `ON CONFLICT DO NOTHING` on the (event, endpoint) key makes fan-out
-///   idempotent. The filter match is written out here rather than in a SQL function: a
-///   function whose body has a sub-select is never inlined, and calling it cost ~10 us
-///   per (event, endpoint) pair; inline, the common cases (no filter, exact name)
-///   short-circuit before the sub-select runs.
+///   deliveries `inserted` for active endpoints are claimed at once up to the remaining
+///   capacity, and any rest (possible only when the due retries took the capacity) is
+///   inserted due now for the next claim. A disabled (not removed) endpoint gets its
+///   deliveries parked, so enabling it resumes what it missed; a park that races an
+///   enable is resumed by the stranded-park sweep (`health::RESUME_STRANDED`).
+///   `ON CONFLICT DO NOTHING` on the (event, endpoint) key makes fan-out idempotent. The
+///   filter match is written out here rather than in a SQL function: a function whose
+///   body has a sub-select is never inlined, and calling it cost ~10 us per (event,
+///   endpoint) pair; inline, the common cases (no filter, exact name) short-circuit
+///   before the sub-select runs.
 /// * The result has a row per claimed delivery, with its endpoint (the endpoint's
 ///   previous secret comes along while its rotation grace period lasts, and `attempts -
 ///   attempt_base` is the count the retry budget is judged by, as a re-drive resets it).
@@ -77,9 +81,12 @@ WITH due AS (
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), cap AS (
-    SELECT greatest(1, ($3 - (SELECT count(*) FROM due))
-                       / greatest(1, (SELECT count(*) FROM webhook_endpoints
-                                      WHERE active AND deleted_at IS NULL))) AS events_limit
+    -- Disabled endpoints get parked rows too, so the rows written in all are held to
+    -- about a batch as well.
+    SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
+                             $3 / greatest(1, n.kept))) AS events_limit
+    FROM (SELECT count(*) FILTER (WHERE active) AS open, count(*) AS kept
+          FROM webhook_endpoints WHERE deleted_at IS NULL) AS n
 ), candidates AS (
     SELECT id, event_type, deliver_after, pg_column_size(payload) AS stored,
            pg_column_compression(payload) IS NOT NULL AS compressed
@@ -133,13 +140,17 @@ WITH due AS (
     SET processed_at = now()
     WHERE o.id = ANY (ARRAY(SELECT id FROM events))
 ), fanout AS (
+    -- Every endpoint not removed: a disabled one gets its deliveries parked, and its
+    -- enable resumes them.
     SELECT e.id AS event_id,
            ep.id AS endpoint_id,
-           row_number() OVER (ORDER BY e.id, ep.id) <= $3 - (SELECT count(*) FROM reclaimed)
+           ep.active AS open,
+           ep.active AND row_number() OVER (PARTITION BY ep.active ORDER BY e.id, ep.id)
+                         <= $3 - (SELECT count(*) FROM reclaimed)
                AS claim_now
     FROM events e
     JOIN webhook_endpoints ep
-      ON ep.active AND ep.deleted_at IS NULL
+      ON ep.deleted_at IS NULL
      AND (cardinality(ep.event_types) = 0
           OR e.event_type = ANY (ep.event_types)
           OR EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
@@ -147,9 +158,10 @@ WITH due AS (
                         OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1)))))
 ), inserted AS (
     INSERT INTO webhook_deliveries
-        (event_id, endpoint_id, attempts, next_attempt_at, locked_by, locked_until)
+        (event_id, endpoint_id, state, attempts, next_attempt_at, locked_by, locked_until)
     SELECT event_id,
            endpoint_id,
+           CASE WHEN open THEN 'pending' ELSE 'parked' END,
            CASE WHEN claim_now THEN 1 ELSE 0 END,
            CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' ELSE now() END,
            CASE WHEN claim_now THEN $1 END,
@@ -181,8 +193,8 @@ LEFT JOIN LATERAL (
     OFFSET 0
 ) e ON true";
 
-/// Arms the doorbell and opens its gate before sleeping (see `sql/0002_notify.sql` and
-/// `sql/0004_doorbell_gate.sql`).
+/// Arms the doorbell and opens its gate before sleeping (see `sql/0002_notify.sql`,
+/// `sql/0004_doorbell_gate.sql` and `sql/0006_isolation_and_endpoint_health.sql`).
 ///
 /// The bell row is updated, and so locked, before the gate is tested and opened: the
 /// `FROM` sub-select must be computed before the `setval` in the target list, and the
@@ -190,40 +202,84 @@ LEFT JOIN LATERAL (
 /// [`CLOSE_DOORBELL_GATE`] takes, an arm that updates the row and a close exclude each
 /// other: no close lands between this statement's opening of the gate and its commit,
 /// and an arm that waited for a close reopens the gate it shut. An arm that updates
-/// nothing found the bell armed: either it still is, and no close will shut the gate, or
-/// a ring has disarmed it since, and that ring's notification wakes this dispatcher.
-/// `AND NOT armed` and the gate test make re-arming an armed bell a read, not a write
-/// (each `setval` is a WAL record).
+/// nothing found the bell armed with no ring numbered since (`rings_seen`): it still
+/// is, and no close will shut the gate until a ring that wakes this dispatcher too; or
+/// a READ COMMITTED ring has disarmed it since, and that ring's notification wakes this
+/// dispatcher.
+///
+/// A ring at REPEATABLE READ or SERIALIZABLE leaves the bell armed and numbers itself
+/// in `webhook_doorbell_rings`. An arm after such a ring records its number (a write, so
+/// it locks the row): the close disarms an armed bell only for a ring numbered after
+/// the latest arm, whose notification reaches every dispatcher that armed before it,
+/// so it never shuts out this one. The condition is the close's own, so whenever a
+/// close may disarm, an arm writes and waits for it. An arm that writes also stores the
+/// number in the gate's `last_value`, where producers read how many rings have gone
+/// unanswered. Otherwise `AND NOT armed`, the number comparison and the gate test make
+/// re-arming an armed bell a read, not a write (each `setval` is a WAL record).
 pub const ARM_DOORBELL: &str = "
 WITH armed AS (
-    UPDATE webhook_doorbell SET armed = true WHERE id = 1 AND NOT armed
-    RETURNING 1
+    UPDATE webhook_doorbell
+    SET armed = true,
+        rings_seen = coalesce(pg_sequence_last_value('webhook_doorbell_rings'), 1)
+    WHERE id = 1
+      AND (NOT armed
+           OR rings_seen < coalesce(pg_sequence_last_value('webhook_doorbell_rings'), 1))
+    RETURNING rings_seen
 )
-SELECT setval('webhook_doorbell_gate', 1, false)
-FROM (SELECT count(*) FROM armed) AS arming
-WHERE pg_sequence_last_value('webhook_doorbell_gate') IS NOT NULL";
+SELECT setval('webhook_doorbell_gate',
+              coalesce(arming.seen,
+                       coalesce(pg_sequence_last_value('webhook_doorbell_rings'), 1)),
+              false)
+FROM (SELECT max(rings_seen) AS seen FROM armed) AS arming
+WHERE arming.seen IS NOT NULL
+   OR pg_sequence_last_value('webhook_doorbell_gate') IS NOT NULL";
 
 /// Closes the doorbell's gate: sent by a dispatcher woken by a notification, beside
-/// its next claim. The ringer disarmed the bell, so until a dispatcher is about to
-/// sleep again an open gate would only make every insert statement call the ring
-/// function for nothing.
+/// its next claim. Once the bell has rung, an open gate would only make every insert
+/// statement call the ring function for nothing until a dispatcher is about to sleep
+/// again.
 ///
-/// The gate closes only while the bell is disarmed and nobody holds its row. An armed
-/// bell (as committed) means a dispatcher is asleep waiting for a ring, or a producer is
-/// ringing it right now; a locked row may be a dispatcher arming it. In each case the
-/// gate stays open (a ring in flight wakes every dispatcher at its commit, and their
-/// next claims close the gate): `SKIP LOCKED`, so a close never waits for another
-/// session, and leaves the gate open rather than wait to find out. The `setval` is
-/// projected from the locked row, so it runs only after the lock is held. The gate test
-/// sits in the scan's filter, below the lock: closing an already closed gate is a read.
+/// The gate closes only while nobody holds the bell's row and either the bell is
+/// disarmed (a READ COMMITTED ring disarmed it, and its notification woke every
+/// dispatcher asleep on it) or it is armed and a REPEATABLE READ or SERIALIZABLE ring
+/// has been numbered in `webhook_doorbell_rings` since the latest arm or close
+/// (`rings_seen`). In the second case the close also disarms the bell, records the
+/// ring number as seen, and notifies in its own transaction: the ring's own
+/// notification reaches every dispatcher that armed before it, but that ring may have
+/// rolled back or left the notifying to another producer, and a dispatcher of the
+/// previous version arms without recording the number; the close's notification wakes
+/// every dispatcher asleep at its commit, and each arms again (reopening the gate)
+/// before it sleeps. Recording the number means those re-arms are not closed again:
+/// each ring causes at most one such close, and closes never wake each other in a
+/// loop. The gate's `last_value` gets the number too: the rings up to it are answered.
+///
+/// An armed bell with no ring numbered since its arm means a dispatcher is asleep
+/// waiting for a ring (or a READ COMMITTED producer is ringing it right now); a locked
+/// row may be a dispatcher arming it. In each case the gate stays open (a ring in
+/// flight wakes every dispatcher at its commit, and their next claims close the gate):
+/// `SKIP LOCKED`, so a close never waits for another session, and leaves the gate open
+/// rather than wait to find out. The `setval` is projected from the locked row, so it
+/// runs only after the lock is held. The gate test sits in the scan's filter, below
+/// the lock: closing an already closed gate is a read.
 pub const CLOSE_DOORBELL_GATE: &str = "
-WITH rung AS (
-    SELECT 1 FROM webhook_doorbell
-    WHERE id = 1 AND NOT armed
+WITH bell AS (
+    SELECT armed FROM webhook_doorbell
+    WHERE id = 1
       AND pg_sequence_last_value('webhook_doorbell_gate') IS NULL
+      AND (NOT armed
+           OR rings_seen < coalesce(pg_sequence_last_value('webhook_doorbell_rings'), 1))
     FOR UPDATE SKIP LOCKED
+), disarmed AS (
+    UPDATE webhook_doorbell
+    SET armed = false,
+        rings_seen = coalesce(pg_sequence_last_value('webhook_doorbell_rings'), 1)
+    WHERE id = 1 AND (SELECT armed FROM bell)
+    RETURNING pg_notify('outboxd_wakeup', '')
 )
-SELECT setval('webhook_doorbell_gate', 1, true) FROM rung";
+SELECT setval('webhook_doorbell_gate',
+              coalesce(pg_sequence_last_value('webhook_doorbell_rings'), 1), true),
+       (SELECT count(*) FROM disarmed)
+FROM bell";
 
 /// When the next piece of work becomes due: the earliest pending delivery (a retry or
 /// a lease end) or delayed event. Each side reads the first entry of its partial index.
@@ -360,14 +416,19 @@ pub async fn claim(
     limit: u32,
 ) -> Result<Vec<Claimed>> {
     let budget = PayloadBudget::from_config(&Config::default());
-    Ok(claim_within(client, worker_id, lease, limit, &budget)
+    Ok(claim_unnamed(client, worker_id, lease, limit, &budget)
         .await?
         .claimed)
 }
 
-/// [`claim`] within `budget`: payloads come to no more than what it has available
-/// (but at least one event), and count against it while they are held.
-pub async fn claim_within(
+/// Runs [`CLAIM`] as an unnamed statement, parsed and planned on every call, within
+/// `budget`: payloads come to no more than what it has available (but at least one
+/// event), and count against it while they are held. This is the form that works
+/// through a transaction-mode pooler, which keeps no prepared statement from one
+/// transaction to the next. On an idle queue it cost 0.7 to 2.0 ms more per call than
+/// [`claim_prepared`] (the `statements` bench scenario, on a loaded machine); on full
+/// batches of 200, 2% to 17% more.
+pub async fn claim_unnamed(
     client: &impl GenericClient,
     worker_id: &str,
     lease: Duration,
@@ -388,7 +449,7 @@ pub async fn claim_within(
 }
 
 /// Runs [`CLAIM`] prepared (with [`CLAIM_TYPES`]) on `client`, within `budget` (see
-/// [`claim_within`]). Parsing and planning this statement costs more than running it
+/// [`claim_unnamed`]). Parsing and planning this statement costs more than running it
 /// on an idle queue (~0.6 ms against ~0.3 ms), so the prepared form is what keeps the
 /// wake-up path short. Its cached generic plan has the same shape as the custom one
 /// (partial-index scans, primary-key lookups).

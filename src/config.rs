@@ -67,6 +67,62 @@ pub struct Config {
     /// Most payload bytes a dispatcher holds at once, claimed and not yet sent (a claim
     /// always takes at least one event, however large).
     pub payload_budget_bytes: u64,
+    /// `lock_timeout` of the dispatcher's sessions: no statement waits longer for a
+    /// lock (zero: no limit). A timed-out statement is retried like any failed one.
+    pub db_lock_timeout: Duration,
+    /// `statement_timeout` of the dispatcher's sessions (zero: no limit); must leave
+    /// room for a claim of a whole batch and a write of its outcomes.
+    pub db_statement_timeout: Duration,
+    /// Whether the claim is prepared once per connection or sent unnamed every time
+    /// (see [`PreparedStatements`]).
+    pub prepared_statements: PreparedStatements,
+    /// How long `outboxd run` waits for PostgreSQL to accept connections at start
+    /// before giving up; zero gives up at the first refusal.
+    pub database_wait: Duration,
+}
+
+/// `WEBHOOK_PREPARED_STATEMENTS`: whether the claim statement may be a named prepared
+/// statement. Every other statement outboxd's dispatcher sends is unnamed already.
+///
+/// A transaction-mode pooler without prepared-statement support (pgbouncer before
+/// 1.21, or without `max_prepared_statements`) hands each transaction whichever server
+/// session is free, so a statement prepared on one is missing on the next, or its name
+/// clashes with another client's (`prepared statement "s0" already exists`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PreparedStatements {
+    /// Decide at start: unnamed when two of the dispatcher's connections are served by
+    /// the same PostgreSQL session in turn (a transaction-mode pooler), prepared
+    /// otherwise. The decision and its evidence are logged.
+    #[default]
+    Auto,
+    /// Prepare the claim once per connection: for direct connections, session-mode
+    /// pools and poolers that track prepared statements.
+    On,
+    /// Send every statement unnamed: for transaction-mode poolers.
+    Off,
+}
+
+impl std::str::FromStr for PreparedStatements {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "on" | "true" => Ok(Self::On),
+            "off" | "false" => Ok(Self::Off),
+            other => Err(format!("expected auto, on or off, got {other:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for PreparedStatements {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        })
+    }
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -95,6 +151,10 @@ impl Default for Config {
             endpoint_disable_after: 120 * HOUR,
             max_payload_bytes: 4 * MIB,
             payload_budget_bytes: 64 * MIB,
+            prepared_statements: PreparedStatements::Auto,
+            database_wait: Duration::from_secs(300),
+            db_lock_timeout: Duration::from_millis(5_000),
+            db_statement_timeout: Duration::from_millis(30_000),
         }
     }
 }
@@ -208,6 +268,42 @@ impl Config {
             MIB,
             1 << 40,
         )?;
+        range_ms(
+            "WEBHOOK_DATABASE_WAIT_MS",
+            self.database_wait,
+            0,
+            86_400_000,
+        )?;
+        // Zero turns a limit off, as in PostgreSQL; otherwise at least 100 ms, since a
+        // shorter wait would fail ordinary statements on a busy database.
+        let limit = |var, d: Duration, max| {
+            if !d.is_zero() {
+                range_ms(var, d, 100, max)?;
+            }
+            Ok::<_, ConfigError>(())
+        };
+        limit(
+            "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+            self.db_lock_timeout,
+            3_600_000,
+        )?;
+        limit(
+            "WEBHOOK_DB_STATEMENT_TIMEOUT_MS",
+            self.db_statement_timeout,
+            86_400_000,
+        )?;
+        if !self.db_statement_timeout.is_zero() && self.db_lock_timeout > self.db_statement_timeout
+        {
+            return Err(ConfigError::new(
+                "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+                format!(
+                    "must not exceed WEBHOOK_DB_STATEMENT_TIMEOUT_MS ({} ms), got {} ms; the \
+                     statement timeout would end the wait first",
+                    self.db_statement_timeout.as_millis(),
+                    self.db_lock_timeout.as_millis()
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -345,6 +441,41 @@ pub struct RunArgs {
         default_value_t = 64 * MIB
     )]
     pub payload_budget_bytes: u64,
+    /// Prepare the claim statement once per connection (on), send every statement unnamed (off, for transaction-mode poolers such as pgbouncer before 1.21), or decide at start (auto)
+    #[arg(long, env = "WEBHOOK_PREPARED_STATEMENTS", value_name = "WEBHOOK_PREPARED_STATEMENTS", default_value = "auto", value_parser = clap::value_parser!(PreparedStatements))]
+    pub prepared_statements: PreparedStatements,
+    /// PostgreSQL connection string for the LISTEN session alone [default: DATABASE_URL]; point it at PostgreSQL directly when DATABASE_URL goes through a transaction-mode pooler
+    #[arg(
+        long,
+        env = "WEBHOOK_LISTEN_DATABASE_URL",
+        value_name = "WEBHOOK_LISTEN_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub listen_database_url: Option<String>,
+    /// At start, how long to wait for PostgreSQL to accept connections, in milliseconds (0: give up at once)
+    #[arg(
+        long,
+        env = "WEBHOOK_DATABASE_WAIT_MS",
+        value_name = "WEBHOOK_DATABASE_WAIT_MS",
+        default_value_t = 300_000
+    )]
+    pub database_wait_ms: u64,
+    /// Longest wait for a lock by any dispatcher statement, in milliseconds (its sessions' lock_timeout; 0: no limit)
+    #[arg(
+        long,
+        env = "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+        value_name = "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub db_lock_timeout_ms: u64,
+    /// Longest run of any dispatcher statement, in milliseconds (its sessions' statement_timeout; 0: no limit)
+    #[arg(
+        long,
+        env = "WEBHOOK_DB_STATEMENT_TIMEOUT_MS",
+        value_name = "WEBHOOK_DB_STATEMENT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub db_statement_timeout_ms: u64,
 }
 
 /// Hours as a `Duration` multiplier, saturating so absurd values fail validation
@@ -383,6 +514,10 @@ impl RunArgs {
             endpoint_disable_after: HOUR.saturating_mul(hours(self.endpoint_disable_after_hours)),
             max_payload_bytes: self.max_payload_bytes,
             payload_budget_bytes: self.payload_budget_bytes,
+            prepared_statements: self.prepared_statements,
+            database_wait: Duration::from_millis(self.database_wait_ms),
+            db_lock_timeout: Duration::from_millis(self.db_lock_timeout_ms),
+            db_statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
         };
         config.validate()?;
         Ok(config)
@@ -457,12 +592,63 @@ mod tests {
                 },
                 "WEBHOOK_PAYLOAD_BUDGET_BYTES",
             ),
+            (
+                Config {
+                    database_wait: Duration::from_secs(86_401),
+                    ..Config::default()
+                },
+                "WEBHOOK_DATABASE_WAIT_MS",
+            ),
+            (
+                Config {
+                    db_lock_timeout: Duration::from_millis(5),
+                    ..Config::default()
+                },
+                "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+            ),
+            (
+                Config {
+                    db_statement_timeout: Duration::from_millis(50),
+                    ..Config::default()
+                },
+                "WEBHOOK_DB_STATEMENT_TIMEOUT_MS",
+            ),
+            (
+                Config {
+                    db_lock_timeout: Duration::from_secs(60),
+                    ..Config::default()
+                },
+                "WEBHOOK_DB_LOCK_TIMEOUT_MS",
+            ),
         ];
         for (config, variable) in bad {
             let err = config.validate().unwrap_err();
             assert_eq!(err.variable, variable);
             assert!(err.to_string().contains(variable), "{err}");
         }
+    }
+
+    #[test]
+    fn database_limits_may_be_off() {
+        Config {
+            db_lock_timeout: Duration::ZERO,
+            db_statement_timeout: Duration::ZERO,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        Config {
+            db_statement_timeout: Duration::ZERO,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        Config {
+            db_lock_timeout: Duration::ZERO,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]
@@ -474,5 +660,13 @@ mod tests {
             assert_eq!(parse_bool(f), Ok(false));
         }
         assert!(parse_bool("maybe").is_err());
+    }
+
+    #[test]
+    fn prepared_statements_parse() {
+        assert_eq!("AUTO".parse(), Ok(PreparedStatements::Auto));
+        assert_eq!("on".parse(), Ok(PreparedStatements::On));
+        assert_eq!(" off".parse(), Ok(PreparedStatements::Off));
+        assert!("sometimes".parse::<PreparedStatements>().is_err());
     }
 }

@@ -22,6 +22,7 @@ pub const EXCERPT_BYTES: usize = 1024;
 ///
 /// Its request body is shared: every delivery of one event in a claim holds the same
 /// buffer, whatever the number of endpoints (only the signature differs per endpoint).
+/// Its `Debug` output shows ids and sizes, never the payload, the URL or a secret.
 #[derive(Clone)]
 pub struct Delivery {
     /// The event's id; also the `webhook-id` header, identical on every retry and
@@ -49,22 +50,22 @@ pub struct Delivery {
     pub tries: i32,
 }
 
-/// Without the secrets, the URL (it may carry a token) or the body (the payload).
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
             .field("event_id", &self.event_id)
             .field("endpoint_id", &self.endpoint_id)
             .field("attempt", &self.attempt)
-            .field("tries", &self.tries)
+            .field("body_bytes", &self.body.as_ref().map(|body| body.len()))
+            .field("created_at", &self.created_at)
+            .field("url_bytes", &self.url.len())
+            .field("secret", &"<redacted>")
             .field(
-                "body",
-                &self
-                    .body
-                    .as_ref()
-                    .map(|body| format!("{} bytes", body.len())),
+                "previous_secret",
+                &self.previous_secret.as_ref().map(|_| "<redacted>"),
             )
-            .finish_non_exhaustive()
+            .field("tries", &self.tries)
+            .finish()
     }
 }
 
@@ -92,8 +93,9 @@ pub fn body(event_id: i64, event_type: &str, created_at: PgTimestamp, payload: &
     body
 }
 
-/// What an attempt produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an attempt produced. Its `Debug` output gives the excerpt's length, not the
+/// receiver's words.
+#[derive(Clone, PartialEq, Eq)]
 pub enum AttemptResult {
     /// The receiver answered (any status).
     Response {
@@ -113,6 +115,28 @@ pub enum AttemptResult {
     },
 }
 
+impl std::fmt::Debug for AttemptResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Response {
+                status,
+                retry_after,
+                excerpt,
+            } => f
+                .debug_struct("Response")
+                .field("status", status)
+                .field("retry_after", retry_after)
+                .field("excerpt_bytes", &excerpt.len())
+                .finish(),
+            Self::Failed { kind, message } => f
+                .debug_struct("Failed")
+                .field("kind", kind)
+                .field("message", message)
+                .finish(),
+        }
+    }
+}
+
 /// Why an attempt produced no answer. Stored as `error_kind`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -129,6 +153,10 @@ pub enum ErrorKind {
     Unbuildable,
     /// Anything else on the wire (reset, protocol error).
     Network,
+    /// The attempt failed inside outboxd (its send task panicked): a bug, not the
+    /// endpoint's fault. Terminal: retrying would meet the same bug; re-drive the
+    /// delivery after upgrading.
+    Internal,
 }
 
 impl ErrorKind {
@@ -141,6 +169,7 @@ impl ErrorKind {
             Self::InvalidEndpoint => "invalid_endpoint",
             Self::Unbuildable => "unbuildable",
             Self::Network => "network",
+            Self::Internal => "internal",
         }
     }
 }
@@ -156,8 +185,8 @@ pub struct Attempt {
     pub result: AttemptResult,
 }
 
-/// Sends webhooks over one shared keep-alive connection pool.
-#[derive(Debug)]
+/// Sends webhooks over one shared keep-alive connection pool. Its `Debug` output leaves
+/// out the endpoint URLs it has parsed.
 pub struct Sender {
     client: reqwest::Client,
     allow_private: bool,
@@ -165,6 +194,16 @@ pub struct Sender {
     /// same few URLs, and parsing each one again (IDNA host processing included) was
     /// ~6% of the dispatcher's CPU in a profile of a burst.
     urls: Mutex<HashMap<String, reqwest::Url>>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cached = self.urls.lock().map_or(0, |urls| urls.len());
+        f.debug_struct("Sender")
+            .field("allow_private", &self.allow_private)
+            .field("cached_urls", &cached)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Most URLs [`Sender`] keeps parsed; the cache starts over when it is full.

@@ -40,7 +40,8 @@ pub struct Endpoint {
     pub event_types: Vec<String>,
     /// Free text for operators.
     pub description: String,
-    /// Whether new deliveries are made and pending ones sent.
+    /// Whether deliveries are sent. A disabled endpoint still gets a delivery of each
+    /// new event it matches, parked until it is enabled.
     pub active: bool,
     /// Why it was disabled, if it was.
     pub disabled_reason: Option<String>,
@@ -64,12 +65,14 @@ pub struct EndpointUpdate {
     pub event_types: Option<Vec<String>>,
     /// A new description.
     pub description: Option<String>,
-    /// Enable (`true`, resuming parked deliveries) or disable (`false`, parking them).
+    /// Enable (`true`, resuming parked deliveries) or disable (`false`, parking them and
+    /// parking the deliveries of events fanned out while it stays disabled).
     pub active: Option<bool>,
 }
 
-/// What registering an endpoint takes.
-#[derive(Debug, Clone, Default)]
+/// What registering an endpoint takes. Its `Debug` output leaves out the secret and
+/// the URL (which may carry a token of the consumer's).
+#[derive(Clone, Default)]
 pub struct NewEndpoint {
     /// `http` or `https` URL with a host.
     pub url: String,
@@ -79,6 +82,17 @@ pub struct NewEndpoint {
     pub secret: Option<String>,
     /// Free text for operators.
     pub description: String,
+}
+
+impl std::fmt::Debug for NewEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewEndpoint")
+            .field("url_bytes", &self.url.len())
+            .field("event_types", &self.event_types)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("description", &self.description)
+            .finish()
+    }
 }
 
 /// Checks an endpoint URL: absolute `http`/`https` with a host, no credentials (they
@@ -199,9 +213,12 @@ fn from_row(row: &tokio_postgres::Row) -> Endpoint {
 }
 
 // Disabling parks the endpoint's pending deliveries (and the dispatcher parks any it
-// had claimed when it sees the endpoint closed), so they stop being claimed. Enabling
-// makes parked deliveries due at once. Both run in one statement so a concurrent
-// claim sees either the old state or the new, never a mix.
+// had claimed when it sees the endpoint closed), so they stop being claimed; while it is
+// disabled, new events are fanned out to it as parked deliveries (claim::CLAIM).
+// Enabling makes parked deliveries due at once, and rings the dispatchers' channel so
+// they go out without waiting for a poll tick (delivered at commit, like any NOTIFY).
+// Each runs in one statement so a concurrent claim sees either the old state or the
+// new, never a mix; a park that slips in between is resumed by health::RESUME_STRANDED.
 const DISABLE: &str = "WITH ep AS (
         UPDATE webhook_endpoints
         SET active = false, disabled_reason = $2, updated_at = now()
@@ -218,7 +235,8 @@ const DISABLE: &str = "WITH ep AS (
 
 const ENABLE: &str = "WITH ep AS (
         UPDATE webhook_endpoints
-        SET active = true, disabled_reason = NULL, failing_since = NULL, updated_at = now()
+        SET active = true, disabled_reason = NULL, failing_since = NULL,
+            failing_until = NULL, updated_at = now()
         WHERE id = $1 AND deleted_at IS NULL
         RETURNING id
     ), resumed AS (
@@ -227,8 +245,30 @@ const ENABLE: &str = "WITH ep AS (
         FROM ep
         WHERE d.endpoint_id = ep.id AND d.state = 'parked'
         RETURNING 1
+    ), woken AS (
+        SELECT pg_notify('outboxd_wakeup', '') WHERE EXISTS (SELECT 1 FROM resumed)
     )
-    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM resumed)";
+    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM resumed),
+           (SELECT count(*) FROM woken)";
+
+// Enabling without the backlog: the endpoint's parked deliveries become `discarded`
+// (final, kept apart from `dead` so that re-driving dead deliveries, the dead-letter
+// gauge and its alerts never pick them up) in the statement that enables it, so none
+// of them is sent, and every event fanned out after it is.
+const ENABLE_DISCARDING_BACKLOG: &str = "WITH ep AS (
+        UPDATE webhook_endpoints
+        SET active = true, disabled_reason = NULL, failing_since = NULL,
+            failing_until = NULL, updated_at = now()
+        WHERE id = $1 AND deleted_at IS NULL
+        RETURNING id
+    ), discarded AS (
+        UPDATE webhook_deliveries d
+        SET state = 'discarded', updated_at = now()
+        FROM ep
+        WHERE d.endpoint_id = ep.id AND d.state = 'parked'
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM discarded)";
 
 const REMOVE: &str = "UPDATE webhook_endpoints
     SET active = false, deleted_at = now(), disabled_reason = 'removed', updated_at = now()
@@ -246,10 +286,19 @@ pub async fn disable(client: &impl GenericClient, id: i64, reason: &str) -> Resu
     counted(row, id)
 }
 
-/// Resumes an endpoint; its parked deliveries become due at once. Returns how many
-/// were resumed.
+/// Resumes an endpoint; its parked deliveries become due at once: those parked when it
+/// was disabled (or by its 410 Gone) and those of every event fanned out to it while it
+/// was disabled. Returns how many were resumed.
 pub async fn enable(client: &impl GenericClient, id: i64) -> Result<u64> {
     let row = client.query_one(ENABLE, &[&id]).await?;
+    counted(row, id)
+}
+
+/// Resumes an endpoint without its backlog: its parked deliveries become `discarded`
+/// and are never sent (unless replayed one by one); events fanned out from now on are
+/// delivered. Returns how many deliveries were discarded.
+pub async fn enable_discarding_backlog(client: &impl GenericClient, id: i64) -> Result<u64> {
+    let row = client.query_one(ENABLE_DISCARDING_BACKLOG, &[&id]).await?;
     counted(row, id)
 }
 

@@ -43,6 +43,13 @@ pub enum Error {
         describe_db(.0)
     )]
     CannotSettle(#[source] tokio_postgres::Error),
+    /// The database refuses writes here: a standby, or read-only sessions. The dispatcher
+    /// cannot record what it delivers there, so it does not start.
+    #[error(
+        "the database is read-only: {0}; point DATABASE_URL at the primary (with several \
+         hosts, add target_session_attrs=read-write so that a failover is followed)"
+    )]
+    ReadOnlyDatabase(String),
     /// A migration file failed to apply.
     #[error("migration {name} failed: {source}")]
     Migration {

@@ -23,7 +23,7 @@ const PRUNE_BUDGET: Duration = Duration::from_secs(5);
 pub struct Housekeeping {
     /// Retention of finished rows.
     pub retention: RetentionPolicy,
-    /// Disable an endpoint failing every attempt for this long.
+    /// Disable an endpoint whose attempts keep failing for this long.
     pub disable_failing_after: Duration,
 }
 
@@ -64,7 +64,12 @@ pub async fn run(
                     Err(e) => Err(e.into()),
                 };
                 match disabled {
-                    Ok(ids) => ids.iter().for_each(|_| metrics.endpoint_disabled()),
+                    Ok(check) => {
+                        check.disabled.iter().for_each(|_| metrics.endpoint_disabled());
+                        if !check.failed.is_empty() {
+                            tracing::warn!(failed = check.failed.len(), "some failing endpoints could not be disabled");
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "checking endpoint health failed"),
                 }
             }

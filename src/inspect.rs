@@ -54,7 +54,14 @@ impl Serialize for DeliveryId {
 
 /// The states a delivery can be in, as filters accept them. `inflight` is `pending`
 /// with a live lease.
-pub const DELIVERY_STATES: &[&str] = &["pending", "inflight", "delivered", "dead", "parked"];
+pub const DELIVERY_STATES: &[&str] = &[
+    "pending",
+    "inflight",
+    "delivered",
+    "dead",
+    "parked",
+    "discarded",
+];
 
 /// Checks a page size: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
 pub fn page_size(limit: Option<u32>) -> Result<u32> {
@@ -120,7 +127,7 @@ pub struct DeliveryView {
     pub endpoint_id: i64,
     /// The event's type.
     pub event_type: String,
-    /// pending, inflight, delivered, dead or parked.
+    /// pending, inflight, delivered, dead, parked or discarded.
     pub state: String,
     /// Attempts made so far.
     pub attempts: i32,
@@ -142,8 +149,8 @@ pub struct DeliveryView {
     pub delivered_at: Option<SystemTime>,
 }
 
-/// One HTTP attempt.
-#[derive(Debug, Clone, Serialize)]
+/// One HTTP attempt. Its `Debug` output gives the response excerpt's length only.
+#[derive(Clone, Serialize)]
 pub struct AttemptView {
     /// Its number (1-based, counting every attempt ever made for the delivery).
     pub attempt: i32,
@@ -162,6 +169,24 @@ pub struct AttemptView {
     pub response_excerpt: Option<String>,
     /// The dispatcher that made it.
     pub worker_id: String,
+}
+
+impl fmt::Debug for AttemptView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AttemptView")
+            .field("attempt", &self.attempt)
+            .field("started_at", &self.started_at)
+            .field("duration_ms", &self.duration_ms)
+            .field("status_code", &self.status_code)
+            .field("error_kind", &self.error_kind)
+            .field("error", &self.error)
+            .field(
+                "response_excerpt_bytes",
+                &self.response_excerpt.as_ref().map(String::len),
+            )
+            .field("worker_id", &self.worker_id)
+            .finish()
+    }
 }
 
 /// A delivery with its attempt history.
@@ -312,8 +337,8 @@ pub struct EventFilter {
     pub limit: Option<u32>,
 }
 
-/// An event as stored.
-#[derive(Debug, Clone, Serialize)]
+/// An event as stored. Its `Debug` output leaves out the payload.
+#[derive(Clone, Serialize)]
 pub struct EventView {
     /// Its id (the `webhook-id` header).
     pub id: i64,
@@ -332,6 +357,20 @@ pub struct EventView {
     /// When it was fanned out; absent while pending.
     #[serde(with = "crate::time_format::option")]
     pub processed_at: Option<SystemTime>,
+}
+
+impl fmt::Debug for EventView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EventView")
+            .field("id", &self.id)
+            .field("event_type", &self.event_type)
+            .field("payload", &"<redacted>")
+            .field("idempotency_key", &self.idempotency_key)
+            .field("created_at", &self.created_at)
+            .field("deliver_after", &self.deliver_after)
+            .field("processed_at", &self.processed_at)
+            .finish()
+    }
 }
 
 const LIST_EVENTS: &str =

@@ -15,9 +15,10 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt as _;
 use tokio::sync::{Notify, mpsc};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
+use crate::db::Connector;
 use crate::error::Result;
 use crate::metrics::Metrics;
 
@@ -27,13 +28,20 @@ pub const CHANNEL: &str = "outboxd_wakeup";
 /// Keeps a LISTEN session up until `shutdown`, calling `wake.notify_one()` on every
 /// notification and after every (re)connect. Reconnects with capped exponential
 /// backoff (100 ms to 10 s, jittered) for as long as it takes. Its state shows in
-/// `metrics` (connected, reconnects, notifications).
+/// `metrics` (connected, reconnects, notifications). The session is opened by
+/// `connector` (the dispatcher's: its TLS and session settings), as `outboxd-listener`
+/// with TCP keepalives of its own.
 pub async fn run(
-    database_url: String,
+    connector: Connector,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    // Keepalives notice a half-open socket (a dead server or a dropped NAT entry)
+    // that would otherwise leave us listening to nothing.
+    let connector = connector
+        .with_application_name("outboxd-listener")
+        .with_keepalives(Duration::from_secs(15), Duration::from_secs(5), 3);
     let backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_delay(Duration::from_secs(10))
@@ -43,7 +51,7 @@ pub async fn run(
     let mut lost_before = false;
     while !shutdown.is_cancelled() {
         let session = tokio::select! {
-            s = listen(&database_url, &wake, &metrics) => s,
+            s = listen(&connector, &wake, &metrics) => s,
             _ = shutdown.cancelled() => return,
         };
         match session {
@@ -94,17 +102,12 @@ impl Session {
     }
 }
 
-async fn listen(database_url: &str, wake: &Arc<Notify>, metrics: &Arc<Metrics>) -> Result<Session> {
-    let mut config = crate::db::parse_url(database_url)?;
-    config.application_name("outboxd-listener");
-    config.connect_timeout(Duration::from_secs(10));
-    // Keepalives notice a half-open socket (a dead server or a dropped NAT entry)
-    // that would otherwise leave us listening to nothing.
-    config.keepalives(true);
-    config.keepalives_idle(Duration::from_secs(15));
-    config.keepalives_interval(Duration::from_secs(5));
-    config.keepalives_retries(3);
-    let (client, mut connection) = config.connect(NoTls).await?;
+async fn listen(
+    connector: &Connector,
+    wake: &Arc<Notify>,
+    metrics: &Arc<Metrics>,
+) -> Result<Session> {
+    let (client, mut connection) = connector.connect_raw().await?;
     let (tx, errors) = mpsc::unbounded_channel();
     let wake = Arc::clone(wake);
     let metrics = Arc::clone(metrics);

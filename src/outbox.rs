@@ -8,8 +8,8 @@ use tokio_postgres::types::Type;
 
 use crate::error::{Error, Result};
 
-/// An event to enqueue.
-#[derive(Debug, Clone)]
+/// An event to enqueue. Its `Debug` output leaves out the payload.
+#[derive(Clone)]
 pub struct NewEvent<'a> {
     /// Such as `order.created`; endpoints filter on it.
     pub event_type: &'a str,
@@ -19,6 +19,17 @@ pub struct NewEvent<'a> {
     pub idempotency_key: Option<&'a str>,
     /// Not delivered before this time.
     pub deliver_after: Option<SystemTime>,
+}
+
+impl std::fmt::Debug for NewEvent<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewEvent")
+            .field("event_type", &self.event_type)
+            .field("payload", &"<redacted>")
+            .field("idempotency_key", &self.idempotency_key)
+            .field("deliver_after", &self.deliver_after)
+            .finish()
+    }
 }
 
 impl<'a> NewEvent<'a> {

@@ -86,8 +86,9 @@ pub async fn retry_dead_matching(
     Ok(rows.iter().map(delivery_id).collect())
 }
 
-// A finished delivery (delivered or dead) starts over; one still pending, in flight or
-// parked is left alone, since it will be sent anyway. For a named endpoint without a
+// A finished delivery (delivered, dead, or discarded with its endpoint's backlog)
+// starts over; one still pending, in flight or parked is left alone, since it will be
+// sent anyway. For a named endpoint without a
 // delivery of this event (e.g. registered later), one is created.
 const REPLAY_ONE: &str = "INSERT INTO webhook_deliveries (event_id, endpoint_id)
     SELECT $1, $2
@@ -96,13 +97,13 @@ const REPLAY_ONE: &str = "INSERT INTO webhook_deliveries (event_id, endpoint_id)
     ON CONFLICT (event_id, endpoint_id) DO UPDATE
     SET state = 'pending', next_attempt_at = now(), attempt_base = webhook_deliveries.attempts,
         locked_by = NULL, locked_until = NULL, delivered_at = NULL, updated_at = now()
-    WHERE webhook_deliveries.state IN ('delivered', 'dead')
+    WHERE webhook_deliveries.state IN ('delivered', 'dead', 'discarded')
     RETURNING event_id, endpoint_id";
 
 const REPLAY_ALL: &str = "UPDATE webhook_deliveries d
     SET state = 'pending', next_attempt_at = now(), attempt_base = d.attempts,
         locked_by = NULL, locked_until = NULL, delivered_at = NULL, updated_at = now()
-    WHERE d.event_id = $1 AND d.state IN ('delivered', 'dead')
+    WHERE d.event_id = $1 AND d.state IN ('delivered', 'dead', 'discarded')
     RETURNING d.event_id, d.endpoint_id";
 
 /// Delivers an event again (same `webhook-id`) to one endpoint, or to every endpoint

@@ -1,5 +1,5 @@
-//! Retention: delivered deliveries and their attempt history are deleted after
-//! `WEBHOOK_RETENTION_HOURS`, dead ones after `WEBHOOK_DEAD_RETENTION_HOURS` (unless
+//! Retention: delivered and discarded deliveries and their attempt history are deleted
+//! after `WEBHOOK_RETENTION_HOURS`, dead ones after `WEBHOOK_DEAD_RETENTION_HOURS` (unless
 //! re-driven first), the parked deliveries of a removed endpoint that long after its
 //! removal (they can never be sent), and an event once none of its deliveries remain.
 //! Pending, in-flight and parked work (of an endpoint that can be enabled again) is
@@ -22,8 +22,9 @@
 //!    through the parked index.
 //! 4. The sweep: [`SWEEP_BATCHES`] batches of events below the frontier per pass,
 //!    round and round, for what finished after the walk passed it (a delivery retried
-//!    for hours, resumed from a park or re-driven; an event fanned out late). It is
-//!    the only part of a pass that visits kept rows, a fixed number per pass.
+//!    for hours, resumed from a park or re-driven, a parked backlog discarded; an event
+//!    fanned out late). It is the only part of a pass that visits kept rows, a fixed
+//!    number per pass.
 //!
 //! The frontier's row is locked (`FOR UPDATE SKIP LOCKED`) by each transaction of a
 //! pass, so one dispatcher prunes at a time and the others skip their turn.
@@ -39,7 +40,7 @@ use crate::error::Result;
 /// How long finished rows are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionPolicy {
-    /// Delivered deliveries, their attempts, and fully finished events.
+    /// Delivered and discarded deliveries, their attempts, and fully finished events.
     pub delivered: Duration,
     /// Dead deliveries and their attempts, and a removed endpoint's parked deliveries
     /// (counted from its removal).
@@ -88,12 +89,13 @@ pub const NEXT_EVENTS: &str = "SELECT id, created_at < now() - $3 * interval '1 
     LIMIT $2";
 
 /// Deletes the batch's final deliveries that are past retention, then their attempts.
-/// `$2`/`$3` are the delivered/dead retentions in milliseconds.
+/// `$2`/`$3` are the delivered/dead retentions in milliseconds; a discarded delivery is
+/// kept as long as a delivered one.
 pub const DELETE_DELIVERIES: &str = "
 WITH gone AS (
     DELETE FROM webhook_deliveries
     WHERE event_id = ANY ($1::bigint[])
-      AND ((state = 'delivered' AND updated_at < now() - $2 * interval '1 millisecond')
+      AND ((state IN ('delivered', 'discarded') AND updated_at < now() - $2 * interval '1 millisecond')
         OR (state = 'dead' AND updated_at < now() - $3 * interval '1 millisecond'))
     RETURNING event_id, endpoint_id
 ), attempts AS (

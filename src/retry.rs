@@ -62,10 +62,13 @@ impl RetryPolicy {
             AttemptResult::Response { status: 410, .. } => return Verdict::Gone,
             AttemptResult::Response { status, .. } => is_retryable_status(*status),
             // Terminal (docs/webhooks.md): a refused target, an unusable URL or secret, a
-            // request that cannot be built.
+            // request that cannot be built, a bug in outboxd.
             AttemptResult::Failed { kind, .. } => !matches!(
                 kind,
-                ErrorKind::RefusedTarget | ErrorKind::InvalidEndpoint | ErrorKind::Unbuildable
+                ErrorKind::RefusedTarget
+                    | ErrorKind::InvalidEndpoint
+                    | ErrorKind::Unbuildable
+                    | ErrorKind::Internal
             ),
         };
         if !retryable || attempt >= self.max_attempts {
@@ -171,11 +174,17 @@ mod tests {
             message: String::new(),
         };
         assert!(matches!(p.decide(2, &timeout, 0.5), Verdict::Retry(_)));
-        let refused = AttemptResult::Failed {
-            kind: ErrorKind::RefusedTarget,
-            message: String::new(),
-        };
-        assert_eq!(p.decide(1, &refused, 0.5), Verdict::Dead);
+        for kind in [
+            ErrorKind::RefusedTarget,
+            ErrorKind::InvalidEndpoint,
+            ErrorKind::Internal,
+        ] {
+            let terminal = AttemptResult::Failed {
+                kind,
+                message: String::new(),
+            };
+            assert_eq!(p.decide(1, &terminal, 0.5), Verdict::Dead, "{kind:?}");
+        }
     }
 
     #[test]

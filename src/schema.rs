@@ -26,6 +26,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../sql/0005_settle_function.sql"),
     ),
     (
+        "0006_isolation_and_endpoint_health.sql",
+        include_str!("../sql/0006_isolation_and_endpoint_health.sql"),
+    ),
+    (
         "0007_retention_frontier.sql",
         include_str!("../sql/0007_retention_frontier.sql"),
     ),
@@ -75,17 +79,19 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
     Ok(applied)
 }
 
-/// Names of the embedded migrations not yet applied to this database.
+/// Names of the embedded migrations not yet applied to this database. Its statements
+/// are unnamed, so it works through a transaction-mode pooler (`outboxd run` and
+/// `/readyz` call it).
 pub async fn pending_migrations(client: &Client) -> Result<Vec<&'static str>> {
     let exists: bool = client
-        .query_one("SELECT to_regclass('outboxd_migrations') IS NOT NULL", &[])
+        .query_typed_one("SELECT to_regclass('outboxd_migrations') IS NOT NULL", &[])
         .await?
         .get(0);
     if !exists {
         return Ok(MIGRATIONS.iter().map(|(name, _)| *name).collect());
     }
     let rows = client
-        .query("SELECT name FROM outboxd_migrations", &[])
+        .query_typed("SELECT name FROM outboxd_migrations", &[])
         .await?;
     let done: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     Ok(MIGRATIONS

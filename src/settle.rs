@@ -35,12 +35,19 @@ pub const LINGER: Duration = Duration::from_millis(15);
 
 /// Settles deliveries and records attempts in one statement. `$1` is the worker id.
 ///
-/// The statement is the function `webhook_settle` (`sql/0005_settle_function.sql`),
-/// which each session plans once, held to primary-key probes whatever the table's
-/// statistics say. Only deliveries this worker still holds at the attempt it claimed
-/// change: an outcome whose lease was lost to another worker changes nothing. Attempts
-/// are recorded either way, and repeating a flush after an ambiguous connection error
-/// is harmless.
+/// The statement is the function `webhook_settle` (`sql/0005_settle_function.sql`,
+/// redefined by `sql/0006_isolation_and_endpoint_health.sql`), which each session plans
+/// once, held to primary-key probes whatever the table's statistics say. Only
+/// deliveries this worker still holds at the attempt it claimed change: an outcome
+/// whose lease was lost to another worker changes nothing. Attempts are recorded either
+/// way, and repeating a flush after an ambiguous connection error is harmless.
+///
+/// In the same transaction it keeps each endpoint's failure clock (see
+/// [`crate::health`]) and disables every endpoint that answered 410 Gone, parking its
+/// pending deliveries: the delivery parked by the 410 and its endpoint's disable land
+/// together or not at all. The function tells a 410 from the other outcomes written as
+/// `parked` by `uncount`: a 410 is an attempt (0), a park of a closed endpoint's
+/// delivery is not (1). See [`Outcome`]'s `state` and the `uncount` column.
 pub const SETTLE: &str = "SELECT webhook_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
     $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
 
@@ -72,6 +79,9 @@ pub enum Next {
 }
 
 impl Outcome {
+    /// The state written. `parked` is written for two outcomes, told apart by
+    /// [`Outcome::uncount`]: the settle function disables the endpoint of a `parked`
+    /// outcome that counts as an attempt, which only a 410 Gone is.
     fn state(&self) -> &'static str {
         match self.next {
             Next::Verdict(Verdict::Delivered) => "delivered",
@@ -79,6 +89,11 @@ impl Outcome {
             Next::Verdict(Verdict::Retry(_)) | Next::Release => "pending",
             Next::Park | Next::Verdict(Verdict::Gone) => "parked",
         }
+    }
+
+    /// 1 when the claim does not count as an attempt (nothing was sent), else 0.
+    fn uncount(&self) -> i32 {
+        i32::from(matches!(self.next, Next::Park | Next::Release))
     }
 }
 
@@ -139,8 +154,7 @@ impl Columns {
                 Next::Verdict(Verdict::Retry(delay)) => delay.as_millis() as i64,
                 _ => 0,
             });
-            c.uncount
-                .push(i32::from(matches!(o.next, Next::Park | Next::Release)));
+            c.uncount.push(o.uncount());
             c.last_status.push(status);
             c.last_error.push(error.clone());
             if let Some(attempt) = &o.record {
@@ -188,9 +202,17 @@ impl Columns {
 
 /// Writes a batch of outcomes; returns how many deliveries were settled (fewer than
 /// given when a lease was lost to another worker).
+///
+/// A connection whose server turned read-only is closed rather than given back: while
+/// outcomes cannot be written the claim loop waits, so this is the one place where the
+/// pool's sessions on a fenced or demoted server can be weeded out.
 pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result<u64> {
-    let client = pool.get().await?;
-    flush_on(&*client, worker_id, outcomes).await
+    let mut client = pool.get().await?;
+    let flushed = flush_on(&*client, worker_id, outcomes).await;
+    if let Err(e) = &flushed {
+        crate::pooler::discard_if_read_only(&mut client, e);
+    }
+    flushed
 }
 
 /// [`flush`] on a connection the caller holds.
@@ -232,7 +254,23 @@ async fn flush_on(
 /// writes, and the database accepts writes (it is not a standby). It runs the settle
 /// statement on no outcomes, so it changes nothing. Those refusals (SQLSTATE class 42,
 /// 3F000 or 25006) are [`Error::CannotSettle`]; any other error is returned as it is.
+///
+/// A read-only server is named as such first, as [`Error::ReadOnlyDatabase`]: a hot
+/// standby (`pg_is_in_recovery()`), or a session that is read-only by default
+/// (`default_transaction_read_only`, which some failover tools set to fence an old
+/// primary and some managed services set when the disk is full).
 pub async fn probe(client: &impl GenericClient) -> Result<()> {
+    let row = client.query_typed_one(READ_ONLY, &[]).await?;
+    if row.get::<_, bool>(0) {
+        return Err(Error::ReadOnlyDatabase(
+            "the server is a standby (pg_is_in_recovery() is true)".to_owned(),
+        ));
+    }
+    if row.get::<_, bool>(1) {
+        return Err(Error::ReadOnlyDatabase(
+            "its sessions are read-only (default_transaction_read_only is on)".to_owned(),
+        ));
+    }
     match flush_on(client, "", &[]).await {
         Err(Error::Db(e)) if e.as_db_error().is_some_and(|db| refuses_setup(db.code())) => {
             Err(Error::CannotSettle(e))
@@ -240,6 +278,10 @@ pub async fn probe(client: &impl GenericClient) -> Result<()> {
         other => other.map(drop),
     }
 }
+
+/// Whether the server is a standby, and whether this session is read-only by default.
+const READ_ONLY: &str = "SELECT pg_is_in_recovery(), \
+    current_setting('default_transaction_read_only')::bool OR current_setting('transaction_read_only')::bool";
 
 /// Errors that say the session is not set up to write outcomes, rather than that the
 /// database is busy or going away: a missing object or privilege, an unknown schema, a
@@ -338,7 +380,7 @@ impl Settler {
                 }
             }
         }
-        disable_gone(&self.pool, batch, &self.metrics).await;
+        report_gone(batch, &self.metrics);
         // Work due again (a retry, or a delivery handed back unsent) may be due before
         // the claim loop's next look.
         if batch
@@ -399,9 +441,11 @@ impl Settler {
     }
 }
 
-/// Disables every endpoint that answered 410 Gone in this batch (parking its pending
-/// deliveries). A failure is logged; the next 410 from that endpoint tries again.
-async fn disable_gone(pool: &Pool, batch: &[Outcome], metrics: &crate::metrics::Metrics) {
+/// Reports the endpoints that answered 410 Gone in a written batch: the settle
+/// statement disabled them (and parked their pending deliveries) in the transaction
+/// that parked the delivery, so nothing is left to do but say so. An endpoint already
+/// disabled by an earlier batch is reported again, as before.
+fn report_gone(batch: &[Outcome], metrics: &crate::metrics::Metrics) {
     let mut gone: Vec<i64> = batch
         .iter()
         .filter(|o| o.next == Next::Verdict(Verdict::Gone))
@@ -410,21 +454,8 @@ async fn disable_gone(pool: &Pool, batch: &[Outcome], metrics: &crate::metrics::
     gone.sort_unstable();
     gone.dedup();
     for endpoint_id in gone {
-        let disabled = match pool.get().await {
-            Ok(client) => {
-                crate::endpoint::disable(&*client, endpoint_id, "endpoint answered 410 Gone").await
-            }
-            Err(e) => Err(e.into()),
-        };
-        match disabled {
-            Ok(parked) => {
-                metrics.endpoint_disabled();
-                tracing::warn!(endpoint_id, parked, "endpoint answered 410 Gone: disabled");
-            }
-            Err(e) => {
-                tracing::warn!(endpoint_id, error = %e, "disabling a 410 Gone endpoint failed")
-            }
-        }
+        metrics.endpoint_disabled();
+        tracing::warn!(endpoint_id, "endpoint answered 410 Gone: disabled");
     }
 }
 
@@ -463,5 +494,43 @@ impl SettleTotals {
             );
             self.lease_lost += lost;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(next: Next) -> Outcome {
+        Outcome {
+            event_id: 1,
+            endpoint_id: 2,
+            attempt: 1,
+            next,
+            record: None,
+        }
+    }
+
+    /// The settle function disables the endpoint of a `parked` outcome that counts as an
+    /// attempt: that must be a 410 Gone and nothing else.
+    #[test]
+    fn only_a_gone_is_a_counted_park() {
+        let counted_parks: Vec<Next> = [
+            Next::Verdict(Verdict::Delivered),
+            Next::Verdict(Verdict::Retry(Duration::from_secs(1))),
+            Next::Verdict(Verdict::Dead),
+            Next::Verdict(Verdict::Gone),
+            Next::Park,
+            Next::Release,
+        ]
+        .into_iter()
+        .filter(|next| {
+            let o = outcome(next.clone());
+            o.state() == "parked" && o.uncount() == 0
+        })
+        .collect();
+        assert_eq!(counted_parks, [Next::Verdict(Verdict::Gone)]);
+        let park = outcome(Next::Park);
+        assert_eq!((park.state(), park.uncount()), ("parked", 1));
     }
 }

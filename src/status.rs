@@ -3,7 +3,8 @@
 //! `/metrics` renders counters kept in memory and never queries the database, so a
 //! scrape costs the database nothing. `/readyz` does check the database, since that is
 //! what readiness means: reachable, migrated, able to record outcomes, and (in push
-//! mode) listening.
+//! mode) listening. The server comes up before the database does, so that a start
+//! waiting for it answers "not ready" with the reason rather than not at all.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::Pool;
 use crate::metrics::Metrics;
 use crate::schema;
+use crate::startup::Startup;
 
 /// How long `/readyz` waits for the database before answering 503: a probe stuck
 /// behind a lock must not hold the health checker's request open.
@@ -31,6 +33,8 @@ pub struct StatusState {
     pub pool: Pool,
     /// Whether the dispatcher runs in push mode (then readiness needs the listener).
     pub listen: bool,
+    /// What the start still waits for (the database, at first): not ready meanwhile.
+    pub startup: Arc<Startup>,
 }
 
 /// `/metrics`, `/healthz` and `/readyz`.
@@ -77,6 +81,9 @@ async fn ready(State(state): State<StatusState>) -> (StatusCode, String) {
 }
 
 async fn readiness(state: &StatusState) -> Result<(), String> {
+    if let Some(what) = state.startup.waiting() {
+        return Err(what);
+    }
     let client = state
         .pool
         .get()

@@ -30,6 +30,7 @@ pub const ALL: &[&str] = &[
     "scaleout",
     "ceiling",
     "history",
+    "statements",
     "retention",
 ];
 
@@ -263,6 +264,7 @@ impl Ctx {
             "scaleout" => self.scaleout().await,
             "ceiling" => self.ceiling().await,
             "history" => self.history().await,
+            "statements" => self.statements().await,
             "retention" => self.retention().await,
             other => bail!("unknown scenario {other}"),
         }
@@ -1901,6 +1903,130 @@ fn stalls(recs: &[Rec], lat: &Latencies, threshold_us: i64) -> Value {
         "max_receipt_gap_us": times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0) as f64,
         "events_over_100ms": lat.sorted.iter().filter(|l| **l > 100_000.0).count(),
     })
+}
+
+impl Ctx {
+    /// What sending the claim unnamed (`WEBHOOK_PREPARED_STATEMENTS=off`, for
+    /// transaction-mode poolers) costs against the prepared claim, per call: on an empty
+    /// queue (the wake-up path) and taking full batches from a backlog (a burst). Two
+    /// dispatcher sessions, one per form, take turns call by call, so both see the
+    /// same queue and the same machine.
+    async fn statements(&mut self) -> anyhow::Result<()> {
+        let name = self.db_name("statements");
+        let (url, client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
+        let result = self.statements_in(&url, &client).await;
+        drop(client);
+        pg::drop_db(&self.admin, &name).await?;
+        let json = result?;
+        self.report.detail("statements", json);
+        Ok(())
+    }
+
+    async fn statements_in(&mut self, url: &str, client: &Client) -> anyhow::Result<Value> {
+        use outboxd::claim;
+        pg::add_endpoints(client, [self.receiver.url(0)]).await?;
+        let config = disp::config(false, self.poll_interval());
+        let sessions = outboxd::db::Connector::new(url, outboxd::db::Session::dispatcher(&config))?;
+        let prepared_conn = sessions.connect().await?;
+        let unnamed_conn = sessions.connect().await?;
+        let statement = prepared_conn
+            .prepare_typed(claim::CLAIM, claim::CLAIM_TYPES)
+            .await?;
+        let lease = Duration::from_secs(600);
+        let batch = config.batch_size;
+        let budget = claim::PayloadBudget::from_config(&config);
+        let (mut prepared, mut unnamed) = (Vec::new(), Vec::new());
+
+        // Idle: the claim a wake-up makes, on an empty queue.
+        let idle_calls = if self.s.quick { 300 } else { 3_000 };
+        for i in 0..idle_calls {
+            for first in [i % 2 == 0, i % 2 != 0] {
+                let t = Instant::now();
+                if first {
+                    claim::claim_prepared(
+                        &prepared_conn,
+                        &statement,
+                        "bench-p",
+                        lease,
+                        batch,
+                        &budget,
+                    )
+                    .await?;
+                    prepared.push(t.elapsed().as_secs_f64() * 1e6);
+                } else {
+                    claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, &budget).await?;
+                    unnamed.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+        }
+        let idle = (std::mem::take(&mut prepared), std::mem::take(&mut unnamed));
+
+        // A burst: full batches from a backlog, the two forms in turn.
+        let events = self.s.burst_events;
+        client
+            .execute(
+                "INSERT INTO webhook_outbox (event_type, payload)
+                 SELECT 'bench.statements', jsonb_build_object('n', g)
+                 FROM generate_series(1, $1::int) g",
+                &[&(events as i32)],
+            )
+            .await?;
+        client
+            .batch_execute("VACUUM ANALYZE webhook_outbox")
+            .await?;
+        let mut turn = 0u64;
+        loop {
+            let t = Instant::now();
+            let got = if turn % 2 == 0 {
+                claim::claim_prepared(&prepared_conn, &statement, "bench-p", lease, batch, &budget)
+                    .await?
+            } else {
+                claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, &budget).await?
+            };
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            if got.claimed.len() < batch as usize {
+                break;
+            }
+            if turn % 2 == 0 {
+                prepared.push(us);
+            } else {
+                unnamed.push(us);
+            }
+            turn += 1;
+        }
+        let burst = (prepared, unnamed);
+
+        let mut json = serde_json::Map::new();
+        for (label, (p, u)) in [
+            ("idle (empty queue)", &idle),
+            ("burst (full batches)", &burst),
+        ] {
+            let (mut p, mut u) = (p.clone(), u.clone());
+            p.sort_by(f64::total_cmp);
+            u.sort_by(f64::total_cmp);
+            let scenario = format!("claim per call, {label}, batch {batch}");
+            for (form, v) in [("prepared", &p), ("unnamed", &u)] {
+                self.report
+                    .info(&scenario, &format!("p50 {form}"), ms(median(v)));
+                self.report
+                    .info(&scenario, &format!("p99 {form}"), ms(pct(v, 99.0)));
+            }
+            self.report.info(
+                &scenario,
+                "unnamed - prepared (p50)",
+                ms(median(&u) - median(&p)),
+            );
+            json.insert(
+                label.to_owned(),
+                json!({
+                    "calls": [p.len(), u.len()],
+                    "prepared_p50_us": median(&p), "prepared_p99_us": pct(&p, 99.0),
+                    "unnamed_p50_us": median(&u), "unnamed_p99_us": pct(&u, 99.0),
+                }),
+            );
+        }
+        Ok(Value::Object(json))
+    }
 }
 
 /// Seconds with three significant figures.

@@ -109,6 +109,7 @@ impl From<Error> for ApiError {
             Error::Db(_)
             | Error::Pool(_)
             | Error::CannotSettle(_)
+            | Error::ReadOnlyDatabase(_)
             | Error::Migration { .. }
             | Error::HttpClient(_) => {
                 tracing::error!(error = %e, "admin API request failed");

@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 use super::AdminState;
 use super::error::ApiError;
 use super::input::{
-    JsonBody, OptionalJsonBody, Params, PathParam, check_window, non_empty, opt_event_type, opt_id,
-    opt_limit, opt_time, parse_delivery_id, parse_id,
+    JsonBody, NoQuery, OptionalJsonBody, Params, PathParam, check_body_id, check_description,
+    check_event_type, check_filters, check_secret, check_url, delivery_cursor, delivery_in_path,
+    non_null, opt_event_type, opt_id, opt_limit, opt_query_time, opt_state, opt_time, parse_id,
+    query_value,
 };
 use crate::endpoint::{self, Endpoint, EndpointUpdate, NewEndpoint};
 use crate::inspect::{self, DeliveryFilter, DeliveryId, EventFilter};
@@ -26,15 +28,17 @@ type Handled = Result<Response, ApiError>;
 // Endpoints
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+// Optional fields are absent or a value: `null` is refused, as the document makes none
+// of them nullable.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateEndpoint {
     url: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     event_types: Option<Vec<String>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     description: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     secret: Option<String>,
 }
 
@@ -61,9 +65,11 @@ pub(super) async fn create_endpoint(
         description: body.description.unwrap_or_default(),
     };
     // Validate before taking a connection, so bad input never waits on the pool.
-    endpoint::validate_url(&new.url).map_err(crate::Error::from)?;
-    for filter in &new.event_types {
-        endpoint::validate_filter(filter).map_err(crate::Error::from)?;
+    check_url(&new.url)?;
+    check_filters(&new.event_types)?;
+    check_description(&new.description)?;
+    if let Some(secret) = &new.secret {
+        check_secret(secret)?;
     }
     let conn = state.pool.get().await?;
     let (endpoint, secret) = endpoint::add(&*conn, new).await?;
@@ -79,7 +85,10 @@ pub(super) async fn create_endpoint(
     Ok(response)
 }
 
-pub(super) async fn list_endpoints(State(state): State<AdminState>) -> Handled {
+pub(super) async fn list_endpoints(
+    State(state): State<AdminState>,
+    Params(NoQuery {}): Params<NoQuery>,
+) -> Handled {
     let conn = state.pool.get().await?;
     let items = endpoint::list(&*conn).await?;
     Ok(Json(Items { items }).into_response())
@@ -88,13 +97,15 @@ pub(super) async fn list_endpoints(State(state): State<AdminState>) -> Handled {
 pub(super) async fn get_endpoint(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
 ) -> Handled {
     let id = parse_id("endpoint id", &id)?;
     let conn = state.pool.get().await?;
     Ok(Json(endpoint::get(&*conn, id).await?).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+// Here `null` is allowed and means "leave it as it is", as the document says.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PatchEndpoint {
     #[serde(default)]
@@ -110,9 +121,19 @@ pub(super) struct PatchEndpoint {
 pub(super) async fn update_endpoint(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
     JsonBody(body): JsonBody<PatchEndpoint>,
 ) -> Handled {
     let id = parse_id("endpoint id", &id)?;
+    if let Some(url) = &body.url {
+        check_url(url)?;
+    }
+    if let Some(filters) = &body.event_types {
+        check_filters(filters)?;
+    }
+    if let Some(description) = &body.description {
+        check_description(description)?;
+    }
     let change = EndpointUpdate {
         url: body.url,
         event_types: body.event_types,
@@ -130,6 +151,7 @@ pub(super) async fn update_endpoint(
 pub(super) async fn delete_endpoint(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
 ) -> Handled {
     let id = parse_id("endpoint id", &id)?;
     let mut conn = state.pool.get().await?;
@@ -139,10 +161,10 @@ pub(super) async fn delete_endpoint(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RotateSecret {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     secret: Option<String>,
 }
 
@@ -156,12 +178,12 @@ struct Rotated {
 pub(super) async fn rotate_secret(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
     OptionalJsonBody(body): OptionalJsonBody<RotateSecret>,
 ) -> Handled {
     let id = parse_id("endpoint id", &id)?;
     if let Some(secret) = &body.secret {
-        crate::sign::Secret::parse(secret)
-            .map_err(|e| crate::Error::from(endpoint::InvalidEndpoint::from(e)))?;
+        check_secret(secret)?;
     }
     let mut conn = state.pool.get().await?;
     let tx = conn.transaction().await?;
@@ -175,6 +197,44 @@ pub(super) async fn rotate_secret(
     .into_response())
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct EnableEndpoint {
+    #[serde(default)]
+    discard_backlog: bool,
+}
+
+#[derive(Serialize)]
+struct Enabled {
+    resumed: u64,
+    discarded: u64,
+}
+
+/// Enables an endpoint: its parked deliveries resume, or with `discard_backlog` become
+/// `discarded` instead, in the statement that enables it.
+pub(super) async fn enable_endpoint(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+    OptionalJsonBody(body): OptionalJsonBody<EnableEndpoint>,
+) -> Handled {
+    let id = parse_id("endpoint id", &id)?;
+    let conn = state.pool.get().await?;
+    let enabled = if body.discard_backlog {
+        let discarded = endpoint::enable_discarding_backlog(&*conn, id).await?;
+        Enabled {
+            resumed: 0,
+            discarded,
+        }
+    } else {
+        let resumed = endpoint::enable(&*conn, id).await?;
+        Enabled {
+            resumed,
+            discarded: 0,
+        }
+    };
+    Ok(Json(enabled).into_response())
+}
+
 #[derive(Serialize)]
 struct OneDelivery {
     delivery_id: DeliveryId,
@@ -183,6 +243,7 @@ struct OneDelivery {
 pub(super) async fn send_test(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
 ) -> Handled {
     let id = parse_id("endpoint id", &id)?;
     let conn = state.pool.get().await?;
@@ -214,14 +275,14 @@ pub(super) async fn list_events(
     State(state): State<AdminState>,
     Params(query): Params<EventQuery>,
 ) -> Handled {
+    // A window with since at or after until is valid and matches nothing.
     let filter = EventFilter {
         event_type: opt_event_type(query.event_type)?,
-        since: opt_time("since", query.since)?,
-        until: opt_time("until", query.until)?,
+        since: opt_query_time("since", query.since)?,
+        until: opt_query_time("until", query.until)?,
         after: opt_id("after", query.after)?,
         limit: opt_limit(query.limit)?,
     };
-    check_window(filter.since, filter.until)?;
     let conn = state.pool.get().await?;
     Ok(Json(inspect::list_events(&*conn, &filter).await?).into_response())
 }
@@ -229,16 +290,17 @@ pub(super) async fn list_events(
 pub(super) async fn get_event(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
 ) -> Handled {
     let id = parse_id("event id", &id)?;
     let conn = state.pool.get().await?;
     Ok(Json(inspect::get_event(&*conn, id).await?).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ReplayEvent {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     endpoint_id: Option<i64>,
 }
 
@@ -250,9 +312,11 @@ struct Deliveries {
 pub(super) async fn replay_event(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
     OptionalJsonBody(body): OptionalJsonBody<ReplayEvent>,
 ) -> Handled {
     let id = parse_id("event id", &id)?;
+    let endpoint_id = check_body_id("endpoint_id", body.endpoint_id)?;
     let conn = state.pool.get().await?;
     let event = inspect::get_event(&*conn, id).await?;
     if event.processed_at.is_none() {
@@ -260,7 +324,7 @@ pub(super) async fn replay_event(
             "event {id} has not been fanned out yet; it will be delivered without a replay"
         )));
     }
-    let deliveries = redrive::replay(&*conn, id, body.endpoint_id).await?;
+    let deliveries = redrive::replay(&*conn, id, endpoint_id).await?;
     Ok((StatusCode::ACCEPTED, Json(Deliveries { deliveries })).into_response())
 }
 
@@ -284,33 +348,21 @@ pub(super) async fn list_deliveries(
     State(state): State<AdminState>,
     Params(query): Params<DeliveryQuery>,
 ) -> Handled {
-    let delivery_state = non_empty(query.state);
-    if let Some(s) = &delivery_state
-        && !inspect::DELIVERY_STATES.contains(&s.as_str())
-    {
-        return Err(ApiError::invalid_input(format!(
-            "state must be one of {}, got {s:?}",
-            inspect::DELIVERY_STATES.join(", ")
-        )));
-    }
+    // A cursor past the id range has every delivery before it: no condition.
+    let after = query_value("after", query.after)?
+        .map(|after| delivery_cursor(&after))
+        .transpose()?
+        .flatten();
+    // A window with since at or after until is valid and matches nothing.
     let filter = DeliveryFilter {
-        state: delivery_state,
+        state: opt_state(query.state)?,
         endpoint_id: opt_id("endpoint_id", query.endpoint_id)?,
         event_type: opt_event_type(query.event_type)?,
-        since: opt_time("since", query.since)?,
-        until: opt_time("until", query.until)?,
-        after: non_empty(query.after)
-            .map(|a| {
-                parse_delivery_id(&a).map_err(|_| {
-                    ApiError::invalid_input(format!(
-                        "after must be a delivery id EVENT_ID:ENDPOINT_ID (a next_cursor), got {a:?}"
-                    ))
-                })
-            })
-            .transpose()?,
+        since: opt_query_time("since", query.since)?,
+        until: opt_query_time("until", query.until)?,
+        after,
         limit: opt_limit(query.limit)?,
     };
-    check_window(filter.since, filter.until)?;
     let conn = state.pool.get().await?;
     Ok(Json(inspect::list_deliveries(&*conn, &filter).await?).into_response())
 }
@@ -318,8 +370,9 @@ pub(super) async fn list_deliveries(
 pub(super) async fn get_delivery(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
 ) -> Handled {
-    let id = parse_delivery_id(&id)?;
+    let id = delivery_in_path(&id)?;
     let conn = state.pool.get().await?;
     Ok(Json(inspect::get_delivery(&*conn, id).await?).into_response())
 }
@@ -327,8 +380,9 @@ pub(super) async fn get_delivery(
 pub(super) async fn retry_delivery(
     State(state): State<AdminState>,
     PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
 ) -> Handled {
-    let id = parse_delivery_id(&id)?;
+    let id = delivery_in_path(&id)?;
     let conn = state.pool.get().await?;
     let retried = redrive::retry_dead(&*conn, &[id]).await?;
     if retried.is_empty() {
@@ -347,16 +401,16 @@ pub(super) async fn retry_delivery(
 // Dead deliveries in bulk, statistics
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RetryDead {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     endpoint_id: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     event_type: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     since: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_null")]
     until: Option<String>,
 }
 
@@ -368,15 +422,16 @@ struct Retried {
 
 pub(super) async fn retry_dead(
     State(state): State<AdminState>,
+    Params(NoQuery {}): Params<NoQuery>,
     JsonBody(body): JsonBody<RetryDead>,
 ) -> Handled {
+    // A window with since at or after until is valid and matches nothing.
     let filter = DeadFilter {
-        endpoint_id: body.endpoint_id,
-        event_type: opt_event_type(body.event_type)?,
+        endpoint_id: check_body_id("endpoint_id", body.endpoint_id)?,
+        event_type: check_event_type("event_type", body.event_type)?,
         since: opt_time("since", body.since)?,
         until: opt_time("until", body.until)?,
     };
-    check_window(filter.since, filter.until)?;
     let conn = state.pool.get().await?;
     let deliveries = redrive::retry_dead_matching(&*conn, &filter).await?;
     Ok((
@@ -389,12 +444,15 @@ pub(super) async fn retry_dead(
         .into_response())
 }
 
-pub(super) async fn stats(State(state): State<AdminState>) -> Handled {
+pub(super) async fn stats(
+    State(state): State<AdminState>,
+    Params(NoQuery {}): Params<NoQuery>,
+) -> Handled {
     let conn = state.pool.get().await?;
     Ok(Json(inspect::stats(&*conn).await?).into_response())
 }
 
-pub(super) async fn openapi() -> Response {
+pub(super) async fn openapi(Params(NoQuery {}): Params<NoQuery>) -> Response {
     (
         [(header::CONTENT_TYPE, "application/json")],
         super::OPENAPI_JSON,

@@ -19,6 +19,10 @@
 //!   appears in a response only when it is created or rotated.
 //! * The routes are exactly [`ROUTES`], and `docs/openapi.json` describes exactly
 //!   those (checked by the integration tests).
+//! * The document is the contract for input: a request it describes as valid is never
+//!   refused as malformed, and every other request is a 400 (or a 413 past
+//!   [`MAX_BODY_BYTES`], which no valid body reaches). The unit tests of the input
+//!   checks and a schemathesis run in the integration tests hold the two together.
 //!
 //! The API is meant for a loopback or private address: it can read every payload and
 //! re-send any event.
@@ -41,8 +45,8 @@ use rand::RngCore as _;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::time_format::parse_rfc3339;
 pub use error::ApiError;
+pub use input::parse_date_time;
 
 use crate::db::Pool;
 
@@ -51,8 +55,9 @@ use crate::db::Pool;
 pub struct AdminState {
     /// Connections for the queries; a small pool such as [`crate::db::admin_pool`].
     pub pool: Pool,
-    /// The bearer token every request must carry. An empty token refuses every
-    /// request.
+    /// The bearer token every request must carry, compared exactly (build the state
+    /// with [`AdminState::new`], which drops surrounding whitespace). An empty token
+    /// refuses every request.
     pub token: Arc<str>,
     /// After a secret rotation, how long the previous secret keeps signing beside the
     /// new one.
@@ -60,11 +65,17 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    /// Bundles the state.
+    /// Bundles the state. Surrounding whitespace is not part of the token (a token read
+    /// from a file usually ends in a newline that no client sends).
     pub fn new(pool: Pool, token: impl Into<Arc<str>>, rotation_grace: Duration) -> Self {
+        let token: Arc<str> = token.into();
+        let token = match token.trim() {
+            trimmed if trimmed.len() == token.len() => token,
+            trimmed => Arc::from(trimmed),
+        };
         Self {
             pool,
-            token: token.into(),
+            token,
             rotation_grace,
         }
     }
@@ -90,6 +101,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/v1/endpoints/{id}"),
     ("DELETE", "/v1/endpoints/{id}"),
     ("POST", "/v1/endpoints/{id}/rotate-secret"),
+    ("POST", "/v1/endpoints/{id}/enable"),
     ("POST", "/v1/endpoints/{id}/test"),
     ("GET", "/v1/events"),
     ("GET", "/v1/events/{id}"),
@@ -127,6 +139,7 @@ fn method_router(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
         ("PATCH", "/v1/endpoints/{id}") => on(filter, h::update_endpoint),
         ("DELETE", "/v1/endpoints/{id}") => on(filter, h::delete_endpoint),
         ("POST", "/v1/endpoints/{id}/rotate-secret") => on(filter, h::rotate_secret),
+        ("POST", "/v1/endpoints/{id}/enable") => on(filter, h::enable_endpoint),
         ("POST", "/v1/endpoints/{id}/test") => on(filter, h::send_test),
         ("GET", "/v1/events") => on(filter, h::list_events),
         ("GET", "/v1/events/{id}") => on(filter, h::get_event),

@@ -11,7 +11,10 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{Receiver, Reply, RunningDispatcher, TestDb, WAIT, eventually, test_config};
+use crate::harness::{
+    Receiver, Reply, RunningDispatcher, Spawned, TestDb, WAIT, eventually, outboxd_command,
+    run_to_end, sigterm, test_config,
+};
 
 const TOKEN: &str = "test-admin-token-0123456789abcdef";
 const SECRET_A: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -363,7 +366,7 @@ fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) {
                 .unwrap_or_else(|| panic!("{at}: not a string: {value}"));
             if schema["format"] == json!("date-time") {
                 assert!(
-                    outboxd::admin::parse_rfc3339(text).is_some(),
+                    outboxd::admin::parse_date_time(text).is_some(),
                     "{at}: not RFC 3339: {text}"
                 );
             }
@@ -393,8 +396,104 @@ fn assert_schema(name: &str, value: &Value) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The real binary serving the admin API
+// ---------------------------------------------------------------------------------------
+
+/// `outboxd run` against `db` with the admin API on a free loopback port and
+/// `ADMIN_TOKEN` set to `token_env` exactly; returns the process and the API's base URL,
+/// read from its log once it serves.
+pub async fn start_binary_api(db: &TestDb, token_env: &str) -> (Spawned, String) {
+    let mut command = outboxd_command();
+    command
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env("ADMIN_ADDR", "127.0.0.1:0")
+        .env("ADMIN_TOKEN", token_env)
+        .env("LOG_FORMAT", "json")
+        .env("WEBHOOK_POLL_INTERVAL_MS", "200");
+    let outboxd = Spawned::start(command);
+    let mut bound = None;
+    eventually("the admin API serves", WAIT, || {
+        bound = outboxd.stderr().lines().find_map(|line| {
+            let line: Value = serde_json::from_str(line).ok()?;
+            let fields = &line["fields"];
+            let addr = fields["addr"].as_str()?;
+            (fields["message"] == json!("serving the admin API") && !addr.ends_with(":0"))
+                .then(|| addr.to_owned())
+        });
+        let found = bound.is_some();
+        async move { found }
+    })
+    .await;
+    let addr = bound.expect("the admin API's address");
+    (outboxd, format!("http://{addr}"))
+}
+
+/// Stops a binary started by [`start_binary_api`]; asserts a clean exit.
+pub async fn stop_binary(outboxd: Spawned) -> crate::harness::Finished {
+    sigterm(outboxd.pid());
+    let finished = outboxd.finish(Duration::from_secs(60)).await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    finished
+}
+
+// ---------------------------------------------------------------------------------------
 // The tests
 // ---------------------------------------------------------------------------------------
+
+/// The token is `ADMIN_TOKEN` without surrounding whitespace, for the length check and
+/// for the comparison alike: a token file's final newline does not lock everyone out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_token_from_a_file_with_a_newline_is_accepted() {
+    let db = TestDb::new("admin_token_trim").await;
+    let http = reqwest::Client::new();
+    for token_env in [format!("{TOKEN}\n"), format!("  {TOKEN}\r\n")] {
+        let (outboxd, base) = start_binary_api(&db, &token_env).await;
+        let ask = |authorization: String| {
+            http.get(format!("{base}/v1/stats"))
+                .header("authorization", authorization)
+                .send()
+        };
+        let ok = ask(format!("Bearer {TOKEN}"))
+            .await
+            .expect("the API answers");
+        assert_eq!(ok.status(), StatusCode::OK, "ADMIN_TOKEN={token_env:?}");
+        for wrong in [
+            format!("Bearer {TOKEN}x"),
+            format!("Bearer {}", &TOKEN[1..]),
+        ] {
+            let refused = ask(wrong.clone()).await.expect("the API answers");
+            assert_eq!(refused.status(), StatusCode::UNAUTHORIZED, "{wrong:?}");
+        }
+        let finished = stop_binary(outboxd).await;
+        assert!(
+            !finished.stderr.contains(TOKEN),
+            "the token appears in the log:\n{}",
+            finished.stderr
+        );
+    }
+
+    // What is left after trimming must still be a usable token: exit 2, naming the variable.
+    for token_env in [
+        "  short-token \n".to_owned(),
+        format!("{}\n\n\n\n\n\n\n\n\n\n\n\n", &TOKEN[..8]),
+        "0123456789 abcdef 0123456789".to_owned(),
+    ] {
+        let mut command = outboxd_command();
+        command
+            .arg("run")
+            .env("DATABASE_URL", &db.url)
+            .env("ADMIN_ADDR", "127.0.0.1:0")
+            .env("ADMIN_TOKEN", &token_env);
+        let finished = run_to_end(command).await;
+        assert_eq!(finished.code, Some(2), "{token_env:?}: {finished:?}");
+        assert!(
+            finished.stderr.contains("ADMIN_TOKEN"),
+            "{token_env:?}: {}",
+            finished.stderr
+        );
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_every_route_requires_the_token() {
@@ -696,12 +795,6 @@ async fn admin_bad_input_is_a_json_400() {
         (
             Method::POST,
             "/v1/dead/retry".into(),
-            json!({"since": "2025-02-01T00:00:00Z", "until": "2025-01-01T00:00:00Z"}),
-            "since",
-        ),
-        (
-            Method::POST,
-            "/v1/dead/retry".into(),
             json!({"endpoint_id": "1"}),
             "endpoint_id",
         ),
@@ -716,6 +809,101 @@ async fn admin_bad_input_is_a_json_400() {
             "/v1/dead/retry".into(),
             json!({"state": "dead"}),
             "state",
+        ),
+        // What the document forbids and the server once took: null for fields that are
+        // not nullable, a body that is not an object, ids out of range, empty strings,
+        // NUL (which PostgreSQL text cannot hold), URLs outside the documented grammar.
+        (
+            Method::POST,
+            "/v1/events/1/replay".into(),
+            json!({"endpoint_id": null}),
+            "endpoint_id",
+        ),
+        (
+            Method::POST,
+            "/v1/events/1/replay".into(),
+            json!({"endpoint_id": 0}),
+            "endpoint_id",
+        ),
+        (
+            Method::POST,
+            "/v1/endpoints".into(),
+            json!({"url": "https://example.com/", "event_types": null}),
+            "event_types",
+        ),
+        (
+            Method::POST,
+            "/v1/endpoints".into(),
+            json!({"url": "https://example.com/", "secret": null}),
+            "secret",
+        ),
+        (
+            Method::POST,
+            "/v1/endpoints".into(),
+            json!({"url": "https://example.com/", "description": "a\u{0}b"}),
+            "NUL",
+        ),
+        (
+            Method::POST,
+            "/v1/endpoints".into(),
+            json!({"url": "https://bücher.example/"}),
+            "URL",
+        ),
+        (
+            Method::POST,
+            "/v1/endpoints".into(),
+            json!({"url": "https://1.2.3.999/"}),
+            "URL",
+        ),
+        (
+            Method::POST,
+            format!("{ep}/rotate-secret"),
+            json!({"secret": null}),
+            "secret",
+        ),
+        (Method::PATCH, ep.clone(), json!([null, null]), "object"),
+        (
+            Method::PATCH,
+            ep.clone(),
+            json!({"description": "x".repeat(1001)}),
+            "description",
+        ),
+        (
+            Method::PATCH,
+            ep.clone(),
+            json!({"event_types": vec!["a"; 101]}),
+            "event_types",
+        ),
+        (Method::PATCH, ep.clone(), json!(null), "object"),
+        (
+            Method::PATCH,
+            ep.clone(),
+            json!({"description": "\u{0}"}),
+            "NUL",
+        ),
+        (
+            Method::POST,
+            "/v1/dead/retry".into(),
+            json!({"until": ""}),
+            "until",
+        ),
+        (
+            Method::POST,
+            "/v1/dead/retry".into(),
+            json!({"event_type": ""}),
+            "event_type",
+        ),
+        (
+            Method::POST,
+            "/v1/dead/retry".into(),
+            json!({"endpoint_id": null}),
+            "endpoint_id",
+        ),
+        (
+            Method::POST,
+            "/v1/dead/retry".into(),
+            json!({"endpoint_id": -3}),
+            "endpoint_id",
         ),
     ];
     for (m, path, body, word) in bodies {
@@ -798,10 +986,25 @@ async fn admin_bad_input_is_a_json_400() {
         ("/v1/events?since=yesterday", "since"),
         ("/v1/events?since=2025-01-31", "since"),
         ("/v1/events?until=2025-01-31T12:00:00", "until"),
-        (
-            "/v1/events?since=2025-01-31T12:00:00Z&until=2025-01-31T12:00:00Z",
-            "since",
-        ),
+        ("/v1/events?until=", "until"),
+        ("/v1/events?since=&limit=5", "since"),
+        ("/v1/events?limit=", "limit"),
+        ("/v1/events?event_type=", "event_type"),
+        ("/v1/events?event_type=a%00b", "event_type"),
+        ("/v1/events?after=0", "after"),
+        ("/v1/events?limit=%2B5", "limit"),
+        // An unencoded `+` is a space once decoded: not a date-time.
+        ("/v1/events?since=2025-01-31T13:00:00+01:00", "%2B"),
+        ("/v1/deliveries?state=", "state"),
+        ("/v1/deliveries?endpoint_id=0", "endpoint_id"),
+        ("/v1/deliveries?after=", "after"),
+        ("/v1/endpoints?x=1", "x"),
+        ("/v1/stats?verbose=true", "verbose"),
+        ("/openapi.json?v=2", "v"),
+        ("/v1/endpoints/0", "endpoint id"),
+        ("/v1/endpoints/-1", "endpoint id"),
+        ("/v1/endpoints/%2B1", "endpoint id"),
+        ("/v1/events/9223372036854775808", "event id"),
         ("/v1/events?after=x", "after"),
         ("/v1/events?colour=red", "colour"),
         ("/v1/deliveries?state=bogus", "state"),
@@ -818,6 +1021,8 @@ async fn admin_bad_input_is_a_json_400() {
         ("/v1/deliveries/1", "delivery id"),
         ("/v1/deliveries/1:2:3", "delivery id"),
         ("/v1/deliveries/1:x", "delivery id"),
+        ("/v1/deliveries/-1:2", "delivery id"),
+        ("/v1/deliveries/%201:2", "delivery id"),
         ("/v1/endpoints/abc", "endpoint id"),
         ("/v1/endpoints/1.5", "endpoint id"),
         ("/v1/events/abc", "event id"),
@@ -846,6 +1051,37 @@ async fn admin_bad_input_is_a_json_400() {
     api.delete("/v1/endpoints/x")
         .await
         .expect_error(StatusCode::BAD_REQUEST, "invalid_input");
+
+    // What the document calls valid is taken: an empty window matches nothing, times
+    // before 1970 and leap seconds are times, long event types count characters, a
+    // delivery id past the id range names nothing.
+    for path in [
+        "/v1/events?since=2025-01-31T12:00:00Z&until=2025-01-31T12:00:00Z",
+        "/v1/events?since=2025-02-01T00:00:00Z&until=2025-01-01T00:00:00Z",
+        "/v1/deliveries?since=0464-11-16T22:15:01.2860-18:33",
+        "/v1/deliveries?until=2016-12-31T23:59:60Z",
+        "/v1/events?since=0000-01-01T00:00:00z&until=9999-12-31t23:59:59.999999999Z",
+        "/v1/deliveries?after=99999999999999999999:1",
+    ] {
+        let page = api.get(path).await.expect(StatusCode::OK);
+        assert!(page["items"].is_array(), "{path}: {page}");
+    }
+    let long_type = "é".repeat(255);
+    api.get(&format!("/v1/events?event_type={}", "%C3%A9".repeat(255)))
+        .await
+        .expect(StatusCode::OK);
+    let retried = api
+        .post(
+            "/v1/dead/retry",
+            json!({"since": "2025-02-01T00:00:00Z", "until": "2025-01-01T00:00:00Z",
+                   "event_type": long_type}),
+        )
+        .await
+        .expect(StatusCode::ACCEPTED);
+    assert_eq!(retried["retried"], json!(0));
+    api.get("/v1/deliveries/99999999999999999999:1")
+        .await
+        .expect_error(StatusCode::NOT_FOUND, "not_found");
 
     // Nothing was created or changed by the refused requests.
     let list = api.get("/v1/endpoints").await.expect(StatusCode::OK);
@@ -974,10 +1210,9 @@ async fn admin_lists_paginate_newest_first() {
         .await
         .expect(StatusCode::OK);
     assert_eq!(offset["items"], json!([]));
-    // An unencoded `+` (a space once decoded) is read as the offset sign it was meant as.
     let plus = api
         .get(&format!(
-            "/v1/events?since=2000-01-01T02:00:00+02:00&until={in_an_hour}"
+            "/v1/events?since=2000-01-01T02:00:00%2B02:00&until={in_an_hour}"
         ))
         .await
         .expect(StatusCode::OK);
@@ -1379,7 +1614,7 @@ async fn admin_rotation_signs_with_both_secrets_during_the_grace() {
     assert_schema("RotatedSecret", &rotated);
     let new = rotated["secret"].as_str().unwrap().to_owned();
     assert!(new.starts_with("whsec_") && new != old);
-    let expires = outboxd::admin::parse_rfc3339(
+    let expires = outboxd::admin::parse_date_time(
         rotated["previous_secret_expires_at"]
             .as_str()
             .expect("an expiry"),

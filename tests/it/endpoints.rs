@@ -86,24 +86,25 @@ async fn disable_parks_and_enable_resumes() {
         assert_eq!(after.state, "parked");
         assert_eq!(after.attempts, before.attempts, "parking is not an attempt");
     }
-    // New events for a disabled endpoint are not fanned out to it.
+    // New events for a disabled endpoint are fanned out to it parked, and not sent.
     let while_disabled = db.enqueue("order.created", &json!({"late": true})).await;
     control_round(&db, &receiver, "b").await;
-    let late: i64 = db
+    let late: String = db
         .scalar(&format!(
-            "SELECT count(*) FROM webhook_deliveries WHERE event_id = {while_disabled}"
+            "SELECT state FROM webhook_deliveries WHERE event_id = {while_disabled}"
         ))
         .await;
-    assert_eq!(late, 0);
+    assert_eq!(late, "parked");
+    assert_eq!(receiver.count_to("/hook"), requests_when_parked);
 
-    // Fixed and enabled: the parked deliveries go out.
+    // Fixed and enabled: the parked deliveries go out, the late one too.
     receiver.always("/hook", Reply::ok());
     let resumed = outboxd::endpoint::enable(&db.client, endpoint_id)
         .await
         .expect("enable");
-    assert_eq!(resumed, N as u64);
+    assert_eq!(resumed, N as u64 + 1);
     db.wait_until(&format!(
-        "SELECT count(*) = {N} AND bool_and(state = 'delivered') {order_rows}"
+        "SELECT count(*) = {N} + 1 AND bool_and(state = 'delivered') {order_rows}"
     ))
     .await;
     dispatcher.stop().await;
@@ -118,7 +119,7 @@ async fn disable_parks_and_enable_resumes() {
         .iter()
         .filter(|r| r.answered == Some(200))
         .count();
-    assert_eq!(ok as i64, N);
+    assert_eq!(ok as i64, N + 1);
     let ep = outboxd::endpoint::get(&db.client, endpoint_id)
         .await
         .unwrap();
@@ -251,7 +252,8 @@ async fn enable_racing_a_park_does_not_strand_the_delivery() {
 }
 
 /// 410 Gone: the consumer asks never to be called again. The delivery is parked and the
-/// endpoint disabled (Standard Webhooks' recommendation); other endpoints are unaffected.
+/// endpoint disabled (Standard Webhooks' recommendation); later events are parked for it
+/// too, never sent; other endpoints are unaffected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gone_disables_the_endpoint() {
     let db = TestDb::new("gone").await;
@@ -269,7 +271,7 @@ async fn gone_disables_the_endpoint() {
         "SELECT state = 'parked' FROM webhook_deliveries WHERE endpoint_id = {gone}"
     ))
     .await;
-    // Later events no longer go to it.
+    // Later events are kept for it, parked, not sent.
     let second = db.enqueue("order.created", &json!({})).await;
     db.wait_until(&format!(
         "SELECT count(*) = 2 AND bool_and(state = 'delivered') FROM webhook_deliveries
@@ -279,13 +281,15 @@ async fn gone_disables_the_endpoint() {
     dispatcher.stop().await;
 
     assert_eq!(receiver.count_to("/gone"), 1, "a 410 is not retried");
-    let to_gone: Vec<i64> = db
+    let to_gone: Vec<(i64, String)> = db
         .deliveries()
         .await
-        .iter()
+        .into_iter()
         .filter(|d| d.endpoint_id == gone)
-        .map(|d| d.event_id)
+        .map(|d| (d.event_id, d.state))
         .collect();
-    assert_eq!(to_gone, [first]);
-    assert_ne!(first, second);
+    assert_eq!(
+        to_gone,
+        [(first, "parked".to_owned()), (second, "parked".to_owned())]
+    );
 }

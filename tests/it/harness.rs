@@ -670,8 +670,12 @@ pub struct RunningDispatcher {
 
 impl RunningDispatcher {
     pub fn start(url: &str, config: Config) -> Self {
-        let worker_id = config.worker_id.clone();
-        let dispatcher = outboxd::Dispatcher::new(url, config).expect("valid test config");
+        Self::start_with(outboxd::Dispatcher::new(url, config).expect("valid test config"))
+    }
+
+    /// Runs `dispatcher` as it was built.
+    pub fn start_with(dispatcher: outboxd::Dispatcher) -> Self {
+        let worker_id = dispatcher.worker_id().to_owned();
         let metrics = dispatcher.metrics();
         let token = CancellationToken::new();
         let handle = tokio::spawn(dispatcher.run(token.clone()));

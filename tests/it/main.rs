@@ -4,27 +4,35 @@
 //! the harness needs `DATABASE_URL` pointing at a PostgreSQL superuser, and creates a
 //! database per test.
 
+mod cluster;
 mod harness;
 
 mod admin;
+mod admin_contract;
 mod cli;
 mod cli_ops;
 mod concurrency;
 mod delivery;
 mod endpoint_health;
 mod endpoints;
+mod failover;
 mod fanout;
 mod lease;
 mod migrations;
 mod observability;
 mod payloads;
 mod plans;
+mod pooler;
 mod producer;
 mod retention;
 mod retries;
+mod roles;
+mod sessions;
 mod settling;
 mod shutdown;
 mod signing;
 mod ssrf;
+mod startup;
+mod tls;
 mod unbuildable;
 mod wakeups;

@@ -262,14 +262,16 @@ async fn metrics_health_and_readiness_of_the_running_binary() {
         ],
     );
     let (endpoint, secret) = db.add_endpoint(&receiver.url("/hook"), &[]).await;
-    // An endpoint failing for 200 hours, subscribed to nothing: housekeeping disables it
-    // at start-up, which the endpoints_disabled counter must show.
+    // An endpoint failing for 200 hours (and still: a retry is due), subscribed to
+    // nothing: housekeeping disables it at start-up, which the endpoints_disabled counter
+    // must show.
     let (failing, _) = db
         .add_endpoint(&receiver.url("/failing"), &["never.sent"])
         .await;
     db.client
         .execute(
-            "UPDATE webhook_endpoints SET failing_since = now() - interval '200 hours'
+            "UPDATE webhook_endpoints SET failing_since = now() - interval '200 hours',
+                 failing_until = now() + interval '1 hour'
              WHERE id = $1",
             &[&failing],
         )

@@ -79,7 +79,7 @@ async fn a_claim_holds_each_payload_once_however_many_endpoints() {
     let events = big_events(&db, 3, 20_000, false).await;
     let budget = PayloadBudget::new(64 << 20, 4 << 20);
 
-    let batch = claim::claim_within(&db.client, "w", LEASE, 100, &budget)
+    let batch = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
         .await
         .unwrap();
     let deliveries = sent(&batch.claimed);
@@ -121,7 +121,7 @@ async fn claims_are_bounded_by_payload_bytes() {
         // Room for two events and a bit: a third starts under the budget.
         let budget = PayloadBudget::new(250_000, 4 << 20);
 
-        let first = claim::claim_within(&db.client, "w", LEASE, 100, &budget)
+        let first = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
             .await
             .unwrap();
         let taken: Vec<i64> = bodies(&sent(&first.claimed)).into_keys().collect();
@@ -135,7 +135,7 @@ async fn claims_are_bounded_by_payload_bytes() {
 
         // While the budget is spent, a claim still takes one event.
         assert_eq!(budget.available(), 0, "held {}", budget.held());
-        let second = claim::claim_within(&db.client, "w", LEASE, 100, &budget)
+        let second = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
             .await
             .unwrap();
         let taken: Vec<i64> = bodies(&sent(&second.claimed)).into_keys().collect();
@@ -153,7 +153,7 @@ async fn claims_are_bounded_by_payload_bytes() {
             )
             .await
             .unwrap();
-        let retries = claim::claim_within(&db.client, "w", LEASE, 100, &budget)
+        let retries = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
             .await
             .unwrap();
         let mut taken: Vec<(i64, i32)> = sent(&retries.claimed)
@@ -197,7 +197,7 @@ async fn a_fanned_out_retry_counts_its_payload_once() {
     // Room for the first event and the start of the second; a payload counted per
     // delivery would fill it with two deliveries.
     let budget = PayloadBudget::new(150_000, 4 << 20);
-    let first = claim::claim_within(&db.client, "w", LEASE, 100, &budget)
+    let first = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
         .await
         .unwrap();
     let deliveries = sent(&first.claimed);
@@ -211,7 +211,7 @@ async fn a_fanned_out_retry_counts_its_payload_once() {
         )
         .await
         .unwrap();
-    let retries = claim::claim_within(&db.client, "w", LEASE, 100, &budget)
+    let retries = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
         .await
         .unwrap();
     let deliveries = sent(&retries.claimed);

@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::json;
 
 use crate::harness::{Receiver, RunningDispatcher, TestDb, test_config};
+use crate::wakeups::push_only;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_key_deduplicates() {
@@ -167,4 +168,196 @@ async fn deliver_after_delays_delivery() {
     let d = db.delivery(delayed, endpoint_id).await;
     assert_eq!(d.attempts, 1);
     assert!(requests.iter().any(|r| r.event_id() == immediate));
+}
+
+// ---------------------------------------------------------------------------------------
+// Producers at every isolation level (the insert trigger must never fail one)
+// ---------------------------------------------------------------------------------------
+
+/// Producers per scenario: each holds a transaction open, so they run at once.
+const PRODUCERS: usize = 20;
+
+/// Whether a dispatcher is asleep on the doorbell: bell armed, gate open.
+const ASLEEP: &str = "SELECT armed AND pg_sequence_last_value('webhook_doorbell_gate') IS NULL
+     FROM webhook_doorbell";
+
+/// Waits until the push-only dispatcher sleeps on the bell, past the rechecks it makes
+/// after arming (~100 ms): from then on only a notification wakes it.
+async fn until_asleep(db: &TestDb) {
+    db.wait_until(ASLEEP).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    db.wait_until(ASLEEP).await;
+}
+
+/// `PRODUCERS` connections to `url`, each in a transaction at `isolation` (`None`: the
+/// session's default) whose snapshot is taken now.
+async fn producers_with_snapshots(
+    url: &str,
+    isolation: Option<&str>,
+) -> Vec<tokio_postgres::Client> {
+    let begin = match isolation {
+        Some(level) => format!("BEGIN ISOLATION LEVEL {level}; SELECT 1"),
+        None => "BEGIN; SELECT 1".to_owned(),
+    };
+    let mut producers = Vec::new();
+    for _ in 0..PRODUCERS {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .expect("connect a producer");
+        tokio::spawn(connection);
+        client.batch_execute(&begin).await.expect("begin");
+        producers.push(client);
+    }
+    producers
+}
+
+/// Every producer inserts one event and commits, all at once. Returns the ids of the
+/// committed events; panics with every error if any producer failed.
+async fn produce_and_commit(producers: Vec<tokio_postgres::Client>) -> Vec<i64> {
+    let tasks: Vec<_> = producers
+        .into_iter()
+        .enumerate()
+        .map(|(n, client)| {
+            tokio::spawn(async move {
+                let id: i64 = client
+                    .query_one(
+                        "INSERT INTO webhook_outbox (event_type, payload)
+                         VALUES ('order.created', jsonb_build_object('n', $1::int)) RETURNING id",
+                        &[&(n as i32)],
+                    )
+                    .await?
+                    .get(0);
+                client.batch_execute("COMMIT").await?;
+                Ok::<_, tokio_postgres::Error>(id)
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    let mut errors = Vec::new();
+    for task in tasks {
+        match task.await.expect("producer task") {
+            Ok(id) => ids.push(id),
+            Err(e) => errors.push(format!("{e} {:?}", e.as_db_error().map(|d| d.message()))),
+        }
+    }
+    assert!(
+        errors.is_empty(),
+        "{} of {PRODUCERS} producers failed: {errors:#?}",
+        errors.len()
+    );
+    ids.sort_unstable();
+    ids
+}
+
+/// Waits until the receiver has every event in `ids`, once each.
+async fn delivered_by_push(receiver: &Receiver, ids: &[i64], before: usize) {
+    let requests = receiver.wait_for(before + ids.len()).await;
+    let mut got: Vec<i64> = requests[before..].iter().map(|r| r.event_id()).collect();
+    got.sort_unstable();
+    assert_eq!(got, ids);
+}
+
+/// Producers whose snapshot predates the dispatcher's first arm: the bell they would
+/// read is stale (disarmed), yet their commits must wake the sleeping dispatcher.
+async fn snapshot_before_the_arm(isolation: &str, label: &str) {
+    let db = TestDb::new(label).await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let producers = producers_with_snapshots(&db.url, Some(isolation)).await;
+    let dispatcher = push_only(&db.url, label);
+    until_asleep(&db).await;
+
+    let ids = produce_and_commit(producers).await;
+    delivered_by_push(&receiver, &ids, 0).await;
+    dispatcher.stop().await;
+}
+
+/// Producers whose snapshot predates a ring and the dispatcher's re-arm: the bell row
+/// changed after their snapshot, which a row lock at this level refuses with 40001.
+async fn snapshot_before_a_ring(url: &str, db: &TestDb, isolation: Option<&str>, label: &str) {
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let dispatcher = push_only(&db.url, label);
+    until_asleep(db).await;
+    let producers = producers_with_snapshots(url, isolation).await;
+
+    // A READ COMMITTED producer rings (disarming the bell); the dispatcher delivers and
+    // arms again.
+    let first = db.enqueue("order.first", &json!({})).await;
+    delivered_by_push(&receiver, &[first], 0).await;
+    until_asleep(db).await;
+
+    let ids = produce_and_commit(producers).await;
+    delivered_by_push(&receiver, &ids, 1).await;
+    dispatcher.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeatable_read_producers_with_a_snapshot_before_the_arm() {
+    snapshot_before_the_arm("REPEATABLE READ", "rr_arm").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_producers_with_a_snapshot_before_the_arm() {
+    snapshot_before_the_arm("SERIALIZABLE", "ser_arm").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeatable_read_producers_with_a_snapshot_before_a_ring() {
+    let db = TestDb::new("rr_ring").await;
+    snapshot_before_a_ring(&db.url, &db, Some("REPEATABLE READ"), "rr_ring").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serializable_producers_with_a_snapshot_before_a_ring() {
+    let db = TestDb::new("ser_ring").await;
+    snapshot_before_a_ring(&db.url, &db, Some("SERIALIZABLE"), "ser_ring").await;
+}
+
+/// A database whose `default_transaction_isolation` is `serializable`: producers that
+/// just `BEGIN` run serializable. They connect as a producer role with only the grants
+/// the README lists; the dispatcher sets READ COMMITTED on its own sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_in_a_serializable_database() {
+    let db = TestDb::new("ser_db").await;
+    if !db.may_create_roles().await {
+        eprintln!("skipped: the test database user cannot create roles");
+        return;
+    }
+    let role = format!("{}_producer", db.name);
+    let password = "producer-password";
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN PASSWORD '{password}';
+             GRANT INSERT, SELECT (id) ON webhook_outbox TO {role};
+             ALTER DATABASE {name} SET default_transaction_isolation = 'serializable';",
+            name = db.name
+        ))
+        .await
+        .unwrap();
+    let producer_url = if db.url.contains("://") {
+        let mut url = url::Url::parse(&db.url).unwrap();
+        url.set_username(&role).unwrap();
+        url.set_password(Some(password)).unwrap();
+        url.to_string()
+    } else {
+        format!("{} user={role} password={password}", db.url)
+    };
+    let (check, connection) = tokio_postgres::connect(&producer_url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let level: String = check
+        .query_one("SHOW transaction_isolation", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(level, "serializable");
+    drop(check);
+
+    snapshot_before_a_ring(&producer_url, &db, None, "ser_db").await;
+    db.client
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
 }

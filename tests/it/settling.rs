@@ -66,8 +66,8 @@ async fn start_error(url: &str, label: &str) -> Error {
 }
 
 /// Before claiming anything, a dispatcher checks that it could record what it delivers:
-/// a settle function missing from its search path and a read-only database (a standby
-/// after a failover) each stop it at start, with PostgreSQL's reason.
+/// a settle function missing from its search path (with PostgreSQL's reason) and a
+/// read-only database (a standby after a failover, named as such) each stop it at start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatcher_refuses_to_start_when_outcomes_could_not_be_written() {
     let db = TestDb::new("settleprobe").await;
@@ -93,8 +93,11 @@ async fn dispatcher_refuses_to_start_when_outcomes_could_not_be_written() {
         .await
         .unwrap();
     let e = start_error(&db.url, "settleprobe").await;
-    assert!(matches!(e, Error::CannotSettle(_)), "{e:?}");
-    assert!(e.to_string().contains("25006"), "{e}");
+    assert!(matches!(e, Error::ReadOnlyDatabase(_)), "{e:?}");
+    assert!(
+        e.to_string().contains("default_transaction_read_only"),
+        "{e}"
+    );
     db.client
         .batch_execute(&format!(
             "ALTER DATABASE {} RESET default_transaction_read_only",

@@ -6,7 +6,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::harness::{
-    Receiver, Reply, Spawned, TestDb, outboxd_command, sigterm, unique, wait_child,
+    Receiver, Reply, RunningDispatcher, Spawned, TestDb, WAIT, eventually, outboxd_command,
+    sigterm, test_config, unique, wait_child,
 };
 
 fn run_command(db: &TestDb, drain_timeout_ms: u64) -> tokio::process::Command {
@@ -204,4 +205,136 @@ async fn second_sigterm_exits_at_once() {
         "a second signal exits at once with the forced-exit status; stderr:\n{}",
         finished.stderr
     );
+}
+
+/// Whether a session the dispatcher opened waits for a lock in the test's database, in
+/// a statement whose text contains `query_part`.
+fn waiting_for_a_lock(query_part: &str) -> String {
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name LIKE 'outboxd%'
+               AND wait_event_type = 'Lock' AND query LIKE '%{query_part}%')"
+    )
+}
+
+/// No session of the dispatcher is left in the test's database.
+const NO_OUTBOXD_SESSION: &str = "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity
+     WHERE datname = current_database() AND application_name LIKE 'outboxd%')";
+
+/// Waits until `sql` is true. Unlike `TestDb::wait_until`, a timeout does not read the
+/// delivery tables for its message: the test holds a lock on them.
+async fn wait_while_locked(db: &TestDb, sql: &str) {
+    eventually(sql, WAIT, || db.scalar::<bool>(sql)).await
+}
+
+/// A test configuration whose sessions wait for locks without limit: the drain must be
+/// bounded without a `lock_timeout`.
+fn no_lock_timeout(label: &str) -> outboxd::Config {
+    outboxd::Config {
+        db_lock_timeout: Duration::ZERO,
+        ..test_config(label)
+    }
+}
+
+/// A producer holding the doorbell's row in an idle transaction makes the claim loop's
+/// arm wait for the lock. SIGTERM must still end the process within its drain bound,
+/// and the arm it gave up must be cancelled in the server, not left to wait there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_while_an_arm_waits_for_the_doorbell() {
+    let db = TestDb::new("sigtermarm").await;
+    // A fresh doorbell is disarmed, so the first arm must lock its row.
+    let mut producer = db.connect().await;
+    let tx = producer.transaction().await.unwrap();
+    tx.execute("SELECT * FROM webhook_doorbell FOR UPDATE", &[])
+        .await
+        .unwrap();
+
+    // No lock_timeout: the drain must be bounded without one.
+    let mut command = run_command(&db, 1_000);
+    command.env("WEBHOOK_DB_LOCK_TIMEOUT_MS", "0");
+    let outboxd = Spawned::start(command);
+    wait_while_locked(&db, &waiting_for_a_lock("SET armed = true")).await;
+    sigterm(outboxd.pid());
+    let finished = outboxd.finish(Duration::from_secs(20)).await;
+    assert_eq!(finished.code, Some(0), "stderr:\n{}", finished.stderr);
+    wait_while_locked(&db, NO_OUTBOXD_SESSION).await;
+
+    tx.commit().await.unwrap();
+    let armed: bool = db.scalar("SELECT armed FROM webhook_doorbell").await;
+    assert!(
+        !armed,
+        "the abandoned arm must not run once the row is free"
+    );
+}
+
+/// A claim waiting for a table lock (an operator's `LOCK TABLE`, a migration) does not
+/// hold up a shutdown either; cancelled in the server, it leases nothing, and the event
+/// it would have claimed is delivered by the next dispatcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_while_a_claim_waits_for_a_lock() {
+    let db = TestDb::new("stopclaim").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let dispatcher = RunningDispatcher::start(&db.url, no_lock_timeout("stopclaim"));
+    db.wait_until("SELECT armed FROM webhook_doorbell").await;
+
+    let mut operator = db.connect().await;
+    let tx = operator.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE webhook_deliveries IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let event_id = db.enqueue("order.created", &json!({})).await;
+    wait_while_locked(&db, &waiting_for_a_lock("WITH due AS")).await;
+    tokio::time::timeout(Duration::from_secs(20), dispatcher.stop())
+        .await
+        .expect("the dispatcher stops while its claim waits for a lock");
+    wait_while_locked(&db, NO_OUTBOXD_SESSION).await;
+    tx.commit().await.unwrap();
+
+    let processed: bool = db
+        .scalar(&format!(
+            "SELECT processed_at IS NOT NULL FROM webhook_outbox WHERE id = {event_id}"
+        ))
+        .await;
+    assert!(
+        !processed,
+        "the cancelled claim must not have taken the event"
+    );
+    assert!(db.deliveries().await.is_empty());
+    let next = RunningDispatcher::start(&db.url, test_config("stopclaim2"));
+    db.wait_all_in_state(1, "delivered").await;
+    next.stop().await;
+    let ids: Vec<i64> = receiver.requests().iter().map(|r| r.event_id()).collect();
+    assert_eq!(ids, [event_id]);
+}
+
+/// An operator's `SELECT ... FOR UPDATE` on a delivery whose outcome is being written
+/// makes the settle statement wait. The drain still ends: the settler gives up after its
+/// bound, and the delivery is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_while_an_outcome_waits_for_a_row_lock() {
+    let db = TestDb::new("stopsettle").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::ok().delay(Duration::from_millis(1_000)));
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let event_id = db.enqueue("order.created", &json!({})).await;
+    let dispatcher = RunningDispatcher::start(&db.url, no_lock_timeout("stopsettle"));
+    receiver.wait_for(1).await;
+
+    let mut operator = db.connect().await;
+    let tx = operator.transaction().await.unwrap();
+    tx.execute("SELECT * FROM webhook_deliveries FOR UPDATE", &[])
+        .await
+        .unwrap();
+    wait_while_locked(&db, &waiting_for_a_lock("webhook_settle")).await;
+    tokio::time::timeout(Duration::from_secs(30), dispatcher.stop())
+        .await
+        .expect("the dispatcher stops while an outcome waits for a lock");
+    tx.commit().await.unwrap();
+
+    let next = RunningDispatcher::start(&db.url, test_config("stopsettle2"));
+    db.wait_all_in_state_within(1, "delivered", Duration::from_secs(40))
+        .await;
+    next.stop().await;
+    assert!(receiver.requests().iter().all(|r| r.event_id() == event_id));
 }

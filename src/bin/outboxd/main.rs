@@ -26,7 +26,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 ///
 /// Every setting is an environment variable with a matching --flag; run
 /// `outboxd run --help` for the dispatcher's settings and their defaults.
-#[derive(Debug, Parser)]
+// No Debug: it holds DATABASE_URL, password included, and endpoint secrets.
+#[derive(Parser)]
 #[command(name = "outboxd", version, about, long_about = None)]
 struct Cli {
     /// PostgreSQL connection string (URL or key=value form)
@@ -45,7 +46,8 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Debug, Subcommand)]
+// No Debug: `endpoint add` and `rotate-secret` carry a secret.
+#[derive(Subcommand)]
 enum Command {
     /// Create or upgrade the schema and the notify trigger (safe to repeat, and to run from several processes at once)
     Migrate,
@@ -173,6 +175,7 @@ fn main() -> ExitCode {
     };
     let json_logs = cli.log_format == "json";
     init_logging(&cli.log_format);
+    log_panics_without_their_message();
     let (threads, serving) = match &cli.command {
         Command::Run { serve, .. } => (serve.worker_threads, true),
         _ => (None, false),
@@ -228,6 +231,23 @@ fn init_logging(format: &str) {
     }
 }
 
+/// Replaces the default panic output, which prints the panic's message: a message may
+/// quote whatever the panicking code held, a webhook payload or a secret included (a
+/// string slicing panic quotes the string). Where it happened is enough to find the
+/// bug; the dispatcher records a send that panics as `internal` and goes on.
+fn log_panics_without_their_message() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+            .unwrap_or_default();
+        tracing::error!(
+            location,
+            "panicked (the message is not logged: it may quote a payload or a secret)"
+        );
+    }));
+}
+
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let database_url = cli.database_url.clone();
     let database_url = move || {
@@ -252,9 +272,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run { dispatcher, serve } => {
             // Validate everything before touching the database, so a bad value exits 2
             // at once.
+            let listen_url = dispatcher.listen_database_url.clone();
             let config = dispatcher.into_config().map_err(Error::from)?;
             let serve = serve.validate().map_err(Error::from)?;
-            run::run(database_url()?, config, serve).await?;
+            run::run(database_url()?, listen_url, config, serve).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Endpoint(command) => {

@@ -18,7 +18,8 @@ use crate::run::parse_grace;
 /// not dead).
 const NOTHING_DONE: u8 = 4;
 
-#[derive(Debug, Subcommand)]
+// No Debug: `add` and `rotate-secret` carry a secret.
+#[derive(Subcommand)]
 pub enum EndpointCommand {
     /// Register an endpoint; prints its id and signing secret (shown only here)
     Add {
@@ -83,7 +84,7 @@ pub enum EndpointCommand {
         #[arg(long, env = "WEBHOOK_SECRET_ROTATION_GRACE", default_value = "24h", value_parser = parse_grace)]
         grace: Duration,
     },
-    /// Stop deliveries to an endpoint; its pending deliveries are parked
+    /// Stop deliveries to an endpoint; its pending deliveries, and those of new events, are parked
     Disable {
         /// Endpoint id
         id: i64,
@@ -91,10 +92,13 @@ pub enum EndpointCommand {
         #[arg(long, default_value = "disabled by operator")]
         reason: String,
     },
-    /// Resume an endpoint; its parked deliveries become due at once
+    /// Resume an endpoint; its parked deliveries (also those of events enqueued while it was disabled) become due at once
     Enable {
         /// Endpoint id
         id: i64,
+        /// Discard the parked deliveries instead (state discarded, never sent; replay sends one again)
+        #[arg(long)]
+        discard_backlog: bool,
     },
     /// Remove an endpoint (its history is kept; pending deliveries are parked)
     Remove {
@@ -138,7 +142,7 @@ pub struct ListArgs {
 pub enum DeliveriesCommand {
     /// List deliveries, newest first
     List {
-        /// pending, inflight, delivered, dead or parked
+        /// pending, inflight, delivered, dead, parked or discarded
         #[arg(long)]
         state: Option<String>,
         #[command(flatten)]
@@ -269,9 +273,19 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             let parked = endpoint::disable(client, id, &reason).await?;
             println!("endpoint {id} disabled; {parked} pending deliveries parked");
         }
-        EndpointCommand::Enable { id } => {
+        EndpointCommand::Enable {
+            id,
+            discard_backlog: false,
+        } => {
             let resumed = endpoint::enable(client, id).await?;
             println!("endpoint {id} enabled; {resumed} parked deliveries resumed");
+        }
+        EndpointCommand::Enable {
+            id,
+            discard_backlog: true,
+        } => {
+            let discarded = endpoint::enable_discarding_backlog(client, id).await?;
+            println!("endpoint {id} enabled; {discarded} parked deliveries discarded");
         }
         EndpointCommand::Remove { id } => {
             endpoint::remove(client, id).await?;

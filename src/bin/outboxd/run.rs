@@ -2,14 +2,16 @@
 //! the admin API when their addresses are set.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use outboxd::startup::{self, Startup};
 use outboxd::{Config, ConfigError, Dispatcher, db, schema, shutdown, status};
 use tokio_util::sync::CancellationToken;
 
 /// Settings of the servers that run beside the dispatcher.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct ServeArgs {
     /// Serve /metrics, /healthz and /readyz on this address (off when unset); a bare port such as 9090 means 127.0.0.1:9090
     #[arg(long, env = "METRICS_ADDR", value_name = "METRICS_ADDR", value_parser = parse_addr)]
@@ -17,7 +19,7 @@ pub struct ServeArgs {
     /// Serve the admin API on this address (off when unset); a bare port such as 8080 means 127.0.0.1:8080
     #[arg(long, env = "ADMIN_ADDR", value_name = "ADMIN_ADDR", value_parser = parse_addr)]
     pub admin_addr: Option<SocketAddr>,
-    /// Bearer token the admin API requires (at least 16 characters); required when ADMIN_ADDR is set
+    /// Bearer token the admin API requires: at least 16 printable ASCII characters, no spaces (surrounding whitespace, such as a file's final newline, is not part of it); required when ADMIN_ADDR is set
     #[arg(
         long,
         env = "ADMIN_TOKEN",
@@ -49,16 +51,70 @@ pub fn parse_grace(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (expected a duration such as 24h)"))
 }
 
+/// The token is never shown: only whether one is set.
+impl std::fmt::Debug for ServeArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeArgs")
+            .field("metrics_addr", &self.metrics_addr)
+            .field("admin_addr", &self.admin_addr)
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("secret_rotation_grace", &self.secret_rotation_grace)
+            .field("worker_threads", &self.worker_threads)
+            .finish()
+    }
+}
+
 /// [`ServeArgs`] checked as a whole.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Serve {
     metrics_addr: Option<SocketAddr>,
+    /// The admin API's address and its token, trimmed.
     admin: Option<(SocketAddr, String)>,
     rotation_grace: Duration,
 }
 
+/// The token is never shown.
+impl std::fmt::Debug for Serve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serve")
+            .field("metrics_addr", &self.metrics_addr)
+            .field("admin_addr", &self.admin.as_ref().map(|(addr, _)| addr))
+            .field("rotation_grace", &self.rotation_grace)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fewest characters an admin token may have.
+const MIN_TOKEN_CHARS: usize = 16;
+
+/// What `ADMIN_TOKEN` means: the value without surrounding whitespace (a token read from
+/// a file usually ends in a newline, which no client sends). What is left must be one
+/// bearer credential a client can send as it is: printable ASCII without spaces.
+fn admin_token(raw: &str) -> Result<String, ConfigError> {
+    let refuse = |message: &str| ConfigError {
+        variable: "ADMIN_TOKEN",
+        message: message.to_owned(),
+    };
+    let token = raw.trim();
+    if token.len() < MIN_TOKEN_CHARS {
+        return Err(refuse(
+            "must be at least 16 characters, not counting surrounding whitespace",
+        ));
+    }
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(refuse(
+            "must be printable ASCII without spaces (it is sent in an Authorization header)",
+        ));
+    }
+    Ok(token.to_owned())
+}
+
 impl ServeArgs {
-    /// Checks that the admin API has a usable token when it is on.
+    /// Checks that the admin API has a usable token when it is on, and settles what the
+    /// token is (see [`admin_token`]): the admin API compares requests with exactly that.
     pub fn validate(self) -> Result<Serve, ConfigError> {
         let admin = match (self.admin_addr, self.admin_token) {
             (None, _) => None,
@@ -68,13 +124,7 @@ impl ServeArgs {
                     message: "is required when ADMIN_ADDR is set".to_owned(),
                 });
             }
-            (Some(_), Some(token)) if token.trim().len() < 16 => {
-                return Err(ConfigError {
-                    variable: "ADMIN_TOKEN",
-                    message: "must be at least 16 characters".to_owned(),
-                });
-            }
-            (Some(addr), Some(token)) => Some((addr, token)),
+            (Some(addr), Some(token)) => Some((addr, admin_token(&token)?)),
         };
         Ok(Serve {
             metrics_addr: self.metrics_addr,
@@ -85,28 +135,41 @@ impl ServeArgs {
 }
 
 /// Runs the dispatcher until SIGTERM/SIGINT and a drain, with the servers beside it.
-pub async fn run(database_url: String, config: Config, serve: Serve) -> anyhow::Result<()> {
+///
+/// The servers come up first; then the start waits for the database (up to
+/// `WEBHOOK_DATABASE_WAIT_MS`), with `/readyz` saying so, and checks it is migrated.
+/// `listen_database_url` is the LISTEN session's own connection string, if set.
+pub async fn run(
+    database_url: String,
+    listen_database_url: Option<String>,
+    config: Config,
+    serve: Serve,
+) -> anyhow::Result<()> {
     let listen = config.listen;
-    let dispatcher = Dispatcher::new(database_url.clone(), config)?;
+    let database_wait = config.database_wait;
+    if let Some(url) = &listen_database_url {
+        db::ConnInfo::parse(url).map_err(|e| ConfigError {
+            variable: "WEBHOOK_LISTEN_DATABASE_URL",
+            message: e.to_string(),
+        })?;
+        if !listen {
+            tracing::info!("WEBHOOK_LISTEN=false: WEBHOOK_LISTEN_DATABASE_URL is not used");
+        }
+    }
+    let mut dispatcher = Dispatcher::new(database_url.clone(), config)?;
+    if let Some(url) = listen_database_url {
+        dispatcher = dispatcher.with_listen_database_url(url);
+    }
     let shutdown = CancellationToken::new();
     shutdown::cancel_on_signals(shutdown.clone()).context("cannot install signal handlers")?;
-
-    let client = db::connect(&database_url).await?;
-    let pending = schema::pending_migrations(&client).await?;
-    if !pending.is_empty() {
-        anyhow::bail!(
-            "the database is not migrated (pending: {}); run `outboxd migrate` first",
-            pending.join(", ")
-        );
-    }
-    drop(client);
+    let startup = Arc::new(Startup::waiting_for("waiting for the database"));
 
     // The servers stop only after the dispatcher has drained, so health checks and
     // metrics stay up during the drain.
     let servers_stop = CancellationToken::new();
     let mut servers = Vec::new();
     if serve.metrics_addr.is_some() || serve.admin.is_some() {
-        let pool = db::admin_pool(&database_url).await?;
+        let pool = db::admin_pool_lazy(&database_url)?;
         if let Some(addr) = serve.metrics_addr {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -116,6 +179,7 @@ pub async fn run(database_url: String, config: Config, serve: Serve) -> anyhow::
                 metrics: dispatcher.metrics(),
                 pool: pool.clone(),
                 listen,
+                startup: Arc::clone(&startup),
             };
             servers.push(tokio::spawn(status::serve(
                 listener,
@@ -137,13 +201,85 @@ pub async fn run(database_url: String, config: Config, serve: Serve) -> anyhow::
         }
     }
 
-    let result = dispatcher.run(shutdown).await;
+    let result = async {
+        let client = tokio::select! {
+            client = startup::wait_for_database(&database_url, database_wait, &startup) => {
+                client.with_context(|| {
+                    format!(
+                        "the database did not accept a connection within \
+                         WEBHOOK_DATABASE_WAIT_MS ({} ms), or refused it for good",
+                        database_wait.as_millis()
+                    )
+                })?
+            }
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let pending = schema::pending_migrations(&client).await?;
+        if !pending.is_empty() {
+            anyhow::bail!(
+                "the database is not migrated (pending: {}); run `outboxd migrate` first",
+                pending.join(", ")
+            );
+        }
+        drop(client);
+        startup.done();
+        dispatcher.run(shutdown).await?;
+        Ok(())
+    }
+    .await;
     servers_stop.cancel();
     for server in servers {
         if let Ok(Err(e)) = server.await {
             tracing::warn!(error = %e, "a server stopped with an error");
         }
     }
-    result?;
-    Ok(())
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_token_is_the_trimmed_value() {
+        let token = "0123456789abcdef-token";
+        for raw in [
+            token.to_owned(),
+            format!("{token}\n"),
+            format!("{token}\r\n"),
+            format!("  {token}\t "),
+        ] {
+            assert_eq!(admin_token(&raw).unwrap(), token, "{raw:?}");
+        }
+        for (raw, word) in [
+            ("", "16"),
+            ("short-token\n\n\n\n\n\n\n", "16"),
+            ("                        ", "16"),
+            ("0123456789 abcdef-token", "printable"),
+            ("0123456789abcdef-tökén", "printable"),
+            ("0123456789abcdef\0token", "printable"),
+        ] {
+            let e = admin_token(raw).unwrap_err();
+            assert_eq!(e.variable, "ADMIN_TOKEN");
+            assert!(e.message.contains(word), "{raw:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_token() {
+        let secret = "0123456789abcdef-token";
+        let args = ServeArgs {
+            metrics_addr: None,
+            admin_addr: Some(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            admin_token: Some(secret.to_owned()),
+            secret_rotation_grace: Duration::from_secs(60),
+            worker_threads: None,
+        };
+        let shown = format!("{args:?}");
+        assert!(!shown.contains(secret), "{shown}");
+        let serve = args.validate().unwrap();
+        let shown = format!("{serve:?} {serve:#?}");
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(shown.contains("127.0.0.1:8080"), "{shown}");
+    }
 }

@@ -1,0 +1,483 @@
+//! Through pgbouncer in transaction pooling mode (the Debian package, 1.18, which keeps
+//! no prepared statement across transactions): several polling dispatchers deliver
+//! everything exactly once, and push works with the pool through pgbouncer and the
+//! LISTEN session straight to PostgreSQL.
+//!
+//! Each test starts its own pgbouncer on a free port in front of the test cluster
+//! ([`Bouncer`]); `scripts/pgbouncer.sh` installs the package when it is missing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use outboxd::config::PreparedStatements;
+
+use crate::harness::{
+    Receiver, RunningDispatcher, Spawned, TestDb, admin_url, outboxd_command, sigterm, test_config,
+    unique,
+};
+
+/// A pgbouncer in transaction pooling mode in front of the test cluster, stopped and
+/// removed when dropped.
+pub struct Bouncer {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+/// The pgbouncer binary, installed by `scripts/pgbouncer.sh` if needed (once per run);
+/// `None`, with the reason printed, where it cannot be had.
+fn pgbouncer_binary() -> Option<&'static str> {
+    static BINARY: OnceLock<Option<String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/pgbouncer.sh");
+            match Command::new(script).arg("bin").output() {
+                Ok(out) if out.status.success() => {
+                    Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+                }
+                Ok(out) => {
+                    eprintln!(
+                        "SKIPPED: pgbouncer cannot be installed here: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                    None
+                }
+                Err(e) => {
+                    eprintln!("SKIPPED: cannot run {script}: {e}");
+                    None
+                }
+            }
+        })
+        .as_deref()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+/// The `postgres` OS user's uid and gid.
+fn postgres_ids() -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("run id");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("the postgres OS user exists (scripts/pg.sh creates it)")
+    };
+    (id("-u"), id("-g"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+impl Bouncer {
+    /// Starts pgbouncer in transaction mode in front of `DATABASE_URL`'s server, letting
+    /// in `users` (trust authentication, as the test cluster has). pgbouncer's default
+    /// `ignore_startup_parameters` is kept (nothing ignored but what it handles itself),
+    /// so a client sending startup `options` is refused, as by a stock pgbouncer.
+    /// `None` (the test skips) only where pgbouncer cannot be installed.
+    pub async fn start(users: &[&str]) -> Option<Self> {
+        let binary = pgbouncer_binary()?;
+        let server: tokio_postgres::Config = admin_url().parse().expect("DATABASE_URL parses");
+        let host = match &server.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(host) => host.clone(),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        };
+        let server_port = server.get_ports().first().copied().unwrap_or(5432);
+        let dir = std::env::temp_dir().join(unique("outboxd-pgbouncer"));
+        std::fs::create_dir_all(&dir).expect("pgbouncer dir");
+        let users_file = dir.join("users.txt");
+        let mut all_users = vec!["postgres"];
+        all_users.extend_from_slice(users);
+        std::fs::write(
+            &users_file,
+            all_users
+                .iter()
+                .map(|u| format!("\"{u}\" \"\"\n"))
+                .collect::<String>(),
+        )
+        .expect("write the users file");
+        for _ in 0..5 {
+            let port = free_port();
+            let config = dir.join("pgbouncer.ini");
+            std::fs::write(
+                &config,
+                format!(
+                    "[databases]\n\
+                     * = host={host} port={server_port}\n\
+                     [pgbouncer]\n\
+                     listen_addr = 127.0.0.1\n\
+                     listen_port = {port}\n\
+                     unix_socket_dir =\n\
+                     auth_type = trust\n\
+                     auth_file = {users}\n\
+                     pool_mode = transaction\n\
+                     default_pool_size = 8\n\
+                     max_client_conn = 400\n\
+                     server_login_retry = 1\n",
+                    users = users_file.display()
+                ),
+            )
+            .expect("write pgbouncer.ini");
+            let log = std::fs::File::create(dir.join("pgbouncer.log")).expect("log file");
+            // pgbouncer refuses to run as root: run it as the cluster's OS user, as this
+            // process's own child (not under runuser, which would outlive a kill of it).
+            let mut command = Command::new(binary);
+            if is_root() {
+                use std::os::unix::process::CommandExt as _;
+                let (uid, gid) = postgres_ids();
+                command.uid(uid).gid(gid);
+            }
+            let mut child = command
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawn pgbouncer");
+            if wait_listening(&mut child, port).await {
+                watchdog(child.id(), &config);
+                return Some(Self { child, port, dir });
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default();
+            eprintln!("pgbouncer did not come up on port {port}; retrying. Log:\n{log}");
+        }
+        panic!("pgbouncer did not start");
+    }
+
+    /// `db`'s connection string with pgbouncer's address instead of the server's.
+    pub fn url(&self, db: &TestDb) -> String {
+        let mut url = url::Url::parse(&db.url).expect("the test URL is a URL");
+        url.set_host(Some("127.0.0.1")).expect("host");
+        url.set_port(Some(self.port)).expect("port");
+        url.to_string()
+    }
+}
+
+/// Ends pgbouncer `pid` (started with `config`) once this test process is gone, should
+/// it end without dropping its [`Bouncer`] (killed, or aborted). Only if that pid still
+/// runs that configuration: a pid is reused once its process is gone.
+fn watchdog(pid: u32, config: &Path) {
+    let watch = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 1; done; \
+         grep -qF '{config}' /proc/{pid}/cmdline 2>/dev/null && kill {pid}",
+        me = std::process::id(),
+        config = config.display()
+    );
+    // Detached (the shell forks it and exits), so it is nobody's child to reap.
+    let _ = Command::new("sh")
+        .args(["-c", &format!("({watch}) </dev/null >/dev/null 2>&1 &")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Waits until `child` accepts connections on `port`; `false` if it exits or takes
+/// longer than 10 s.
+async fn wait_listening(child: &mut Child, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Dispatcher sessions for `url`, as a dispatcher with the test configuration opens them.
+fn connector(url: &str) -> outboxd::db::Connector {
+    outboxd::db::Connector::new(url, outboxd::db::Session::dispatcher(&test_config("c")))
+        .expect("a valid connection string")
+}
+
+/// Asserts that the receiver saw each of `events` events exactly once.
+fn assert_each_once(receiver: &Receiver, events: usize) {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in receiver.requests() {
+        *seen.entry(r.webhook_id().to_owned()).or_default() += 1;
+    }
+    let duplicated = seen.values().filter(|n| **n > 1).count();
+    assert_eq!(duplicated, 0, "deliveries received more than once");
+    assert_eq!(seen.len(), events, "every event received");
+}
+
+/// `outboxd run` through `url`, polling every 50 ms.
+fn polling_process(url: &str, label: &str, env: &[(&str, &str)]) -> Spawned {
+    let mut command = outboxd_command();
+    command
+        .arg("run")
+        .env("DATABASE_URL", url)
+        .env("WEBHOOK_LISTEN", "false")
+        .env("WEBHOOK_POLL_INTERVAL_MS", "50")
+        .env("WEBHOOK_BATCH_SIZE", "50")
+        .env("WEBHOOK_ALLOW_PRIVATE_TARGETS", "true")
+        .env("WEBHOOK_WORKER_ID", unique(label));
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    Spawned::start(command)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_dispatchers_through_pgbouncer_deliver_everything_once() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    let db = TestDb::new("bouncerpoll").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    const EVENTS: usize = 1_500;
+    let url = bouncer.url(&db);
+    // Separate processes, as deployed: tokio-postgres names prepared statements s0, s1,
+    // ... per process, so only separate processes clash on a shared server session.
+    let processes: Vec<Spawned> = (0..3)
+        .map(|i| polling_process(&url, &format!("bouncer{i}"), &[]))
+        .collect();
+    db.enqueue_series(1, EVENTS as i32).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let delivered: i64 = db
+            .scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
+            .await;
+        if delivered == EVENTS as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{delivered} of {EVENTS} delivered within 90 s; the first dispatcher's log:\n{}",
+            processes[0].stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for process in processes {
+        sigterm(process.pid());
+        let finished = process.finish(Duration::from_secs(60)).await;
+        assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+        assert!(
+            finished.stderr.contains("claim statement mode decided"),
+            "the decision is logged: {}",
+            finished.stderr
+        );
+        // With a named claim statement the processes still delivered everything here,
+        // but only after claims failed on server sessions that lacked their statement
+        // (26000) or had another process's of the same name (42P05).
+        assert!(
+            !finished.stderr.contains("claim failed"),
+            "no claim fails: {}",
+            finished.stderr
+        );
+    }
+    assert_each_once(&receiver, EVENTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_with_the_pool_through_pgbouncer_and_listen_direct() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    let db = TestDb::new("bouncerpush").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let config = outboxd::Config {
+        // Only a notification can deliver within the test's bound.
+        poll_interval: Duration::from_secs(600),
+        ..test_config("bouncerpush")
+    };
+    let dispatcher = RunningDispatcher::start_with(
+        outboxd::Dispatcher::new(bouncer.url(&db), config)
+            .expect("valid config")
+            .with_listen_database_url(db.url.clone()),
+    );
+    crate::harness::eventually("the LISTEN session is up", Duration::from_secs(20), || {
+        let metrics = dispatcher.metrics.clone();
+        async move { metrics.listener_connected() }
+    })
+    .await;
+    // Let the dispatcher go to sleep with the doorbell armed, then ring it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in 1..=3 {
+        db.enqueue("order.created", &serde_json::json!({ "n": n }))
+            .await;
+        receiver.wait_for_within(n, Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let rendered = dispatcher.metrics.render();
+    let notifications: f64 = rendered
+        .lines()
+        .find_map(|l| l.strip_prefix("outboxd_notifications_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the notifications counter");
+    assert!(notifications >= 1.0, "the doorbell was heard: {rendered}");
+    dispatcher.stop().await;
+    assert_each_once(&receiver, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_through_a_transaction_pooler_is_refused_with_the_variable_named() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    let db = TestDb::new("bouncerlisten").await;
+    let dispatcher = outboxd::Dispatcher::new(bouncer.url(&db), test_config("bouncerlisten"))
+        .expect("valid config");
+    let err = tokio::time::timeout(
+        Duration::from_secs(30),
+        dispatcher.run(tokio_util::sync::CancellationToken::new()),
+    )
+    .await
+    .expect("refused at start")
+    .expect_err("push through a transaction pooler cannot hear notifications");
+    let message = err.to_string();
+    assert!(
+        matches!(err, outboxd::Error::Config(ref c) if c.variable == "WEBHOOK_LISTEN_DATABASE_URL"),
+        "{message}"
+    );
+    assert!(message.contains("WEBHOOK_LISTEN=false"), "{message}");
+}
+
+#[tokio::test]
+async fn auto_finds_a_pooler_only_where_there_is_one() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    let db = TestDb::new("bouncerauto").await;
+    use outboxd::pooler::{Sessions, StatementMode, decide, look_at_sessions};
+    let direct = look_at_sessions(&connector(&db.url))
+        .await
+        .expect("look directly");
+    assert!(matches!(direct, Sessions::Separate(..)), "{direct:?}");
+    let pooled = look_at_sessions(&connector(&bouncer.url(&db)))
+        .await
+        .expect("look through pgbouncer");
+    assert!(matches!(pooled, Sessions::Shared(_)), "{pooled:?}");
+    assert_eq!(
+        decide(PreparedStatements::Auto, pooled).0,
+        StatementMode::Unnamed
+    );
+    assert_eq!(
+        decide(PreparedStatements::Auto, direct).0,
+        StatementMode::Prepared
+    );
+}
+
+/// `outboxd run` through `bouncer` for `db`, polling, until it logged `needle` (or
+/// exited); returns its output after a SIGTERM.
+async fn run_through(bouncer: &Bouncer, db: &TestDb, needle: &str) -> crate::harness::Finished {
+    let process = polling_process(&bouncer.url(db), "settings", &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !process.stderr().contains(needle) {
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(pid) = process.child.id() {
+        sigterm(pid);
+    }
+    process.finish(Duration::from_secs(60)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_pgbouncer_the_session_settings_come_from_the_role_and_are_checked() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    // A stock pgbouncer refuses the startup options that carry the settings: outboxd
+    // connects without them and says which settings did not arrive, and how to set them.
+    let bare = TestDb::new("settingsbare").await;
+    let finished = run_through(&bouncer, &bare, "dispatcher started").await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    assert!(
+        finished
+            .stderr
+            .contains("the server refuses startup options"),
+        "{}",
+        finished.stderr
+    );
+    for setting in [
+        "lock_timeout",
+        "statement_timeout",
+        "idle_in_transaction_session_timeout",
+    ] {
+        assert!(
+            finished.stderr.contains(&format!("SET {setting} = '")),
+            "the fix for {setting} is logged: {}",
+            finished.stderr
+        );
+    }
+
+    // A database whose sessions default to SERIALIZABLE is refused: claims need READ
+    // COMMITTED, and the message says what to run.
+    let serializable = TestDb::new("settingsser").await;
+    serializable
+        .client
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
+            serializable.name
+        ))
+        .await
+        .expect("make the database serializable by default");
+    let finished = run_through(&bouncer, &serializable, "serializable").await;
+    assert_eq!(finished.code, Some(2), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("invalid DATABASE_URL")
+            && finished
+                .stderr
+                .contains("SET default_transaction_isolation = 'read committed'"),
+        "{}",
+        finished.stderr
+    );
+
+    // Set for the role (here the database: the test runs as its superuser), every
+    // setting arrives and nothing is reported missing.
+    let set = TestDb::new("settingsset").await;
+    set.client
+        .batch_execute(&format!(
+            "ALTER DATABASE {db} SET lock_timeout = 5000;
+             ALTER DATABASE {db} SET statement_timeout = 30000;
+             ALTER DATABASE {db} SET idle_in_transaction_session_timeout = 60000;
+             ALTER DATABASE {db} SET synchronous_commit = off;",
+            db = set.name
+        ))
+        .await
+        .expect("set the settings for the database");
+    let finished = run_through(&bouncer, &set, "dispatcher started").await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    assert!(
+        finished.stderr.contains("dispatcher started")
+            && !finished.stderr.contains("did not arrive"),
+        "{}",
+        finished.stderr
+    );
+}
