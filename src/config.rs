@@ -61,6 +61,12 @@ pub struct Config {
     pub dead_retention: Duration,
     /// An endpoint failing every attempt for this long is disabled.
     pub endpoint_disable_after: Duration,
+    /// The largest payload sent, in bytes of its JSON text; a delivery of a larger one
+    /// ends dead with the reason, without a request.
+    pub max_payload_bytes: u64,
+    /// Most payload bytes a dispatcher holds at once, claimed and not yet sent (a claim
+    /// always takes at least one event, however large).
+    pub payload_budget_bytes: u64,
     /// `lock_timeout` of the dispatcher's sessions: no statement waits longer for a
     /// lock (zero: no limit). A timed-out statement is retried like any failed one.
     pub db_lock_timeout: Duration,
@@ -120,6 +126,9 @@ impl std::fmt::Display for PreparedStatements {
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
+const MIB: u64 = 1024 * 1024;
+/// PostgreSQL's limit on any one value (1 GB): no payload's text is longer.
+const MAX_VALUE_BYTES: u64 = (1 << 30) - 1;
 
 impl Default for Config {
     fn default() -> Self {
@@ -140,6 +149,8 @@ impl Default for Config {
             retention: 72 * HOUR,
             dead_retention: 720 * HOUR,
             endpoint_disable_after: 120 * HOUR,
+            max_payload_bytes: 4 * MIB,
+            payload_budget_bytes: 64 * MIB,
             prepared_statements: PreparedStatements::Auto,
             database_wait: Duration::from_secs(300),
             db_lock_timeout: Duration::from_millis(5_000),
@@ -235,6 +246,27 @@ impl Config {
         hours(
             "WEBHOOK_ENDPOINT_DISABLE_AFTER_HOURS",
             self.endpoint_disable_after,
+        )?;
+        let bytes = |var, v: u64, min: u64, max: u64| {
+            if v < min || v > max {
+                return Err(ConfigError::new(
+                    var,
+                    format!("must be between {min} and {max} bytes, got {v}"),
+                ));
+            }
+            Ok(())
+        };
+        bytes(
+            "WEBHOOK_MAX_PAYLOAD_BYTES",
+            self.max_payload_bytes,
+            1024,
+            MAX_VALUE_BYTES,
+        )?;
+        bytes(
+            "WEBHOOK_PAYLOAD_BUDGET_BYTES",
+            self.payload_budget_bytes,
+            MIB,
+            1 << 40,
         )?;
         range_ms(
             "WEBHOOK_DATABASE_WAIT_MS",
@@ -393,6 +425,22 @@ pub struct RunArgs {
         default_value_t = 120
     )]
     pub endpoint_disable_after_hours: u64,
+    /// Largest payload delivered, in bytes of its JSON text; a larger event's deliveries end dead with the reason, unsent
+    #[arg(
+        long,
+        env = "WEBHOOK_MAX_PAYLOAD_BYTES",
+        value_name = "WEBHOOK_MAX_PAYLOAD_BYTES",
+        default_value_t = 4 * MIB
+    )]
+    pub max_payload_bytes: u64,
+    /// Most payload bytes held at once by claimed, unsent deliveries (each event's payload counts once)
+    #[arg(
+        long,
+        env = "WEBHOOK_PAYLOAD_BUDGET_BYTES",
+        value_name = "WEBHOOK_PAYLOAD_BUDGET_BYTES",
+        default_value_t = 64 * MIB
+    )]
+    pub payload_budget_bytes: u64,
     /// Prepare the claim statement once per connection (on), send every statement unnamed (off, for transaction-mode poolers such as pgbouncer before 1.21), or decide at start (auto)
     #[arg(long, env = "WEBHOOK_PREPARED_STATEMENTS", value_name = "WEBHOOK_PREPARED_STATEMENTS", default_value = "auto", value_parser = clap::value_parser!(PreparedStatements))]
     pub prepared_statements: PreparedStatements,
@@ -464,6 +512,8 @@ impl RunArgs {
             retention: HOUR.saturating_mul(hours(self.retention_hours)),
             dead_retention: HOUR.saturating_mul(hours(self.dead_retention_hours)),
             endpoint_disable_after: HOUR.saturating_mul(hours(self.endpoint_disable_after_hours)),
+            max_payload_bytes: self.max_payload_bytes,
+            payload_budget_bytes: self.payload_budget_bytes,
             prepared_statements: self.prepared_statements,
             database_wait: Duration::from_millis(self.database_wait_ms),
             db_lock_timeout: Duration::from_millis(self.db_lock_timeout_ms),
@@ -520,6 +570,27 @@ mod tests {
                     ..Config::default()
                 },
                 "WEBHOOK_POLL_INTERVAL_MS",
+            ),
+            (
+                Config {
+                    max_payload_bytes: 1023,
+                    ..Config::default()
+                },
+                "WEBHOOK_MAX_PAYLOAD_BYTES",
+            ),
+            (
+                Config {
+                    max_payload_bytes: 1 << 30,
+                    ..Config::default()
+                },
+                "WEBHOOK_MAX_PAYLOAD_BYTES",
+            ),
+            (
+                Config {
+                    payload_budget_bytes: 1000,
+                    ..Config::default()
+                },
+                "WEBHOOK_PAYLOAD_BUDGET_BYTES",
             ),
             (
                 Config {

@@ -74,8 +74,8 @@ pub async fn run(
                 }
             }
             _ = prune.tick() => match retention::prune(&pool, settings.retention, PRUNE_BUDGET).await {
-                Ok(Pruned { deliveries, attempts, events }) if deliveries + events > 0 => {
-                    tracing::info!(deliveries, attempts, events, "pruned finished history");
+                Ok(Pruned { deliveries, attempts, events, scanned }) if deliveries + events > 0 => {
+                    tracing::info!(deliveries, attempts, events, scanned, "pruned finished history");
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "pruning history failed"),

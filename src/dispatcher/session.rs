@@ -11,6 +11,7 @@
 //! its connection busy for whoever uses it next.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -70,6 +71,7 @@ impl Session {
         worker_id: &str,
         lease: Duration,
         limit: u32,
+        budget: &Arc<claim::PayloadBudget>,
         shutdown: &CancellationToken,
     ) -> Option<Result<claim::Batch>> {
         let (connector, p) = match self.open(shutdown).await? {
@@ -78,11 +80,12 @@ impl Session {
         };
         let batch = match &p.claim {
             Some(statement) => {
-                let claim = claim::claim_prepared(&p.conn, statement, worker_id, lease, limit);
+                let claim =
+                    claim::claim_prepared(&p.conn, statement, worker_id, lease, limit, budget);
                 until_shutdown(connector, &p.conn, shutdown, claim).await
             }
             None => {
-                let claim = claim::claim_unnamed(&*p.conn, worker_id, lease, limit);
+                let claim = claim::claim_unnamed(&*p.conn, worker_id, lease, limit, budget);
                 until_shutdown(connector, &p.conn, shutdown, claim).await
             }
         };
