@@ -31,8 +31,8 @@
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::Transaction;
 use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Transaction};
 
 use crate::db::Pool;
 use crate::error::Result;
@@ -209,19 +209,31 @@ pub struct Pruned {
 /// each is done or `budget` has been spent. Does nothing while another dispatcher is
 /// pruning.
 pub async fn prune(pool: &Pool, policy: RetentionPolicy, budget: Duration) -> Result<Pruned> {
+    let mut client = pool.get().await?;
+    prune_on(&mut client, policy, budget).await
+}
+
+/// [`prune`] on a connection the caller holds (so that the caller can cancel the
+/// statement running on it); each batch is a transaction of its own on it.
+pub(crate) async fn prune_on(
+    client: &mut Client,
+    policy: RetentionPolicy,
+    budget: Duration,
+) -> Result<Pruned> {
     let mut pass = Pass {
-        pool,
         policy,
         started: Instant::now(),
         budget,
         pruned: Pruned::default(),
         yielded: false,
     };
-    pass.walk().await?;
+    pass.walk(client).await?;
     let dead_ms = millis(policy.dead);
-    pass.delete_directly(DELETE_EXPIRED_DEAD, dead_ms).await?;
-    pass.delete_directly(DELETE_REMOVED_PARKED, dead_ms).await?;
-    pass.sweep().await?;
+    pass.delete_directly(client, DELETE_EXPIRED_DEAD, dead_ms)
+        .await?;
+    pass.delete_directly(client, DELETE_REMOVED_PARKED, dead_ms)
+        .await?;
+    pass.sweep(client).await?;
     Ok(pass.pruned)
 }
 
@@ -235,8 +247,7 @@ struct Cursor {
     sweep: i64,
 }
 
-struct Pass<'a> {
-    pool: &'a Pool,
+struct Pass {
     policy: RetentionPolicy,
     started: Instant,
     budget: Duration,
@@ -245,7 +256,7 @@ struct Pass<'a> {
     yielded: bool,
 }
 
-impl Pass<'_> {
+impl Pass {
     fn may_go_on(&self) -> bool {
         !self.yielded && self.started.elapsed() < self.budget
     }
@@ -266,10 +277,9 @@ impl Pass<'_> {
     }
 
     /// Walks from the frontier through events old enough, one batch per transaction.
-    async fn walk(&mut self) -> Result<()> {
+    async fn walk(&mut self, client: &mut Client) -> Result<()> {
         let old_ms = millis(self.policy.delivered.saturating_add(WALK_LAG));
         while self.may_go_on() {
-            let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
             let Some(cursor) = self.lock(&tx).await? else {
                 return Ok(tx.commit().await?);
@@ -309,12 +319,11 @@ impl Pass<'_> {
     }
 
     /// Visits [`SWEEP_BATCHES`] batches below the frontier, from where the sweep was.
-    async fn sweep(&mut self) -> Result<()> {
+    async fn sweep(&mut self, client: &mut Client) -> Result<()> {
         for _ in 0..SWEEP_BATCHES {
             if !self.may_go_on() {
                 break;
             }
-            let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
             let Some(cursor) = self.lock(&tx).await? else {
                 return Ok(tx.commit().await?);
@@ -356,9 +365,13 @@ impl Pass<'_> {
     /// Runs `statement` (which deletes deliveries older than `$1` and returns their
     /// events) batch by batch until it finds fewer than a batch, deleting the events it
     /// left without deliveries.
-    async fn delete_directly(&mut self, statement: &str, older_than_ms: i64) -> Result<()> {
+    async fn delete_directly(
+        &mut self,
+        client: &mut Client,
+        statement: &str,
+        older_than_ms: i64,
+    ) -> Result<()> {
         while self.may_go_on() {
-            let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
             if self.lock(&tx).await?.is_none() {
                 return Ok(tx.commit().await?);

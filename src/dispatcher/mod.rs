@@ -178,6 +178,7 @@ impl Dispatcher {
         let housekeeping_stop = CancellationToken::new();
         let housekeeping = tokio::spawn(housekeeping::run(
             pool.clone(),
+            sessions.clone(),
             Arc::clone(&self.metrics),
             Housekeeping {
                 retention: RetentionPolicy {

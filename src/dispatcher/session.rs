@@ -15,17 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::claim;
 use crate::db::{Connector, Pool, PooledConnection as Conn};
 use crate::error::Result;
 use crate::pooler::{self, StatementMode};
-
-/// How long a statement abandoned at shutdown may take to end once its cancel has been
-/// requested (normally a round trip).
-const CANCEL_BOUND: Duration = Duration::from_secs(2);
 
 /// The loop's connection, with the claim statement prepared on it unless statements
 /// are sent unnamed.
@@ -82,11 +77,11 @@ impl Session {
             Some(statement) => {
                 let claim =
                     claim::claim_prepared(&p.conn, statement, worker_id, lease, limit, budget);
-                until_shutdown(connector, &p.conn, shutdown, claim).await
+                connector.finish_or_cancel(&p.conn, shutdown, claim).await
             }
             None => {
                 let claim = claim::claim_unnamed(&*p.conn, worker_id, lease, limit, budget);
-                until_shutdown(connector, &p.conn, shutdown, claim).await
+                connector.finish_or_cancel(&p.conn, shutdown, claim).await
             }
         };
         self.after(batch)
@@ -98,8 +93,9 @@ impl Session {
             Ok(opened) => opened,
             Err(e) => return Some(Err(e)),
         };
-        let armed =
-            until_shutdown(connector, &p.conn, shutdown, claim::arm_doorbell(&*p.conn)).await;
+        let armed = connector
+            .finish_or_cancel(&p.conn, shutdown, claim::arm_doorbell(&*p.conn))
+            .await;
         self.after(armed)
     }
 
@@ -112,7 +108,9 @@ impl Session {
             Ok(opened) => opened,
             Err(e) => return Some(Err(e)),
         };
-        let due = until_shutdown(connector, &p.conn, shutdown, claim::next_due(&*p.conn)).await;
+        let due = connector
+            .finish_or_cancel(&p.conn, shutdown, claim::next_due(&*p.conn))
+            .await;
         self.after(due)
     }
 
@@ -133,7 +131,11 @@ impl Session {
                     Prepared { conn, claim: None }
                 } else {
                     let prepare = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES);
-                    match until_shutdown(&self.connector, &conn, shutdown, prepare).await {
+                    match self
+                        .connector
+                        .finish_or_cancel(&conn, shutdown, prepare)
+                        .await
+                    {
                         Some(Ok(claim)) => Prepared {
                             conn,
                             claim: Some(claim),
@@ -190,7 +192,7 @@ impl Session {
                 }
             };
             let close = claim::close_doorbell_gate(&*conn);
-            match until_shutdown(&connector, &conn, &shutdown, close).await {
+            match connector.finish_or_cancel(&conn, &shutdown, close).await {
                 Some(Ok(())) => None,
                 Some(Err(e)) => {
                     // Only an optimisation for producers: the next arm resets the gate.
@@ -203,7 +205,7 @@ impl Session {
     }
 
     /// Waits for a gate close still running (it ends on shutdown, see
-    /// [`until_shutdown`]), so none outlives the dispatcher.
+    /// [`Connector::finish_or_cancel`]), so none outlives the dispatcher.
     pub(super) async fn finish_gate_close(&mut self) {
         if let Some(task) = self.gate_closer.take() {
             if let Ok(Some(conn)) = task.await {
@@ -224,50 +226,4 @@ async fn until_cancelled<T>(
         done = wait => Some(done),
         _ = shutdown.cancelled() => None,
     }
-}
-
-/// Awaits `statement`, running on `client`, unless `shutdown` comes first: then asks the
-/// server to cancel it (through `connector`, which opened `client`) and waits at most
-/// [`CANCEL_BOUND`] more for it to end. The
-/// statement's result if it ended (a claim that committed must be handed back);
-/// `None` if it did not.
-async fn until_shutdown<T>(
-    connector: &Connector,
-    client: &Client,
-    shutdown: &CancellationToken,
-    statement: impl Future<Output = T>,
-) -> Option<T> {
-    let mut statement = std::pin::pin!(statement);
-    tokio::select! {
-        biased;
-        done = &mut statement => return Some(done),
-        _ = shutdown.cancelled() => {}
-    }
-    let token = client.cancel_token();
-    let ended = tokio::time::timeout(CANCEL_BOUND, async {
-        // The cancel request goes over a connection of its own; if it cannot be sent
-        // (the server is gone), the bound still ends the wait.
-        let mut cancel = std::pin::pin!(connector.cancel(&token));
-        let mut cancelling = true;
-        loop {
-            tokio::select! {
-                biased;
-                done = &mut statement => return done,
-                sent = &mut cancel, if cancelling => {
-                    cancelling = false;
-                    if let Err(e) = sent {
-                        tracing::warn!(error = %e, "cancelling a statement at shutdown failed");
-                    }
-                }
-            }
-        }
-    })
-    .await;
-    if ended.is_err() {
-        tracing::warn!(
-            bound_ms = CANCEL_BOUND.as_millis() as u64,
-            "a statement still running at shutdown did not end once cancelled; abandoned"
-        );
-    }
-    ended.ok()
 }
