@@ -62,6 +62,12 @@ pub struct Config {
     pub dead_retention: Duration,
     /// An endpoint failing every attempt for this long is disabled.
     pub endpoint_disable_after: Duration,
+    /// The largest payload sent, in bytes of its JSON text; a delivery of a larger one
+    /// ends dead with the reason, without a request.
+    pub max_payload_bytes: u64,
+    /// Most payload bytes a dispatcher holds at once, claimed and not yet sent (a claim
+    /// always takes at least one event, however large).
+    pub payload_budget_bytes: u64,
     /// `lock_timeout` of the dispatcher's sessions: no statement waits longer for a
     /// lock (zero: no limit). A timed-out statement is retried like any failed one.
     pub db_lock_timeout: Duration,
@@ -121,6 +127,9 @@ impl std::fmt::Display for PreparedStatements {
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
+const MIB: u64 = 1024 * 1024;
+/// PostgreSQL's limit on any one value (1 GB): no payload's text is longer.
+const MAX_VALUE_BYTES: u64 = (1 << 30) - 1;
 
 /// The default of every setting, in the unit its environment variable takes. They are
 /// defined here and nowhere else: [`Config::default`] is made of them, and the `outboxd`
@@ -158,6 +167,10 @@ pub mod defaults {
     pub const DEAD_RETENTION_HOURS: u64 = 720;
     /// `WEBHOOK_ENDPOINT_DISABLE_AFTER_HOURS`.
     pub const ENDPOINT_DISABLE_AFTER_HOURS: u64 = 120;
+    /// `WEBHOOK_MAX_PAYLOAD_BYTES` (4 MiB).
+    pub const MAX_PAYLOAD_BYTES: u64 = 4 * 1024 * 1024;
+    /// `WEBHOOK_PAYLOAD_BUDGET_BYTES` (64 MiB).
+    pub const PAYLOAD_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
     /// `WEBHOOK_PREPARED_STATEMENTS`.
     pub const PREPARED_STATEMENTS: PreparedStatements = PreparedStatements::Auto;
     /// `WEBHOOK_DATABASE_WAIT_MS`.
@@ -195,6 +208,8 @@ impl Default for Config {
             retention: hours(RETENTION_HOURS),
             dead_retention: hours(DEAD_RETENTION_HOURS),
             endpoint_disable_after: hours(ENDPOINT_DISABLE_AFTER_HOURS),
+            max_payload_bytes: MAX_PAYLOAD_BYTES,
+            payload_budget_bytes: PAYLOAD_BUDGET_BYTES,
             prepared_statements: PREPARED_STATEMENTS,
             database_wait: Duration::from_millis(DATABASE_WAIT_MS),
             db_lock_timeout: Duration::from_millis(DB_LOCK_TIMEOUT_MS),
@@ -291,6 +306,27 @@ impl Config {
             "WEBHOOK_ENDPOINT_DISABLE_AFTER_HOURS",
             self.endpoint_disable_after,
         )?;
+        let bytes = |var, v: u64, min: u64, max: u64| {
+            if v < min || v > max {
+                return Err(ConfigError::new(
+                    var,
+                    format!("must be between {min} and {max} bytes, got {v}"),
+                ));
+            }
+            Ok(())
+        };
+        bytes(
+            "WEBHOOK_MAX_PAYLOAD_BYTES",
+            self.max_payload_bytes,
+            1024,
+            MAX_VALUE_BYTES,
+        )?;
+        bytes(
+            "WEBHOOK_PAYLOAD_BUDGET_BYTES",
+            self.payload_budget_bytes,
+            MIB,
+            1 << 40,
+        )?;
         range_ms(
             "WEBHOOK_DATABASE_WAIT_MS",
             self.database_wait,
@@ -377,6 +413,27 @@ mod tests {
                     ..Config::default()
                 },
                 "WEBHOOK_POLL_INTERVAL_MS",
+            ),
+            (
+                Config {
+                    max_payload_bytes: 1023,
+                    ..Config::default()
+                },
+                "WEBHOOK_MAX_PAYLOAD_BYTES",
+            ),
+            (
+                Config {
+                    max_payload_bytes: 1 << 30,
+                    ..Config::default()
+                },
+                "WEBHOOK_MAX_PAYLOAD_BYTES",
+            ),
+            (
+                Config {
+                    payload_budget_bytes: 1000,
+                    ..Config::default()
+                },
+                "WEBHOOK_PAYLOAD_BUDGET_BYTES",
             ),
             (
                 Config {

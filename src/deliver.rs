@@ -2,21 +2,26 @@
 //! came back. Never panics and never logs: every outcome is a value the caller records.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 use crate::config::Config;
 use crate::error::Result;
 use crate::sign::{Secret, signature_header};
 use crate::target::{ForbiddenTarget, GuardedResolver, is_forbidden};
+use crate::time_format::PgTimestamp;
 
 /// Bytes of a response body kept for inspection; the rest is never read.
 pub const EXCERPT_BYTES: usize = 1024;
 
-/// A claimed delivery, with everything needed to send it. Its `Debug` output shows ids,
-/// the event type and sizes, never the payload, the URL or a secret.
+/// A claimed delivery, with everything needed to send it.
+///
+/// Its request body is shared: every delivery of one event in a claim holds the same
+/// buffer, whatever the number of endpoints (only the signature differs per endpoint).
+/// Its `Debug` output shows ids and sizes, never the payload, the URL or a secret.
 #[derive(Clone)]
 pub struct Delivery {
     /// The event's id; also the `webhook-id` header, identical on every retry and
@@ -26,12 +31,12 @@ pub struct Delivery {
     pub endpoint_id: i64,
     /// This attempt's number (1-based); also the lease token the outcome is settled with.
     pub attempt: i32,
-    /// The event type, such as `order.created`.
-    pub event_type: String,
-    /// The event's payload as JSON text.
-    pub payload: String,
-    /// When the event was written; the body's `timestamp`.
+    /// When the event was written (the body's `timestamp`), for latency figures; the
+    /// Unix epoch when its row is gone.
     pub created_at: SystemTime,
+    /// The request body, or why it cannot be built: then no request is made and the
+    /// delivery is dead (see [`ErrorKind::Unbuildable`]).
+    pub body: std::result::Result<Bytes, Unbuildable>,
     /// The endpoint's URL.
     pub url: String,
     /// The endpoint's signing secret, as stored.
@@ -50,8 +55,7 @@ impl std::fmt::Debug for Delivery {
             .field("event_id", &self.event_id)
             .field("endpoint_id", &self.endpoint_id)
             .field("attempt", &self.attempt)
-            .field("event_type", &self.event_type)
-            .field("payload_bytes", &self.payload.len())
+            .field("body_bytes", &self.body.as_ref().map(|body| body.len()))
             .field("created_at", &self.created_at)
             .field("url_bytes", &self.url.len())
             .field("secret", &"<redacted>")
@@ -64,16 +68,28 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
-impl Delivery {
-    /// The request body: `{"id", "type", "timestamp", "data"}` with the payload verbatim.
-    pub fn body(&self) -> String {
-        let event_type = serde_json::Value::String(self.event_type.clone());
-        let timestamp = humantime::format_rfc3339_micros(self.created_at);
-        format!(
-            r#"{{"id":"{}","type":{},"timestamp":"{}","data":{}}}"#,
-            self.event_id, event_type, timestamp, self.payload
-        )
+/// Why a claimed delivery's request cannot be built: its event's or endpoint's row is
+/// gone, or the payload is over the size limit. Such a delivery can never be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unbuildable(pub Arc<str>);
+
+impl std::fmt::Display for Unbuildable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
+}
+
+/// The request body of an event: `{"id", "type", "timestamp", "data"}` with the
+/// payload's JSON text verbatim. `payload` must be JSON (PostgreSQL's `jsonb` output).
+pub fn body(event_id: i64, event_type: &str, created_at: PgTimestamp, payload: &str) -> Vec<u8> {
+    let event_type = serde_json::Value::String(event_type.to_owned()).to_string();
+    let head =
+        format!(r#"{{"id":"{event_id}","type":{event_type},"timestamp":"{created_at}","data":"#);
+    let mut body = Vec::with_capacity(head.len() + payload.len() + 1);
+    body.extend_from_slice(head.as_bytes());
+    body.extend_from_slice(payload.as_bytes());
+    body.push(b'}');
+    body
 }
 
 /// What an attempt produced. Its `Debug` output gives the excerpt's length, not the
@@ -131,6 +147,9 @@ pub enum ErrorKind {
     RefusedTarget,
     /// The endpoint's URL or secret cannot be used. Terminal.
     InvalidEndpoint,
+    /// The request cannot be built (see [`Unbuildable`]): no request was made.
+    /// Terminal, and not held against the endpoint's health.
+    Unbuildable,
     /// Anything else on the wire (reset, protocol error).
     Network,
     /// The attempt failed inside outboxd (its send task panicked): a bug, not the
@@ -147,6 +166,7 @@ impl ErrorKind {
             Self::Connect => "connect",
             Self::RefusedTarget => "refused_target",
             Self::InvalidEndpoint => "invalid_endpoint",
+            Self::Unbuildable => "unbuildable",
             Self::Network => "network",
             Self::Internal => "internal",
         }
@@ -244,6 +264,16 @@ impl Sender {
     }
 
     async fn attempt(&self, delivery: &Delivery, now: SystemTime) -> AttemptResult {
+        // First: a delivery whose endpoint row is gone has no URL to judge.
+        let body = match &delivery.body {
+            Ok(body) => body.clone(),
+            Err(reason) => {
+                return AttemptResult::Failed {
+                    kind: ErrorKind::Unbuildable,
+                    message: reason.to_string(),
+                };
+            }
+        };
         let invalid = |message: String| AttemptResult::Failed {
             kind: ErrorKind::InvalidEndpoint,
             message,
@@ -278,8 +308,7 @@ impl Sender {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
-        let body = delivery.body();
-        let signature = signature_header(&secrets, &msg_id, timestamp, body.as_bytes());
+        let signature = signature_header(&secrets, &msg_id, timestamp, &body);
         let request = self
             .client
             .post(url)
@@ -406,23 +435,60 @@ mod tests {
 
     #[test]
     fn body_embeds_the_payload_verbatim() {
+        let created_at = PgTimestamp::from_system_time(
+            UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+        );
+        let body = body(42, "order.\"created\"", created_at, r#"{"order_id": 42}"#);
+        assert_eq!(
+            std::str::from_utf8(&body).unwrap(),
+            r#"{"id":"42","type":"order.\"created\"","timestamp":"2023-11-14T22:13:20.123456Z","data":{"order_id": 42}}"#
+        );
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(parsed["data"]["order_id"], 42);
+    }
+
+    #[test]
+    fn debug_shows_neither_secrets_nor_payload() {
         let delivery = Delivery {
             event_id: 42,
             endpoint_id: 1,
             attempt: 1,
-            event_type: "order.\"created\"".into(),
-            payload: r#"{"order_id": 42}"#.into(),
-            created_at: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
-            url: "http://example.com".into(),
+            created_at: UNIX_EPOCH,
+            body: Ok(Bytes::from_static(b"{\"data\":\"payload-text\"}")),
+            url: "https://example.com/hook?token=url-token".into(),
+            secret: "whsec_c2VjcmV0LXNlY3JldA==".into(),
+            previous_secret: Some("whsec_b2xkLXNlY3JldA==".into()),
+            tries: 1,
+        };
+        let shown = format!("{delivery:?}");
+        for hidden in ["payload-text", "url-token", "c2VjcmV0", "b2xk"] {
+            assert!(!shown.contains(hidden), "{shown}");
+        }
+        assert!(shown.contains("event_id: 42"), "{shown}");
+    }
+
+    #[tokio::test]
+    async fn an_unbuildable_delivery_makes_no_request() {
+        let sender = Sender::new(&Config::default()).unwrap();
+        let delivery = Delivery {
+            event_id: 42,
+            endpoint_id: 1,
+            attempt: 1,
+            created_at: UNIX_EPOCH,
+            body: Err(Unbuildable("its event's row no longer exists".into())),
+            // Nothing listens here, and a request would be refused anyway.
+            url: String::new(),
             secret: String::new(),
             previous_secret: None,
             tries: 1,
         };
+        let attempt = sender.send(&delivery).await;
         assert_eq!(
-            delivery.body(),
-            r#"{"id":"42","type":"order.\"created\"","timestamp":"2023-11-14T22:13:20.123456Z","data":{"order_id": 42}}"#
+            attempt.result,
+            AttemptResult::Failed {
+                kind: ErrorKind::Unbuildable,
+                message: "its event's row no longer exists".into(),
+            }
         );
-        let parsed: serde_json::Value = serde_json::from_str(&delivery.body()).unwrap();
-        assert_eq!(parsed["data"]["order_id"], 42);
     }
 }

@@ -5,9 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::Pool;
+use crate::db::{Connector, Pool};
+use crate::error::Result;
 use crate::metrics::{self, Metrics};
 use crate::retention::{self, RetentionPolicy};
 use crate::{health, retention::Pruned};
@@ -27,9 +32,14 @@ pub struct Housekeeping {
     pub disable_failing_after: Duration,
 }
 
-/// Runs until `stop`. Errors are logged and retried at the next period.
+/// Runs until `stop`. Errors are logged and retried at the next period. Each step runs
+/// on a connection of `pool` (opened by `connector`) and ends on `stop`: a statement
+/// still running then (one may wait on a lock without bound, say behind an operator's
+/// `LOCK TABLE`) is cancelled in the server, so that no session of a stopped dispatcher
+/// is left waiting there, to take effect later.
 pub async fn run(
     pool: Pool,
+    connector: Connector,
     metrics: Arc<Metrics>,
     settings: Housekeeping,
     stop: CancellationToken,
@@ -40,46 +50,86 @@ pub async fn run(
     for timer in [&mut sample, &mut health, &mut prune] {
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
+    let steps = Steps {
+        pool,
+        connector,
+        stop,
+    };
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = steps.stop.cancelled() => return,
             _ = sample.tick() => {
-                match metrics::sample_queue(&pool).await {
-                    Ok(queue) => metrics.set_queue(queue),
-                    Err(e) => tracing::warn!(error = %e, "sampling the queue failed"),
+                match steps.run(|c| Box::pin(async move { metrics::sample_queue(&*c).await })).await {
+                    Some(Ok(queue)) => metrics.set_queue(queue),
+                    Some(Err(e)) => tracing::warn!(error = %e, "sampling the queue failed"),
+                    None => return,
                 }
-                let resumed = match pool.get().await {
-                    Ok(client) => health::resume_stranded(&*client).await,
-                    Err(e) => Err(e.into()),
-                };
-                match resumed {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(resumed = n, "resumed deliveries parked under an active endpoint"),
-                    Err(e) => tracing::warn!(error = %e, "resuming stranded deliveries failed"),
+                match steps.run(|c| Box::pin(async move { health::resume_stranded(&*c).await })).await {
+                    Some(Ok(0)) => {}
+                    Some(Ok(n)) => tracing::info!(resumed = n, "resumed deliveries parked under an active endpoint"),
+                    Some(Err(e)) => tracing::warn!(error = %e, "resuming stranded deliveries failed"),
+                    None => return,
                 }
             }
             _ = health.tick() => {
-                let disabled = match pool.get().await {
-                    Ok(client) => health::disable_failing(&*client, settings.disable_failing_after).await,
-                    Err(e) => Err(e.into()),
-                };
-                match disabled {
-                    Ok(check) => {
+                let after = settings.disable_failing_after;
+                match steps.run(|c| Box::pin(async move { health::disable_failing(&*c, after).await })).await {
+                    Some(Ok(check)) => {
                         check.disabled.iter().for_each(|_| metrics.endpoint_disabled());
                         if !check.failed.is_empty() {
                             tracing::warn!(failed = check.failed.len(), "some failing endpoints could not be disabled");
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "checking endpoint health failed"),
+                    Some(Err(e)) => tracing::warn!(error = %e, "checking endpoint health failed"),
+                    None => return,
                 }
             }
-            _ = prune.tick() => match retention::prune(&pool, settings.retention, PRUNE_BUDGET).await {
-                Ok(Pruned { deliveries, attempts, events }) if deliveries + events > 0 => {
-                    tracing::info!(deliveries, attempts, events, "pruned finished history");
+            _ = prune.tick() => {
+                let policy = settings.retention;
+                match steps.run(|c| Box::pin(async move { retention::prune_on(c, policy, PRUNE_BUDGET).await })).await {
+                    Some(Ok(Pruned { deliveries, attempts, events, scanned })) if deliveries + events > 0 => {
+                        tracing::info!(deliveries, attempts, events, scanned, "pruned finished history");
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => tracing::warn!(error = %e, "pruning history failed"),
+                    None => return,
                 }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "pruning history failed"),
-            },
+            }
         }
+    }
+}
+
+/// Where housekeeping's steps run, and what stops them.
+struct Steps {
+    pool: Pool,
+    connector: Connector,
+    stop: CancellationToken,
+}
+
+/// One step's work on a connection it may use as it likes (transactions included).
+type Step<'c, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>;
+
+impl Steps {
+    /// Runs `step` on a pooled connection; `None` once `stop` has ended it (its
+    /// statement, if one was running, cancelled in the server).
+    async fn run<T>(
+        &self,
+        step: impl for<'c> FnOnce(&'c mut Client) -> Step<'c, T>,
+    ) -> Option<Result<T>> {
+        let mut conn = tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => return None,
+            conn = self.pool.get() => match conn {
+                Ok(conn) => conn,
+                Err(e) => return Some(Err(e.into())),
+            },
+        };
+        // The cancel needs only the connection's token, taken before the step borrows
+        // the connection.
+        let token = conn.cancel_token();
+        let work = step(&mut conn);
+        self.connector
+            .finish_or_cancel_token(&token, &self.stop, work)
+            .await
     }
 }

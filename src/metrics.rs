@@ -19,7 +19,6 @@ use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet, 
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::db::Pool;
 use crate::error::Result;
 
 /// How a delivery attempt ended, as the `outcome` label.
@@ -508,8 +507,7 @@ SELECT
     ))::float8 AS oldest_pending_age_seconds";
 
 /// Reads one [`QueueSample`].
-pub async fn sample_queue(pool: &Pool) -> Result<QueueSample> {
-    let client = pool.get().await?;
+pub async fn sample_queue(client: &impl tokio_postgres::GenericClient) -> Result<QueueSample> {
     let row = client.query_typed_one(QUEUE_SAMPLE, &[]).await?;
     let mut depth = BTreeMap::new();
     for state in ["pending", "inflight", "parked", "dead", "unprocessed"] {

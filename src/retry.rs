@@ -61,11 +61,14 @@ impl RetryPolicy {
             }
             AttemptResult::Response { status: 410, .. } => return Verdict::Gone,
             AttemptResult::Response { status, .. } => is_retryable_status(*status),
-            // Terminal (docs/webhooks.md): a refused target, an unusable URL or secret,
-            // a bug in outboxd.
+            // Terminal (docs/webhooks.md): a refused target, an unusable URL or secret, a
+            // request that cannot be built, a bug in outboxd.
             AttemptResult::Failed { kind, .. } => !matches!(
                 kind,
-                ErrorKind::RefusedTarget | ErrorKind::InvalidEndpoint | ErrorKind::Internal
+                ErrorKind::RefusedTarget
+                    | ErrorKind::InvalidEndpoint
+                    | ErrorKind::Unbuildable
+                    | ErrorKind::Internal
             ),
         };
         if !retryable || attempt >= self.max_attempts {

@@ -44,6 +44,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0006_isolation_and_endpoint_health.sql",
         include_str!("../sql/0006_isolation_and_endpoint_health.sql"),
     ),
+    (
+        "0007_retention_frontier.sql",
+        include_str!("../sql/0007_retention_frontier.sql"),
+    ),
 ];
 
 /// The SHA-256 of a migration's text as recorded in `outboxd_migrations.checksum`

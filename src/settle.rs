@@ -11,7 +11,7 @@ use tokio_postgres::GenericClient;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::db::Pool;
-use crate::deliver::{Attempt, AttemptResult};
+use crate::deliver::{Attempt, AttemptResult, ErrorKind};
 use crate::error::{Error, Result};
 use crate::retry::Verdict;
 
@@ -179,7 +179,14 @@ impl Columns {
                 c.a_excerpt.push(excerpt);
                 if matches!(o.next, Next::Verdict(Verdict::Delivered)) {
                     c.healthy.push(o.endpoint_id);
-                } else {
+                } else if !matches!(
+                    attempt.result,
+                    AttemptResult::Failed {
+                        kind: ErrorKind::Unbuildable,
+                        ..
+                    }
+                ) {
+                    // A request that could not be built says nothing of the endpoint.
                     c.failing.push(o.endpoint_id);
                 }
             }

@@ -248,6 +248,79 @@ pub async fn prefill_history(
     Ok(())
 }
 
+/// Fills the tables with `rows` events 100 hours old that retention must keep, each with
+/// one delivery: a third dead (within the 30-day dead retention), a third parked under
+/// the disabled endpoint `disabled`, a third retries of `active` due tomorrow. Then
+/// VACUUM ANALYZE and a checkpoint, as for the history.
+pub async fn prefill_kept(
+    client: &Client,
+    rows: u64,
+    active: i64,
+    disabled: i64,
+) -> anyhow::Result<()> {
+    let chunk = 1_000_000_u64;
+    let mut done = 0_u64;
+    while done < rows {
+        let n = chunk.min(rows - done) as i64;
+        let sql = format!(
+            "WITH ev AS (
+                 INSERT INTO webhook_outbox (event_type, payload, deliver_after, created_at, processed_at)
+                 SELECT 'bench.kept', '{{}}', t, t, t
+                 FROM generate_series(1, {n}) AS g, (SELECT now() - interval '100 hours' AS t) AS at
+                 RETURNING id, created_at
+             )
+             INSERT INTO webhook_deliveries
+                 (event_id, endpoint_id, state, attempts, next_attempt_at, last_status,
+                  created_at, updated_at)
+             SELECT id,
+                    CASE id % 3 WHEN 1 THEN {disabled} ELSE {active} END,
+                    CASE id % 3 WHEN 0 THEN 'dead' WHEN 1 THEN 'parked' ELSE 'pending' END,
+                    CASE id % 3 WHEN 1 THEN 0 ELSE 3 END,
+                    CASE id % 3 WHEN 2 THEN now() + interval '1 day' ELSE created_at END,
+                    CASE id % 3 WHEN 1 THEN NULL ELSE 500 END,
+                    created_at, created_at
+             FROM ev"
+        );
+        client.batch_execute(&sql).await?;
+        done += n as u64;
+    }
+    for table in ["webhook_outbox", "webhook_deliveries"] {
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {table}"))
+            .await?;
+    }
+    if let Err(e) = client.batch_execute("CHECKPOINT").await {
+        eprintln!("bench:   CHECKPOINT after the prefill failed ({e}); measuring anyway");
+    }
+    Ok(())
+}
+
+/// Adds `rows` events 100 hours old, each delivered to `endpoint` then (one delivery,
+/// one attempt): all past the 72-hour delivered retention.
+pub async fn prefill_expired(client: &Client, rows: u64, endpoint: i64) -> anyhow::Result<()> {
+    let sql = format!(
+        "WITH ev AS (
+             INSERT INTO webhook_outbox (event_type, payload, deliver_after, created_at, processed_at)
+             SELECT 'bench.expired', '{{}}', t, t, t
+             FROM generate_series(1, {rows}) AS g, (SELECT now() - interval '100 hours' AS t) AS at
+             RETURNING id, created_at
+         ), dl AS (
+             INSERT INTO webhook_deliveries
+                 (event_id, endpoint_id, state, attempts, next_attempt_at, last_status,
+                  created_at, updated_at, delivered_at)
+             SELECT id, {endpoint}, 'delivered', 1, created_at, 204, created_at, created_at,
+                    created_at
+             FROM ev
+         )
+         INSERT INTO webhook_attempts
+             (event_id, endpoint_id, attempt, started_at, duration_ms, status_code, worker_id)
+         SELECT id, {endpoint}, 1, created_at, 2, 204, 'bench-retention'
+         FROM ev"
+    );
+    client.batch_execute(&sql).await?;
+    Ok(())
+}
+
 /// The PostgreSQL server's version and durability settings.
 pub async fn server_info(client: &Client) -> anyhow::Result<Value> {
     let rows = client

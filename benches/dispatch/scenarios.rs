@@ -31,6 +31,7 @@ pub const ALL: &[&str] = &[
     "ceiling",
     "history",
     "statements",
+    "retention",
 ];
 
 /// What the run measures, from the environment (`BENCH_*`), with quick-mode defaults.
@@ -57,6 +58,9 @@ pub struct Settings {
     pub ceiling_conns: u64,
     pub ceiling_secs: u64,
     pub history_rows: u64,
+    pub retention_kept: u64,
+    pub retention_expired: u64,
+    pub retention_bulk: u64,
     pub dispatcher_threads: u64,
     pub receiver_threads: u64,
     pub max_seconds: u64,
@@ -138,6 +142,9 @@ impl Settings {
             ceiling_conns: env_u64("BENCH_CEILING_CONNS", 128)?.max(1),
             ceiling_secs: env_u64("BENCH_CEILING_SECS", q(5, 2))?.max(1),
             history_rows: env_u64("BENCH_HISTORY_ROWS", q(1_000_000, 100_000))?,
+            retention_kept: env_u64("BENCH_RETENTION_KEPT", q(10_000_000, 1_000_000))?,
+            retention_expired: env_u64("BENCH_RETENTION_EXPIRED", 1_000)?.max(1),
+            retention_bulk: env_u64("BENCH_RETENTION_BULK", q(400_000, 40_000))?,
             dispatcher_threads: env_u64("BENCH_DISPATCHER_THREADS", sys::nproc() as u64)?,
             receiver_threads: env_u64("BENCH_RECEIVER_THREADS", 1)?,
             max_seconds: env_u64("BENCH_MAX_SECONDS", 1_800)?,
@@ -168,6 +175,9 @@ impl Settings {
             "ceiling_conns": self.ceiling_conns,
             "ceiling_secs": self.ceiling_secs,
             "history_rows": self.history_rows,
+            "retention_kept": self.retention_kept,
+            "retention_expired": self.retention_expired,
+            "retention_bulk": self.retention_bulk,
             "dispatcher_runtime_threads": self.dispatcher_threads,
             "receiver_runtime_threads": self.receiver_threads,
             "dispatcher_config": {
@@ -255,6 +265,7 @@ impl Ctx {
             "ceiling" => self.ceiling().await,
             "history" => self.history().await,
             "statements" => self.statements().await,
+            "retention" => self.retention().await,
             other => bail!("unknown scenario {other}"),
         }
     }
@@ -1109,6 +1120,114 @@ impl Ctx {
         Ok(())
     }
 
+    /// Retention with `BENCH_RETENTION_KEPT` rows it must keep (dead within their
+    /// retention, parked under a disabled endpoint, retries due tomorrow, all of events
+    /// older than the delivered retention): a first pass, then a pass that prunes
+    /// `BENCH_RETENTION_EXPIRED` expired events behind them, then one that prunes
+    /// `BENCH_RETENTION_BULK`. No dispatcher runs; passes call the library's `prune`
+    /// with a budget that never ends them.
+    async fn retention(&mut self) -> anyhow::Result<()> {
+        let name = self.db_name("retention");
+        let (url, client) = pg::create_db(&self.admin, &self.admin_url, &name).await?;
+        let result = self.retention_in(&url, &client).await;
+        drop(client);
+        pg::drop_db(&self.admin, &name).await?;
+        result
+    }
+
+    async fn retention_in(&mut self, url: &str, client: &Client) -> anyhow::Result<()> {
+        use outboxd::retention::{Pruned, RetentionPolicy, prune};
+        let (kept, expired, bulk) = (
+            self.s.retention_kept,
+            self.s.retention_expired,
+            self.s.retention_bulk,
+        );
+        pg::add_endpoints(client, (0..2).map(|i| self.receiver.url(i))).await?;
+        let ids: Vec<i64> = client
+            .query("SELECT id FROM webhook_endpoints ORDER BY id", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let (active, disabled) = (ids[0], ids[1]);
+        outboxd::endpoint::disable(client, disabled, "bench").await?;
+        eprintln!("bench:   prefilling {} kept rows ...", int(kept as f64));
+        let started = Instant::now();
+        pg::prefill_kept(client, kept, active, disabled).await?;
+        let prefill_s = started.elapsed().as_secs_f64();
+        eprintln!("bench:   prefill done in {prefill_s:.1} s");
+
+        let pool = outboxd::db::admin_pool(url).await?;
+        let policy = RetentionPolicy {
+            delivered: Duration::from_secs(72 * 3600),
+            dead: Duration::from_secs(720 * 3600),
+        };
+        let pass = async |what: &str, rows: u64| -> anyhow::Result<(f64, Pruned)> {
+            pg::prefill_expired(client, rows, active).await?;
+            let started = Instant::now();
+            let pruned = prune(&pool, policy, Duration::from_secs(24 * 3600)).await?;
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!(
+                "bench:   {what}: {} s, pruned {} events (scanned {})",
+                fmt_secs(secs),
+                pruned.events,
+                pruned.scanned
+            );
+            if (pruned.deliveries, pruned.attempts, pruned.events) != (rows, rows, rows) {
+                bail!("{what} pruned {pruned:?}, expected {rows} of each");
+            }
+            Ok((secs, pruned))
+        };
+        let first = pass("first pass", expired).await?;
+        let next = pass("next pass", expired).await?;
+        let bulk_pass = pass("bulk pass", bulk).await?;
+
+        let label = format!("retention, {} kept rows", int(kept as f64));
+        self.report.target(
+            &label,
+            &format!(
+                "a pass pruning {} expired events behind them (the first pass: {} s)",
+                int(expired as f64),
+                fmt_secs(first.0)
+            ),
+            format!("{} s", fmt_secs(next.0)),
+            "< 1 s",
+            next.0 < 1.0,
+        );
+        self.report.target(
+            &label,
+            &format!(
+                "a pass pruning {} expired events with deliveries and attempts",
+                int(bulk as f64)
+            ),
+            format!("{} s", fmt_secs(bulk_pass.0)),
+            "< 10 s",
+            bulk_pass.0 < 10.0,
+        );
+        self.report
+            .info(&label, "prefill", format!("{prefill_s:.0} s"));
+        let pass_json = |(secs, pruned): (f64, Pruned)| {
+            json!({
+                "seconds": secs,
+                "deliveries": pruned.deliveries,
+                "attempts": pruned.attempts,
+                "events": pruned.events,
+                "scanned": pruned.scanned,
+            })
+        };
+        self.report.detail(
+            "retention",
+            json!({
+                "kept_rows": kept,
+                "prefill_s": prefill_s,
+                "first_pass": pass_json(first),
+                "next_pass": pass_json(next),
+                "bulk_pass": pass_json(bulk_pass),
+            }),
+        );
+        Ok(())
+    }
+
     /// Single events, `gap` apart: commit → receipt latency.
     async fn idle_scenario(&mut self) -> anyhow::Result<()> {
         // Two `outboxd run` processes too: with several dispatchers, each wake-up
@@ -1815,6 +1934,7 @@ impl Ctx {
             .await?;
         let lease = Duration::from_secs(600);
         let batch = config.batch_size;
+        let budget = claim::PayloadBudget::from_config(&config);
         let (mut prepared, mut unnamed) = (Vec::new(), Vec::new());
 
         // Idle: the claim a wake-up makes, on an empty queue.
@@ -1823,11 +1943,18 @@ impl Ctx {
             for first in [i % 2 == 0, i % 2 != 0] {
                 let t = Instant::now();
                 if first {
-                    claim::claim_prepared(&prepared_conn, &statement, "bench-p", lease, batch)
-                        .await?;
+                    claim::claim_prepared(
+                        &prepared_conn,
+                        &statement,
+                        "bench-p",
+                        lease,
+                        batch,
+                        &budget,
+                    )
+                    .await?;
                     prepared.push(t.elapsed().as_secs_f64() * 1e6);
                 } else {
-                    claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch).await?;
+                    claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, &budget).await?;
                     unnamed.push(t.elapsed().as_secs_f64() * 1e6);
                 }
             }
@@ -1851,9 +1978,10 @@ impl Ctx {
         loop {
             let t = Instant::now();
             let got = if turn % 2 == 0 {
-                claim::claim_prepared(&prepared_conn, &statement, "bench-p", lease, batch).await?
+                claim::claim_prepared(&prepared_conn, &statement, "bench-p", lease, batch, &budget)
+                    .await?
             } else {
-                claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch).await?
+                claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, &budget).await?
             };
             let us = t.elapsed().as_secs_f64() * 1e6;
             if got.claimed.len() < batch as usize {
@@ -1898,5 +2026,16 @@ impl Ctx {
             );
         }
         Ok(Value::Object(json))
+    }
+}
+
+/// Seconds with three significant figures.
+fn fmt_secs(secs: f64) -> String {
+    if secs < 1.0 {
+        format!("{secs:.3}")
+    } else if secs < 10.0 {
+        format!("{secs:.2}")
+    } else {
+        format!("{secs:.1}")
     }
 }

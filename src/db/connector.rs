@@ -8,6 +8,7 @@
 //! [`session`]: super::session
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -22,8 +23,14 @@ use super::conninfo::{
 };
 use super::session::Session;
 use super::tls::{self, RustlsStream};
+use tokio_util::sync::CancellationToken;
+
 use crate::config::ConfigError;
 use crate::error::{Error, Result};
+
+/// How long a statement abandoned at shutdown may take to end once its cancel has been
+/// requested (normally a round trip).
+pub(crate) const CANCEL_BOUND: Duration = Duration::from_secs(2);
 
 /// How long a connection attempt may take when the string sets no `connect_timeout`
 /// (libpq would wait indefinitely; a dispatcher should rather retry).
@@ -275,6 +282,67 @@ impl Connector {
     /// taken from, over a connection of its own made as that one was (TLS included).
     pub async fn cancel(&self, token: &CancelToken) -> Result<(), tokio_postgres::Error> {
         token.cancel_query(self.tls.clone()).await
+    }
+
+    /// Awaits `statement`, running on `client` (a connection this connector opened),
+    /// unless `stop` comes first: then asks the server to cancel it and waits at most
+    /// [`CANCEL_BOUND`] more for it to end. The statement's result if it ended (a claim
+    /// that committed must still be handed back), `None` if it did not.
+    ///
+    /// A statement may wait on a lock without bound (a producer holding the doorbell's
+    /// row in an idle transaction, an operator's `LOCK TABLE`); dropping its future
+    /// would leave the server session waiting, and taking effect later, after the
+    /// dispatcher that sent it is gone.
+    pub(crate) async fn finish_or_cancel<T>(
+        &self,
+        client: &Client,
+        stop: &CancellationToken,
+        statement: impl Future<Output = T>,
+    ) -> Option<T> {
+        self.finish_or_cancel_token(&client.cancel_token(), stop, statement)
+            .await
+    }
+
+    /// [`Connector::finish_or_cancel`] for a statement whose connection is borrowed
+    /// elsewhere: `token` is that connection's cancel token.
+    pub(crate) async fn finish_or_cancel_token<T>(
+        &self,
+        token: &CancelToken,
+        stop: &CancellationToken,
+        statement: impl Future<Output = T>,
+    ) -> Option<T> {
+        let mut statement = std::pin::pin!(statement);
+        tokio::select! {
+            biased;
+            done = &mut statement => return Some(done),
+            _ = stop.cancelled() => {}
+        }
+        let ended = tokio::time::timeout(CANCEL_BOUND, async {
+            // The cancel request goes over a connection of its own; if it cannot be
+            // sent (the server is gone), the bound still ends the wait.
+            let mut cancel = std::pin::pin!(self.cancel(token));
+            let mut cancelling = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    done = &mut statement => return done,
+                    sent = &mut cancel, if cancelling => {
+                        cancelling = false;
+                        if let Err(e) = sent {
+                            tracing::warn!(error = %e, "cancelling a statement at shutdown failed");
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        if ended.is_err() {
+            tracing::warn!(
+                bound_ms = CANCEL_BOUND.as_millis() as u64,
+                "a statement still running at shutdown did not end once cancelled; abandoned"
+            );
+        }
+        ended.ok()
     }
 
     /// Opens a connection driven by a background task that ends with it.

@@ -23,6 +23,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::claim;
 use crate::config::{Config, ConfigError};
 use crate::db;
 use crate::deliver::Sender;
@@ -185,6 +186,7 @@ impl Dispatcher {
         let housekeeping_stop = CancellationToken::new();
         let housekeeping = tokio::spawn(housekeeping::run(
             pool.clone(),
+            sessions.clone(),
             Arc::clone(&self.metrics),
             Housekeeping {
                 retention: RetentionPolicy {
@@ -221,6 +223,7 @@ impl Dispatcher {
         );
 
         let mut claim_loop = ClaimLoop {
+            payload_budget: claim::PayloadBudget::from_config(&cfg),
             session: Session::new(pool, sessions, statements),
             send: SendSide::new(
                 &cfg,
@@ -318,6 +321,8 @@ struct ClaimLoop {
     cfg: Config,
     session: Session,
     send: SendSide,
+    /// Payload bytes held by claimed, unsent deliveries; claims wait for room in it.
+    payload_budget: Arc<claim::PayloadBudget>,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
@@ -380,11 +385,20 @@ impl ClaimLoop {
         if !self.send.wait_while_settle_stalled(shutdown).await {
             return None;
         }
+        if !self.payload_budget.wait_for_room(shutdown).await {
+            return None;
+        }
         let want = self.send.claim_size(free);
         let claimed_at = tokio::time::Instant::now();
         let batch = match self
             .session
-            .claim(&self.cfg.worker_id, self.cfg.lease, want, shutdown)
+            .claim(
+                &self.cfg.worker_id,
+                self.cfg.lease,
+                want,
+                &self.payload_budget,
+                shutdown,
+            )
             .await?
         {
             Ok(batch) => batch,

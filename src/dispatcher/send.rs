@@ -467,7 +467,15 @@ mod tests {
 
     impl Attempter for Buggy {
         fn attempt(&self, delivery: &Delivery) -> impl Future<Output = Attempt> + Send {
-            let (event_id, payload) = (delivery.event_id, delivery.payload.clone());
+            let body = delivery
+                .body
+                .as_ref()
+                .map(|b| b.to_vec())
+                .unwrap_or_default();
+            let (event_id, payload) = (
+                delivery.event_id,
+                String::from_utf8_lossy(&body).into_owned(),
+            );
             if event_id == 15 {
                 panic!("cannot build the request for {payload}");
             }
@@ -495,9 +503,8 @@ mod tests {
             event_id,
             endpoint_id: 7,
             attempt: 1,
-            event_type: "order.created".into(),
-            payload: PAYLOAD.into(),
             created_at: SystemTime::now(),
+            body: Ok(bytes::Bytes::from_static(PAYLOAD.as_bytes())),
             url: "http://127.0.0.1:9/hook".into(),
             secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
             previous_secret: None,

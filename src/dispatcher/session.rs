@@ -11,20 +11,16 @@
 //! its connection busy for whoever uses it next.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::claim;
 use crate::db::{Connector, Pool, PooledConnection as Conn};
 use crate::error::Result;
 use crate::pooler::{self, StatementMode};
-
-/// How long a statement abandoned at shutdown may take to end once its cancel has been
-/// requested (normally a round trip).
-const CANCEL_BOUND: Duration = Duration::from_secs(2);
 
 /// The loop's connection, with the claim statement prepared on it unless statements
 /// are sent unnamed.
@@ -70,6 +66,7 @@ impl Session {
         worker_id: &str,
         lease: Duration,
         limit: u32,
+        budget: &Arc<claim::PayloadBudget>,
         shutdown: &CancellationToken,
     ) -> Option<Result<claim::Batch>> {
         let (connector, p) = match self.open(shutdown).await? {
@@ -78,12 +75,13 @@ impl Session {
         };
         let batch = match &p.claim {
             Some(statement) => {
-                let claim = claim::claim_prepared(&p.conn, statement, worker_id, lease, limit);
-                until_shutdown(connector, &p.conn, shutdown, claim).await
+                let claim =
+                    claim::claim_prepared(&p.conn, statement, worker_id, lease, limit, budget);
+                connector.finish_or_cancel(&p.conn, shutdown, claim).await
             }
             None => {
-                let claim = claim::claim_unnamed(&*p.conn, worker_id, lease, limit);
-                until_shutdown(connector, &p.conn, shutdown, claim).await
+                let claim = claim::claim_unnamed(&*p.conn, worker_id, lease, limit, budget);
+                connector.finish_or_cancel(&p.conn, shutdown, claim).await
             }
         };
         self.after(batch)
@@ -95,8 +93,9 @@ impl Session {
             Ok(opened) => opened,
             Err(e) => return Some(Err(e)),
         };
-        let armed =
-            until_shutdown(connector, &p.conn, shutdown, claim::arm_doorbell(&*p.conn)).await;
+        let armed = connector
+            .finish_or_cancel(&p.conn, shutdown, claim::arm_doorbell(&*p.conn))
+            .await;
         self.after(armed)
     }
 
@@ -109,7 +108,9 @@ impl Session {
             Ok(opened) => opened,
             Err(e) => return Some(Err(e)),
         };
-        let due = until_shutdown(connector, &p.conn, shutdown, claim::next_due(&*p.conn)).await;
+        let due = connector
+            .finish_or_cancel(&p.conn, shutdown, claim::next_due(&*p.conn))
+            .await;
         self.after(due)
     }
 
@@ -132,7 +133,11 @@ impl Session {
                     // The one named statement, where nothing in between forbids it.
                     #[allow(clippy::disallowed_methods, reason = "prepared on purpose")]
                     let prepare = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES);
-                    match until_shutdown(&self.connector, &conn, shutdown, prepare).await {
+                    match self
+                        .connector
+                        .finish_or_cancel(&conn, shutdown, prepare)
+                        .await
+                    {
                         Some(Ok(claim)) => Prepared {
                             conn,
                             claim: Some(claim),
@@ -189,7 +194,7 @@ impl Session {
                 }
             };
             let close = claim::close_doorbell_gate(&*conn);
-            match until_shutdown(&connector, &conn, &shutdown, close).await {
+            match connector.finish_or_cancel(&conn, &shutdown, close).await {
                 Some(Ok(())) => None,
                 Some(Err(e)) => {
                     // Only an optimisation for producers: the next arm resets the gate.
@@ -202,7 +207,7 @@ impl Session {
     }
 
     /// Waits for a gate close still running (it ends on shutdown, see
-    /// [`until_shutdown`]), so none outlives the dispatcher.
+    /// [`Connector::finish_or_cancel`]), so none outlives the dispatcher.
     pub(super) async fn finish_gate_close(&mut self) {
         if let Some(task) = self.gate_closer.take() {
             if let Ok(Some(conn)) = task.await {
@@ -223,50 +228,4 @@ async fn until_cancelled<T>(
         done = wait => Some(done),
         _ = shutdown.cancelled() => None,
     }
-}
-
-/// Awaits `statement`, running on `client`, unless `shutdown` comes first: then asks the
-/// server to cancel it (through `connector`, which opened `client`) and waits at most
-/// [`CANCEL_BOUND`] more for it to end. The
-/// statement's result if it ended (a claim that committed must be handed back);
-/// `None` if it did not.
-async fn until_shutdown<T>(
-    connector: &Connector,
-    client: &Client,
-    shutdown: &CancellationToken,
-    statement: impl Future<Output = T>,
-) -> Option<T> {
-    let mut statement = std::pin::pin!(statement);
-    tokio::select! {
-        biased;
-        done = &mut statement => return Some(done),
-        _ = shutdown.cancelled() => {}
-    }
-    let token = client.cancel_token();
-    let ended = tokio::time::timeout(CANCEL_BOUND, async {
-        // The cancel request goes over a connection of its own; if it cannot be sent
-        // (the server is gone), the bound still ends the wait.
-        let mut cancel = std::pin::pin!(connector.cancel(&token));
-        let mut cancelling = true;
-        loop {
-            tokio::select! {
-                biased;
-                done = &mut statement => return done,
-                sent = &mut cancel, if cancelling => {
-                    cancelling = false;
-                    if let Err(e) = sent {
-                        tracing::warn!(error = %e, "cancelling a statement at shutdown failed");
-                    }
-                }
-            }
-        }
-    })
-    .await;
-    if ended.is_err() {
-        tracing::warn!(
-            bound_ms = CANCEL_BOUND.as_millis() as u64,
-            "a statement still running at shutdown did not end once cancelled; abandoned"
-        );
-    }
-    ended.ok()
 }

@@ -171,3 +171,122 @@ async fn settle_uses_the_primary_key_on_stale_statistics() {
 fn plan<'a>(lines: impl Iterator<Item = &'a str>) -> String {
     lines.collect::<Vec<_>>().join("\n")
 }
+
+/// The claim reads only what it takes, through indexes, however stale the statistics:
+/// planned generic (as the dispatcher's prepared statement is after five runs) and
+/// custom, with tables analyzed while nearly empty and grown a thousandfold since, it
+/// scans no table whole. Pending deliveries come through the due index, unprocessed
+/// events through the pending index, and each event's payload by primary key, once per
+/// event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_reads_through_indexes_on_stale_statistics() {
+    let db = TestDb::new("claimplan").await;
+    db.add_endpoint("https://example.com/hook", &[]).await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = off);
+             ALTER TABLE webhook_outbox SET (autovacuum_enabled = off);
+             INSERT INTO webhook_outbox (event_type, payload, processed_at)
+                 SELECT 'old.event', jsonb_build_object('n', i), now()
+                 FROM generate_series(1, 20) i;
+             INSERT INTO webhook_deliveries (event_id, endpoint_id, state, attempts)
+                 SELECT id, 1, 'delivered', 1 FROM webhook_outbox;
+             ANALYZE webhook_outbox;
+             ANALYZE webhook_deliveries;
+             INSERT INTO webhook_outbox (event_type, payload, processed_at)
+                 SELECT 'old.event', jsonb_build_object('n', i), now()
+                 FROM generate_series(21, 20000) i;
+             INSERT INTO webhook_deliveries (event_id, endpoint_id, state, attempts)
+                 SELECT id, 1, 'delivered', 1 FROM webhook_outbox WHERE id > 20;
+             -- Retries due now, and fresh events.
+             UPDATE webhook_deliveries SET state = 'pending', next_attempt_at = now()
+                 WHERE event_id % 100 = 0;
+             INSERT INTO webhook_outbox (event_type, payload)
+                 SELECT 'new.event', jsonb_build_object('n', i)
+                 FROM generate_series(1, 300) i;",
+        )
+        .await
+        .unwrap();
+    db.client
+        .batch_execute(&format!(
+            "PREPARE claim(text, int8, int8, int8, int8) AS {}",
+            outboxd::claim::CLAIM
+        ))
+        .await
+        .unwrap();
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        db.client
+            .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        let lines = db
+            .client
+            .query(
+                "EXPLAIN EXECUTE claim('w', 60000, 200, 67108864, 4194304)",
+                &[],
+            )
+            .await
+            .unwrap();
+        let plan = plan(lines.iter().map(|r| r.get(0)));
+        for table in ["webhook_outbox", "webhook_deliveries"] {
+            assert!(
+                !plan.contains(&format!("Seq Scan on {table}")),
+                "{mode} scans {table} whole:\n{plan}"
+            );
+        }
+        for index in [
+            "webhook_deliveries_due_idx",
+            "webhook_outbox_pending_idx",
+            "webhook_outbox_pkey",
+        ] {
+            assert!(plan.contains(index), "{mode} does not use {index}:\n{plan}");
+        }
+    }
+}
+
+/// Retention finds expired dead deliveries and removed endpoints' parked ones through
+/// their partial indexes, however stale the statistics: a pass reads what it deletes,
+/// not the deliveries it keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_reads_through_indexes_on_stale_statistics() {
+    let db = TestDb::new("retentionplan").await;
+    db.add_endpoint("https://example.com/hook", &[]).await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = off);
+             INSERT INTO webhook_deliveries (event_id, endpoint_id, state, attempts)
+                 SELECT i, 1, 'delivered', 1 FROM generate_series(1, 20) i;
+             ANALYZE webhook_deliveries;
+             INSERT INTO webhook_deliveries (event_id, endpoint_id, state, attempts, updated_at)
+                 SELECT i, 1 + i % 3, CASE i % 4 WHEN 0 THEN 'dead' WHEN 1 THEN 'parked'
+                                                 ELSE 'delivered' END,
+                        1, now() - interval '100 hours'
+                 FROM generate_series(21, 40000) i;",
+        )
+        .await
+        .unwrap();
+    for statement in [
+        outboxd::retention::DELETE_EXPIRED_DEAD,
+        outboxd::retention::DELETE_REMOVED_PARKED,
+    ] {
+        for mode in ["force_generic_plan", "force_custom_plan"] {
+            db.client
+                .batch_execute(&format!(
+                    "DEALLOCATE ALL; SET plan_cache_mode = {mode};
+                     PREPARE prune(int8, int8) AS {statement}"
+                ))
+                .await
+                .unwrap();
+            let lines = db
+                .client
+                .query("EXPLAIN EXECUTE prune(2592000000, 500)", &[])
+                .await
+                .unwrap();
+            let plan = plan(lines.iter().map(|r| r.get(0)));
+            assert!(
+                !plan.contains("Seq Scan on webhook_deliveries"),
+                "{mode} scans the deliveries whole:\n{plan}"
+            );
+        }
+    }
+}

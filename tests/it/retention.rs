@@ -1,8 +1,9 @@
 //! Retention: `retention::prune` deletes exactly the final history past its retention
 //! (delivered after the delivered retention, dead after the dead one, with their
-//! attempts, and events once no delivery remains) and never touches pending, in-flight
-//! or parked work, nor events not yet fanned out; in batches, so a large backlog takes
-//! several.
+//! attempts, a removed endpoint's parked deliveries after the dead retention, and
+//! events once no delivery remains) and never touches pending, in-flight or parked work
+//! of an endpoint that can still be enabled, nor events not yet fanned out; in batches,
+//! so a large backlog takes several; and a pass walks what it keeps only once.
 //!
 //! The rows are written by SQL, as the dispatcher would have left them, and aged by
 //! setting their timestamps.
@@ -20,6 +21,11 @@ const POLICY: RetentionPolicy = RetentionPolicy {
     dead: Duration::from_secs(720 * 3600),
 };
 const BUDGET: Duration = Duration::from_secs(10);
+
+/// What a pass deleted: deliveries, attempts, events.
+fn deleted(pruned: Pruned) -> (u64, u64, u64) {
+    (pruned.deliveries, pruned.attempts, pruned.events)
+}
 
 /// Inserts an event created `age_hours` ago, fanned out a second later unless
 /// `processed` is false; returns its id.
@@ -233,14 +239,7 @@ async fn prune_deletes_only_final_history_past_its_retention() {
     );
     let after = Snapshot::take(&db).await;
     assert_eq!(after, expected, "before: {before:#?}");
-    assert_eq!(
-        pruned,
-        Pruned {
-            deliveries: 5,
-            attempts: 10,
-            events: 3,
-        }
-    );
+    assert_eq!(deleted(pruned), (5, 10, 3));
     for kept in [
         pending,
         in_flight,
@@ -270,8 +269,8 @@ async fn prune_deletes_only_final_history_past_its_retention() {
 
     // Nothing more is due: a second pass changes nothing.
     assert_eq!(
-        prune(&pool, POLICY, BUDGET).await.unwrap(),
-        Pruned::default()
+        deleted(prune(&pool, POLICY, BUDGET).await.unwrap()),
+        (0, 0, 0)
     );
     assert_eq!(Snapshot::take(&db).await, expected);
 
@@ -286,14 +285,7 @@ async fn prune_deletes_only_final_history_past_its_retention() {
         .await
         .unwrap();
     let pruned = prune(&pool, POLICY, BUDGET).await.unwrap();
-    assert_eq!(
-        pruned,
-        Pruned {
-            deliveries: 2,
-            attempts: 4,
-            events: 2,
-        }
-    );
+    assert_eq!(deleted(pruned), (2, 4, 2));
     assert_eq!(
         Snapshot::take(&db).await,
         expected.without(
@@ -370,14 +362,7 @@ async fn prune_walks_a_large_backlog_in_batches() {
         .await
         .expect("prune");
     let gone = (old_events - 10) as u64;
-    assert_eq!(
-        pruned,
-        Pruned {
-            deliveries: gone,
-            attempts: gone,
-            events: gone,
-        }
-    );
+    assert_eq!(deleted(pruned), (gone, gone, gone));
     let after = Snapshot::take(&db).await;
     let kept: BTreeSet<i64> = waiting.iter().chain(&recent).copied().collect();
     assert_eq!(after.events, kept);
@@ -394,9 +379,195 @@ async fn prune_walks_a_large_backlog_in_batches() {
         assert_eq!(after.deliveries[&(*id, endpoint)], "pending");
     }
     assert_eq!(
-        prune(&pool, POLICY, Duration::from_secs(120))
-            .await
-            .unwrap(),
-        Pruned::default()
+        deleted(
+            prune(&pool, POLICY, Duration::from_secs(120))
+                .await
+                .unwrap()
+        ),
+        (0, 0, 0)
     );
+}
+
+/// Parked deliveries of a removed endpoint can never be sent: they go once the endpoint
+/// has been removed for the dead retention, with their attempts and their events if
+/// nothing else is left, wherever the walk is. A disabled endpoint's parked deliveries
+/// stay, however old: enabling it resumes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_endpoints_parked_deliveries_go_after_the_dead_retention() {
+    let db = TestDb::new("retention_removed").await;
+    let (disabled, _) = db.add_endpoint("https://example.com/disabled", &[]).await;
+    let (removed_long_ago, _) = db.add_endpoint("https://example.com/long-ago", &[]).await;
+    let (removed_lately, _) = db.add_endpoint("https://example.com/lately", &[]).await;
+    let (active, _) = db.add_endpoint("https://example.com/active", &[]).await;
+    outboxd::endpoint::disable(&db.client, disabled, "paused")
+        .await
+        .unwrap();
+    for endpoint in [removed_long_ago, removed_lately] {
+        outboxd::endpoint::remove(&db.client, endpoint)
+            .await
+            .unwrap();
+    }
+    db.client
+        .execute(
+            "UPDATE webhook_endpoints SET deleted_at = now() - interval '1 hour' WHERE id = $1",
+            &[&removed_lately],
+        )
+        .await
+        .unwrap();
+    // Only parked under the endpoint removed long ago: the event goes with it.
+    let lost = event(&db, 900, true).await;
+    delivery(&db, lost, removed_long_ago, Kind::Parked, 900).await;
+    // Also delivered elsewhere lately: the event stays for that delivery.
+    let shared = event(&db, 900, true).await;
+    delivery(&db, shared, removed_long_ago, Kind::Parked, 900).await;
+    delivery(&db, shared, active, Kind::Delivered, 1).await;
+    let paused = event(&db, 900, true).await;
+    delivery(&db, paused, disabled, Kind::Parked, 900).await;
+    let lately = event(&db, 900, true).await;
+    delivery(&db, lately, removed_lately, Kind::Parked, 900).await;
+
+    let pool = db.pool().await;
+    // The walk passes them all first; the endpoint is removed "long ago" only then, so
+    // its parked deliveries are found behind the frontier.
+    assert_eq!(
+        deleted(prune(&pool, POLICY, BUDGET).await.unwrap()),
+        (0, 0, 0)
+    );
+    let before = Snapshot::take(&db).await;
+    db.client
+        .execute(
+            "UPDATE webhook_endpoints SET deleted_at = now() - interval '721 hours' WHERE id = $1",
+            &[&removed_long_ago],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        deleted(prune(&pool, POLICY, BUDGET).await.unwrap()),
+        (2, 4, 1)
+    );
+    assert_eq!(
+        Snapshot::take(&db).await,
+        before.without(
+            &[(lost, removed_long_ago), (shared, removed_long_ago)],
+            &[lost]
+        )
+    );
+    assert_eq!(db.delivery(paused, disabled).await.state, "parked");
+    assert_eq!(db.delivery(lately, removed_lately).await.state, "parked");
+    assert_eq!(
+        deleted(prune(&pool, POLICY, BUDGET).await.unwrap()),
+        (0, 0, 0)
+    );
+}
+
+/// Inserts `n` events created `age_hours` ago, fanned out, each with a delivery to
+/// `endpoint` in `state` last changed `age_hours` ago (and one attempt if it is
+/// delivered); returns the first and last ids.
+async fn bulk(db: &TestDb, n: i32, age_hours: i32, endpoint: i64, state: &str) -> (i64, i64) {
+    let row = db
+        .client
+        .query_one(
+            "WITH ev AS (
+                 INSERT INTO webhook_outbox (event_type, payload, created_at, deliver_after, processed_at)
+                 SELECT 'bulk.event', '{}', t, t, t
+                 FROM generate_series(1, $1::int) AS g,
+                      (SELECT now() - $2::int * interval '1 hour' AS t) AS at
+                 ORDER BY g
+                 RETURNING id, created_at
+             ), dl AS (
+                 INSERT INTO webhook_deliveries
+                     (event_id, endpoint_id, state, attempts, next_attempt_at, created_at, updated_at)
+                 SELECT id, $3, $4::text, 1,
+                        CASE WHEN $4 = 'pending' THEN now() + interval '1 day' ELSE created_at END,
+                        created_at, created_at
+                 FROM ev
+             ), at AS (
+                 INSERT INTO webhook_attempts
+                     (event_id, endpoint_id, attempt, started_at, duration_ms, status_code, worker_id)
+                 SELECT id, $3, 1, created_at, 5, 200, 'bulk' FROM ev WHERE $4 = 'delivered'
+             )
+             SELECT min(id), max(id) FROM ev",
+            &[&n, &age_hours, &endpoint, &state],
+        )
+        .await
+        .expect("bulk insert");
+    (row.get(0), row.get(1))
+}
+
+/// A pass reaches the expired rows behind those it must keep, and later passes do not
+/// walk the kept ones again: the walk goes on from where it stopped, what it passed is
+/// found by index once it expires, and the sweep visits a fixed number of events per
+/// pass (counts, not timings).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_costs_what_it_prunes_not_what_it_keeps() {
+    use outboxd::retention::{BATCH, SWEEP_BATCHES};
+    let db = TestDb::new("retention_frontier").await;
+    let (endpoint, _) = db.add_endpoint("https://example.com/hook", &[]).await;
+    let sweep = u64::from(SWEEP_BATCHES) * BATCH as u64;
+    const KEPT: i32 = 12_000;
+    // Kept: dead within the dead retention, and retries still pending.
+    let (first_dead, _) = bulk(&db, KEPT / 2, 100, endpoint, "dead").await;
+    let (first_pending, _) = bulk(&db, KEPT / 2, 100, endpoint, "pending").await;
+    let _ = bulk(&db, 300, 100, endpoint, "delivered").await;
+    let pool = db.pool().await;
+
+    // The first pass walks the kept rows once, and reaches the expired ones behind.
+    let first = prune(&pool, POLICY, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(deleted(first), (300, 300, 300));
+    assert!(first.scanned >= KEPT as u64 + 300, "{first:?}");
+
+    // More history expires behind them: the next pass deletes it and walks little else.
+    let _ = bulk(&db, 300, 100, endpoint, "delivered").await;
+    let second = prune(&pool, POLICY, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(deleted(second), (300, 300, 300));
+    assert!(second.scanned <= 300 + sweep, "{second:?}");
+
+    // A thousand dead deliveries the walk passed reach the end of their retention: the
+    // dead index finds them.
+    db.client
+        .execute(
+            "UPDATE webhook_deliveries SET updated_at = now() - interval '721 hours'
+             WHERE event_id >= $1 AND event_id < $1 + 1000",
+            &[&first_dead],
+        )
+        .await
+        .unwrap();
+    let third = prune(&pool, POLICY, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(deleted(third), (1_000, 0, 1_000));
+    assert!(third.scanned <= sweep, "{third:?}");
+
+    // A retry the walk passed is delivered at last, and its retention runs out: the
+    // sweep finds it within a round of the events below the frontier.
+    db.client
+        .execute(
+            "UPDATE webhook_deliveries SET state = 'delivered', updated_at = now() - interval '73 hours'
+             WHERE event_id = $1::int8 + 10",
+            &[&first_pending],
+        )
+        .await
+        .unwrap();
+    let below = u64::try_from(KEPT - 1_000).unwrap();
+    let mut passes = 0;
+    let mut found = (0, 0, 0);
+    while found == (0, 0, 0) {
+        passes += 1;
+        assert!(
+            passes <= below.div_ceil(sweep) + 1,
+            "the sweep did not come round in {passes} passes"
+        );
+        let pass = prune(&pool, POLICY, Duration::from_secs(300))
+            .await
+            .unwrap();
+        assert!(pass.scanned <= sweep, "{pass:?}");
+        found = deleted(pass);
+    }
+    assert_eq!(found, (1, 0, 1));
+    let kept: i64 = db.scalar("SELECT count(*) FROM webhook_deliveries").await;
+    assert_eq!(kept, i64::from(KEPT) - 1_001);
 }

@@ -135,6 +135,18 @@ async fn the_documented_minimal_roles_migrate_produce_deliver_and_operate() {
         EVENTS as usize + 2,
         "one retry, then each once"
     );
+    // Its housekeeping prunes as that role too (sql/0007's frontier included).
+    let dispatcher_pool = outboxd::db::admin_pool(&url_as(&db, &names.role("outboxd_dispatcher")))
+        .await
+        .expect("a pool as the dispatcher");
+    let policy = outboxd::retention::RetentionPolicy {
+        delivered: Duration::from_secs(3600),
+        dead: Duration::from_secs(3600),
+    };
+    outboxd::retention::prune(&dispatcher_pool, policy, Duration::from_secs(30))
+        .await
+        .expect("the dispatcher's role may prune");
+    drop(dispatcher_pool);
 
     // The operator's views work too.
     for args in [&["stats"][..], &["deliveries", "list", "--json"][..]] {

@@ -339,3 +339,44 @@ async fn shutdown_ends_while_an_outcome_waits_for_a_row_lock() {
     next.stop().await;
     assert!(receiver.requests().iter().all(|r| r.event_id() == event_id));
 }
+
+/// Housekeeping's statements end on stop as well: a queue sample waiting behind an
+/// operator's `LOCK TABLE` is cancelled in the server when housekeeping is told to stop,
+/// so no session of a stopped dispatcher stays behind, waiting to take effect later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_stops_while_a_statement_waits_for_a_lock() {
+    let db = TestDb::new("stophouse").await;
+    let mut operator = db.connect().await;
+    let tx = operator.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE webhook_deliveries IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    let config = no_lock_timeout("stophouse");
+    let connector =
+        outboxd::db::Connector::new(&db.url, outboxd::db::Session::dispatcher(&config)).unwrap();
+    let pool = outboxd::db::pool(&connector, 2).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let housekeeping = tokio::spawn(outboxd::housekeeping::run(
+        pool,
+        connector,
+        std::sync::Arc::new(outboxd::metrics::Metrics::default()),
+        outboxd::housekeeping::Housekeeping {
+            retention: outboxd::retention::RetentionPolicy {
+                delivered: config.retention,
+                dead: config.dead_retention,
+            },
+            disable_failing_after: config.endpoint_disable_after,
+        },
+        stop.clone(),
+    ));
+    // The first queue sample runs at once and waits for the table.
+    wait_while_locked(&db, &waiting_for_a_lock("webhook_deliveries")).await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), housekeeping)
+        .await
+        .expect("housekeeping stops while its statement waits for a lock")
+        .expect("housekeeping does not panic");
+    wait_while_locked(&db, NO_OUTBOXD_SESSION).await;
+    tx.commit().await.unwrap();
+}

@@ -129,6 +129,22 @@ pub struct RunArgs {
         default_value_t = defaults::ENDPOINT_DISABLE_AFTER_HOURS
     )]
     pub endpoint_disable_after_hours: u64,
+    /// Largest payload delivered, in bytes of its JSON text; a larger event's deliveries end dead with the reason, unsent
+    #[arg(
+        long,
+        env = "WEBHOOK_MAX_PAYLOAD_BYTES",
+        value_name = "WEBHOOK_MAX_PAYLOAD_BYTES",
+        default_value_t = defaults::MAX_PAYLOAD_BYTES
+    )]
+    pub max_payload_bytes: u64,
+    /// Most payload bytes held at once by claimed, unsent deliveries (each event's payload counts once)
+    #[arg(
+        long,
+        env = "WEBHOOK_PAYLOAD_BUDGET_BYTES",
+        value_name = "WEBHOOK_PAYLOAD_BUDGET_BYTES",
+        default_value_t = defaults::PAYLOAD_BUDGET_BYTES
+    )]
+    pub payload_budget_bytes: u64,
     /// Prepare the claim statement once per connection (on), send every statement unnamed (off, for transaction-mode poolers such as pgbouncer before 1.21), or decide at start (auto)
     #[arg(long, env = "WEBHOOK_PREPARED_STATEMENTS", value_name = "WEBHOOK_PREPARED_STATEMENTS", default_value_t = defaults::PREPARED_STATEMENTS, value_parser = clap::value_parser!(PreparedStatements))]
     pub prepared_statements: PreparedStatements,
@@ -200,6 +216,8 @@ impl RunArgs {
             retention: hours(self.retention_hours),
             dead_retention: hours(self.dead_retention_hours),
             endpoint_disable_after: hours(self.endpoint_disable_after_hours),
+            max_payload_bytes: self.max_payload_bytes,
+            payload_budget_bytes: self.payload_budget_bytes,
             prepared_statements: self.prepared_statements,
             database_wait: Duration::from_millis(self.database_wait_ms),
             db_lock_timeout: Duration::from_millis(self.db_lock_timeout_ms),
