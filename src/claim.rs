@@ -429,9 +429,9 @@ pub async fn claim(
 /// `budget`: payloads come to no more than what it has available (but at least one
 /// event), and count against it while they are held. This is the form that works
 /// through a transaction-mode pooler, which keeps no prepared statement from one
-/// transaction to the next. On an idle queue it cost 0.7 to 2.0 ms more per call than
-/// [`claim_prepared`] (the `statements` bench scenario, on a loaded machine); on full
-/// batches of 200, 2% to 17% more.
+/// transaction to the next. It costs a parse and a plan per call more than
+/// [`claim_prepared`]: what that means for latency and throughput is measured by the
+/// `statements` bench scenario (docs/operations.md, "Behind pgbouncer").
 pub async fn claim_unnamed(
     client: &impl GenericClient,
     worker_id: &str,

@@ -190,8 +190,8 @@ pub struct Sender {
     client: reqwest::Client,
     allow_private: bool,
     /// Parsed endpoint URLs by their text. A burst sends thousands of requests to the
-    /// same few URLs, and parsing each one again (IDNA host processing included) was
-    /// ~6% of the dispatcher's CPU in a profile of a burst.
+    /// same few URLs, and parsing each one again (IDNA host processing included) shows
+    /// in a profile of a burst (docs/performance.md).
     urls: Mutex<HashMap<String, reqwest::Url>>,
 }
 

@@ -20,11 +20,11 @@ use clap::{Args as _, CommandFactory as _, FromArgMatches as _, Parser, Subcomma
 use outboxd::Error;
 use settings::{RunArgs, ServeArgs};
 
-/// mimalloc instead of glibc malloc: a profile of a delivery burst spent ~15% of the
-/// dispatcher's CPU in malloc/free, much of it waiting on arena locks. It is built
-/// with `no_thp` (Cargo.toml): with transparent huge pages in `madvise` mode, as on
-/// Debian, mimalloc advised its arenas onto 2 MiB pages and a burst's peak RSS was
-/// 47-57 MiB; without them it is ~30 MiB, at the same throughput.
+/// mimalloc instead of glibc malloc: a delivery burst allocates and frees from many
+/// threads, and glibc's arena locks showed in its profile. It is built with `no_thp`
+/// (Cargo.toml): with transparent huge pages in `madvise` mode, as on Debian, mimalloc
+/// advises its arenas onto 2 MiB pages and a dispatcher's RSS grows with them for no
+/// gain. The measurements of both are in docs/performance.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
