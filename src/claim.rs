@@ -409,6 +409,10 @@ impl Drop for HeldBody {
 /// Runs [`CLAIM`] once: at most `limit` deliveries, leased to `worker_id` for `lease`,
 /// with the default payload limits. Parses and plans the statement on every call; a
 /// claim loop should prepare it once per connection and use [`claim_prepared`].
+#[cfg_attr(
+    not(feature = "internals"),
+    allow(dead_code, reason = "tests and tools that claim by hand")
+)]
 pub async fn claim(
     client: &impl GenericClient,
     worker_id: &str,
@@ -425,9 +429,9 @@ pub async fn claim(
 /// `budget`: payloads come to no more than what it has available (but at least one
 /// event), and count against it while they are held. This is the form that works
 /// through a transaction-mode pooler, which keeps no prepared statement from one
-/// transaction to the next. On an idle queue it cost 0.7 to 2.0 ms more per call than
-/// [`claim_prepared`] (the `statements` bench scenario, on a loaded machine); on full
-/// batches of 200, 2% to 17% more.
+/// transaction to the next. It costs a parse and a plan per call more than
+/// [`claim_prepared`]: what that means for latency and throughput is measured by the
+/// `statements` bench scenario (docs/operations.md, "Behind pgbouncer").
 pub async fn claim_unnamed(
     client: &impl GenericClient,
     worker_id: &str,
@@ -453,6 +457,10 @@ pub async fn claim_unnamed(
 /// on an idle queue (~0.6 ms against ~0.3 ms), so the prepared form is what keeps the
 /// wake-up path short. Its cached generic plan has the same shape as the custom one
 /// (partial-index scans, primary-key lookups).
+#[allow(
+    clippy::disallowed_methods,
+    reason = "runs the statement prepared on purpose (WEBHOOK_PREPARED_STATEMENTS)"
+)]
 pub async fn claim_prepared(
     client: &Client,
     statement: &Statement,

@@ -1,5 +1,6 @@
-//! Dispatcher configuration: read from the environment (or matching `--flags`),
-//! validated as a whole before anything starts.
+//! The dispatcher's configuration: every setting, its default ([`defaults`]) and the
+//! checks it must pass before anything starts. The `outboxd` command reads the settings
+//! from environment variables or matching flags; an error names the variable.
 
 use std::time::Duration;
 
@@ -130,31 +131,89 @@ const MIB: u64 = 1024 * 1024;
 /// PostgreSQL's limit on any one value (1 GB): no payload's text is longer.
 const MAX_VALUE_BYTES: u64 = (1 << 30) - 1;
 
+/// The default of every setting, in the unit its environment variable takes. They are
+/// defined here and nowhere else: [`Config::default`] is made of them, and the `outboxd`
+/// command line shows them as its flags' defaults (`outboxd run --help`).
+pub mod defaults {
+    use super::PreparedStatements;
+
+    /// `WEBHOOK_LISTEN`.
+    pub const LISTEN: bool = true;
+    /// `WEBHOOK_POLL_INTERVAL_MS`.
+    pub const POLL_INTERVAL_MS: u64 = 1_000;
+    /// `WEBHOOK_BATCH_SIZE`.
+    pub const BATCH_SIZE: u32 = 200;
+    /// `WEBHOOK_LEASE_MS`.
+    pub const LEASE_MS: u64 = 60_000;
+    /// `WEBHOOK_HTTP_TIMEOUT_MS`.
+    pub const HTTP_TIMEOUT_MS: u64 = 15_000;
+    /// `WEBHOOK_CONCURRENCY`.
+    pub const CONCURRENCY: u32 = 256;
+    /// `WEBHOOK_BACKOFF_BASE_MS`.
+    pub const BACKOFF_BASE_MS: u64 = 5_000;
+    /// `WEBHOOK_BACKOFF_MAX_MS` (10 hours).
+    pub const BACKOFF_MAX_MS: u64 = 36_000_000;
+    /// `WEBHOOK_MAX_ATTEMPTS`.
+    pub const MAX_ATTEMPTS: u32 = 15;
+    /// `WEBHOOK_DRAIN_TIMEOUT_MS`.
+    pub const DRAIN_TIMEOUT_MS: u64 = 20_000;
+    /// `WEBHOOK_ALLOW_PRIVATE_TARGETS`.
+    pub const ALLOW_PRIVATE_TARGETS: bool = false;
+    /// `WEBHOOK_POOL_SIZE`.
+    pub const POOL_SIZE: u32 = 4;
+    /// `WEBHOOK_RETENTION_HOURS`.
+    pub const RETENTION_HOURS: u64 = 72;
+    /// `WEBHOOK_DEAD_RETENTION_HOURS`.
+    pub const DEAD_RETENTION_HOURS: u64 = 720;
+    /// `WEBHOOK_ENDPOINT_DISABLE_AFTER_HOURS`.
+    pub const ENDPOINT_DISABLE_AFTER_HOURS: u64 = 120;
+    /// `WEBHOOK_MAX_PAYLOAD_BYTES` (4 MiB).
+    pub const MAX_PAYLOAD_BYTES: u64 = 4 * 1024 * 1024;
+    /// `WEBHOOK_PAYLOAD_BUDGET_BYTES` (64 MiB).
+    pub const PAYLOAD_BUDGET_BYTES: u64 = 64 * 1024 * 1024;
+    /// `WEBHOOK_PREPARED_STATEMENTS`.
+    pub const PREPARED_STATEMENTS: PreparedStatements = PreparedStatements::Auto;
+    /// `WEBHOOK_DATABASE_WAIT_MS`.
+    pub const DATABASE_WAIT_MS: u64 = 300_000;
+    /// `WEBHOOK_DB_LOCK_TIMEOUT_MS`.
+    pub const DB_LOCK_TIMEOUT_MS: u64 = 5_000;
+    /// `WEBHOOK_DB_STATEMENT_TIMEOUT_MS`.
+    pub const DB_STATEMENT_TIMEOUT_MS: u64 = 30_000;
+}
+
+/// `hours` as a `Duration`.
+const fn hours(hours: u64) -> Duration {
+    Duration::from_secs(hours * 3600)
+}
+
 impl Default for Config {
+    /// Every setting at its default ([`defaults`]), the worker id from
+    /// [`default_worker_id`].
     fn default() -> Self {
+        use defaults::*;
         Self {
             worker_id: default_worker_id(),
-            listen: true,
-            poll_interval: Duration::from_millis(1_000),
-            batch_size: 200,
-            lease: Duration::from_millis(60_000),
-            http_timeout: Duration::from_millis(15_000),
-            concurrency: 256,
-            backoff_base: Duration::from_millis(5_000),
-            backoff_max: Duration::from_millis(36_000_000),
-            max_attempts: 15,
-            drain_timeout: Duration::from_millis(20_000),
-            allow_private_targets: false,
-            pool_size: 4,
-            retention: 72 * HOUR,
-            dead_retention: 720 * HOUR,
-            endpoint_disable_after: 120 * HOUR,
-            max_payload_bytes: 4 * MIB,
-            payload_budget_bytes: 64 * MIB,
-            prepared_statements: PreparedStatements::Auto,
-            database_wait: Duration::from_secs(300),
-            db_lock_timeout: Duration::from_millis(5_000),
-            db_statement_timeout: Duration::from_millis(30_000),
+            listen: LISTEN,
+            poll_interval: Duration::from_millis(POLL_INTERVAL_MS),
+            batch_size: BATCH_SIZE,
+            lease: Duration::from_millis(LEASE_MS),
+            http_timeout: Duration::from_millis(HTTP_TIMEOUT_MS),
+            concurrency: CONCURRENCY,
+            backoff_base: Duration::from_millis(BACKOFF_BASE_MS),
+            backoff_max: Duration::from_millis(BACKOFF_MAX_MS),
+            max_attempts: MAX_ATTEMPTS,
+            drain_timeout: Duration::from_millis(DRAIN_TIMEOUT_MS),
+            allow_private_targets: ALLOW_PRIVATE_TARGETS,
+            pool_size: POOL_SIZE,
+            retention: hours(RETENTION_HOURS),
+            dead_retention: hours(DEAD_RETENTION_HOURS),
+            endpoint_disable_after: hours(ENDPOINT_DISABLE_AFTER_HOURS),
+            max_payload_bytes: MAX_PAYLOAD_BYTES,
+            payload_budget_bytes: PAYLOAD_BUDGET_BYTES,
+            prepared_statements: PREPARED_STATEMENTS,
+            database_wait: Duration::from_millis(DATABASE_WAIT_MS),
+            db_lock_timeout: Duration::from_millis(DB_LOCK_TIMEOUT_MS),
+            db_statement_timeout: Duration::from_millis(DB_STATEMENT_TIMEOUT_MS),
         }
     }
 }
@@ -308,222 +367,6 @@ impl Config {
     }
 }
 
-/// The dispatcher's settings as command-line flags, each also read from its
-/// environment variable. `outboxd --help` prints them with their defaults.
-#[derive(Debug, Clone, clap::Args)]
-pub struct RunArgs {
-    /// Unique name of this dispatcher process, recorded on the rows it claims [default: host-pid]
-    #[arg(long, env = "WEBHOOK_WORKER_ID", value_name = "WEBHOOK_WORKER_ID")]
-    pub worker_id: Option<String>,
-    /// LISTEN for insert notifications; false means pure polling (e.g. behind a transaction-mode pgbouncer)
-    #[arg(long, env = "WEBHOOK_LISTEN", value_name = "WEBHOOK_LISTEN", default_value_t = true, action = clap::ArgAction::Set, value_parser = parse_bool)]
-    pub listen: bool,
-    /// Poll tick in milliseconds: the safety net under push, the only wake-up without it
-    #[arg(
-        long,
-        env = "WEBHOOK_POLL_INTERVAL_MS",
-        value_name = "WEBHOOK_POLL_INTERVAL_MS",
-        default_value_t = 1_000
-    )]
-    pub poll_interval_ms: u64,
-    /// Most deliveries claimed per round trip
-    #[arg(
-        long,
-        env = "WEBHOOK_BATCH_SIZE",
-        value_name = "WEBHOOK_BATCH_SIZE",
-        default_value_t = 200
-    )]
-    pub batch_size: u32,
-    /// Lease on claimed rows in milliseconds; a crashed worker's rows come back after it
-    #[arg(
-        long,
-        env = "WEBHOOK_LEASE_MS",
-        value_name = "WEBHOOK_LEASE_MS",
-        default_value_t = 60_000
-    )]
-    pub lease_ms: u64,
-    /// Per-request HTTP timeout in milliseconds; must be shorter than the lease
-    #[arg(
-        long,
-        env = "WEBHOOK_HTTP_TIMEOUT_MS",
-        value_name = "WEBHOOK_HTTP_TIMEOUT_MS",
-        default_value_t = 15_000
-    )]
-    pub http_timeout_ms: u64,
-    /// Most HTTP requests in flight at once, across all endpoints
-    #[arg(
-        long,
-        env = "WEBHOOK_CONCURRENCY",
-        value_name = "WEBHOOK_CONCURRENCY",
-        default_value_t = 256
-    )]
-    pub concurrency: u32,
-    /// First retry delay in milliseconds, doubled per attempt (with ±20% jitter)
-    #[arg(
-        long,
-        env = "WEBHOOK_BACKOFF_BASE_MS",
-        value_name = "WEBHOOK_BACKOFF_BASE_MS",
-        default_value_t = 5_000
-    )]
-    pub backoff_base_ms: u64,
-    /// Ceiling on any retry delay in milliseconds, Retry-After included (default 10 h)
-    #[arg(
-        long,
-        env = "WEBHOOK_BACKOFF_MAX_MS",
-        value_name = "WEBHOOK_BACKOFF_MAX_MS",
-        default_value_t = 36_000_000
-    )]
-    pub backoff_max_ms: u64,
-    /// Attempts before a delivery is parked as dead
-    #[arg(
-        long,
-        env = "WEBHOOK_MAX_ATTEMPTS",
-        value_name = "WEBHOOK_MAX_ATTEMPTS",
-        default_value_t = 15
-    )]
-    pub max_attempts: u32,
-    /// After SIGTERM/SIGINT, how long in-flight deliveries may finish, in milliseconds
-    #[arg(
-        long,
-        env = "WEBHOOK_DRAIN_TIMEOUT_MS",
-        value_name = "WEBHOOK_DRAIN_TIMEOUT_MS",
-        default_value_t = 20_000
-    )]
-    pub drain_timeout_ms: u64,
-    /// Allow loopback/private/link-local targets (local development and tests only)
-    #[arg(long, env = "WEBHOOK_ALLOW_PRIVATE_TARGETS", value_name = "WEBHOOK_ALLOW_PRIVATE_TARGETS", default_value_t = false, action = clap::ArgAction::Set, value_parser = parse_bool)]
-    pub allow_private_targets: bool,
-    /// PostgreSQL connections in the dispatcher's pool (the LISTEN connection is extra)
-    #[arg(
-        long,
-        env = "WEBHOOK_POOL_SIZE",
-        value_name = "WEBHOOK_POOL_SIZE",
-        default_value_t = 4
-    )]
-    pub pool_size: u32,
-    /// Hours delivered deliveries and their attempt history are kept
-    #[arg(
-        long,
-        env = "WEBHOOK_RETENTION_HOURS",
-        value_name = "WEBHOOK_RETENTION_HOURS",
-        default_value_t = 72
-    )]
-    pub retention_hours: u64,
-    /// Hours dead deliveries are kept (unless re-driven first)
-    #[arg(
-        long,
-        env = "WEBHOOK_DEAD_RETENTION_HOURS",
-        value_name = "WEBHOOK_DEAD_RETENTION_HOURS",
-        default_value_t = 720
-    )]
-    pub dead_retention_hours: u64,
-    /// Hours an endpoint may fail every attempt before it is disabled automatically
-    #[arg(
-        long,
-        env = "WEBHOOK_ENDPOINT_DISABLE_AFTER_HOURS",
-        value_name = "WEBHOOK_ENDPOINT_DISABLE_AFTER_HOURS",
-        default_value_t = 120
-    )]
-    pub endpoint_disable_after_hours: u64,
-    /// Largest payload delivered, in bytes of its JSON text; a larger event's deliveries end dead with the reason, unsent
-    #[arg(
-        long,
-        env = "WEBHOOK_MAX_PAYLOAD_BYTES",
-        value_name = "WEBHOOK_MAX_PAYLOAD_BYTES",
-        default_value_t = 4 * MIB
-    )]
-    pub max_payload_bytes: u64,
-    /// Most payload bytes held at once by claimed, unsent deliveries (each event's payload counts once)
-    #[arg(
-        long,
-        env = "WEBHOOK_PAYLOAD_BUDGET_BYTES",
-        value_name = "WEBHOOK_PAYLOAD_BUDGET_BYTES",
-        default_value_t = 64 * MIB
-    )]
-    pub payload_budget_bytes: u64,
-    /// Prepare the claim statement once per connection (on), send every statement unnamed (off, for transaction-mode poolers such as pgbouncer before 1.21), or decide at start (auto)
-    #[arg(long, env = "WEBHOOK_PREPARED_STATEMENTS", value_name = "WEBHOOK_PREPARED_STATEMENTS", default_value = "auto", value_parser = clap::value_parser!(PreparedStatements))]
-    pub prepared_statements: PreparedStatements,
-    /// PostgreSQL connection string for the LISTEN session alone [default: DATABASE_URL]; point it at PostgreSQL directly when DATABASE_URL goes through a transaction-mode pooler
-    #[arg(
-        long,
-        env = "WEBHOOK_LISTEN_DATABASE_URL",
-        value_name = "WEBHOOK_LISTEN_DATABASE_URL",
-        hide_env_values = true
-    )]
-    pub listen_database_url: Option<String>,
-    /// At start, how long to wait for PostgreSQL to accept connections, in milliseconds (0: give up at once)
-    #[arg(
-        long,
-        env = "WEBHOOK_DATABASE_WAIT_MS",
-        value_name = "WEBHOOK_DATABASE_WAIT_MS",
-        default_value_t = 300_000
-    )]
-    pub database_wait_ms: u64,
-    /// Longest wait for a lock by any dispatcher statement, in milliseconds (its sessions' lock_timeout; 0: no limit)
-    #[arg(
-        long,
-        env = "WEBHOOK_DB_LOCK_TIMEOUT_MS",
-        value_name = "WEBHOOK_DB_LOCK_TIMEOUT_MS",
-        default_value_t = 5_000
-    )]
-    pub db_lock_timeout_ms: u64,
-    /// Longest run of any dispatcher statement, in milliseconds (its sessions' statement_timeout; 0: no limit)
-    #[arg(
-        long,
-        env = "WEBHOOK_DB_STATEMENT_TIMEOUT_MS",
-        value_name = "WEBHOOK_DB_STATEMENT_TIMEOUT_MS",
-        default_value_t = 30_000
-    )]
-    pub db_statement_timeout_ms: u64,
-}
-
-/// Hours as a `Duration` multiplier, saturating so absurd values fail validation
-/// instead of wrapping.
-fn hours(h: u64) -> u32 {
-    u32::try_from(h).unwrap_or(u32::MAX)
-}
-
-fn parse_bool(s: &str) -> Result<bool, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        other => Err(format!("expected true or false, got {other:?}")),
-    }
-}
-
-impl RunArgs {
-    /// Converts the flags into a validated [`Config`].
-    pub fn into_config(self) -> Result<Config, ConfigError> {
-        let config = Config {
-            worker_id: self.worker_id.unwrap_or_else(default_worker_id),
-            listen: self.listen,
-            poll_interval: Duration::from_millis(self.poll_interval_ms),
-            batch_size: self.batch_size,
-            lease: Duration::from_millis(self.lease_ms),
-            http_timeout: Duration::from_millis(self.http_timeout_ms),
-            concurrency: self.concurrency,
-            backoff_base: Duration::from_millis(self.backoff_base_ms),
-            backoff_max: Duration::from_millis(self.backoff_max_ms),
-            max_attempts: self.max_attempts,
-            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
-            allow_private_targets: self.allow_private_targets,
-            pool_size: self.pool_size,
-            retention: HOUR.saturating_mul(hours(self.retention_hours)),
-            dead_retention: HOUR.saturating_mul(hours(self.dead_retention_hours)),
-            endpoint_disable_after: HOUR.saturating_mul(hours(self.endpoint_disable_after_hours)),
-            max_payload_bytes: self.max_payload_bytes,
-            payload_budget_bytes: self.payload_budget_bytes,
-            prepared_statements: self.prepared_statements,
-            database_wait: Duration::from_millis(self.database_wait_ms),
-            db_lock_timeout: Duration::from_millis(self.db_lock_timeout_ms),
-            db_statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
-        };
-        config.validate()?;
-        Ok(config)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -649,17 +492,6 @@ mod tests {
         }
         .validate()
         .unwrap();
-    }
-
-    #[test]
-    fn booleans_accept_the_usual_spellings() {
-        for t in ["true", "1", "YES", "on"] {
-            assert_eq!(parse_bool(t), Ok(true));
-        }
-        for f in ["false", "0", "no", "Off"] {
-            assert_eq!(parse_bool(f), Ok(false));
-        }
-        assert!(parse_bool("maybe").is_err());
     }
 
     #[test]

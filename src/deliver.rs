@@ -10,7 +10,6 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::retry::parse_retry_after;
 use crate::sign::{Secret, signature_header};
 use crate::target::{ForbiddenTarget, GuardedResolver, is_forbidden};
 use crate::time_format::PgTimestamp;
@@ -191,8 +190,8 @@ pub struct Sender {
     client: reqwest::Client,
     allow_private: bool,
     /// Parsed endpoint URLs by their text. A burst sends thousands of requests to the
-    /// same few URLs, and parsing each one again (IDNA host processing included) was
-    /// ~6% of the dispatcher's CPU in a profile of a burst.
+    /// same few URLs, and parsing each one again (IDNA host processing included) shows
+    /// in a profile of a burst (docs/performance.md).
     urls: Mutex<HashMap<String, reqwest::Url>>,
 }
 
@@ -385,9 +384,37 @@ fn describe(e: reqwest::Error) -> String {
     text
 }
 
+/// Parses a `Retry-After` value: delta-seconds or an HTTP date (relative to `now`).
+fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_retry_after_forms() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(
+            parse_retry_after(&later, now),
+            Some(Duration::from_secs(30))
+        );
+        let earlier = httpdate::fmt_http_date(now - Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&earlier, now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
 
     #[test]
     fn url_cache_agrees_with_parsing_and_stays_bounded() {

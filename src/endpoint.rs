@@ -6,28 +6,14 @@
 use std::time::SystemTime;
 
 use tokio_postgres::GenericClient;
+use tokio_postgres::types::Type;
 
+pub use crate::error::InvalidEndpoint;
 use crate::error::{Error, Result};
 use crate::sign::Secret;
 
 /// Longest URL accepted; longer ones are almost certainly a mistake.
 pub const MAX_URL_LEN: usize = 2048;
-
-/// Why an endpoint was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidEndpoint {
-    /// The URL cannot be used.
-    #[error("invalid endpoint URL: {0}")]
-    Url(String),
-    /// The secret is malformed.
-    #[error("invalid signing secret: {0}")]
-    Secret(#[from] crate::sign::InvalidSecret),
-    /// An event-type filter is malformed.
-    #[error(
-        "invalid event-type filter {0:?}: use an exact name such as order.created, a prefix such as order.*, or *"
-    )]
-    Filter(String),
-}
 
 /// A registered endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -97,7 +83,7 @@ impl std::fmt::Debug for NewEndpoint {
 
 /// Checks an endpoint URL: absolute `http`/`https` with a host, no credentials (they
 /// would be stored and shown in clear), at most [`MAX_URL_LEN`] bytes.
-pub fn validate_url(url: &str) -> Result<(), InvalidEndpoint> {
+pub(crate) fn validate_url(url: &str) -> Result<(), InvalidEndpoint> {
     let bad = |m: &str| Err(InvalidEndpoint::Url(m.to_owned()));
     if url.len() > MAX_URL_LEN {
         return bad("longer than 2048 bytes");
@@ -123,7 +109,7 @@ pub fn validate_url(url: &str) -> Result<(), InvalidEndpoint> {
 
 /// Checks an event-type filter: `*`, an exact name, or a prefix ending in `.*`. Names
 /// use letters, digits and `._-:`; at most 255 bytes.
-pub fn validate_filter(filter: &str) -> Result<(), InvalidEndpoint> {
+pub(crate) fn validate_filter(filter: &str) -> Result<(), InvalidEndpoint> {
     let name = filter.strip_suffix(".*").unwrap_or(filter);
     let valid_name = !name.is_empty()
         && name.len() <= 255
@@ -172,9 +158,14 @@ pub async fn add(client: &impl GenericClient, new: NewEndpoint) -> Result<(Endpo
     }
     let secret = given_or_generated(new.secret)?;
     let row = client
-        .query_one(
+        .query_typed_one(
             INSERT_ENDPOINT,
-            &[&new.url, &secret, &new.event_types, &new.description],
+            &[
+                (&new.url, Type::TEXT),
+                (&secret, Type::TEXT),
+                (&new.event_types, Type::TEXT_ARRAY),
+                (&new.description, Type::TEXT),
+            ],
         )
         .await?;
     let id: i64 = row.try_get("id")?;
@@ -185,7 +176,7 @@ pub async fn add(client: &impl GenericClient, new: NewEndpoint) -> Result<(Endpo
 pub async fn get(client: &impl GenericClient, id: i64) -> Result<Endpoint> {
     let sql = format!("{SELECT_ENDPOINTS} AND id = $1");
     let row = client
-        .query_opt(&sql, &[&id])
+        .query_typed_opt(&sql, &[(&id, Type::INT8)])
         .await?
         .ok_or_else(|| Error::NotFound(format!("endpoint {id}")))?;
     Ok(from_row(&row))
@@ -194,7 +185,7 @@ pub async fn get(client: &impl GenericClient, id: i64) -> Result<Endpoint> {
 /// Every endpoint that has not been removed, oldest first.
 pub async fn list(client: &impl GenericClient) -> Result<Vec<Endpoint>> {
     let sql = format!("{SELECT_ENDPOINTS} ORDER BY id");
-    let rows = client.query(&sql, &[]).await?;
+    let rows = client.query_typed(&sql, &[]).await?;
     Ok(rows.iter().map(from_row).collect())
 }
 
@@ -282,7 +273,9 @@ pub(crate) const PARK_ALL: &str = "UPDATE webhook_deliveries
 /// Stops deliveries to an endpoint; its pending deliveries are parked until it is
 /// enabled again. Returns how many were parked.
 pub async fn disable(client: &impl GenericClient, id: i64, reason: &str) -> Result<u64> {
-    let row = client.query_one(DISABLE, &[&id, &reason]).await?;
+    let row = client
+        .query_typed_one(DISABLE, &[(&id, Type::INT8), (&reason, Type::TEXT)])
+        .await?;
     counted(row, id)
 }
 
@@ -290,7 +283,7 @@ pub async fn disable(client: &impl GenericClient, id: i64, reason: &str) -> Resu
 /// was disabled (or by its 410 Gone) and those of every event fanned out to it while it
 /// was disabled. Returns how many were resumed.
 pub async fn enable(client: &impl GenericClient, id: i64) -> Result<u64> {
-    let row = client.query_one(ENABLE, &[&id]).await?;
+    let row = client.query_typed_one(ENABLE, &[(&id, Type::INT8)]).await?;
     counted(row, id)
 }
 
@@ -298,7 +291,9 @@ pub async fn enable(client: &impl GenericClient, id: i64) -> Result<u64> {
 /// and are never sent (unless replayed one by one); events fanned out from now on are
 /// delivered. Returns how many deliveries were discarded.
 pub async fn enable_discarding_backlog(client: &impl GenericClient, id: i64) -> Result<u64> {
-    let row = client.query_one(ENABLE_DISCARDING_BACKLOG, &[&id]).await?;
+    let row = client
+        .query_typed_one(ENABLE_DISCARDING_BACKLOG, &[(&id, Type::INT8)])
+        .await?;
     counted(row, id)
 }
 
@@ -315,11 +310,11 @@ fn counted(row: tokio_postgres::Row, id: i64) -> Result<u64> {
 /// Removes an endpoint. Its row stays (soft delete) so delivery history keeps its
 /// reference; its pending deliveries are parked for good.
 pub async fn remove(client: &impl GenericClient, id: i64) -> Result<()> {
-    let removed = client.query_opt(REMOVE, &[&id]).await?;
+    let removed = client.query_typed_opt(REMOVE, &[(&id, Type::INT8)]).await?;
     if removed.is_none() {
         return Err(Error::NotFound(format!("endpoint {id}")));
     }
-    client.execute(PARK_ALL, &[&id]).await?;
+    client.execute_typed(PARK_ALL, &[(&id, Type::INT8)]).await?;
     Ok(())
 }
 
@@ -345,9 +340,14 @@ pub async fn update(
         validate_filter(filter)?;
     }
     let found = client
-        .query_opt(
+        .query_typed_opt(
             UPDATE_FIELDS,
-            &[&id, &change.url, &change.event_types, &change.description],
+            &[
+                (&id, Type::INT8),
+                (&change.url, Type::TEXT),
+                (&change.event_types, Type::TEXT_ARRAY),
+                (&change.description, Type::TEXT),
+            ],
         )
         .await?;
     if found.is_none() {
@@ -384,7 +384,16 @@ pub async fn rotate_secret(
 ) -> Result<String> {
     let secret = given_or_generated(new_secret)?;
     let grace_ms = grace.as_millis() as i64;
-    let found = client.query_opt(ROTATE, &[&id, &secret, &grace_ms]).await?;
+    let found = client
+        .query_typed_opt(
+            ROTATE,
+            &[
+                (&id, Type::INT8),
+                (&secret, Type::TEXT),
+                (&grace_ms, Type::INT8),
+            ],
+        )
+        .await?;
     if found.is_none() {
         return Err(Error::NotFound(format!("endpoint {id}")));
     }

@@ -1,7 +1,7 @@
 //! The library's error type.
 
 use crate::config::ConfigError;
-use crate::endpoint::InvalidEndpoint;
+use crate::sign::InvalidSecret;
 
 /// Everything the library can fail with.
 ///
@@ -33,9 +33,9 @@ pub enum Error {
     /// The named row does not exist.
     #[error("{0} not found")]
     NotFound(String),
-    /// This database session cannot record delivery outcomes (see
-    /// [`crate::settle::probe`]): a dispatcher that delivered anyway would deliver again
-    /// at every lease expiry.
+    /// This database session cannot record delivery outcomes (the dispatcher checks at
+    /// start, and `/readyz` on every call): a dispatcher that delivered anyway would
+    /// deliver again at every lease expiry.
     #[error(
         "cannot record delivery outcomes: {}; the dispatcher's role needs EXECUTE on \
          webhook_settle and write access to webhook_deliveries, webhook_attempts and \
@@ -86,7 +86,7 @@ impl Error {
     /// same values would be refused again; other values may not be. Anything else, a
     /// broken connection, a missing function or privilege, a read-only standby, a full
     /// disk, is a condition of the database that can clear, and is worth retrying.
-    pub fn is_bad_data(&self) -> bool {
+    pub(crate) fn is_bad_data(&self) -> bool {
         match self {
             Error::Db(e) => e
                 .as_db_error()
@@ -94,6 +94,22 @@ impl Error {
             _ => false,
         }
     }
+}
+
+/// Why an endpoint was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEndpoint {
+    /// The URL cannot be used.
+    #[error("invalid endpoint URL: {0}")]
+    Url(String),
+    /// The secret is malformed.
+    #[error("invalid signing secret: {0}")]
+    Secret(#[from] InvalidSecret),
+    /// An event-type filter is malformed.
+    #[error(
+        "invalid event-type filter {0:?}: use an exact name such as order.created, a prefix such as order.*, or *"
+    )]
+    Filter(String),
 }
 
 /// tokio-postgres's own message is only "db error"; show PostgreSQL's words and code.

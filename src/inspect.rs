@@ -63,8 +63,23 @@ pub const DELIVERY_STATES: &[&str] = &[
     "discarded",
 ];
 
+/// Reads a time as the filters' `since` and `until` are written in the admin API's
+/// query strings and on the `outboxd` command line: RFC 3339, `YYYY-MM-DDTHH:MM:SS`,
+/// optional fraction, then `Z` or a numeric offset such as `+02:00` (a space where an
+/// unencoded `+` of a query string arrived). `None` for anything else, or a time
+/// before 1970.
+///
+/// ```
+/// let t = outboxd::inspect::parse_time("2030-01-01T01:00:00+01:00").unwrap();
+/// assert_eq!(t, outboxd::inspect::parse_time("2030-01-01T00:00:00Z").unwrap());
+/// assert!(outboxd::inspect::parse_time("2030-01-01").is_none());
+/// ```
+pub fn parse_time(text: &str) -> Option<SystemTime> {
+    crate::time_format::parse_rfc3339(text)
+}
+
 /// Checks a page size: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when absent.
-pub fn page_size(limit: Option<u32>) -> Result<u32> {
+pub(crate) fn page_size(limit: Option<u32>) -> Result<u32> {
     match limit {
         None => Ok(DEFAULT_PAGE),
         Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
@@ -89,7 +104,7 @@ pub struct DeliveryFilter {
     pub until: Option<SystemTime>,
     /// Continue after this delivery (the previous page's `next_cursor`).
     pub after: Option<DeliveryId>,
-    /// Page size (validated by [`page_size`]).
+    /// Page size: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when `None`.
     pub limit: Option<u32>,
 }
 
@@ -299,11 +314,17 @@ pub(crate) const ATTEMPTS: &str =
 pub async fn get_delivery(client: &impl GenericClient, id: DeliveryId) -> Result<DeliveryDetail> {
     let sql = GET_DELIVERY.replace("{COLUMNS}", DELIVERY_COLUMNS);
     let row = client
-        .query_opt(&sql, &[&id.event_id, &id.endpoint_id])
+        .query_typed_opt(
+            &sql,
+            &[(&id.event_id, Type::INT8), (&id.endpoint_id, Type::INT8)],
+        )
         .await?
         .ok_or_else(|| Error::NotFound(format!("delivery {id}")))?;
     let attempts = client
-        .query(ATTEMPTS, &[&id.event_id, &id.endpoint_id])
+        .query_typed(
+            ATTEMPTS,
+            &[(&id.event_id, Type::INT8), (&id.endpoint_id, Type::INT8)],
+        )
         .await?;
     Ok(DeliveryDetail {
         delivery: delivery_from_row(&row),
@@ -334,7 +355,7 @@ pub struct EventFilter {
     pub until: Option<SystemTime>,
     /// Continue after this event id (the previous page's `next_cursor`).
     pub after: Option<i64>,
-    /// Page size (validated by [`page_size`]).
+    /// Page size: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when `None`.
     pub limit: Option<u32>,
 }
 
@@ -427,7 +448,7 @@ pub(crate) const GET_EVENT: &str =
 /// One event.
 pub async fn get_event(client: &impl GenericClient, id: i64) -> Result<EventView> {
     let row = client
-        .query_opt(GET_EVENT, &[&id])
+        .query_typed_opt(GET_EVENT, &[(&id, Type::INT8)])
         .await?
         .ok_or_else(|| Error::NotFound(format!("event {id}")))?;
     Ok(event_from_row(&row))
@@ -518,7 +539,7 @@ pub(crate) const STATS_ENDPOINTS: &str = "WITH recent AS (
 /// Reads the queue statistics. Counts every delivery row, so on a very large history it
 /// takes as long as a scan of the deliveries table: meant for operators, not scrapes.
 pub async fn stats(client: &impl GenericClient) -> Result<Stats> {
-    let row = client.query_one(STATS_DEPTH, &[]).await?;
+    let row = client.query_typed_one(STATS_DEPTH, &[]).await?;
     let mut depth = std::collections::BTreeMap::new();
     for state in [
         "pending",
@@ -533,7 +554,7 @@ pub async fn stats(client: &impl GenericClient) -> Result<Stats> {
     let oldest: Option<f64> = row.try_get("oldest_pending_age_seconds")?;
     let oldest = oldest.unwrap_or(0.0).max(0.0);
     let endpoints = client
-        .query(STATS_ENDPOINTS, &[])
+        .query_typed(STATS_ENDPOINTS, &[])
         .await?
         .iter()
         .map(|r| {

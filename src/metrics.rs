@@ -52,9 +52,6 @@ impl DeliveryOutcome {
 /// scrape.
 pub const MAX_LABELLED_ENDPOINTS: usize = 200;
 
-/// The `Content-Type` of [`Metrics::render`]'s output.
-pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
-
 /// A fixed-bucket histogram: an observation is one `fetch_add` on its bucket and one
 /// on the sum, with no lock and no shared count to keep in step.
 #[derive(Debug)]
@@ -137,8 +134,14 @@ pub struct QueueSample {
     pub oldest_pending_age_seconds: f64,
 }
 
-/// Every metric outboxd exports. Shared by the dispatcher, the listener and the
-/// metrics server.
+/// Every metric a [`Dispatcher`](crate::Dispatcher) records ([`Dispatcher::metrics`]):
+/// deliveries by outcome (in total, and per endpoint for the first 200 endpoints seen,
+/// so that many tenants cannot blow up a scrape), attempt durations, commit-to-delivery latency,
+/// claim sizes, requests in flight, the LISTEN session's state, the sampled queue depth.
+/// Recording is a few atomic operations; [`Metrics::render`] reads them without
+/// touching the database.
+///
+/// [`Dispatcher::metrics`]: crate::Dispatcher::metrics
 #[derive(Debug)]
 pub struct Metrics {
     deliveries: [AtomicU64; 4],
@@ -147,11 +150,11 @@ pub struct Metrics {
     /// [`MAX_LABELLED_ENDPOINTS`] are tracked.
     per_endpoint: RwLock<HashMap<i64, [AtomicU64; 4]>>,
     /// Duration of each HTTP attempt.
-    pub attempt_duration: Histogram,
+    pub(crate) attempt_duration: Histogram,
     /// From the event's creation to its 2xx.
-    pub commit_to_delivery: Histogram,
+    pub(crate) commit_to_delivery: Histogram,
     /// Deliveries per claim.
-    pub claim_batch_size: Histogram,
+    pub(crate) claim_batch_size: Histogram,
     inflight: AtomicI64,
     listener_connected: AtomicBool,
     listener_reconnects: AtomicU64,
@@ -183,8 +186,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The `Content-Type` of [`Metrics::render`]'s output.
+    pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
     /// Counts one attempt's outcome, in total and for its endpoint (bounded).
-    pub fn delivery(&self, endpoint_id: i64, outcome: DeliveryOutcome) {
+    pub(crate) fn delivery(&self, endpoint_id: i64, outcome: DeliveryOutcome) {
         let i = outcome as usize;
         self.deliveries[i].fetch_add(1, Ordering::Relaxed);
         if let Ok(map) = self.per_endpoint.read() {
@@ -205,17 +211,18 @@ impl Metrics {
     }
 
     /// Total deliveries with this outcome so far.
-    pub fn deliveries_total(&self, outcome: DeliveryOutcome) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn deliveries_total(&self, outcome: DeliveryOutcome) -> u64 {
         self.deliveries[outcome as usize].load(Ordering::Relaxed)
     }
 
     /// A request started (`+1`) or finished (`-1`).
-    pub fn inflight_add(&self, delta: i64) {
+    pub(crate) fn inflight_add(&self, delta: i64) {
         self.inflight.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// The LISTEN session came up or went down.
-    pub fn set_listener_connected(&self, connected: bool) {
+    pub(crate) fn set_listener_connected(&self, connected: bool) {
         self.listener_connected.store(connected, Ordering::Relaxed);
     }
 
@@ -225,27 +232,27 @@ impl Metrics {
     }
 
     /// The LISTEN session had to reconnect.
-    pub fn listener_reconnected(&self) {
+    pub(crate) fn listener_reconnected(&self) {
         self.listener_reconnects.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A notification arrived.
-    pub fn notification(&self) {
+    pub(crate) fn notification(&self) {
         self.notifications.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The poll tick woke the claim loop.
-    pub fn poll_tick(&self) {
+    pub(crate) fn poll_tick(&self) {
         self.poll_ticks.fetch_add(1, Ordering::Relaxed);
     }
 
     /// An endpoint was disabled automatically (410 Gone, or failing too long).
-    pub fn endpoint_disabled(&self) {
+    pub(crate) fn endpoint_disabled(&self) {
         self.endpoints_disabled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A flush of outcomes failed and will be retried.
-    pub fn settle_failed(&self) {
+    pub(crate) fn settle_failed(&self) {
         self.settle_failures.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -255,7 +262,7 @@ impl Metrics {
     }
 
     /// Replaces the sampled queue state.
-    pub fn set_queue(&self, sample: QueueSample) {
+    pub(crate) fn set_queue(&self, sample: QueueSample) {
         if let Ok(mut queue) = self.queue.lock() {
             *queue = Some(sample);
         }
@@ -295,7 +302,8 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition (version 0.0.4, [`CONTENT_TYPE`]) of every metric.
+    /// The Prometheus text exposition (version 0.0.4, [`Metrics::CONTENT_TYPE`]) of every
+    /// metric, as `/metrics` serves it.
     pub fn render(&self) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(self.snapshot()));

@@ -136,18 +136,6 @@ pub async fn start(
     Ok(mode)
 }
 
-/// Whether a connection attempt failed because the server (a pooler: pgbouncer unless
-/// `options` is in its `ignore_startup_parameters`) refuses the startup parameter
-/// `options`, which carries the session settings. pgbouncer says so with the generic
-/// protocol-violation code, so its words are what tells this refusal apart.
-pub fn refuses_startup_options(error: &tokio_postgres::Error) -> bool {
-    error.as_db_error().is_some_and(|db| {
-        *db.code() == tokio_postgres::error::SqlState::PROTOCOL_VIOLATION
-            && db.message().contains("startup parameter")
-            && db.message().contains("options")
-    })
-}
-
 /// One session setting that is not what outboxd sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mismatch {

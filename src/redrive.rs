@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::inspect::DeliveryId;
 
 /// Tells listening dispatchers that work is due. Delivered at commit, like any NOTIFY.
-pub const WAKE: &str = "SELECT pg_notify('outboxd_wakeup', '')";
+pub(crate) const WAKE: &str = "SELECT pg_notify('outboxd_wakeup', '')";
 
 pub(crate) const RETRY_DEAD: &str = "UPDATE webhook_deliveries d
     SET state = 'pending', next_attempt_at = now(), attempt_base = d.attempts,
@@ -122,9 +122,18 @@ pub async fn replay(
     let rows = match endpoint_id {
         Some(endpoint_id) => {
             endpoint::get(client, endpoint_id).await?;
-            client.query(REPLAY_ONE, &[&event_id, &endpoint_id]).await?
+            client
+                .query_typed(
+                    REPLAY_ONE,
+                    &[(&event_id, Type::INT8), (&endpoint_id, Type::INT8)],
+                )
+                .await?
         }
-        None => client.query(REPLAY_ALL, &[&event_id]).await?,
+        None => {
+            client
+                .query_typed(REPLAY_ALL, &[(&event_id, Type::INT8)])
+                .await?
+        }
     };
     wake(client, rows.len()).await?;
     rows.iter().map(delivery_id).collect()
@@ -174,7 +183,7 @@ fn delivery_id(row: &tokio_postgres::Row) -> Result<DeliveryId> {
 
 async fn wake(client: &impl GenericClient, changed: usize) -> Result<()> {
     if changed > 0 {
-        client.execute(WAKE, &[]).await?;
+        client.execute_typed(WAKE, &[]).await?;
     }
     Ok(())
 }

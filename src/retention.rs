@@ -208,6 +208,10 @@ pub struct Pruned {
 /// deliveries, removed endpoints' parked deliveries, then a turn of the sweep, until
 /// each is done or `budget` has been spent. Does nothing while another dispatcher is
 /// pruning.
+#[cfg_attr(
+    not(feature = "internals"),
+    allow(dead_code, reason = "tests and the bench prune on a pool")
+)]
 pub async fn prune(pool: &Pool, policy: RetentionPolicy, budget: Duration) -> Result<Pruned> {
     let mut client = pool.get().await?;
     prune_on(&mut client, policy, budget).await
@@ -263,14 +267,14 @@ impl Pass {
 
     /// Takes the frontier's row in `tx`, or notes that another dispatcher has it.
     async fn lock(&mut self, tx: &Transaction<'_>) -> Result<Option<Cursor>> {
-        match tx.query_opt(LOCK, &[]).await? {
+        match tx.query_typed_opt(LOCK, &[]).await? {
             Some(row) => Ok(Some(Cursor {
                 frontier: row.try_get("frontier")?,
                 sweep: row.try_get("sweep")?,
             })),
             None => {
                 self.yielded = true;
-                tx.execute(RESTORE, &[]).await?;
+                tx.execute_typed(RESTORE, &[]).await?;
                 Ok(None)
             }
         }
@@ -308,7 +312,7 @@ impl Pass {
                 break;
             };
             self.delete_events(&tx, &old).await?;
-            tx.execute(SET_FRONTIER, &[&last]).await?;
+            tx.execute_typed(SET_FRONTIER, &[(&last, Type::INT8)]).await?;
             tx.commit().await?;
             self.pruned.scanned += old.len() as u64;
             if old.len() < rows.len() || (rows.len() as i64) < BATCH {
@@ -351,7 +355,7 @@ impl Pass {
                 _ => 0,
             };
             if next != cursor.sweep {
-                tx.execute(SET_SWEEP, &[&next]).await?;
+                tx.execute_typed(SET_SWEEP, &[(&next, Type::INT8)]).await?;
             }
             tx.commit().await?;
             self.pruned.scanned += ids.len() as u64;

@@ -19,6 +19,7 @@
 
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 use crate::error::{Error, Result};
 
@@ -51,7 +52,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
 
 /// The SHA-256 of a migration's text as recorded in `outboxd_migrations.checksum`
 /// (lowercase hex of the file's bytes, exactly as embedded).
-pub fn checksum(sql: &str) -> String {
+pub(crate) fn checksum(sql: &str) -> String {
     Sha256::digest(sql.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -116,10 +117,11 @@ pub(crate) const APPLIED_MIGRATIONS: &str =
 pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
     {
         let tx = client.transaction().await?;
-        tx.execute(LOCK_MIGRATIONS, &[&MIGRATION_LOCK_KEY]).await?;
+        tx.execute_typed(LOCK_MIGRATIONS, &[(&MIGRATION_LOCK_KEY, Type::INT8)])
+            .await?;
         tx.batch_execute(CREATE_MIGRATIONS_TABLE).await?;
         let present: bool = tx
-            .query_one(HAS_CHECKSUM_COLUMN, &[])
+            .query_typed_one(HAS_CHECKSUM_COLUMN, &[])
             .await?
             .try_get("present")?;
         if !present {
@@ -132,8 +134,12 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
     for &(name, sql) in MIGRATIONS {
         let embedded = checksum(sql);
         let tx = client.transaction().await?;
-        tx.execute(LOCK_MIGRATIONS, &[&MIGRATION_LOCK_KEY]).await?;
-        if let Some(row) = tx.query_opt(RECORDED_CHECKSUM, &[&name]).await? {
+        tx.execute_typed(LOCK_MIGRATIONS, &[(&MIGRATION_LOCK_KEY, Type::INT8)])
+            .await?;
+        let recorded = tx
+            .query_typed_opt(RECORDED_CHECKSUM, &[(&name, Type::TEXT)])
+            .await?;
+        if let Some(row) = recorded {
             match row.try_get::<_, Option<String>>("checksum")? {
                 Some(recorded) if recorded == embedded => {}
                 Some(recorded) => {
@@ -144,8 +150,11 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
                     });
                 }
                 None => {
-                    tx.execute(RECORD_MISSING_CHECKSUM, &[&name, &embedded])
-                        .await?;
+                    tx.execute_typed(
+                        RECORD_MISSING_CHECKSUM,
+                        &[(&name, Type::TEXT), (&embedded, Type::TEXT)],
+                    )
+                    .await?;
                     trusted.push(name);
                 }
             }
@@ -155,7 +164,11 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<&'static str>> {
         tx.batch_execute(sql)
             .await
             .map_err(|source| Error::Migration { name, source })?;
-        tx.execute(RECORD_MIGRATION, &[&name, &embedded]).await?;
+        tx.execute_typed(
+            RECORD_MIGRATION,
+            &[(&name, Type::TEXT), (&embedded, Type::TEXT)],
+        )
+        .await?;
         tx.commit().await?;
         tracing::info!(migration = name, "applied migration");
         applied.push(name);

@@ -20,13 +20,11 @@ pub const MAX_BATCH: usize = 500;
 /// A batch this large is flushed at once; a smaller one waits up to [`LINGER`] for more.
 ///
 /// Each flush has a fixed cost in PostgreSQL besides its rows: a statement to execute,
-/// its relations to lock, a transaction to commit (and, before the statement moved into
-/// the function `webhook_settle`, which keeps its plan, 0.3-0.6 ms of planning). At a
-/// burst's rate one dispatcher gathers this many outcomes during the previous flush, so
-/// it never waits.
-/// A dispatcher that sees a few thousand outcomes a second (one of several sharing a
-/// burst, or a steady stream) waits, and with four sharing a burst it writes in 43%
-/// fewer statements than when it waited 3 ms at most.
+/// its relations to lock, a transaction to commit. At a burst's rate one dispatcher
+/// gathers this many outcomes during the previous flush, so it never waits; one that
+/// sees a few thousand outcomes a second (one of several sharing a burst, or a steady
+/// stream) waits for more, and writes fewer, larger batches (docs/performance.md,
+/// "Changes that moved these figures").
 pub const FLUSH_AT: usize = 200;
 /// How long the settler waits for more outcomes before flushing a batch smaller than
 /// [`FLUSH_AT`]. Only the recorded state waits: a send slot is freed when its request

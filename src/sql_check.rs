@@ -6,6 +6,11 @@
 //! SQL literal is not a listed constant, so a new statement cannot be forgotten. Needs
 //! `DATABASE_URL` (a role that may create databases), as the integration tests do.
 
+#![allow(
+    clippy::disallowed_methods,
+    reason = "preparing each statement is how this test checks it against the schema"
+)]
+
 use tokio_postgres::Client;
 
 use crate::{

@@ -6,7 +6,7 @@
 //! mode) listening. The server comes up before the database does, so that a start
 //! waiting for it answers "not ready" with the reason rather than not at all.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -18,11 +18,44 @@ use tokio_util::sync::CancellationToken;
 use crate::db::Pool;
 use crate::metrics::Metrics;
 use crate::schema;
-use crate::startup::Startup;
 
 /// How long `/readyz` waits for the database before answering 503: a probe stuck
 /// behind a lock must not hold the health checker's request open.
 const READINESS_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the process still waits for before it can work: `/readyz` answers 503 with
+/// it meanwhile. [`Startup::default`] waits for nothing.
+#[derive(Debug, Default)]
+pub struct Startup {
+    waiting: Mutex<Option<String>>,
+}
+
+impl Startup {
+    /// A start that is waiting for `what`.
+    pub fn waiting_for(what: impl Into<String>) -> Self {
+        Self {
+            waiting: Mutex::new(Some(what.into())),
+        }
+    }
+
+    /// Records what the start is waiting for now.
+    pub fn set_waiting(&self, what: impl Into<String>) {
+        *self.waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(what.into());
+    }
+
+    /// Records that the start no longer waits.
+    pub fn done(&self) {
+        *self.waiting.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// What the start is waiting for, if it still is.
+    pub fn waiting(&self) -> Option<String> {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
 
 /// What the status routes read.
 #[derive(Debug, Clone)]
@@ -59,10 +92,7 @@ pub async fn serve(
 
 async fn metrics(State(state): State<StatusState>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, Metrics::CONTENT_TYPE)],
         state.metrics.render(),
     )
 }

@@ -85,13 +85,9 @@ impl ApiError {
     }
 
     /// The HTTP status.
+    #[cfg(test)]
     pub fn status(&self) -> StatusCode {
         self.status
-    }
-
-    /// The stable code, such as `invalid_input`.
-    pub fn code(&self) -> &'static str {
-        self.code
     }
 }
 

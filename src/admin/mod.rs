@@ -8,7 +8,7 @@
 //!   in constant time. Without it the answer is 401 with the error body and nothing
 //!   that tells whether the route exists; with it an unknown path is a JSON 404 and a
 //!   wrong method a JSON 405.
-//! * Every error is `{"error": {"code": "...", "message": "..."}}` ([`ApiError`]).
+//! * Every error is `{"error": {"code": "...", "message": "..."}}`.
 //!   Malformed input (a body, query parameter or path that does not parse or validate)
 //!   is 400 `invalid_input`, never a 500; a missing row is 404 `not_found`; a request
 //!   that does not fit the current state (retrying a delivery that is not dead, testing
@@ -45,8 +45,7 @@ use rand::RngCore as _;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
-pub use error::ApiError;
-pub use input::parse_date_time;
+pub(crate) use error::ApiError;
 
 use crate::db::Pool;
 

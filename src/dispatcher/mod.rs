@@ -114,9 +114,17 @@ impl Dispatcher {
     /// while the one LISTEN session goes straight to PostgreSQL. It must reach the same
     /// database, since a notification reaches only sessions of the database it was sent
     /// in.
-    pub fn with_listen_database_url(mut self, url: impl Into<String>) -> Self {
-        self.listen_database_url = Some(url.into());
-        self
+    ///
+    /// Fails with a [`ConfigError`] naming `WEBHOOK_LISTEN_DATABASE_URL` if `url` is not
+    /// a connection string libpq would accept.
+    pub fn with_listen_database_url(mut self, url: impl Into<String>) -> Result<Self> {
+        let url = url.into();
+        db::conninfo::ConnInfo::parse(&url).map_err(|e| ConfigError {
+            variable: "WEBHOOK_LISTEN_DATABASE_URL",
+            message: e.to_string(),
+        })?;
+        self.listen_database_url = Some(url);
+        Ok(self)
     }
 
     /// The name this dispatcher records in `locked_by`.

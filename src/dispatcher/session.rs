@@ -130,6 +130,8 @@ impl Session {
                 if self.statements == StatementMode::Unnamed {
                     Prepared { conn, claim: None }
                 } else {
+                    // The one named statement, where nothing in between forbids it.
+                    #[allow(clippy::disallowed_methods, reason = "prepared on purpose")]
                     let prepare = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES);
                     match self
                         .connector

@@ -36,8 +36,8 @@ async fn empty_outbox_is_a_noop() {
         let rows: i64 = db.scalar(&format!("SELECT count(*) FROM {table}")).await;
         assert_eq!(rows, 0, "{table} must stay empty");
     }
-    assert_eq!(report.totals, outboxd::settle::SettleTotals::default());
-    assert_eq!(report.drained, outboxd::shutdown::Drained::Completed);
+    assert_eq!(report.totals, outboxd::SettleTotals::default());
+    assert_eq!(report.drained, outboxd::Drained::Completed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -663,7 +663,7 @@ pub fn test_config(label: &str) -> Config {
 /// An in-process dispatcher running on the test's runtime. Dropping it cancels it.
 pub struct RunningDispatcher {
     pub worker_id: String,
-    pub metrics: std::sync::Arc<outboxd::metrics::Metrics>,
+    pub metrics: std::sync::Arc<outboxd::Metrics>,
     token: CancellationToken,
     handle: Option<JoinHandle<outboxd::Result<Report>>>,
 }

@@ -26,6 +26,7 @@ mod payloads;
 mod plans;
 mod pooler;
 mod producer;
+mod readme;
 mod retention;
 mod retries;
 mod roles;

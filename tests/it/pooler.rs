@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use outboxd::config::PreparedStatements;
 
 use crate::harness::{
-    Receiver, RunningDispatcher, Spawned, TestDb, admin_url, outboxd_command, sigterm, test_config,
-    unique,
+    Receiver, RunningDispatcher, Spawned, TestDb, admin_url, outboxd_command, run_to_end, sigterm,
+    test_config, unique,
 };
 
 /// A pgbouncer in transaction pooling mode in front of the test cluster, stopped and
@@ -317,7 +317,8 @@ async fn push_with_the_pool_through_pgbouncer_and_listen_direct() {
     let dispatcher = RunningDispatcher::start_with(
         outboxd::Dispatcher::new(bouncer.url(&db), config)
             .expect("valid config")
-            .with_listen_database_url(db.url.clone()),
+            .with_listen_database_url(db.url.clone())
+            .expect("a valid connection string"),
     );
     crate::harness::eventually("the LISTEN session is up", Duration::from_secs(20), || {
         let metrics = dispatcher.metrics.clone();
@@ -480,4 +481,131 @@ async fn behind_pgbouncer_the_session_settings_come_from_the_role_and_are_checke
         "{}",
         finished.stderr
     );
+}
+
+/// The operator's side through a transaction-mode pooler: CLI commands (each its own
+/// process) and admin API and `/readyz` requests, many at once, sharing pgbouncer's
+/// server sessions with each other and with a polling dispatcher. Every statement they
+/// send is one unnamed round trip: none can lose its server session between Parse and
+/// Bind, or meet another process's statement of the same name there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_and_admin_api_through_pgbouncer_never_fail() {
+    let Some(bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    let db = TestDb::new("bounceradmin").await;
+    let receiver = Receiver::start().await;
+    let (endpoint, _) = db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let event = db.enqueue("order.created", &serde_json::json!({})).await;
+    let url = bouncer.url(&db);
+    let (admin_port, status_port) = (free_port(), free_port());
+    const TOKEN: &str = "0123456789abcdef-bouncer";
+    let server = polling_process(
+        &url,
+        "bounceradmin",
+        &[
+            ("ADMIN_ADDR", &admin_port.to_string()),
+            ("ADMIN_TOKEN", TOKEN),
+            ("METRICS_ADDR", &status_port.to_string()),
+        ],
+    );
+    db.wait_all_in_state(1, "delivered").await;
+
+    let http = reqwest::Client::new();
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let api_paths = [
+        "/v1/endpoints".to_owned(),
+        format!("/v1/endpoints/{endpoint}"),
+        "/v1/events".to_owned(),
+        format!("/v1/events/{event}"),
+        "/v1/deliveries".to_owned(),
+        format!("/v1/deliveries/{event}:{endpoint}"),
+        "/v1/deliveries?state=dead".to_owned(),
+        "/v1/stats".to_owned(),
+    ];
+    let endpoint_arg = endpoint.to_string();
+    let delivery_arg = format!("{event}:{endpoint}");
+    let cli_commands: Vec<(Vec<&str>, i32)> = vec![
+        (vec!["migrate"], 0),
+        (vec!["endpoint", "list", "--json"], 0),
+        (vec!["endpoint", "show", &endpoint_arg], 0),
+        (vec!["deliveries", "list", "--json"], 0),
+        (vec!["deliveries", "show", &delivery_arg], 0),
+        (vec!["dead", "list"], 0),
+        (vec!["dead", "retry", "--all"], 4),
+        (vec!["stats"], 0),
+        (
+            vec!["enqueue", "--event-type", "order.paid", "--payload", "{}"],
+            0,
+        ),
+        (
+            vec!["endpoint", "add", "--url", "https://example.com/hook"],
+            0,
+        ),
+    ];
+
+    let mut failures = Vec::new();
+    for _round in 0..3 {
+        let mut cli = tokio::task::JoinSet::new();
+        for (args, expected) in &cli_commands {
+            let mut command = outboxd_command();
+            command.args(args).env("DATABASE_URL", &url);
+            let what = args.join(" ");
+            let expected = *expected;
+            cli.spawn(async move { (what, expected, run_to_end(command).await) });
+        }
+        let mut api = tokio::task::JoinSet::new();
+        for path in &api_paths {
+            for _ in 0..3 {
+                let request = http.get(format!("{admin}{path}")).bearer_auth(TOKEN).send();
+                let path = path.clone();
+                api.spawn(async move { (path, request.await) });
+            }
+        }
+        let readyz = format!("http://127.0.0.1:{status_port}/readyz");
+        for _ in 0..5 {
+            let request = http.get(&readyz).send();
+            api.spawn(async move { ("/readyz".to_owned(), request.await) });
+        }
+        let created = http
+            .post(format!("{admin}/v1/endpoints"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(r#"{"url": "https://example.com/api"}"#)
+            .send();
+        api.spawn(async move { ("POST /v1/endpoints".to_owned(), created.await) });
+
+        while let Some(done) = cli.join_next().await {
+            let (what, expected, finished) = done.expect("a CLI task");
+            if finished.code != Some(expected) {
+                failures.push(format!(
+                    "outboxd {what}: exit {:?}, expected {expected}: {}",
+                    finished.code, finished.stderr
+                ));
+            }
+        }
+        while let Some(done) = api.join_next().await {
+            let (path, answer) = done.expect("an API task");
+            match answer {
+                Ok(response) if response.status().is_success() => {}
+                Ok(response) => {
+                    let status = response.status();
+                    let body = response.text().await.unwrap_or_default();
+                    failures.push(format!("{path}: {status} {body}"));
+                }
+                Err(e) => failures.push(format!("{path}: {e}")),
+            }
+        }
+    }
+    sigterm(server.pid());
+    let finished = server.finish(Duration::from_secs(60)).await;
+    assert!(failures.is_empty(), "{failures:#?}");
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    for logged in ["database error", "internal error", "claim failed"] {
+        assert!(
+            !finished.stderr.contains(logged),
+            "the server logged {logged:?}: {}",
+            finished.stderr
+        );
+    }
 }

@@ -103,7 +103,10 @@ async fn a_dispatcher_session_runs_with_the_users_options_and_its_own_settings()
         db_statement_timeout: Duration::from_millis(45_000),
         ..test_config("settings")
     };
-    let pool = outboxd::db::dispatcher_pool(&conninfo, &config)
+    let sessions =
+        outboxd::db::Connector::new(&conninfo, outboxd::db::Session::dispatcher(&config))
+            .expect("a connector");
+    let pool = outboxd::db::pool(&sessions, config.pool_size)
         .await
         .expect("a dispatcher pool");
     let conn = pool.get().await.expect("a session");

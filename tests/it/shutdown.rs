@@ -201,8 +201,9 @@ async fn second_sigterm_exits_at_once() {
     let finished = outboxd.finish(Duration::from_secs(30)).await;
     assert_eq!(
         finished.code,
-        Some(outboxd::shutdown::FORCED_EXIT_CODE),
-        "a second signal exits at once with the forced-exit status; stderr:\n{}",
+        Some(130),
+        "a second signal exits at once with the forced-exit status (130, docs/webhooks.md); \
+         stderr:\n{}",
         finished.stderr
     );
 }

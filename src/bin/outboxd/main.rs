@@ -4,21 +4,27 @@
 //! input or configuration (the message names the variable or flag); 3 not found;
 //! 4 nothing was done (e.g. `retry` of deliveries that are not dead).
 
+// Every statement must work behind a transaction-mode pooler: see clippy.toml.
+#![warn(clippy::disallowed_methods)]
+
 mod manage;
 mod run;
+mod settings;
+mod signals;
+mod startup;
 
 use std::process::ExitCode;
 use std::time::SystemTime;
 
 use clap::{Args as _, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use outboxd::Error;
-use outboxd::config::RunArgs;
+use settings::{RunArgs, ServeArgs};
 
-/// mimalloc instead of glibc malloc: a profile of a delivery burst spent ~15% of the
-/// dispatcher's CPU in malloc/free, much of it waiting on arena locks. It is built
-/// with `no_thp` (Cargo.toml): with transparent huge pages in `madvise` mode, as on
-/// Debian, mimalloc advised its arenas onto 2 MiB pages and a burst's peak RSS was
-/// 47-57 MiB; without them it is ~30 MiB, at the same throughput.
+/// mimalloc instead of glibc malloc: a delivery burst allocates and frees from many
+/// threads, and glibc's arena locks showed in its profile. It is built with `no_thp`
+/// (Cargo.toml): with transparent huge pages in `madvise` mode, as on Debian, mimalloc
+/// advises its arenas onto 2 MiB pages and a dispatcher's RSS grows with them for no
+/// gain. The measurements of both are in docs/performance.md.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -56,7 +62,7 @@ enum Command {
         #[command(flatten)]
         dispatcher: RunArgs,
         #[command(flatten)]
-        serve: run::ServeArgs,
+        serve: ServeArgs,
     },
     /// Manage consumer endpoints
     #[command(subcommand)]
@@ -103,14 +109,14 @@ enum Command {
 
 /// Parses an RFC 3339 time for flags.
 pub(crate) fn parse_time(s: &str) -> Result<SystemTime, String> {
-    outboxd::time_format::parse_rfc3339(s)
+    outboxd::inspect::parse_time(s)
         .ok_or_else(|| format!("expected an RFC 3339 time such as 2030-01-01T00:00:00Z, got {s:?}"))
 }
 
 /// The dispatcher's variables and defaults, taken from the `run` flags themselves so
 /// the top-level help can never drift from them.
 fn settings_help() -> String {
-    let run = run::ServeArgs::augment_args(RunArgs::augment_args(clap::Command::new("run")));
+    let run = ServeArgs::augment_args(RunArgs::augment_args(clap::Command::new("run")));
     let mut text = String::from("Settings (environment variable = default):\n");
     for arg in run.get_arguments() {
         let Some(env) = arg.get_env() else { continue };

@@ -12,7 +12,7 @@ use outboxd::{Error, NewEndpoint};
 use tokio_postgres::Client;
 
 use crate::parse_time;
-use crate::run::parse_grace;
+use crate::settings::{DEFAULT_ROTATION_GRACE, parse_grace};
 
 /// Exit status when a command found nothing to do (e.g. retrying deliveries that are
 /// not dead).
@@ -81,7 +81,7 @@ pub enum EndpointCommand {
         #[arg(long, env = "ENDPOINT_SECRET", hide_env_values = true)]
         secret: Option<String>,
         /// How long the old secret keeps signing, e.g. 24h
-        #[arg(long, env = "WEBHOOK_SECRET_ROTATION_GRACE", default_value = "24h", value_parser = parse_grace)]
+        #[arg(long, env = "WEBHOOK_SECRET_ROTATION_GRACE", default_value = DEFAULT_ROTATION_GRACE, value_parser = parse_grace)]
         grace: Duration,
     },
     /// Stop deliveries to an endpoint; its pending deliveries, and those of new events, are parked
@@ -131,7 +131,7 @@ pub struct ListArgs {
     #[arg(long)]
     after: Option<String>,
     /// Page size, 1 to 1000
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = inspect::DEFAULT_PAGE)]
     limit: u32,
     /// Print JSON instead of a table
     #[arg(long)]

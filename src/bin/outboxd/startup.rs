@@ -5,51 +5,17 @@
 //! exiting and leaving the retry to a restart policy; the status server is already up
 //! meanwhile and `/readyz` says what is awaited.
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use outboxd::Error;
+use outboxd::status::Startup;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-
-use crate::error::{Error, Result};
 
 /// The first pause between attempts; doubled after each, up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
 /// The longest pause between attempts: a database that comes up is noticed within it.
 const MAX_PAUSE: Duration = Duration::from_secs(5);
-
-/// What the process is waiting for before it can work, for `/readyz` to report.
-#[derive(Debug, Default)]
-pub struct Startup {
-    waiting: Mutex<Option<String>>,
-}
-
-impl Startup {
-    /// A start that is waiting for `what`.
-    pub fn waiting_for(what: impl Into<String>) -> Self {
-        Self {
-            waiting: Mutex::new(Some(what.into())),
-        }
-    }
-
-    /// Records what the start is waiting for now.
-    pub fn set_waiting(&self, what: impl Into<String>) {
-        *self.waiting.lock().unwrap_or_else(|e| e.into_inner()) = Some(what.into());
-    }
-
-    /// Records that the start no longer waits.
-    pub fn done(&self) {
-        *self.waiting.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    /// What the start is waiting for, if it still is.
-    pub fn waiting(&self) -> Option<String> {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
 
 /// Connects to `database_url`, retrying for up to `bound` while the database is not
 /// accepting connections yet: nothing listening, a timeout, "the database system is
@@ -62,13 +28,13 @@ pub async fn wait_for_database(
     database_url: &str,
     bound: Duration,
     startup: &Startup,
-) -> Result<Client> {
+) -> Result<Client, Error> {
     let deadline = Instant::now() + bound;
     let mut pause = FIRST_PAUSE;
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let error = match crate::db::connect(database_url).await {
+        let error = match outboxd::db::connect(database_url).await {
             Ok(client) => {
                 if attempts > 1 {
                     tracing::info!(attempts, "the database accepts connections");
