@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::deliver::{self, Delivery, Unbuildable};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::time_format::PgTimestamp;
 
 /// Fans out and claims, under a lease, in one statement. Parameters: `$1` worker id,
@@ -178,12 +178,16 @@ WITH due AS (
         OR (SELECT count(*) FROM reclaimed) < (SELECT count(*) FROM due)
         OR (SELECT count(*) FROM events) < (SELECT count(*) FROM candidates) AS more
 )
-SELECT c.event_id, c.endpoint_id, c.attempts, c.attempts - c.attempt_base,
-       ep.url, ep.secret, ep.active AND ep.deleted_at IS NULL,
-       CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END,
-       ep.id IS NOT NULL, c.nth = 1, e.event_type, e.created_at,
-       CASE WHEN octet_length(e.text) <= $5 THEN e.text END, octet_length(e.text)::int8,
-       (SELECT more FROM more)
+SELECT c.event_id, c.endpoint_id, c.attempts AS attempt,
+       c.attempts - c.attempt_base AS tries,
+       ep.url, ep.secret, ep.active AND ep.deleted_at IS NULL AS open,
+       CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END
+           AS previous_secret,
+       ep.id IS NOT NULL AS endpoint_present, c.nth = 1 AS carries_event,
+       e.event_type, e.created_at,
+       CASE WHEN octet_length(e.text) <= $5 THEN e.text END AS payload,
+       octet_length(e.text)::int8 AS payload_bytes,
+       (SELECT more FROM more) AS more
 FROM (SELECT claimed.*, row_number() OVER (PARTITION BY event_id) AS nth FROM claimed) c
 LEFT JOIN webhook_endpoints ep ON ep.id = c.endpoint_id
 LEFT JOIN LATERAL (
@@ -310,6 +314,50 @@ pub enum Claimed {
         /// The attempt number the claim took (the lease token).
         attempt: i32,
     },
+}
+
+/// The result columns of [`CLAIM`], in order. Its rows are read by position (the
+/// claim is the hot path: a name lookup per column per row costs more than the read),
+/// so the columns are checked against this list once per claim ([`check_columns`]),
+/// and `make test` checks the prepared statement's (`src/sql_check.rs`).
+pub(crate) const CLAIM_COLUMNS: [(&str, Type); 15] = [
+    ("event_id", Type::INT8),
+    ("endpoint_id", Type::INT8),
+    ("attempt", Type::INT4),
+    ("tries", Type::INT4),
+    ("url", Type::TEXT),
+    ("secret", Type::TEXT),
+    ("open", Type::BOOL),
+    ("previous_secret", Type::TEXT),
+    ("endpoint_present", Type::BOOL),
+    ("carries_event", Type::BOOL),
+    ("event_type", Type::TEXT),
+    ("created_at", Type::TIMESTAMPTZ),
+    ("payload", Type::TEXT),
+    ("payload_bytes", Type::INT8),
+    ("more", Type::BOOL),
+];
+
+/// Fails unless `columns` are [`CLAIM_COLUMNS`], names and types, in order.
+pub(crate) fn check_columns(columns: &[tokio_postgres::Column]) -> Result<()> {
+    let same = columns.len() == CLAIM_COLUMNS.len()
+        && columns
+            .iter()
+            .zip(&CLAIM_COLUMNS)
+            .all(|(c, (name, ty))| c.name() == *name && c.type_() == ty);
+    if same {
+        return Ok(());
+    }
+    let list = |cols: &mut dyn Iterator<Item = (&str, &Type)>| {
+        cols.map(|(n, t)| format!("{n} {t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(Error::RowShape {
+        statement: "claim",
+        expected: list(&mut CLAIM_COLUMNS.iter().map(|(n, t)| (*n, t))),
+        found: list(&mut columns.iter().map(|c| (c.name(), c.type_()))),
+    })
 }
 
 /// The parameter types of [`CLAIM`], for preparing it.
@@ -521,20 +569,24 @@ async fn parse(rows: RowStream, budget: &Arc<PayloadBudget>) -> Result<Batch> {
     let mut events = HashMap::new();
     let mut deliveries = Vec::new();
     while let Some(row) = rows.try_next().await? {
-        more |= row.get::<_, Option<bool>>(14) == Some(true);
+        if deliveries.is_empty() {
+            check_columns(row.columns())?;
+        }
+        // By position, in the order of CLAIM_COLUMNS (checked above).
+        more |= row.try_get::<_, Option<bool>>(14)? == Some(true);
         let delivery = DeliveryRow {
-            event_id: row.get(0),
-            endpoint_id: row.get(1),
-            attempt: row.get(2),
-            tries: row.get(3),
-            url: row.get(4),
-            secret: row.get(5),
-            open: row.get(6),
-            previous_secret: row.get(7),
-            endpoint_present: row.get(8),
+            event_id: row.try_get(0)?,
+            endpoint_id: row.try_get(1)?,
+            attempt: row.try_get(2)?,
+            tries: row.try_get(3)?,
+            url: row.try_get(4)?,
+            secret: row.try_get(5)?,
+            open: row.try_get(6)?,
+            previous_secret: row.try_get(7)?,
+            endpoint_present: row.try_get(8)?,
         };
-        if row.get::<_, bool>(9) {
-            events.insert(delivery.event_id, event(&row, delivery.event_id, budget));
+        if row.try_get::<_, bool>(9)? {
+            events.insert(delivery.event_id, event(&row, delivery.event_id, budget)?);
         }
         deliveries.push(delivery);
     }
@@ -546,28 +598,28 @@ async fn parse(rows: RowStream, budget: &Arc<PayloadBudget>) -> Result<Batch> {
 }
 
 /// The event carried by `row`, the first claimed delivery of event `id`.
-fn event(row: &Row, id: i64, budget: &Arc<PayloadBudget>) -> ClaimedEvent {
-    let Some(event_type) = row.get::<_, Option<String>>(10) else {
-        return ClaimedEvent {
+fn event(row: &Row, id: i64, budget: &Arc<PayloadBudget>) -> Result<ClaimedEvent> {
+    let Some(event_type) = row.try_get::<_, Option<String>>(10)? else {
+        return Ok(ClaimedEvent {
             created_at: UNIX_EPOCH,
             body: Err(unbuildable(format!(
                 "its event {id} no longer exists in webhook_outbox"
             ))),
-        };
+        });
     };
-    let created_at: PgTimestamp = row.get(11);
-    let body = match row.get::<_, Option<&str>>(12) {
+    let created_at: PgTimestamp = row.try_get(11)?;
+    let body = match row.try_get::<_, Option<&str>>(12)? {
         Some(payload) => Ok(budget.hold(deliver::body(id, &event_type, created_at, payload))),
         None => Err(unbuildable(format!(
             "its payload is {} bytes, more than WEBHOOK_MAX_PAYLOAD_BYTES ({})",
-            row.get::<_, Option<i64>>(13).unwrap_or_default(),
+            row.try_get::<_, Option<i64>>(13)?.unwrap_or_default(),
             budget.max_payload
         ))),
     };
-    ClaimedEvent {
+    Ok(ClaimedEvent {
         created_at: created_at.to_system_time(),
         body,
-    }
+    })
 }
 
 fn delivery(row: DeliveryRow, events: &HashMap<i64, ClaimedEvent>) -> Claimed {

@@ -179,28 +179,28 @@ pub async fn get(client: &impl GenericClient, id: i64) -> Result<Endpoint> {
         .query_typed_opt(&sql, &[(&id, Type::INT8)])
         .await?
         .ok_or_else(|| Error::NotFound(format!("endpoint {id}")))?;
-    Ok(from_row(&row))
+    from_row(&row)
 }
 
 /// Every endpoint that has not been removed, oldest first.
 pub async fn list(client: &impl GenericClient) -> Result<Vec<Endpoint>> {
     let sql = format!("{SELECT_ENDPOINTS} ORDER BY id");
     let rows = client.query_typed(&sql, &[]).await?;
-    Ok(rows.iter().map(from_row).collect())
+    rows.iter().map(from_row).collect()
 }
 
-fn from_row(row: &tokio_postgres::Row) -> Endpoint {
-    Endpoint {
-        id: row.get("id"),
-        url: row.get("url"),
-        event_types: row.get("event_types"),
-        description: row.get("description"),
-        active: row.get("active"),
-        disabled_reason: row.get("disabled_reason"),
-        created_at: row.get("created_at"),
-        failing_since: row.get("failing_since"),
-        previous_secret_expires_at: row.get("previous_secret_expires_at"),
-    }
+fn from_row(row: &tokio_postgres::Row) -> Result<Endpoint> {
+    Ok(Endpoint {
+        id: row.try_get("id")?,
+        url: row.try_get("url")?,
+        event_types: row.try_get("event_types")?,
+        description: row.try_get("description")?,
+        active: row.try_get("active")?,
+        disabled_reason: row.try_get("disabled_reason")?,
+        created_at: row.try_get("created_at")?,
+        failing_since: row.try_get("failing_since")?,
+        previous_secret_expires_at: row.try_get("previous_secret_expires_at")?,
+    })
 }
 
 // Disabling parks the endpoint's pending deliveries (and the dispatcher parks any it

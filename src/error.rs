@@ -50,6 +50,17 @@ pub enum Error {
          hosts, add target_session_attrs=read-write so that a failover is followed)"
     )]
     ReadOnlyDatabase(String),
+    /// A statement's result columns are not the ones its reader expects: the code and
+    /// the SQL disagree (a bug, caught before any value is read).
+    #[error("the {statement} statement returns ({found}); its reader expects ({expected})")]
+    RowShape {
+        /// The statement's name.
+        statement: &'static str,
+        /// The columns the reader expects, `name type` each.
+        expected: String,
+        /// The columns the statement returned.
+        found: String,
+    },
     /// A migration file failed to apply.
     #[error("migration {name} failed: {source}")]
     Migration {

@@ -48,7 +48,7 @@ pub(crate) const DISABLE_IF_STILL_FAILING: &str = "WITH ep AS (
         WHERE d.endpoint_id = ep.id AND d.state = 'pending' AND d.locked_by IS NULL
         RETURNING 1
     )
-    SELECT (SELECT count(*) FROM ep), (SELECT count(*) FROM parked)";
+    SELECT (SELECT count(*) FROM ep) AS disabled, (SELECT count(*) FROM parked) AS parked";
 
 /// What one health check did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -88,9 +88,14 @@ pub async fn disable_failing(client: &impl GenericClient, after: Duration) -> Re
                 ],
             )
             .await;
-        match disabled {
-            Ok(row) if row.get::<_, i64>(0) > 0 => {
-                let parked: i64 = row.get(1);
+        let counts = disabled.and_then(|row| {
+            Ok((
+                row.try_get::<_, i64>("disabled")?,
+                row.try_get::<_, i64>("parked")?,
+            ))
+        });
+        match counts {
+            Ok((disabled, parked)) if disabled > 0 => {
                 tracing::warn!(endpoint_id = id, parked, %reason, "endpoint disabled automatically");
                 check.disabled.push(id);
             }

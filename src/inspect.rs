@@ -238,25 +238,25 @@ pub(crate) const LIST_DELIVERIES: &str = "SELECT {COLUMNS}
     ORDER BY d.event_id DESC, d.endpoint_id DESC
     LIMIT $8";
 
-fn delivery_from_row(row: &tokio_postgres::Row) -> DeliveryView {
+fn delivery_from_row(row: &tokio_postgres::Row) -> Result<DeliveryView> {
     let id = DeliveryId {
-        event_id: row.get("event_id"),
-        endpoint_id: row.get("endpoint_id"),
+        event_id: row.try_get("event_id")?,
+        endpoint_id: row.try_get("endpoint_id")?,
     };
-    DeliveryView {
+    Ok(DeliveryView {
         id,
         event_id: id.event_id,
         endpoint_id: id.endpoint_id,
-        event_type: row.get("event_type"),
-        state: row.get("state"),
-        attempts: row.get("attempts"),
-        next_attempt_at: row.get("next_attempt_at"),
-        last_status: row.get("last_status"),
-        last_error: row.get("last_error"),
-        created_at: row.get("created_at"),
-        updated_at: row.get("updated_at"),
-        delivered_at: row.get("delivered_at"),
-    }
+        event_type: row.try_get("event_type")?,
+        state: row.try_get("state")?,
+        attempts: row.try_get("attempts")?,
+        next_attempt_at: row.try_get("next_attempt_at")?,
+        last_status: row.try_get("last_status")?,
+        last_error: row.try_get("last_error")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        delivered_at: row.try_get("delivered_at")?,
+    })
 }
 
 /// Lists deliveries matching `filter`, newest first.
@@ -294,7 +294,7 @@ pub async fn list_deliveries(
             ],
         )
         .await?;
-    let items = rows.iter().map(delivery_from_row).collect();
+    let items = rows.iter().map(delivery_from_row).collect::<Result<_>>()?;
     Ok(Page::cut(items, limit, |d| d.id.to_string()))
 }
 
@@ -327,20 +327,22 @@ pub async fn get_delivery(client: &impl GenericClient, id: DeliveryId) -> Result
         )
         .await?;
     Ok(DeliveryDetail {
-        delivery: delivery_from_row(&row),
+        delivery: delivery_from_row(&row)?,
         attempt_history: attempts
             .iter()
-            .map(|r| AttemptView {
-                attempt: r.get("attempt"),
-                started_at: r.get("started_at"),
-                duration_ms: r.get("duration_ms"),
-                status_code: r.get("status_code"),
-                error_kind: r.get("error_kind"),
-                error: r.get("error"),
-                response_excerpt: r.get("response_excerpt"),
-                worker_id: r.get("worker_id"),
+            .map(|r| {
+                Ok(AttemptView {
+                    attempt: r.try_get("attempt")?,
+                    started_at: r.try_get("started_at")?,
+                    duration_ms: r.try_get("duration_ms")?,
+                    status_code: r.try_get("status_code")?,
+                    error_kind: r.try_get("error_kind")?,
+                    error: r.try_get("error")?,
+                    response_excerpt: r.try_get("response_excerpt")?,
+                    worker_id: r.try_get("worker_id")?,
+                })
             })
-            .collect(),
+            .collect::<Result<_>>()?,
     })
 }
 
@@ -406,16 +408,16 @@ pub(crate) const LIST_EVENTS: &str =
     ORDER BY id DESC
     LIMIT $5";
 
-fn event_from_row(r: &tokio_postgres::Row) -> EventView {
-    EventView {
-        id: r.get("id"),
-        event_type: r.get("event_type"),
-        payload: r.get("payload"),
-        idempotency_key: r.get("idempotency_key"),
-        created_at: r.get("created_at"),
-        deliver_after: r.get("deliver_after"),
-        processed_at: r.get("processed_at"),
-    }
+fn event_from_row(r: &tokio_postgres::Row) -> Result<EventView> {
+    Ok(EventView {
+        id: r.try_get("id")?,
+        event_type: r.try_get("event_type")?,
+        payload: r.try_get("payload")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        created_at: r.try_get("created_at")?,
+        deliver_after: r.try_get("deliver_after")?,
+        processed_at: r.try_get("processed_at")?,
+    })
 }
 
 /// Lists events matching `filter`, newest first.
@@ -437,7 +439,7 @@ pub async fn list_events(
             ],
         )
         .await?;
-    let items = rows.iter().map(event_from_row).collect();
+    let items = rows.iter().map(event_from_row).collect::<Result<_>>()?;
     Ok(Page::cut(items, limit, |e| e.id.to_string()))
 }
 
@@ -451,7 +453,7 @@ pub async fn get_event(client: &impl GenericClient, id: i64) -> Result<EventView
         .query_typed_opt(GET_EVENT, &[(&id, Type::INT8)])
         .await?
         .ok_or_else(|| Error::NotFound(format!("event {id}")))?;
-    Ok(event_from_row(&row))
+    event_from_row(&row)
 }
 
 /// Queue statistics, as `outboxd stats` shows them.

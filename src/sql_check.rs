@@ -162,6 +162,29 @@ async fn every_statement_prepares_against_the_migrated_schema() {
     );
 }
 
+/// The claim's rows are read by position: the prepared statement's columns must be the
+/// ones its reader expects.
+#[tokio::test]
+async fn the_claim_returns_the_columns_its_reader_expects() {
+    let db = Scratch::new().await;
+    let prepared = db
+        .client
+        .prepare_typed(claim::CLAIM, claim::CLAIM_TYPES)
+        .await
+        .expect("prepare the claim");
+    let checked = claim::check_columns(prepared.columns());
+    let other = db
+        .client
+        .prepare(inspect::GET_EVENT)
+        .await
+        .expect("prepare another statement");
+    let refused = claim::check_columns(other.columns());
+    db.drop().await;
+    checked.expect("the claim's columns");
+    let refused = refused.expect_err("another statement's columns are refused");
+    assert!(refused.to_string().contains("event_id int8"), "{refused}");
+}
+
 /// Where a SQL literal starts: a keyword that begins a statement, right after the
 /// opening quote (and any whitespace). `LISTEN`/`SET` are left out: they do not depend
 /// on the schema.

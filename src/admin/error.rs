@@ -108,6 +108,7 @@ impl From<Error> for ApiError {
             | Error::ReadOnlyDatabase(_)
             | Error::Migration { .. }
             | Error::MigrationChanged { .. }
+            | Error::RowShape { .. }
             | Error::HttpClient(_) => {
                 tracing::error!(error = %e, "admin API request failed");
                 Self::internal()
