@@ -32,6 +32,10 @@ use crate::error::{Error, Result};
 /// requested (normally a round trip).
 pub(crate) const CANCEL_BOUND: Duration = Duration::from_secs(2);
 
+/// How often the cancel of a statement abandoned at shutdown is sent again while the
+/// statement has not ended (see [`Connector::finish_or_cancel`]).
+const CANCEL_RESEND: Duration = Duration::from_millis(200);
+
 /// How long a connection attempt may take when the string sets no `connect_timeout`
 /// (libpq would wait indefinitely; a dispatcher should rather retry).
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -293,6 +297,11 @@ impl Connector {
     /// row in an idle transaction, an operator's `LOCK TABLE`); dropping its future
     /// would leave the server session waiting, and taking effect later, after the
     /// dispatcher that sent it is gone.
+    ///
+    /// A statement not yet started when `stop` has already come is never sent. One sent
+    /// as `stop` comes may reach its backend after the cancel request does, and
+    /// PostgreSQL ignores a cancel that finds its backend idle: the request is sent
+    /// again every [`CANCEL_RESEND`] until the statement ends or the bound is spent.
     pub(crate) async fn finish_or_cancel<T>(
         &self,
         client: &Client,
@@ -311,6 +320,9 @@ impl Connector {
         stop: &CancellationToken,
         statement: impl Future<Output = T>,
     ) -> Option<T> {
+        if stop.is_cancelled() {
+            return None;
+        }
         let mut statement = std::pin::pin!(statement);
         tokio::select! {
             biased;
@@ -318,19 +330,28 @@ impl Connector {
             _ = stop.cancelled() => {}
         }
         let ended = tokio::time::timeout(CANCEL_BOUND, async {
-            // The cancel request goes over a connection of its own; if it cannot be
+            // Each cancel request goes over a connection of its own; if it cannot be
             // sent (the server is gone), the bound still ends the wait.
-            let mut cancel = std::pin::pin!(self.cancel(token));
-            let mut cancelling = true;
+            let mut resend = tokio::time::interval(CANCEL_RESEND);
+            resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut cancel = None;
+            let mut warned = false;
             loop {
+                let idle = cancel.is_none();
+                let sending = futures_util::future::OptionFuture::from(cancel.as_mut());
                 tokio::select! {
                     biased;
                     done = &mut statement => return done,
-                    sent = &mut cancel, if cancelling => {
-                        cancelling = false;
-                        if let Err(e) = sent {
+                    Some(sent) = sending => {
+                        cancel = None;
+                        if let Err(e) = sent
+                            && !std::mem::replace(&mut warned, true)
+                        {
                             tracing::warn!(error = %e, "cancelling a statement at shutdown failed");
                         }
+                    }
+                    _ = resend.tick(), if idle => {
+                        cancel = Some(Box::pin(self.cancel(token)));
                     }
                 }
             }
@@ -386,6 +407,50 @@ pub async fn pool(connector: &Connector, size: u32) -> Result<super::Pool> {
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt as _;
+
+    /// A statement that has not started when the stop comes is not sent: sent, it could
+    /// reach the server after its cancel and wait there for a lock long after the
+    /// dispatcher is gone (`shutdown_ends_while_a_claim_waits_for_a_lock` failed now and
+    /// then that way). Needs `DATABASE_URL`, as the integration tests do.
+    #[tokio::test]
+    async fn a_statement_not_started_before_the_stop_is_never_sent() {
+        let url = std::env::var("DATABASE_URL").expect("DATABASE_URL (make test sets it)");
+        let connector = Connector::new(&url, Session::Operator).unwrap();
+        let holder = connector.connect().await.unwrap();
+        let table = format!("stop_probe_{}", std::process::id());
+        holder
+            .batch_execute(&format!("CREATE TABLE {table} (x int)"))
+            .await
+            .unwrap();
+        holder
+            .batch_execute(&format!(
+                "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+            ))
+            .await
+            .unwrap();
+        let client = connector.connect().await.unwrap();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let sql = format!("SELECT count(*) FROM {table}");
+        let ran = connector
+            .finish_or_cancel(&client, &stop, client.simple_query(&sql))
+            .await;
+        let waiting = holder
+            .simple_query(&format!(
+                "SELECT 1 FROM pg_stat_activity WHERE query = '{sql}' AND pid <> pg_backend_pid()"
+            ))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+            .count();
+        holder
+            .batch_execute(&format!("COMMIT; DROP TABLE {table}"))
+            .await
+            .unwrap();
+        assert!(ran.is_none(), "the statement was sent and ended: {ran:?}");
+        assert_eq!(waiting, 0, "the statement reached the server");
+    }
 
     /// What a stand-in server saw of a client's opening: PostgreSQL 17's direct TLS
     /// cannot be had from the PostgreSQL 15 the tests run, so a rustls server on
