@@ -230,18 +230,24 @@ pub async fn prefill_history(
         client.batch_execute(&sql).await?;
         done += n as u64;
     }
-    client
-        .batch_execute("VACUUM ANALYZE webhook_outbox")
-        .await?;
-    client
-        .batch_execute("VACUUM ANALYZE webhook_deliveries")
-        .await?;
-    client
-        .batch_execute("VACUUM ANALYZE webhook_attempts")
-        .await?;
-    // The prefill wrote more WAL than max_wal_size, so a checkpoint is due; taking it
-    // now keeps its writes out of the bursts that follow. It needs superuser or
-    // pg_checkpoint (PostgreSQL 15), so it is best effort on a borrowed server.
+    settle_prefill(
+        client,
+        &["webhook_outbox", "webhook_deliveries", "webhook_attempts"],
+    )
+    .await
+}
+
+/// After a prefill: VACUUM ANALYZE `tables`, so the measurement runs on settled
+/// statistics and a set visibility map, then a checkpoint. The prefill wrote more WAL
+/// than max_wal_size, so a checkpoint is due; taking it now keeps its writes out of the
+/// measurement that follows. It needs superuser or pg_checkpoint (PostgreSQL 15), so it
+/// is best effort on a borrowed server.
+async fn settle_prefill(client: &Client, tables: &[&str]) -> anyhow::Result<()> {
+    for table in tables {
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {table}"))
+            .await?;
+    }
     if let Err(e) = client.batch_execute("CHECKPOINT").await {
         eprintln!("bench:   CHECKPOINT after the prefill failed ({e}); measuring anyway");
     }
@@ -284,15 +290,7 @@ pub async fn prefill_kept(
         client.batch_execute(&sql).await?;
         done += n as u64;
     }
-    for table in ["webhook_outbox", "webhook_deliveries"] {
-        client
-            .batch_execute(&format!("VACUUM ANALYZE {table}"))
-            .await?;
-    }
-    if let Err(e) = client.batch_execute("CHECKPOINT").await {
-        eprintln!("bench:   CHECKPOINT after the prefill failed ({e}); measuring anyway");
-    }
-    Ok(())
+    settle_prefill(client, &["webhook_outbox", "webhook_deliveries"]).await
 }
 
 /// Adds `rows` events 100 hours old, each delivered to `endpoint` then (one delivery,
