@@ -199,11 +199,8 @@ pub async fn prefill_history(
     bytes: usize,
 ) -> anyhow::Result<()> {
     let pad = bytes.saturating_sub(90).max(1) as i32;
-    let chunk = 250_000_u64;
-    let mut done = 0_u64;
-    while done < rows {
-        let n = chunk.min(rows - done) as i64;
-        let sql = format!(
+    in_chunks(client, rows, 250_000, |n| {
+        format!(
             "WITH ev AS (
                  INSERT INTO webhook_outbox (event_type, payload, deliver_after, created_at, processed_at)
                  SELECT 'bench.history',
@@ -226,22 +223,44 @@ pub async fn prefill_history(
                   response_excerpt, worker_id)
              SELECT id, {endpoint_id}, 1, created_at, 2, 204, '', 'bench-history'
              FROM ev"
-        );
-        client.batch_execute(&sql).await?;
+        )
+    })
+    .await?;
+    settle_prefill(
+        client,
+        &["webhook_outbox", "webhook_deliveries", "webhook_attempts"],
+    )
+    .await
+}
+
+/// Runs `sql(n)` for chunks of at most `chunk` rows until `rows` are written: a
+/// statement per chunk, so no single transaction of a prefill grows without bound.
+async fn in_chunks(
+    client: &Client,
+    rows: u64,
+    chunk: u64,
+    sql: impl Fn(i64) -> String,
+) -> anyhow::Result<()> {
+    let mut done = 0_u64;
+    while done < rows {
+        let n = chunk.min(rows - done) as i64;
+        client.batch_execute(&sql(n)).await?;
         done += n as u64;
     }
-    client
-        .batch_execute("VACUUM ANALYZE webhook_outbox")
-        .await?;
-    client
-        .batch_execute("VACUUM ANALYZE webhook_deliveries")
-        .await?;
-    client
-        .batch_execute("VACUUM ANALYZE webhook_attempts")
-        .await?;
-    // The prefill wrote more WAL than max_wal_size, so a checkpoint is due; taking it
-    // now keeps its writes out of the bursts that follow. It needs superuser or
-    // pg_checkpoint (PostgreSQL 15), so it is best effort on a borrowed server.
+    Ok(())
+}
+
+/// After a prefill: VACUUM ANALYZE `tables`, so the measurement runs on settled
+/// statistics and a set visibility map, then a checkpoint. The prefill wrote more WAL
+/// than max_wal_size, so a checkpoint is due; taking it now keeps its writes out of the
+/// measurement that follows. It needs superuser or pg_checkpoint (PostgreSQL 15), so it
+/// is best effort on a borrowed server.
+async fn settle_prefill(client: &Client, tables: &[&str]) -> anyhow::Result<()> {
+    for table in tables {
+        client
+            .batch_execute(&format!("VACUUM ANALYZE {table}"))
+            .await?;
+    }
     if let Err(e) = client.batch_execute("CHECKPOINT").await {
         eprintln!("bench:   CHECKPOINT after the prefill failed ({e}); measuring anyway");
     }
@@ -258,11 +277,8 @@ pub async fn prefill_kept(
     active: i64,
     disabled: i64,
 ) -> anyhow::Result<()> {
-    let chunk = 1_000_000_u64;
-    let mut done = 0_u64;
-    while done < rows {
-        let n = chunk.min(rows - done) as i64;
-        let sql = format!(
+    in_chunks(client, rows, 1_000_000, |n| {
+        format!(
             "WITH ev AS (
                  INSERT INTO webhook_outbox (event_type, payload, deliver_after, created_at, processed_at)
                  SELECT 'bench.kept', '{{}}', t, t, t
@@ -280,19 +296,10 @@ pub async fn prefill_kept(
                     CASE id % 3 WHEN 1 THEN NULL ELSE 500 END,
                     created_at, created_at
              FROM ev"
-        );
-        client.batch_execute(&sql).await?;
-        done += n as u64;
-    }
-    for table in ["webhook_outbox", "webhook_deliveries"] {
-        client
-            .batch_execute(&format!("VACUUM ANALYZE {table}"))
-            .await?;
-    }
-    if let Err(e) = client.batch_execute("CHECKPOINT").await {
-        eprintln!("bench:   CHECKPOINT after the prefill failed ({e}); measuring anyway");
-    }
-    Ok(())
+        )
+    })
+    .await?;
+    settle_prefill(client, &["webhook_outbox", "webhook_deliveries"]).await
 }
 
 /// Adds `rows` events 100 hours old, each delivered to `endpoint` then (one delivery,

@@ -47,6 +47,24 @@ impl Report {
         });
     }
 
+    /// A figure with its target where `has_target` holds (push mode, say), shown
+    /// without one where it does not (pure-poll mode, whose latency its tick bounds).
+    pub fn target_if(
+        &mut self,
+        has_target: bool,
+        scenario: &str,
+        metric: &str,
+        value: String,
+        target: &str,
+        met: bool,
+    ) {
+        if has_target {
+            self.target(scenario, metric, value, target, met);
+        } else {
+            self.info(scenario, metric, value);
+        }
+    }
+
     /// Records where the CPU went during a measurement window in which `items`
     /// deliveries (or inserts, or requests) happened.
     pub fn cpu(&mut self, label: &str, cpu: Cpu, items: Option<u64>) {
@@ -286,5 +304,16 @@ pub fn median(values: &[f64]) -> f64 {
         v[n / 2]
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Seconds with three significant figures.
+pub fn fmt_secs(secs: f64) -> String {
+    if secs < 1.0 {
+        format!("{secs:.3}")
+    } else if secs < 10.0 {
+        format!("{secs:.2}")
+    } else {
+        format!("{secs:.1}")
     }
 }

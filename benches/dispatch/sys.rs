@@ -245,6 +245,11 @@ impl Snap {
 }
 
 impl Cpu {
+    /// Adds `window` to a running `total` (`None` before the first window).
+    pub fn accumulate(total: &mut Option<Cpu>, window: &Cpu) {
+        *total = Some(total.map_or(*window, |c| c.combine(window)));
+    }
+
     /// Adds another window's usage, weighting by window length.
     pub fn combine(&self, other: &Cpu) -> Cpu {
         let w = self.wall_s + other.wall_s;

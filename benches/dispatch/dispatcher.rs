@@ -1,14 +1,20 @@
 //! Running dispatchers: in-process through the library (on a runtime of its own, so its
-//! CPU time can be told apart from the harness's), or as `outboxd run` processes.
+//! CPU time can be told apart from the harness's), or as `outboxd run` processes; the
+//! modes a scenario runs them in (push or pure poll, in-process or processes), and
+//! waiting until they are ready, so that no figure includes a dispatcher's start-up.
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use serde_json::{Value, json};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::sys::{DISPATCHER_THREADS, register_child};
+use crate::ctx::Ctx;
+use crate::pg;
+use crate::sys::{self, DISPATCHER_THREADS, register_child};
 
 /// How long a dispatcher may take to drain and stop.
 const STOP_BOUND: Duration = Duration::from_secs(40);
@@ -147,4 +153,132 @@ impl Proc {
             }
         }
     }
+}
+
+/// How the dispatcher runs in a scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// In-process, LISTEN on.
+    Push,
+    /// In-process, LISTEN off, poll tick only.
+    Poll,
+    /// `n` `outboxd run` processes (push).
+    Procs(usize),
+    /// `n` `outboxd run` processes, LISTEN off, poll tick only.
+    PollProcs(usize),
+}
+
+impl Mode {
+    pub fn label(self) -> String {
+        match self {
+            Mode::Push => "push".into(),
+            Mode::Poll => "poll".into(),
+            Mode::Procs(n) => format!("{n} x outboxd run"),
+            Mode::PollProcs(n) => format!("{n} x outboxd run, poll"),
+        }
+    }
+}
+
+/// Dispatchers started for a scenario.
+pub enum Running {
+    InProc(InProc),
+    Procs(Vec<Proc>),
+}
+
+impl Running {
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Running::InProc(_) => Vec::new(),
+            Running::Procs(p) => p.iter().map(Proc::pid).collect(),
+        }
+    }
+
+    /// Peak RSS (VmHWM) of each `outboxd run` process, or of this process for an
+    /// in-process dispatcher.
+    pub fn vm_hwm_kib(&self) -> Vec<Option<u64>> {
+        match self {
+            Running::InProc(_) => vec![sys::status_kib(None, "VmHWM")],
+            Running::Procs(p) => p
+                .iter()
+                .map(|p| sys::status_kib(Some(p.pid()), "VmHWM"))
+                .collect(),
+        }
+    }
+
+    pub async fn stop(self) -> anyhow::Result<Value> {
+        match self {
+            Running::InProc(d) => {
+                let report = d.stop().await?;
+                Ok(json!({
+                    "delivered": report.totals.delivered,
+                    "retried": report.totals.retried,
+                    "dead": report.totals.dead,
+                    "released": report.totals.released,
+                    "lease_lost": report.totals.lease_lost,
+                    "drained": format!("{:?}", report.drained),
+                }))
+            }
+            Running::Procs(procs) => {
+                let mut clean = Vec::new();
+                for p in procs {
+                    clean.push(p.stop().await?);
+                }
+                Ok(json!({ "exited_cleanly": clean }))
+            }
+        }
+    }
+}
+
+/// Starts the dispatchers of `mode` on the database at `url` and waits until they
+/// are ready and asleep.
+pub async fn start(ctx: &Ctx, url: &str, client: &Client, mode: Mode) -> anyhow::Result<Running> {
+    let threads = ctx.s.dispatcher_threads as usize;
+    let running = match mode {
+        Mode::Push => Running::InProc(InProc::start(
+            url,
+            config(true, ctx.poll_interval()),
+            threads,
+        )?),
+        Mode::Poll => Running::InProc(InProc::start(
+            url,
+            config(false, ctx.poll_interval()),
+            threads,
+        )?),
+        Mode::Procs(n) | Mode::PollProcs(n) => {
+            // Pure polling: LISTEN off, the same tick as the in-process poll mode.
+            let poll = matches!(mode, Mode::PollProcs(_)).then(|| ctx.poll_interval());
+            let mut procs = Vec::new();
+            for i in 0..n {
+                procs.push(Proc::spawn(
+                    &ctx.outboxd_bin,
+                    url,
+                    &format!("bench-proc-{}", i + 1),
+                    ctx.outboxd_threads,
+                    poll,
+                )?);
+            }
+            Running::Procs(procs)
+        }
+    };
+    wait_ready(client, mode).await?;
+    Ok(running)
+}
+
+/// Waits until the dispatchers of `mode` listen (push) or hold their pools (poll),
+/// and then until they have fallen asleep.
+pub async fn wait_ready(client: &Client, mode: Mode) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(30);
+    match mode {
+        Mode::Push => pg::wait_push_ready(client, 1, timeout).await?,
+        Mode::Procs(n) => pg::wait_push_ready(client, n, timeout).await?,
+        Mode::Poll => pg::wait_pool_ready(client, 1, timeout).await?,
+        Mode::PollProcs(n) => {
+            pg::wait_pool_ready(client, n, timeout).await?;
+            // No readiness to see without LISTEN: give each process time to start.
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+    }
+    // Let every dispatcher finish its arm / look-again sequence and fall asleep.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
 }

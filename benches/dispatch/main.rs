@@ -10,28 +10,47 @@
 //! Prints one table (and where the CPU went) and writes the same figures as JSON to
 //! `target/bench/latest.json`.
 //!
-//! Environment: `BENCH_SCENARIOS=burst,idle,...` (default all: burst, fanout, idle,
-//! steady, producer, scaleout, ceiling, history, statements), `BENCH_QUICK=1` (smaller
-//! counts), and
+//! Environment: `BENCH_SCENARIOS=burst,idle,...` (default all, in the order of the list
+//! in `scenarios/mod.rs`), `BENCH_QUICK=1` (smaller counts), and
 //! per-figure overrides such as `BENCH_BURST_EVENTS`, `BENCH_HISTORY_ROWS`,
 //! `BENCH_STEADY_RATES=500,2000` (see `Settings::from_env`); `BENCH_MAX_SECONDS`
 //! bounds the whole run (default 1800). `BENCH_AB_BIN=<another outboxd>` repeats each
 //! scale-out burst with that binary, round by round (alternating which goes first), and
 //! reports the binary under test relative to it: +5% means the binary under test was
 //! 5% faster.
+//!
+//! Layout: this file wires the run (settings, header, the scenarios in turn, the table
+//! and the JSON). Each scenario is a file of its own in `scenarios/`, whose opening
+//! comment says what it measures and why that way; the machinery they share sits
+//! beside this file: `settings` (the `BENCH_*` knobs), `ctx` (the run's state and a
+//! fresh database per measurement), `pg` (databases, producers, prefills),
+//! `receiver` (the receiver process), `dispatcher` (in-process and `outboxd run`
+//! dispatchers, their modes and readiness), `bursts` (one burst measurement, shared by
+//! burst, fan-out, scale-out and history), `latency` (receipts to latencies and
+//! stalls), `interleave` (round orders and paired ratios), `sys` (CPU and memory
+//! sampling, child processes) and `report` (the table and the JSON).
+//!
+//! Adding a scenario: write `scenarios/<name>.rs` with an opening comment and
+//! `pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()>`, which measures on its own
+//! database (`ctx.with_db`), adds rows with `ctx.report.target`/`info`/`cpu` and its
+//! JSON with `ctx.report.detail`; then add `<name>,` to the list at the end of
+//! `scenarios/mod.rs` (its place there is its place in a full run). Its knobs go in
+//! `settings.rs` (`env_u64`, with a quick-mode default) and in docs/performance.md.
 
-#[path = "dispatch/disp.rs"]
-mod disp;
-#[path = "dispatch/pg.rs"]
+// The machinery every scenario shares.
+mod bursts;
+mod ctx;
+mod dispatcher;
+mod interleave;
+mod latency;
 mod pg;
-#[path = "dispatch/receiver.rs"]
 mod receiver;
-#[path = "dispatch/report.rs"]
 mod report;
-#[path = "dispatch/scenarios.rs"]
-mod scenarios;
-#[path = "dispatch/sys.rs"]
+mod settings;
 mod sys;
+
+// The scenarios, one file each, and the list of them.
+mod scenarios;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,7 +59,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use serde_json::{Map, Value, json};
 
-use scenarios::{Ctx, Settings};
+use ctx::Ctx;
+use settings::Settings;
 
 /// The same allocator as the `outboxd` binary, so in-process figures match it.
 #[global_allocator]
@@ -186,7 +206,7 @@ async fn run(settings: Settings) -> anyhow::Result<bool> {
     for name in &names {
         eprintln!("bench: == {name}");
         let t = Instant::now();
-        if let Err(e) = ctx.run(name).await {
+        if let Err(e) = scenarios::run(&mut ctx, name).await {
             eprintln!("bench: {name} failed: {e:#}");
             ctx.report.error(name, &e);
         }
