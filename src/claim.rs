@@ -14,7 +14,7 @@ use tokio_postgres::{Client, GenericClient, Row, RowStream, Statement};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::deliver::{self, Delivery, Unbuildable};
+use crate::deliver::{self, Delivery, StaticHeaders, Unbuildable};
 use crate::error::{Error, Result};
 use crate::time_format::PgTimestamp;
 
@@ -187,7 +187,10 @@ SELECT c.event_id, c.endpoint_id, c.attempts AS attempt,
        e.event_type, e.created_at,
        CASE WHEN octet_length(e.text) <= $5 THEN e.text END AS payload,
        octet_length(e.text)::int8 AS payload_bytes,
-       (SELECT more FROM more) AS more
+       (SELECT more FROM more) AS more,
+       -- Most endpoints have none: NULL then, nothing to decode.
+       CASE WHEN ep.headers <> '[]'::jsonb THEN ep.headers END AS headers,
+       ep.timeout_ms
 FROM (SELECT claimed.*, row_number() OVER (PARTITION BY event_id) AS nth FROM claimed) c
 LEFT JOIN webhook_endpoints ep ON ep.id = c.endpoint_id
 LEFT JOIN LATERAL (
@@ -320,7 +323,7 @@ pub enum Claimed {
 /// claim is the hot path: a name lookup per column per row costs more than the read),
 /// so the columns are checked against this list once per claim ([`check_columns`]),
 /// and `make test` checks the prepared statement's (`src/sql_check.rs`).
-pub(crate) const CLAIM_COLUMNS: [(&str, Type); 15] = [
+pub(crate) const CLAIM_COLUMNS: [(&str, Type); 17] = [
     ("event_id", Type::INT8),
     ("endpoint_id", Type::INT8),
     ("attempt", Type::INT4),
@@ -336,6 +339,8 @@ pub(crate) const CLAIM_COLUMNS: [(&str, Type); 15] = [
     ("payload", Type::TEXT),
     ("payload_bytes", Type::INT8),
     ("more", Type::BOOL),
+    ("headers", Type::JSONB),
+    ("timeout_ms", Type::INT4),
 ];
 
 /// Fails unless `columns` are [`CLAIM_COLUMNS`], names and types, in order.
@@ -558,6 +563,7 @@ struct DeliveryRow {
     open: Option<bool>,
     previous_secret: Option<String>,
     endpoint_present: bool,
+    timeout_ms: Option<i32>,
 }
 
 /// The claim's rows, as they arrive. The first row of each event carries its payload:
@@ -567,6 +573,9 @@ async fn parse(rows: RowStream, budget: &Arc<PayloadBudget>) -> Result<Batch> {
     futures_util::pin_mut!(rows);
     let mut more = false;
     let mut events = HashMap::new();
+    // Each endpoint's static headers, decoded once per claim.
+    let mut headers: HashMap<i64, std::result::Result<StaticHeaders, Unbuildable>> =
+        HashMap::new();
     let mut deliveries = Vec::new();
     while let Some(row) = rows.try_next().await? {
         if deliveries.is_empty() {
@@ -584,7 +593,16 @@ async fn parse(rows: RowStream, budget: &Arc<PayloadBudget>) -> Result<Batch> {
             open: row.try_get(6)?,
             previous_secret: row.try_get(7)?,
             endpoint_present: row.try_get(8)?,
+            timeout_ms: row.try_get(16)?,
         };
+        if let std::collections::hash_map::Entry::Vacant(entry) =
+            headers.entry(delivery.endpoint_id)
+        {
+            entry.insert(match row.try_get::<_, Option<serde_json::Value>>(15)? {
+                Some(stored) => deliver::static_headers(&stored).map_err(unbuildable),
+                None => Ok(Arc::from([])),
+            });
+        }
         if row.try_get::<_, bool>(9)? {
             events.insert(delivery.event_id, event(&row, delivery.event_id, budget)?);
         }
@@ -592,7 +610,7 @@ async fn parse(rows: RowStream, budget: &Arc<PayloadBudget>) -> Result<Batch> {
     }
     let claimed = deliveries
         .into_iter()
-        .map(|row| delivery(row, &events))
+        .map(|row| delivery(row, &events, &headers))
         .collect();
     Ok(Batch { claimed, more })
 }
@@ -622,7 +640,11 @@ fn event(row: &Row, id: i64, budget: &Arc<PayloadBudget>) -> Result<ClaimedEvent
     })
 }
 
-fn delivery(row: DeliveryRow, events: &HashMap<i64, ClaimedEvent>) -> Claimed {
+fn delivery(
+    row: DeliveryRow,
+    events: &HashMap<i64, ClaimedEvent>,
+    headers: &HashMap<i64, std::result::Result<StaticHeaders, Unbuildable>>,
+) -> Claimed {
     let DeliveryRow {
         event_id,
         endpoint_id,
@@ -637,12 +659,17 @@ fn delivery(row: DeliveryRow, events: &HashMap<i64, ClaimedEvent>) -> Claimed {
             Err(unbuildable(format!("its event {event_id} was not read"))),
         ),
     };
-    let body = if row.endpoint_present {
-        body
-    } else {
-        Err(unbuildable(format!(
-            "its endpoint {endpoint_id} no longer exists in webhook_endpoints"
-        )))
+    let (body, headers) = match headers.get(&endpoint_id) {
+        _ if !row.endpoint_present => (
+            Err(unbuildable(format!(
+                "its endpoint {endpoint_id} no longer exists in webhook_endpoints"
+            ))),
+            Arc::from([]),
+        ),
+        Some(Ok(headers)) => (body, Arc::clone(headers)),
+        Some(Err(why)) => (Err(why.clone()), Arc::from([])),
+        // Decoded for every endpoint of the claim above; this is only a guard.
+        None => (body, Arc::from([])),
     };
     // One that can never be sent ends dead now, even under a closed endpoint: parked,
     // it would only come back unbuildable when the endpoint opens.
@@ -663,6 +690,10 @@ fn delivery(row: DeliveryRow, events: &HashMap<i64, ClaimedEvent>) -> Claimed {
         secret: row.secret.unwrap_or_default(),
         previous_secret: row.previous_secret,
         tries: row.tries,
+        headers,
+        timeout: row
+            .timeout_ms
+            .map(|ms| Duration::from_millis(u64::from(ms.unsigned_abs()))),
     })
 }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use reqwest::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 
 use crate::config::Config;
 use crate::error::Result;
@@ -16,6 +16,31 @@ use crate::time_format::PgTimestamp;
 
 /// Bytes of a response body kept for inspection; the rest is never read.
 pub const EXCERPT_BYTES: usize = 1024;
+
+/// An endpoint's static headers, ready to send, shared by its deliveries. The values
+/// are marked sensitive (kept out of HTTP/2 header compression tables and debug output).
+pub type StaticHeaders = Arc<[(HeaderName, HeaderValue)]>;
+
+/// An endpoint's stored `headers` column as [`StaticHeaders`], or why it cannot be
+/// sent (a row written by hand, past the registration's checks). The reason names the
+/// header, never its value.
+pub fn static_headers(stored: &serde_json::Value) -> std::result::Result<StaticHeaders, String> {
+    let headers: Vec<crate::endpoint::StaticHeader> = serde_json::from_value(stored.clone())
+        .map_err(|_| "its endpoint's stored headers are not a list of {name, value}".to_owned())?;
+    crate::endpoint::validate_headers(&headers)
+        .map_err(|e| format!("its endpoint cannot be sent to: {e}"))?;
+    headers
+        .into_iter()
+        .map(|h| {
+            let name = HeaderName::from_bytes(h.name.as_bytes())
+                .map_err(|_| format!("its endpoint's header {:?} is not a valid name", h.name))?;
+            let mut value = HeaderValue::from_str(&h.value)
+                .map_err(|_| format!("its endpoint's header {:?} has an invalid value", h.name))?;
+            value.set_sensitive(true);
+            Ok((name, value))
+        })
+        .collect()
+}
 
 /// A claimed delivery, with everything needed to send it.
 ///
@@ -47,6 +72,11 @@ pub struct Delivery {
     /// Attempts counted against the retry budget, this one included (the attempt number
     /// less those made before the last re-drive).
     pub tries: i32,
+    /// The endpoint's static headers, sent after outboxd's own.
+    pub headers: StaticHeaders,
+    /// The endpoint's timeout override; the dispatcher's `WEBHOOK_HTTP_TIMEOUT_MS`
+    /// when `None`. Capped below the lease by the [`Sender`].
+    pub timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -64,6 +94,8 @@ impl std::fmt::Debug for Delivery {
                 &self.previous_secret.as_ref().map(|_| "<redacted>"),
             )
             .field("tries", &self.tries)
+            .field("headers", &self.headers.len())
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -189,6 +221,10 @@ pub struct Attempt {
 pub struct Sender {
     client: reqwest::Client,
     allow_private: bool,
+    /// The longest an endpoint's timeout override may make a request: a second under
+    /// the lease (or `WEBHOOK_HTTP_TIMEOUT_MS`, if that is longer), so that an attempt
+    /// ends, and its outcome can be recorded, before its row can be claimed again.
+    max_timeout: Duration,
     /// Parsed endpoint URLs by their text. A burst sends thousands of requests to the
     /// same few URLs, and parsing each one again (IDNA host processing included) shows
     /// in a profile of a burst (docs/performance.md).
@@ -227,6 +263,10 @@ impl Sender {
         Ok(Self {
             client: builder.build()?,
             allow_private: config.allow_private_targets,
+            max_timeout: config
+                .lease
+                .saturating_sub(Duration::from_secs(1))
+                .max(config.http_timeout),
             urls: Mutex::new(HashMap::new()),
         })
     }
@@ -309,7 +349,7 @@ impl Sender {
             .map(|d| d.as_secs() as i64)
             .unwrap_or(0);
         let signature = signature_header(&secrets, &msg_id, timestamp, &body);
-        let request = self
+        let mut request = self
             .client
             .post(url)
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
@@ -317,6 +357,12 @@ impl Sender {
             .header("webhook-timestamp", timestamp)
             .header("webhook-signature", signature)
             .body(body);
+        for (name, value) in delivery.headers.iter() {
+            request = request.header(name, value);
+        }
+        if let Some(timeout) = delivery.timeout {
+            request = request.timeout(timeout.min(self.max_timeout));
+        }
         match request.send().await {
             Ok(response) => {
                 let status = response.status().as_u16();
@@ -459,6 +505,8 @@ mod tests {
             secret: "whsec_c2VjcmV0LXNlY3JldA==".into(),
             previous_secret: Some("whsec_b2xkLXNlY3JldA==".into()),
             tries: 1,
+            headers: Arc::from([]),
+            timeout: None,
         };
         let shown = format!("{delivery:?}");
         for hidden in ["payload-text", "url-token", "c2VjcmV0", "b2xk"] {
@@ -481,6 +529,8 @@ mod tests {
             secret: String::new(),
             previous_secret: None,
             tries: 1,
+            headers: Arc::from([]),
+            timeout: None,
         };
         let attempt = sender.send(&delivery).await;
         assert_eq!(

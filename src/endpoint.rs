@@ -3,7 +3,7 @@
 //! Input is validated here, before it reaches the table, so a bad URL or secret is
 //! refused at registration rather than discovered at delivery time.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::Type;
@@ -14,6 +14,134 @@ use crate::sign::Secret;
 
 /// Longest URL accepted; longer ones are almost certainly a mistake.
 pub const MAX_URL_LEN: usize = 2048;
+
+/// Most static headers on one endpoint.
+pub const MAX_HEADERS: usize = 20;
+/// Longest static header name, in bytes.
+pub const MAX_HEADER_NAME_LEN: usize = 256;
+/// Longest static header value, in bytes.
+pub const MAX_HEADER_VALUE_LEN: usize = 4096;
+/// Longest per-endpoint timeout (an hour, as `WEBHOOK_HTTP_TIMEOUT_MS`).
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A header sent with every request to an endpoint, such as an API key the consumer
+/// demands. Its value is treated as a secret: it is stored, sent, and never shown
+/// ([`Endpoint`] carries only the names; `Debug` leaves the value out).
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticHeader {
+    /// An HTTP field name (a token); not one outboxd sets (see [`is_owned_header`]).
+    pub name: String,
+    /// Visible ASCII, spaces and tabs.
+    pub value: String,
+}
+
+impl StaticHeader {
+    /// Parses `Name: value`, as the command line takes it.
+    pub fn parse(text: &str) -> Result<Self, InvalidEndpoint> {
+        // Without a colon, the text may be a value alone: none of it is repeated.
+        let Some((name, value)) = text.split_once(':') else {
+            return Err(InvalidEndpoint::Header {
+                name: String::new(),
+                reason: "no colon found; write it as 'Name: value'".to_owned(),
+            });
+        };
+        Ok(Self {
+            name: name.trim().to_owned(),
+            value: value.trim().to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Debug for StaticHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticHeader")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Whether outboxd sets this header itself (or HTTP framing depends on it), so that an
+/// endpoint may not: the `webhook-*` signature headers, `content-type`,
+/// `content-length`, `host`, `transfer-encoding` and `connection`. Case-insensitive.
+pub fn is_owned_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    name.starts_with("webhook-")
+        || matches!(
+            name.as_str(),
+            "content-type" | "content-length" | "host" | "transfer-encoding" | "connection"
+        )
+}
+
+/// Checks static headers: at most [`MAX_HEADERS`], each name an HTTP token of at most
+/// [`MAX_HEADER_NAME_LEN`] bytes that outboxd does not own, each value visible ASCII,
+/// spaces and tabs, at most [`MAX_HEADER_VALUE_LEN`] bytes. Messages name the header,
+/// never the value. [`add`] and [`update`] check them; a caller may check first, to
+/// refuse them before it connects.
+pub fn validate_headers(headers: &[StaticHeader]) -> Result<(), InvalidEndpoint> {
+    let bad = |name: &str, reason: &str| {
+        Err(InvalidEndpoint::Header {
+            name: name.chars().take(MAX_HEADER_NAME_LEN).collect(),
+            reason: reason.to_owned(),
+        })
+    };
+    if headers.len() > MAX_HEADERS {
+        return bad(
+            &headers[MAX_HEADERS].name,
+            &format!("at most {MAX_HEADERS} headers per endpoint"),
+        );
+    }
+    for StaticHeader { name, value } in headers {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if name.is_empty() || name.len() > MAX_HEADER_NAME_LEN || !name.bytes().all(token) {
+            return bad(
+                name,
+                "a name is 1 to 256 letters, digits or !#$%&'*+-.^_`|~",
+            );
+        }
+        if is_owned_header(name) {
+            return bad(name, "outboxd sets this header itself");
+        }
+        if value.len() > MAX_HEADER_VALUE_LEN {
+            return bad(name, "the value is longer than 4096 bytes");
+        }
+        if !value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+        {
+            return bad(
+                name,
+                "the value may hold only visible ASCII characters, spaces and tabs",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks a per-endpoint timeout: 1 ms to [`MAX_TIMEOUT`].
+pub(crate) fn validate_timeout(timeout: Duration) -> Result<(), InvalidEndpoint> {
+    if timeout < Duration::from_millis(1) || timeout > MAX_TIMEOUT {
+        return Err(InvalidEndpoint::Timeout(format!(
+            "{} ms; it must be between 1 and 3600000 ms",
+            timeout.as_millis()
+        )));
+    }
+    Ok(())
+}
+
+/// `headers` as the column stores them.
+fn headers_json(headers: &[StaticHeader]) -> serde_json::Value {
+    headers
+        .iter()
+        .map(|h| serde_json::json!({ "name": h.name, "value": h.value }))
+        .collect()
+}
+
+/// A timeout in whole milliseconds, as the column stores it (validated first).
+fn timeout_ms(timeout: Duration) -> i32 {
+    i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX)
+}
 
 /// A registered endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -40,9 +168,15 @@ pub struct Endpoint {
     /// Until when the previous secret still signs beside the current one.
     #[serde(with = "crate::time_format::option")]
     pub previous_secret_expires_at: Option<SystemTime>,
+    /// The names of its static headers, in the order they are sent. Their values are
+    /// never read back.
+    pub headers: Vec<String>,
+    /// Its request timeout in milliseconds, when it overrides `WEBHOOK_HTTP_TIMEOUT_MS`.
+    pub timeout_ms: Option<u32>,
 }
 
-/// Changes to an endpoint; `None` leaves a field as it is.
+/// Changes to an endpoint; `None` leaves a field as it is. `Debug` leaves out the
+/// headers' values.
 #[derive(Debug, Clone, Default)]
 pub struct EndpointUpdate {
     /// A new URL.
@@ -54,6 +188,10 @@ pub struct EndpointUpdate {
     /// Enable (`true`, resuming parked deliveries) or disable (`false`, parking them and
     /// parking the deliveries of events fanned out while it stays disabled).
     pub active: Option<bool>,
+    /// New static headers, replacing all of them (empty removes them).
+    pub headers: Option<Vec<StaticHeader>>,
+    /// A new timeout override (`Some(None)` removes it: `WEBHOOK_HTTP_TIMEOUT_MS` applies).
+    pub timeout: Option<Option<Duration>>,
 }
 
 /// What registering an endpoint takes. Its `Debug` output leaves out the secret and
@@ -68,6 +206,11 @@ pub struct NewEndpoint {
     pub secret: Option<String>,
     /// Free text for operators.
     pub description: String,
+    /// Headers sent with every request (see [`StaticHeader`]).
+    pub headers: Vec<StaticHeader>,
+    /// Overrides `WEBHOOK_HTTP_TIMEOUT_MS` for this endpoint (a dispatcher still keeps
+    /// every request shorter than its lease).
+    pub timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for NewEndpoint {
@@ -77,6 +220,8 @@ impl std::fmt::Debug for NewEndpoint {
             .field("event_types", &self.event_types)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("description", &self.description)
+            .field("headers", &self.headers)
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
@@ -126,8 +271,8 @@ pub(crate) fn validate_filter(filter: &str) -> Result<(), InvalidEndpoint> {
 }
 
 pub(crate) const INSERT_ENDPOINT: &str =
-    "INSERT INTO webhook_endpoints (url, secret, event_types, description)
-     VALUES ($1, $2, $3, $4)
+    "INSERT INTO webhook_endpoints (url, secret, event_types, description, headers, timeout_ms)
+     VALUES ($1, $2, $3, $4, $5, $6)
      RETURNING id";
 
 /// A secret the caller gave, once it is known to parse, or a fresh one.
@@ -145,7 +290,10 @@ pub(crate) const SELECT_ENDPOINTS: &str =
     "SELECT id, url, event_types, description, active, disabled_reason, created_at,
             failing_since,
             CASE WHEN previous_secret_expires_at > now() THEN previous_secret_expires_at END
-                AS previous_secret_expires_at
+                AS previous_secret_expires_at,
+            -- The names only: a header's value is never read back.
+            ARRAY(SELECT h->>'name' FROM jsonb_array_elements(headers) h) AS header_names,
+            timeout_ms
      FROM webhook_endpoints
      WHERE deleted_at IS NULL";
 
@@ -156,6 +304,10 @@ pub async fn add(client: &impl GenericClient, new: NewEndpoint) -> Result<(Endpo
     for filter in &new.event_types {
         validate_filter(filter)?;
     }
+    validate_headers(&new.headers)?;
+    if let Some(timeout) = new.timeout {
+        validate_timeout(timeout)?;
+    }
     let secret = given_or_generated(new.secret)?;
     let row = client
         .query_typed_one(
@@ -165,6 +317,8 @@ pub async fn add(client: &impl GenericClient, new: NewEndpoint) -> Result<(Endpo
                 (&secret, Type::TEXT),
                 (&new.event_types, Type::TEXT_ARRAY),
                 (&new.description, Type::TEXT),
+                (&headers_json(&new.headers), Type::JSONB),
+                (&new.timeout.map(timeout_ms), Type::INT4),
             ],
         )
         .await?;
@@ -200,6 +354,10 @@ fn from_row(row: &tokio_postgres::Row) -> Result<Endpoint> {
         created_at: row.try_get("created_at")?,
         failing_since: row.try_get("failing_since")?,
         previous_secret_expires_at: row.try_get("previous_secret_expires_at")?,
+        headers: row.try_get("header_names")?,
+        timeout_ms: row
+            .try_get::<_, Option<i32>>("timeout_ms")?
+            .map(|ms| ms.unsigned_abs()),
     })
 }
 
@@ -322,6 +480,9 @@ pub(crate) const UPDATE_FIELDS: &str = "UPDATE webhook_endpoints
     SET url = coalesce($2, url),
         event_types = coalesce($3, event_types),
         description = coalesce($4, description),
+        headers = coalesce($5, headers),
+        -- NULL leaves the timeout as it is; 0 removes the override.
+        timeout_ms = CASE WHEN $6::int4 IS NULL THEN timeout_ms ELSE nullif($6::int4, 0) END,
         updated_at = now()
     WHERE id = $1 AND deleted_at IS NULL
     RETURNING id";
@@ -339,6 +500,13 @@ pub async fn update(
     for filter in change.event_types.iter().flatten() {
         validate_filter(filter)?;
     }
+    if let Some(headers) = &change.headers {
+        validate_headers(headers)?;
+    }
+    if let Some(Some(timeout)) = change.timeout {
+        validate_timeout(timeout)?;
+    }
+    let timeout = change.timeout.map(|t| t.map_or(0, timeout_ms));
     let found = client
         .query_typed_opt(
             UPDATE_FIELDS,
@@ -347,6 +515,8 @@ pub async fn update(
                 (&change.url, Type::TEXT),
                 (&change.event_types, Type::TEXT_ARRAY),
                 (&change.description, Type::TEXT),
+                (&change.headers.as_deref().map(headers_json), Type::JSONB),
+                (&timeout, Type::INT4),
             ],
         )
         .await?;
@@ -430,6 +600,68 @@ mod tests {
         }
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
         assert!(validate_url(&long).is_err());
+    }
+
+    fn header(name: &str, value: &str) -> StaticHeader {
+        StaticHeader {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        }
+    }
+
+    #[test]
+    fn headers() {
+        validate_headers(&[
+            header("Authorization", "Bearer abc.def"),
+            header("X-Api-Key", "k e\ty"),
+            header("user-agent", ""),
+        ])
+        .unwrap();
+        for (name, value) in [
+            ("Webhook-Id", "1"),
+            ("WEBHOOK-SIGNATURE", "x"),
+            ("content-type", "text/plain"),
+            ("Content-Length", "1"),
+            ("Host", "example.com"),
+            ("transfer-encoding", "chunked"),
+            ("Connection", "close"),
+            ("", "x"),
+            ("a b", "x"),
+            ("x:y", "x"),
+            ("x-token", "line\r\nInjected: 1"),
+            ("x-token", "caf\u{e9}"),
+        ] {
+            let refused = validate_headers(&[header(name, value)]).unwrap_err();
+            let message = refused.to_string();
+            assert!(
+                value.is_empty() || value.len() < 2 || !message.contains(value),
+                "{message}"
+            );
+        }
+        let long = header("x-long", &"v".repeat(MAX_HEADER_VALUE_LEN + 1));
+        assert!(validate_headers(&[long]).is_err());
+        let many: Vec<_> = (0..=MAX_HEADERS)
+            .map(|i| header(&format!("x-{i}"), "v"))
+            .collect();
+        assert!(validate_headers(&many).is_err());
+        assert!(validate_headers(&many[..MAX_HEADERS]).is_ok());
+    }
+
+    #[test]
+    fn headers_from_the_command_line() {
+        let parsed = StaticHeader::parse("Authorization: Bearer a:b ").unwrap();
+        assert_eq!(parsed, header("Authorization", "Bearer a:b"));
+        assert!(StaticHeader::parse("no colon here").is_err());
+        let shown = format!("{parsed:?}");
+        assert!(!shown.contains("Bearer"), "{shown}");
+    }
+
+    #[test]
+    fn timeouts() {
+        validate_timeout(Duration::from_millis(1)).unwrap();
+        validate_timeout(MAX_TIMEOUT).unwrap();
+        assert!(validate_timeout(Duration::ZERO).is_err());
+        assert!(validate_timeout(MAX_TIMEOUT + Duration::from_millis(1)).is_err());
     }
 
     #[test]

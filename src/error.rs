@@ -121,6 +121,18 @@ pub enum InvalidEndpoint {
         "invalid event-type filter {0:?}: use an exact name such as order.created, a prefix such as order.*, or *"
     )]
     Filter(String),
+    /// A static header cannot be sent, or is one outboxd sets itself. The message names
+    /// the header, never its value.
+    #[error("invalid header {name:?}: {reason}")]
+    Header {
+        /// The header's name, as given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The timeout is out of range.
+    #[error("invalid timeout: {0}")]
+    Timeout(String),
 }
 
 /// tokio-postgres's own message is only "db error"; show PostgreSQL's words and code.

@@ -48,6 +48,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0007_retention_frontier.sql",
         include_str!("../sql/0007_retention_frontier.sql"),
     ),
+    (
+        "0009_endpoint_headers_timeout.sql",
+        include_str!("../sql/0009_endpoint_headers_timeout.sql"),
+    ),
 ];
 
 /// The SHA-256 of a migration's text as recorded in `outboxd_migrations.checksum`

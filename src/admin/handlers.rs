@@ -14,11 +14,11 @@ use super::AdminState;
 use super::error::ApiError;
 use super::input::{
     JsonBody, NoQuery, OptionalJsonBody, Params, PathParam, check_body_id, check_description,
-    check_event_type, check_filters, check_secret, check_url, delivery_cursor, delivery_in_path,
-    non_null, opt_event_type, opt_id, opt_limit, opt_query_time, opt_state, opt_time, parse_id,
-    query_value,
+    check_event_type, check_filters, check_headers, check_secret, check_timeout, check_url,
+    delivery_cursor, delivery_in_path, non_null, opt_event_type, opt_id, opt_limit, opt_query_time,
+    opt_state, opt_time, parse_id, query_value,
 };
-use crate::endpoint::{self, Endpoint, EndpointUpdate, NewEndpoint};
+use crate::endpoint::{self, Endpoint, EndpointUpdate, NewEndpoint, StaticHeader};
 use crate::inspect::{self, DeliveryFilter, DeliveryId, EventFilter};
 use crate::redrive::{self, DeadFilter};
 
@@ -40,6 +40,10 @@ pub(super) struct CreateEndpoint {
     description: Option<String>,
     #[serde(default, deserialize_with = "non_null")]
     secret: Option<String>,
+    #[serde(default, deserialize_with = "non_null")]
+    headers: Option<Vec<StaticHeader>>,
+    #[serde(default, deserialize_with = "non_null")]
+    timeout_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -58,16 +62,23 @@ pub(super) async fn create_endpoint(
     State(state): State<AdminState>,
     JsonBody(body): JsonBody<CreateEndpoint>,
 ) -> Handled {
+    let timeout = match body.timeout_ms {
+        Some(ms) => check_timeout(ms, false)?,
+        None => None,
+    };
     let new = NewEndpoint {
         url: body.url,
         event_types: body.event_types.unwrap_or_default(),
         secret: body.secret,
         description: body.description.unwrap_or_default(),
+        headers: body.headers.unwrap_or_default(),
+        timeout,
     };
     // Validate before taking a connection, so bad input never waits on the pool.
     check_url(&new.url)?;
     check_filters(&new.event_types)?;
     check_description(&new.description)?;
+    check_headers(&new.headers)?;
     if let Some(secret) = &new.secret {
         check_secret(secret)?;
     }
@@ -116,6 +127,10 @@ pub(super) struct PatchEndpoint {
     description: Option<String>,
     #[serde(default)]
     active: Option<bool>,
+    #[serde(default)]
+    headers: Option<Vec<StaticHeader>>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
 }
 
 pub(super) async fn update_endpoint(
@@ -134,11 +149,20 @@ pub(super) async fn update_endpoint(
     if let Some(description) = &body.description {
         check_description(description)?;
     }
+    if let Some(headers) = &body.headers {
+        check_headers(headers)?;
+    }
+    let timeout = match body.timeout_ms {
+        Some(ms) => Some(check_timeout(ms, true)?),
+        None => None,
+    };
     let change = EndpointUpdate {
         url: body.url,
         event_types: body.event_types,
         description: body.description,
         active: body.active,
+        headers: body.headers,
+        timeout,
     };
     // One transaction: the fields and the parking or resuming land together or not at all.
     let mut conn = state.pool.get().await?;

@@ -604,10 +604,116 @@ pub(super) fn check_description(description: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// The document's pattern of a static header's name: an HTTP token.
+#[cfg(test)]
+pub(super) const HEADER_NAME_PATTERN: &str = "^[A-Za-z0-9!#$%&'*+.^_`|~-]+$";
+
+/// The document's pattern of the names an endpoint may not set (its `not`), the same
+/// set as [`crate::endpoint::is_owned_header`] (a test checks).
+#[cfg(test)]
+pub(super) const OWNED_HEADER_PATTERN: &str = "^(?:[Ww][Ee][Bb][Hh][Oo][Oo][Kk]-.*|\
+[Cc][Oo][Nn][Tt][Ee][Nn][Tt]-(?:[Tt][Yy][Pp][Ee]|[Ll][Ee][Nn][Gg][Tt][Hh])|[Hh][Oo][Ss][Tt]|\
+[Tt][Rr][Aa][Nn][Ss][Ff][Ee][Rr]-[Ee][Nn][Cc][Oo][Dd][Ii][Nn][Gg]|\
+[Cc][Oo][Nn][Nn][Ee][Cc][Tt][Ii][Oo][Nn])$";
+
+/// The document's pattern of a static header's value: visible ASCII, spaces and tabs.
+#[cfg(test)]
+pub(super) const HEADER_VALUE_PATTERN: &str = "^[\\t -~]*$";
+
+/// Static headers, as the library checks them (the document's patterns describe the
+/// same sets: a test checks). The message names a header, never its value.
+pub(super) fn check_headers(headers: &[crate::endpoint::StaticHeader]) -> Result<(), ApiError> {
+    crate::endpoint::validate_headers(headers).map_err(crate::Error::from)?;
+    Ok(())
+}
+
+/// A timeout override in milliseconds: 1 to 3,600,000, or 0 where `zero_clears` (an
+/// update removing the override). `None` if it is to be removed.
+pub(super) fn check_timeout(
+    ms: u64,
+    zero_clears: bool,
+) -> Result<Option<std::time::Duration>, ApiError> {
+    if ms == 0 && zero_clears {
+        return Ok(None);
+    }
+    let timeout = std::time::Duration::from_millis(ms);
+    crate::endpoint::validate_timeout(timeout).map_err(crate::Error::from)?;
+    Ok(Some(timeout))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::BTreeSet;
+
+    /// The header patterns of the document accept exactly what the library does.
+    #[test]
+    fn header_patterns_are_the_librarys() {
+        use crate::endpoint::{StaticHeader, is_owned_header, validate_headers};
+        let name_re = re(HEADER_NAME_PATTERN);
+        let owned_re = re(OWNED_HEADER_PATTERN);
+        let value_re = re(HEADER_VALUE_PATTERN);
+        let mut rng = Rng(0x5eed_4ead);
+        let alphabet: Vec<char> = "aZ09-_.!~`|x:; \t\"(),/\\é".chars().collect();
+        let mut names: Vec<String> = [
+            "webhook-id",
+            "Webhook-",
+            "WEBHOOK-SIGNATURE",
+            "webhooks",
+            "content-type",
+            "Content-Length",
+            "content-typo",
+            "host",
+            "hosts",
+            "Transfer-Encoding",
+            "connection",
+            "authorization",
+            "",
+        ]
+        .iter()
+        .map(|n| (*n).to_owned())
+        .collect();
+        for _ in 0..2_000 {
+            let len = rng.below(8);
+            names.push(rng.string(&alphabet, len));
+        }
+        for name in &names {
+            let header = StaticHeader {
+                name: name.clone(),
+                value: "v".to_owned(),
+            };
+            let document = matches_re(&name_re, name) && !matches_re(&owned_re, name);
+            assert_eq!(
+                validate_headers(&[header]).is_ok(),
+                document,
+                "name {name:?}"
+            );
+            if matches_re(&name_re, name) {
+                assert_eq!(
+                    is_owned_header(name),
+                    matches_re(&owned_re, name),
+                    "{name:?}"
+                );
+            }
+        }
+        for _ in 0..2_000 {
+            let len = rng.below(6);
+            let value = rng.string(&alphabet, len);
+            let header = StaticHeader {
+                name: "x-key".to_owned(),
+                value: value.clone(),
+            };
+            assert_eq!(
+                validate_headers(&[header]).is_ok(),
+                matches_re(&value_re, &value),
+                "value {value:?}"
+            );
+        }
+    }
+
+    fn matches_re(re: &Regex, text: &str) -> bool {
+        re.is_match(text)
+    }
 
     /// xorshift64*: deterministic, so a failure names a reproducible case.
     struct Rng(u64);
@@ -658,6 +764,9 @@ mod tests {
             URL_PATTERN,
             FILTER_PATTERN,
             SECRET_PATTERN,
+            HEADER_NAME_PATTERN,
+            OWNED_HEADER_PATTERN,
+            HEADER_VALUE_PATTERN,
             "^[0-9]+:[0-9]+$",
             "^[^\\u0000]*$",
         ]

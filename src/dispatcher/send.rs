@@ -509,6 +509,8 @@ mod tests {
             secret: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
             previous_secret: None,
             tries: 1,
+            headers: std::sync::Arc::from([]),
+            timeout: None,
         })
     }
 

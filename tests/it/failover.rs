@@ -38,6 +38,7 @@ async fn prepare(cluster: &Cluster, receiver: &Receiver) -> tokio_postgres::Clie
             event_types: vec![],
             secret: None,
             description: "failover".to_owned(),
+            ..Default::default()
         },
     )
     .await

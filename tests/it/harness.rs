@@ -144,6 +144,7 @@ impl TestDb {
                 event_types: event_types.iter().map(|s| (*s).to_owned()).collect(),
                 secret: None,
                 description: "integration test".to_owned(),
+                ..Default::default()
             },
         )
         .await

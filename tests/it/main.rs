@@ -16,6 +16,7 @@ mod concurrency;
 mod delivery;
 mod demo_receiver;
 mod endpoint_health;
+mod endpoint_requests;
 mod endpoints;
 mod failover;
 mod fanout;

@@ -64,6 +64,7 @@ async fn tables_in_their_own_schema_work_for_every_session() {
             event_types: Vec::new(),
             secret: None,
             description: "schema".into(),
+            ..Default::default()
         },
     )
     .await

@@ -209,6 +209,7 @@ async fn debug_output_shows_no_secret_payload_or_answer() {
         event_types: vec![],
         secret: Some(secret.clone()),
         description: String::new(),
+        ..Default::default()
     };
     let admin = outboxd::admin::AdminState::new(db.pool().await, secret.clone(), Duration::ZERO);
 

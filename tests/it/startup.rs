@@ -58,6 +58,7 @@ async fn a_dispatcher_started_before_postgres_delivers_once_it_is_up() {
                 event_types: vec![],
                 secret: None,
                 description: "late".to_owned(),
+                ..Default::default()
             },
         )
         .await

@@ -237,6 +237,7 @@ async fn verify_full_migrates_enqueues_and_delivers() {
             event_types: Vec::new(),
             secret: None,
             description: "tls".into(),
+            ..Default::default()
         },
     )
     .await
@@ -562,6 +563,7 @@ async fn the_run_command_delivers_through_tls() {
             event_types: Vec::new(),
             secret: None,
             description: "tls".into(),
+            ..Default::default()
         },
     )
     .await

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
-use outboxd::endpoint::{self, EndpointUpdate};
+use outboxd::endpoint::{self, EndpointUpdate, StaticHeader};
 use outboxd::inspect::{self, DeliveryFilter, DeliveryId, DeliveryView, Page};
 use outboxd::redrive::{self, DeadFilter};
 use outboxd::{Error, NewEndpoint};
@@ -35,6 +35,17 @@ pub enum EndpointCommand {
         /// Free text for operators
         #[arg(long, default_value = "")]
         description: String,
+        /// Header sent with every request, as 'Name: value' (an API key the consumer demands); repeatable. Its value is never shown again. From the environment: one per line
+        #[arg(
+            long = "header",
+            env = "ENDPOINT_HEADERS",
+            hide_env_values = true,
+            value_delimiter = '\n'
+        )]
+        headers: Vec<String>,
+        /// Request timeout for this endpoint in milliseconds, instead of WEBHOOK_HTTP_TIMEOUT_MS (each dispatcher keeps it under its lease)
+        #[arg(long)]
+        timeout_ms: Option<u64>,
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
@@ -69,6 +80,21 @@ pub enum EndpointCommand {
         /// New description
         #[arg(long)]
         description: Option<String>,
+        /// New static headers, replacing all of them, as 'Name: value'; repeatable. From the environment: one per line
+        #[arg(
+            long = "header",
+            env = "ENDPOINT_HEADERS",
+            hide_env_values = true,
+            value_delimiter = '\n',
+            conflicts_with = "clear_headers"
+        )]
+        headers: Vec<String>,
+        /// Remove every static header
+        #[arg(long)]
+        clear_headers: bool,
+        /// New request timeout in milliseconds; 0 removes the override (WEBHOOK_HTTP_TIMEOUT_MS applies)
+        #[arg(long)]
+        timeout_ms: Option<u64>,
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
@@ -198,6 +224,8 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             event_types,
             secret,
             description,
+            headers,
+            timeout_ms,
             json,
         } => {
             let new = NewEndpoint {
@@ -205,6 +233,8 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
                 event_types,
                 secret,
                 description,
+                headers: parse_headers(&headers)?,
+                timeout: timeout_ms.map(Duration::from_millis),
             };
             let (endpoint, secret) = endpoint::add(client, new).await?;
             if json {
@@ -245,6 +275,9 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             event_types,
             all_event_types,
             description,
+            headers,
+            clear_headers,
+            timeout_ms,
             json,
         } => {
             let event_types = if all_event_types {
@@ -252,11 +285,21 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             } else {
                 (!event_types.is_empty()).then_some(event_types)
             };
+            let headers = if clear_headers {
+                Some(Vec::new())
+            } else {
+                (!headers.is_empty())
+                    .then(|| parse_headers(&headers))
+                    .transpose()?
+            };
+            let timeout = timeout_ms.map(|ms| (ms > 0).then(|| Duration::from_millis(ms)));
             let change = EndpointUpdate {
                 url,
                 event_types,
                 description,
                 active: None,
+                headers,
+                timeout,
             };
             let e = endpoint::update(client, id, change).await?;
             print_endpoint(&e, json)?;
@@ -308,6 +351,13 @@ fn print_endpoint(e: &outboxd::Endpoint, json: bool) -> anyhow::Result<()> {
     println!("url: {}", e.url);
     println!("event_types: {}", filters(&e.event_types));
     println!("description: {}", e.description);
+    if !e.headers.is_empty() {
+        // The values are never read back: only the names can be shown.
+        println!("headers: {}", e.headers.join(", "));
+    }
+    if let Some(ms) = e.timeout_ms {
+        println!("timeout_ms: {ms}");
+    }
     println!("active: {}", e.active);
     if let Some(reason) = &e.disabled_reason {
         println!("disabled_reason: {reason}");
@@ -325,6 +375,17 @@ fn print_endpoint(e: &outboxd::Endpoint, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--header 'Name: value'` options, parsed here rather than by clap, whose error
+/// would repeat the value. The error names the header, never the value.
+fn parse_headers(texts: &[String]) -> Result<Vec<StaticHeader>, Error> {
+    let headers = texts
+        .iter()
+        .map(|text| StaticHeader::parse(text))
+        .collect::<Result<Vec<_>, _>>()?;
+    outboxd::endpoint::validate_headers(&headers)?;
+    Ok(headers)
 }
 
 fn filters(event_types: &[String]) -> String {
