@@ -133,14 +133,26 @@ impl MakeRustls {
                 algorithms: provider.signature_verification_algorithms,
             }),
             Some(roots) => {
-                let crls = load_crls(params, default_file("root.crl"))?;
-                let inner = WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    Arc::clone(&provider),
-                )
-                .with_crls(crls)
-                .build()
-                .map_err(|e| ConnInfoError {
+                let roots = Arc::new(roots);
+                let build = |crls: Vec<CertificateRevocationListDer<'static>>| {
+                    WebPkiServerVerifier::builder_with_provider(
+                        Arc::clone(&roots),
+                        Arc::clone(&provider),
+                    )
+                    .with_crls(crls)
+                    .build()
+                };
+                // With roots, only a CRL that does not parse fails the build: try each
+                // file alone first, so the error names the file and its parameter.
+                let mut crls = Vec::new();
+                for (parameter, path, file_crls) in load_crls(params, default_file("root.crl"))? {
+                    build(file_crls.clone()).map_err(|e| ConnInfoError {
+                        parameter: Some(parameter.to_owned()),
+                        message: format!("{}: {e}", path.display()),
+                    })?;
+                    crls.extend(file_crls);
+                }
+                let inner = build(crls).map_err(|e| ConnInfoError {
                     parameter: Some("sslrootcert".to_owned()),
                     message: e.to_string(),
                 })?;
@@ -237,10 +249,7 @@ fn system_roots() -> Result<RootCertStore, ConnInfoError> {
 /// `sslcrl` (or `~/.postgresql/root.crl`) and every file in `sslcrldir`. With CRLs,
 /// every certificate in the chain must be covered by one, as libpq asks of OpenSSL
 /// (`X509_V_FLAG_CRL_CHECK_ALL`).
-fn load_crls(
-    params: &TlsParams,
-    default: Option<PathBuf>,
-) -> Result<Vec<CertificateRevocationListDer<'static>>, ConnInfoError> {
+fn load_crls(params: &TlsParams, default: Option<PathBuf>) -> Result<Vec<CrlFile>, ConnInfoError> {
     let mut files = Vec::new();
     match &params.crl {
         Some(path) => files.push(("sslcrl", path.clone())),
@@ -260,15 +269,23 @@ fn load_crls(
     let mut crls = Vec::new();
     for (parameter, path) in files {
         let pem = read(parameter, &path)?;
-        for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
-            crls.push(crl.map_err(|e| ConnInfoError {
+        let file_crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConnInfoError {
                 parameter: Some(parameter.to_owned()),
                 message: format!("{}: {e}", path.display()),
-            })?);
-        }
+            })?;
+        crls.push((parameter, path, file_crls));
     }
     Ok(crls)
 }
+
+/// The CRLs of one file, with the parameter that named it.
+type CrlFile = (
+    &'static str,
+    PathBuf,
+    Vec<CertificateRevocationListDer<'static>>,
+);
 
 type ClientCertificate = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
@@ -749,6 +766,97 @@ mod tests {
             assert_eq!(e.parameter.as_deref(), Some(param), "{e}");
             assert!(e.message.contains("/nonexistent/"), "{e}");
         }
+    }
+
+    /// A directory of files for one test, removed when dropped.
+    struct Files(PathBuf);
+
+    impl Files {
+        fn new(label: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "outboxd-tls-{label}-{}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir_all(&dir).expect("a temporary directory");
+            Self(dir)
+        }
+
+        /// Writes `name` (owner-only, as a key must be) and returns its path.
+        fn write(&self, name: &str, contents: &str) -> PathBuf {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = self.0.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).expect("a directory");
+            }
+            std::fs::write(&path, contents).expect("write a file");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod 600");
+            path
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A CA (its issuer and PEM) and a client certificate it signed (PEM, key PEM).
+    fn certificates() -> (rcgen::Issuer<'static, rcgen::KeyPair>, String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_pem = ca.self_signed(&ca_key).expect("self-sign").pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("sign");
+        (issuer, ca_pem, cert.pem(), key.serialize_pem())
+    }
+
+    fn refused(conninfo: &str, home: Option<&Path>) -> ConnInfoError {
+        match MakeRustls::new(&params(conninfo), home) {
+            Ok(_) => panic!("{conninfo} must be refused"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_crl_directory_is_read_whole() {
+        let files = Files::new("crldir");
+        let (issuer, ca, _, _) = certificates();
+        let ca = files.write("ca.pem", &ca);
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2999, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("sign a CRL")
+        .pem()
+        .expect("CRL PEM");
+        files.write("crls/a.crl", &crl);
+        std::fs::create_dir(files.0.join("crls/subdir")).expect("a subdirectory is skipped");
+        let conninfo = format!(
+            "host=h sslmode=verify-ca sslrootcert={} sslcrldir={}",
+            ca.display(),
+            files.0.join("crls").display()
+        );
+        MakeRustls::new(&params(&conninfo), None).expect("a CRL directory");
+        files.write("crls/b.crl", "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n");
+        let e = refused(&conninfo, None);
+        assert_eq!(e.parameter.as_deref(), Some("sslcrldir"), "{e}");
+        assert!(e.message.contains("b.crl"), "{e}");
     }
 
     #[test]
