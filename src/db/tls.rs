@@ -829,6 +829,161 @@ mod tests {
     }
 
     #[test]
+    fn unusable_files_are_refused_naming_their_parameter() {
+        let files = Files::new("bad");
+        let (_, ca, cert, key) = certificates();
+        let ca = files.write("ca.pem", &ca);
+        let cert = files.write("client.crt", &cert);
+        let key = files.write("client.key", &key);
+        let empty = files.write("empty.pem", "no PEM here\n");
+        let garbled = files.write(
+            "garbled.pem",
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        );
+        let garbled_crl = files.write(
+            "garbled.crl",
+            "-----BEGIN X509 CRL-----\n!!!!\n-----END X509 CRL-----\n",
+        );
+        let (_, _, other_cert, _) = certificates();
+        let other_cert = files.write("other.crt", &other_cert);
+        let verify = format!("host=h sslmode=verify-full sslrootcert={}", ca.display());
+        for (conninfo, parameter, says) in [
+            (
+                format!("host=h sslmode=verify-ca sslrootcert={}", empty.display()),
+                "sslrootcert",
+                "holds no PEM certificate",
+            ),
+            (
+                format!("host=h sslmode=verify-ca sslrootcert={}", garbled.display()),
+                "sslrootcert",
+                "garbled.pem",
+            ),
+            (
+                format!("{verify} sslcrl={}", garbled_crl.display()),
+                "sslcrl",
+                "garbled.crl",
+            ),
+            (
+                format!("{verify} sslcrldir={}", files.0.join("nodir").display()),
+                "sslcrldir",
+                "cannot read",
+            ),
+            (
+                format!("host=h sslmode=require sslcert={}", empty.display()),
+                "sslcert",
+                "holds no PEM certificate",
+            ),
+            (
+                format!("host=h sslmode=require sslcert={}", garbled.display()),
+                "sslcert",
+                "garbled.pem",
+            ),
+            // A certificate needs its key: libpq's default file does not exist here.
+            (
+                format!("host=h sslmode=require sslcert={}", cert.display()),
+                "sslkey",
+                "postgresql.key does not exist",
+            ),
+            (
+                format!(
+                    "host=h sslmode=require sslcert={} sslkey={}",
+                    cert.display(),
+                    files.0.join("missing.key").display()
+                ),
+                "sslkey",
+                "cannot read",
+            ),
+            (
+                format!(
+                    "host=h sslmode=require sslcert={} sslkey={}",
+                    cert.display(),
+                    cert.display()
+                ),
+                "sslkey",
+                "no usable private key",
+            ),
+            (
+                format!(
+                    "host=h sslmode=require sslcert={} sslkey={}",
+                    other_cert.display(),
+                    key.display()
+                ),
+                "sslkey",
+                "does not fit sslcert",
+            ),
+        ] {
+            let e = refused(&conninfo, Some(&files.0));
+            assert_eq!(e.parameter.as_deref(), Some(parameter), "{conninfo}: {e}");
+            assert!(e.message.contains(says), "{conninfo}: {e}");
+        }
+        // The key is named but never shown.
+        let e = refused(
+            &format!(
+                "host=h sslmode=require sslcert={} sslkey={}",
+                other_cert.display(),
+                key.display()
+            ),
+            None,
+        );
+        assert!(!e.to_string().contains("PRIVATE KEY"), "{e}");
+    }
+
+    #[test]
+    fn libpq_default_files_are_used_from_home() {
+        let files = Files::new("home");
+        let (issuer, ca, cert, key) = certificates();
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2999, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("sign a CRL")
+        .pem()
+        .expect("CRL PEM");
+        // Without ~/.postgresql/root.crt, verify-full has nothing to check against.
+        let e = refused("host=h sslmode=verify-full", Some(&files.0));
+        assert!(e.message.contains("root.crt does not exist"), "{e}");
+
+        files.write(".postgresql/root.crt", &ca);
+        files.write(".postgresql/root.crl", &crl);
+        let tls = MakeRustls::new(&params("host=h sslmode=verify-full"), Some(&files.0))
+            .expect("the default files make a configuration");
+        let debug = format!("{tls:?}");
+        assert!(debug.contains("root.crt"), "says what it checks against: {debug}");
+        files.write(".postgresql/postgresql.crt", &cert);
+        // A default certificate without its default key is refused, naming the key.
+        let e = refused("host=h sslmode=verify-full", Some(&files.0));
+        assert_eq!(e.parameter.as_deref(), Some("sslkey"), "{e}");
+        files.write(".postgresql/postgresql.key", &key);
+        let tls = MakeRustls::new(&params("host=h sslmode=verify-full"), Some(&files.0))
+            .expect("certificate, key, roots and CRL from home");
+        assert!(!format!("{tls:?}").contains("PRIVATE"), "no key in Debug output");
+        // sslcertmode=disable sends no certificate, so it reads none.
+        std::fs::write(files.0.join(".postgresql/postgresql.key"), "not a key").expect("write");
+        MakeRustls::new(
+            &params("host=h sslmode=verify-full sslcertmode=disable"),
+            Some(&files.0),
+        )
+        .expect("no client certificate is read");
+        // A corrupt default CRL is named as sslcrl, with its path.
+        std::fs::write(
+            files.0.join(".postgresql/root.crl"),
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+        )
+        .expect("write");
+        let e = refused(
+            "host=h sslmode=verify-full sslcertmode=disable",
+            Some(&files.0),
+        );
+        assert_eq!(e.parameter.as_deref(), Some("sslcrl"), "{e}");
+        assert!(e.message.contains("root.crl"), "{e}");
+    }
+
+    #[test]
     fn a_crl_directory_is_read_whole() {
         let files = Files::new("crldir");
         let (issuer, ca, _, _) = certificates();
@@ -857,6 +1012,63 @@ mod tests {
         let e = refused(&conninfo, None);
         assert_eq!(e.parameter.as_deref(), Some("sslcrldir"), "{e}");
         assert!(e.message.contains("b.crl"), "{e}");
+    }
+
+    #[test]
+    fn system_roots_are_the_platforms() {
+        // The test machines have ca-certificates (reqwest's TLS needs them too).
+        let tls = MakeRustls::new(&params("host=h sslmode=verify-full sslrootcert=system"), None)
+            .expect("the platform's roots");
+        assert!(format!("{tls:?}").contains("sslrootcert=system"));
+    }
+
+    #[test]
+    fn end_point_binding_follows_the_signature_hash() {
+        // A certificate reduced to what is read: SEQUENCE { tbs, SEQUENCE { OID } }.
+        let cert = |oid: &[u8]| {
+            let mut algorithm = vec![0x06, oid.len() as u8];
+            algorithm.extend_from_slice(oid);
+            let mut body = vec![0x30, 0x00, 0x30, algorithm.len() as u8];
+            body.extend_from_slice(&algorithm);
+            let mut der = vec![0x30, body.len() as u8];
+            der.extend_from_slice(&body);
+            der
+        };
+        let ecdsa_sha384 = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
+        let rsa_sha512 = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d];
+        let ed25519 = [0x2b, 0x65, 0x70];
+        assert_eq!(tls_server_end_point(&cert(&ecdsa_sha384)).map(|h| h.len()), Some(48));
+        assert_eq!(tls_server_end_point(&cert(&rsa_sha512)).map(|h| h.len()), Some(64));
+        // PostgreSQL has no binding for Ed25519 either: SCRAM goes without.
+        assert_eq!(tls_server_end_point(&cert(&ed25519)), None);
+        // A long-form length of zero or more than four octets is not DER we read.
+        assert_eq!(der_element(&[0x30, 0x80], 0x30), None);
+        assert_eq!(der_element(&[0x30, 0x85, 1, 1, 1, 1, 1], 0x30), None);
+        assert_eq!(der_element(&[0x30, 0x82, 1], 0x30), None);
+    }
+
+    #[test]
+    fn every_refusal_reason_is_worded() {
+        let name_for = |presented: Vec<String>| CertificateError::NotValidForNameContext {
+            expected: ServerName::try_from("db.example").expect("a name"),
+            presented,
+        };
+        for (reason, says) in [
+            (CertificateError::NotValidForName, "name mismatch"),
+            (name_for(Vec::new()), "no host at all"),
+            (CertificateError::NotValidYet, "not valid yet"),
+            (
+                CertificateError::UnknownRevocationStatus,
+                "no CRL in sslcrl or sslcrldir",
+            ),
+            (CertificateError::ExpiredRevocationList, "the CRL has expired"),
+            (CertificateError::BadSignature, "bad signature"),
+            (CertificateError::InvalidPurpose, "not a TLS server certificate"),
+            (CertificateError::BadEncoding, "BadEncoding"),
+        ] {
+            let worded = certificate_reason(&reason);
+            assert!(worded.contains(says), "{reason:?}: {worded}");
+        }
     }
 
     #[test]
