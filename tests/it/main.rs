@@ -22,6 +22,7 @@ mod fanout;
 mod lease;
 mod migrations;
 mod observability;
+mod outage;
 mod payloads;
 mod plans;
 mod pooler;

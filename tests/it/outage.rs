@@ -1,0 +1,105 @@
+//! The database going away under a running outboxd: the admin API answers a generic 500
+//! (the detail goes to the log, never to the client) while it is away, and serves again
+//! once it is back, without a restart.
+
+use std::time::Duration;
+
+use outboxd::admin::AdminState;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::{TestDb, WAIT, admin_url, eventually};
+
+const TOKEN: &str = "outage-admin-token-0123456789abcdef";
+
+/// Stops new sessions to `db` and ends the ones it has, as a failover or a restart does.
+async fn take_away(db: &TestDb) {
+    let admin = outboxd::db::connect(&admin_url()).await.expect("connect");
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {0} ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{0}';",
+            db.name
+        ))
+        .await
+        .expect("take the database away");
+}
+
+async fn bring_back(db: &TestDb) {
+    let admin = outboxd::db::connect(&admin_url()).await.expect("connect");
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} ALLOW_CONNECTIONS true",
+            db.name
+        ))
+        .await
+        .expect("bring the database back");
+}
+
+async fn call(http: &reqwest::Client, method: reqwest::Method, url: &str) -> (StatusCode, Value) {
+    let response = http
+        .request(method, url)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("the admin API answers");
+    let status = response.status();
+    let text = response.text().await.expect("read the answer");
+    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_answers_500_while_the_database_is_away_and_recovers() {
+    let db = TestDb::new("outage_admin").await;
+    let (id, _) = db
+        .add_endpoint("http://127.0.0.1:9/hook", &["order.created"])
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("address"));
+    let state = AdminState::new(db.pool().await, TOKEN, Duration::from_secs(60));
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(outboxd::admin::serve(listener, state, stop.clone()));
+    let http = reqwest::Client::new();
+    let endpoints = format!("{base}/v1/endpoints");
+    let (status, body) = call(&http, reqwest::Method::GET, &endpoints).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    take_away(&db).await;
+    // The pooled session is gone (the transaction cannot begin), then no new one can be
+    // opened (the pool gives up after its bound): both are a 500 that says where to
+    // look, and nothing of the database's own message.
+    for (method, url) in [
+        (reqwest::Method::DELETE, format!("{endpoints}/{id}")),
+        (reqwest::Method::GET, endpoints.clone()),
+    ] {
+        let (status, body) = call(&http, method.clone(), &url).await;
+        assert_eq!(
+            status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{method} {url}: {body}"
+        );
+        assert_eq!(body["error"]["code"], "internal", "{body}");
+        assert_eq!(
+            body["error"]["message"], "internal error; the server log has the details",
+            "{body}"
+        );
+    }
+
+    bring_back(&db).await;
+    eventually("the admin API serves again", WAIT, || async {
+        call(&http, reqwest::Method::GET, &endpoints).await.0 == StatusCode::OK
+    })
+    .await;
+    // Nothing was lost: the DELETE that failed deleted nothing.
+    let (status, body) = call(&http, reqwest::Method::GET, &format!("{endpoints}/{id}")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    stop.cancel();
+    server
+        .await
+        .expect("join")
+        .expect("the server stops cleanly");
+}
