@@ -565,8 +565,15 @@ impl MakeTlsConnect<Socket> for MakeRustls {
     type Error = TlsError;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, TlsError> {
-        let name = ServerName::try_from(domain.to_owned())
-            .map_err(|e| TlsError(format!("{domain:?} is not a valid TLS server name: {e}")))?;
+        // The driver asks for a connector for every host, a Unix socket's too (with an
+        // empty name), even where it will not use TLS: over a socket it never does
+        // (`Connector::attempts`), so no name is needed there.
+        let name = match domain {
+            "" => None,
+            _ => Some(ServerName::try_from(domain.to_owned()).map_err(|e| {
+                TlsError(format!("{domain:?} is not a valid TLS server name: {e}"))
+            })?),
+        };
         Ok(RustlsConnect {
             connector: tokio_rustls::TlsConnector::from(Arc::clone(&self.config)),
             name,
@@ -578,7 +585,8 @@ impl MakeTlsConnect<Socket> for MakeRustls {
 /// One connection's handshake.
 pub struct RustlsConnect {
     connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
+    /// `None` for a Unix socket, where TLS is never used.
+    name: Option<ServerName<'static>>,
     checked_against: Arc<str>,
 }
 
@@ -589,8 +597,11 @@ impl TlsConnect<Socket> for RustlsConnect {
 
     fn connect(self, stream: Socket) -> Self::Future {
         Box::pin(async move {
+            let name = self
+                .name
+                .ok_or_else(|| TlsError("TLS is not used over a Unix socket".to_owned()))?;
             self.connector
-                .connect(self.name, stream)
+                .connect(name, stream)
                 .await
                 .map(|s| RustlsStream(Box::new(s)))
                 .map_err(|e| TlsError::handshake(&e, &self.checked_against))

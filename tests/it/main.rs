@@ -13,6 +13,7 @@ mod cli;
 mod cli_ops;
 mod cli_text;
 mod concurrency;
+mod connections;
 mod delivery;
 mod demo_receiver;
 mod endpoint_health;
