@@ -1,5 +1,7 @@
 //! Connection strings as libpq reads them, against the test server: a Unix socket
-//! directory as `host` (where libpq never uses TLS).
+//! directory as `host` (where libpq never uses TLS), every connection parameter outboxd
+//! accepts yields a working session, `target_session_attrs` is honoured, and
+//! `load_balance_hosts=random` still reaches the one host that answers.
 
 use crate::harness::admin_url;
 
@@ -59,4 +61,72 @@ async fn a_unix_socket_directory_is_a_host_and_never_uses_tls() {
         .expect("read the session");
     assert!(!tcp, "a Unix-socket session has no client address");
     assert!(!ssl);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_accepted_parameter_yields_a_working_session() {
+    crate::harness::init_tracing();
+    for extra in [
+        "connect_timeout=0",
+        "connect_timeout=7",
+        "keepalives=1 keepalives_idle=7 keepalives_interval=3 keepalives_count=4",
+        "keepalives=0",
+        "tcp_user_timeout=9000",
+        "channel_binding=disable",
+        "channel_binding=prefer",
+        "target_session_attrs=read-write",
+        "target_session_attrs=any",
+        "application_name=from_the_string",
+    ] {
+        let client = connect(&kv(extra))
+            .await
+            .unwrap_or_else(|e| panic!("{extra}: {e}"));
+        let name: String = client
+            .query_one("SHOW application_name", &[])
+            .await
+            .unwrap_or_else(|e| panic!("{extra}: {e}"))
+            .get(0);
+        let expected = if extra.starts_with("application_name") {
+            "from_the_string"
+        } else {
+            "outboxd-admin"
+        };
+        assert_eq!(name, expected, "{extra}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_session_attrs_read_only_refuses_a_primary() {
+    crate::harness::init_tracing();
+    let Err(e) = connect(&kv("target_session_attrs=read-only")).await else {
+        panic!("the test server is a primary: read-only must refuse it");
+    };
+    assert!(e.contains("read-only") || e.contains("read only"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_balanced_hosts_reach_the_one_that_answers() {
+    crate::harness::init_tracing();
+    let (host, port, user, dbname) = server();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    // In random order, a dead host comes first about half the time: every attempt
+    // must still end on the live one.
+    let conninfo = format!(
+        "host={host},127.0.0.1 port={port},{closed} user={user} dbname={dbname} \
+         load_balance_hosts=random connect_timeout=5"
+    );
+    for _ in 0..8 {
+        let client = connect(&conninfo)
+            .await
+            .unwrap_or_else(|e| panic!("{conninfo}: {e}"));
+        let one: i32 = client
+            .query_one("SELECT 1", &[])
+            .await
+            .expect("query")
+            .get(0);
+        assert_eq!(one, 1);
+    }
 }
