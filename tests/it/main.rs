@@ -29,6 +29,7 @@ mod plans;
 mod pooler;
 mod producer;
 mod readme;
+mod receiver_failures;
 mod retention;
 mod retries;
 mod roles;
