@@ -1,6 +1,7 @@
 //! The database going away under a running outboxd: the admin API answers a generic 500
-//! (the detail goes to the log, never to the client) while it is away, and serves again
-//! once it is back, without a restart.
+//! (the detail goes to the log, never to the client) while it is away, `/readyz` says
+//! the database is unreachable, and both serve again once it is back, without a
+//! restart; the dispatcher delivers what was enqueued meanwhile.
 
 use std::time::Duration;
 
@@ -9,7 +10,9 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{TestDb, WAIT, admin_url, eventually};
+use crate::harness::{
+    Receiver, Spawned, TestDb, WAIT, admin_url, eventually, outboxd_command, sigterm, unique,
+};
 
 const TOKEN: &str = "outage-admin-token-0123456789abcdef";
 
@@ -102,4 +105,78 @@ async fn the_admin_api_answers_500_while_the_database_is_away_and_recovers() {
         .await
         .expect("join")
         .expect("the server stops cleanly");
+}
+
+/// `/readyz`'s status and body.
+async fn readyz(http: &reqwest::Client, url: &str) -> Option<(u16, String)> {
+    let response = http.get(url).send().await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.unwrap_or_default()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_follows_the_database_away_and_back_and_nothing_is_lost() {
+    let db = TestDb::new("outage_ready").await;
+    let receiver = Receiver::start().await;
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut command = outboxd_command();
+    command
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env("METRICS_ADDR", metrics_port.to_string())
+        .env("WEBHOOK_ALLOW_PRIVATE_TARGETS", "true")
+        .env("WEBHOOK_POLL_INTERVAL_MS", "200")
+        .env("WEBHOOK_WORKER_ID", unique("outage"));
+    let outboxd = Spawned::start(command);
+    let url = format!("http://127.0.0.1:{metrics_port}/readyz");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()
+        .expect("an HTTP client");
+    eventually("ready", WAIT, || async {
+        readyz(&http, &url).await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+
+    take_away(&db).await;
+    eventually("/readyz says the database is unreachable", WAIT, || async {
+        readyz(&http, &url)
+            .await
+            .is_some_and(|(s, body)| s == 503 && body.contains("database unreachable"))
+    })
+    .await;
+
+    bring_back(&db).await;
+    eventually("ready again", WAIT, || async {
+        readyz(&http, &url).await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    // The dispatcher reconnected too: an event enqueued now is delivered.
+    let producer = outboxd::db::connect(&db.url).await.expect("connect");
+    outboxd::enqueue(
+        &producer,
+        &outboxd::NewEvent::new("order.created", &serde_json::json!({"n": 1})),
+    )
+    .await
+    .expect("enqueue")
+    .expect("a new event");
+    receiver.wait_for(1).await;
+    // (The test's own session to the database was ended with the others.)
+    eventually("the delivery is recorded", WAIT, || async {
+        producer
+            .query_one(
+                "SELECT count(*) = 1 FROM webhook_deliveries WHERE state = 'delivered'",
+                &[],
+            )
+            .await
+            .is_ok_and(|r| r.get::<_, bool>(0))
+    })
+    .await;
+    sigterm(outboxd.pid());
+    let finished = outboxd.finish(Duration::from_secs(60)).await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
 }
