@@ -172,3 +172,28 @@ async fn a_listen_url_without_listen_is_said_to_be_unused() {
     let finished = outboxd.finish(Duration::from_secs(60)).await;
     assert_eq!(finished.code, Some(0), "{}", finished.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_listen_url_is_named_as_such() {
+    let db = TestDb::new("bad_listen_tls").await;
+    // Valid syntax, but its root certificate cannot be read: found when the LISTEN
+    // session's connector is made, and named as the listen URL's fault, not DATABASE_URL's.
+    let listen = format!(
+        "{}?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem",
+        db.url
+    );
+    let mut command = outboxd_command();
+    command
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env("WEBHOOK_LISTEN_DATABASE_URL", &listen);
+    let finished = run_to_end(command).await;
+    assert_eq!(finished.code, Some(2), "{finished:?}");
+    assert!(
+        finished.stderr.contains("WEBHOOK_LISTEN_DATABASE_URL")
+            && finished.stderr.contains("sslrootcert")
+            && !finished.stderr.contains("invalid DATABASE_URL"),
+        "{}",
+        finished.stderr
+    );
+}
