@@ -72,11 +72,12 @@ async fn the_admin_api_answers_500_while_the_database_is_away_and_recovers() {
     assert_eq!(status, StatusCode::OK, "{body}");
 
     take_away(&db).await;
-    // The pooled session is gone (the transaction cannot begin), then no new one can be
-    // opened (the pool gives up after its bound): both are a 500 that says where to
-    // look, and nothing of the database's own message.
+    // The pooled sessions are gone (the transaction cannot begin, the query fails), then
+    // no new one can be opened (the pool gives up after its bound): each is a 500 that
+    // says where to look, and nothing of the database's own message.
     for (method, url) in [
         (reqwest::Method::DELETE, format!("{endpoints}/{id}")),
+        (reqwest::Method::GET, endpoints.clone()),
         (reqwest::Method::GET, endpoints.clone()),
     ] {
         let (status, body) = call(&http, method.clone(), &url).await;
@@ -149,6 +150,14 @@ async fn readiness_follows_the_database_away_and_back_and_nothing_is_lost() {
             .is_some_and(|(s, body)| s == 503 && body.contains("database unreachable"))
     })
     .await;
+
+    // Longer than the pool's bound on opening a session: the claim loop's pool gives
+    // up, says so, and keeps trying.
+    outboxd.wait_for_stderr("database pool error").await;
+    assert!(
+        readyz(&http, &url).await.is_some_and(|(s, _)| s == 503),
+        "not ready while the database is away"
+    );
 
     bring_back(&db).await;
     eventually("ready again", WAIT, || async {
