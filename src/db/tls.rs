@@ -1083,6 +1083,18 @@ mod tests {
     }
 
     #[test]
+    fn a_host_that_is_no_server_name_is_refused_for_tls() {
+        let mut tls = MakeRustls::new(&params("host=h sslmode=require"), None).expect("config");
+        let Err(e) = tls.make_tls_connect("bad..name") else {
+            panic!("bad..name is no TLS server name");
+        };
+        assert!(e.to_string().contains("not a valid TLS server name"), "{e}");
+        // A Unix socket (an empty name) gets a connector: TLS is never asked of it there.
+        assert!(tls.make_tls_connect("").is_ok());
+        assert!(tls.make_tls_connect("127.0.0.1").is_ok());
+    }
+
+    #[test]
     fn reasons_are_worded() {
         assert!(certificate_reason(&CertificateError::UnknownIssuer).contains("unknown issuer"));
         assert!(certificate_reason(&CertificateError::Expired).contains("expired"));
