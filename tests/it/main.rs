@@ -9,6 +9,7 @@ mod harness;
 
 mod admin;
 mod admin_contract;
+mod admin_tokens;
 mod cli;
 mod cli_ops;
 mod cli_text;
