@@ -463,6 +463,27 @@ mod tests {
                 },
                 "WEBHOOK_DB_LOCK_TIMEOUT_MS",
             ),
+            (
+                Config {
+                    backoff_max: Duration::from_secs(31 * 86_400),
+                    ..Config::default()
+                },
+                "WEBHOOK_BACKOFF_MAX_MS",
+            ),
+            (
+                Config {
+                    retention: Duration::from_secs(60),
+                    ..Config::default()
+                },
+                "WEBHOOK_RETENTION_HOURS",
+            ),
+            (
+                Config {
+                    dead_retention: HOUR * 100_001,
+                    ..Config::default()
+                },
+                "WEBHOOK_DEAD_RETENTION_HOURS",
+            ),
         ];
         for (config, variable) in bad {
             let err = config.validate().unwrap_err();
@@ -500,5 +521,13 @@ mod tests {
         assert_eq!("on".parse(), Ok(PreparedStatements::On));
         assert_eq!(" off".parse(), Ok(PreparedStatements::Off));
         assert!("sometimes".parse::<PreparedStatements>().is_err());
+        // What `--help` shows as the default is a value the parser takes back.
+        for mode in [
+            PreparedStatements::Auto,
+            PreparedStatements::On,
+            PreparedStatements::Off,
+        ] {
+            assert_eq!(mode.to_string().parse(), Ok(mode));
+        }
     }
 }

@@ -148,3 +148,16 @@ fn describe_db(e: &tokio_postgres::Error) -> String {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refused_values_are_bad_data() {
+        // A pool that cannot hand out a connection is a condition of the database that
+        // can clear: the batch is retried whole, not split outcome by outcome.
+        assert!(!Error::Pool(bb8::RunError::TimedOut).is_bad_data());
+        assert!(!Error::NotFound("endpoint 1".to_owned()).is_bad_data());
+    }
+}

@@ -516,4 +516,16 @@ mod tests {
         let (first, _) = opening("postgres").await;
         assert_eq!(first, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
     }
+
+    #[test]
+    fn debug_output_never_shows_the_password() {
+        let connector = Connector::new(
+            "postgres://app:hunter2-not-shown@db.example:5433/appdb?sslmode=require",
+            Session::Operator,
+        )
+        .expect("a valid connection string");
+        let debug = format!("{connector:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("db.example") && debug.contains("appdb"), "{debug}");
+    }
 }

@@ -133,14 +133,26 @@ impl MakeRustls {
                 algorithms: provider.signature_verification_algorithms,
             }),
             Some(roots) => {
-                let crls = load_crls(params, default_file("root.crl"))?;
-                let inner = WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    Arc::clone(&provider),
-                )
-                .with_crls(crls)
-                .build()
-                .map_err(|e| ConnInfoError {
+                let roots = Arc::new(roots);
+                let build = |crls: Vec<CertificateRevocationListDer<'static>>| {
+                    WebPkiServerVerifier::builder_with_provider(
+                        Arc::clone(&roots),
+                        Arc::clone(&provider),
+                    )
+                    .with_crls(crls)
+                    .build()
+                };
+                // With roots, only a CRL that does not parse fails the build: try each
+                // file alone first, so the error names the file and its parameter.
+                let mut crls = Vec::new();
+                for (parameter, path, file_crls) in load_crls(params, default_file("root.crl"))? {
+                    build(file_crls.clone()).map_err(|e| ConnInfoError {
+                        parameter: Some(parameter.to_owned()),
+                        message: format!("{}: {e}", path.display()),
+                    })?;
+                    crls.extend(file_crls);
+                }
+                let inner = build(crls).map_err(|e| ConnInfoError {
                     parameter: Some("sslrootcert".to_owned()),
                     message: e.to_string(),
                 })?;
@@ -237,10 +249,7 @@ fn system_roots() -> Result<RootCertStore, ConnInfoError> {
 /// `sslcrl` (or `~/.postgresql/root.crl`) and every file in `sslcrldir`. With CRLs,
 /// every certificate in the chain must be covered by one, as libpq asks of OpenSSL
 /// (`X509_V_FLAG_CRL_CHECK_ALL`).
-fn load_crls(
-    params: &TlsParams,
-    default: Option<PathBuf>,
-) -> Result<Vec<CertificateRevocationListDer<'static>>, ConnInfoError> {
+fn load_crls(params: &TlsParams, default: Option<PathBuf>) -> Result<Vec<CrlFile>, ConnInfoError> {
     let mut files = Vec::new();
     match &params.crl {
         Some(path) => files.push(("sslcrl", path.clone())),
@@ -260,15 +269,23 @@ fn load_crls(
     let mut crls = Vec::new();
     for (parameter, path) in files {
         let pem = read(parameter, &path)?;
-        for crl in CertificateRevocationListDer::pem_slice_iter(&pem) {
-            crls.push(crl.map_err(|e| ConnInfoError {
+        let file_crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ConnInfoError {
                 parameter: Some(parameter.to_owned()),
                 message: format!("{}: {e}", path.display()),
-            })?);
-        }
+            })?;
+        crls.push((parameter, path, file_crls));
     }
     Ok(crls)
 }
+
+/// The CRLs of one file, with the parameter that named it.
+type CrlFile = (
+    &'static str,
+    PathBuf,
+    Vec<CertificateRevocationListDer<'static>>,
+);
 
 type ClientCertificate = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
@@ -548,8 +565,15 @@ impl MakeTlsConnect<Socket> for MakeRustls {
     type Error = TlsError;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, TlsError> {
-        let name = ServerName::try_from(domain.to_owned())
-            .map_err(|e| TlsError(format!("{domain:?} is not a valid TLS server name: {e}")))?;
+        // The driver asks for a connector for every host, a Unix socket's too (with an
+        // empty name), even where it will not use TLS: over a socket it never does
+        // (`Connector::attempts`), so no name is needed there.
+        let name = match domain {
+            "" => None,
+            _ => Some(ServerName::try_from(domain.to_owned()).map_err(|e| {
+                TlsError(format!("{domain:?} is not a valid TLS server name: {e}"))
+            })?),
+        };
         Ok(RustlsConnect {
             connector: tokio_rustls::TlsConnector::from(Arc::clone(&self.config)),
             name,
@@ -561,7 +585,8 @@ impl MakeTlsConnect<Socket> for MakeRustls {
 /// One connection's handshake.
 pub struct RustlsConnect {
     connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
+    /// `None` for a Unix socket, where TLS is never used.
+    name: Option<ServerName<'static>>,
     checked_against: Arc<str>,
 }
 
@@ -572,8 +597,11 @@ impl TlsConnect<Socket> for RustlsConnect {
 
     fn connect(self, stream: Socket) -> Self::Future {
         Box::pin(async move {
+            let name = self
+                .name
+                .ok_or_else(|| TlsError("TLS is not used over a Unix socket".to_owned()))?;
             self.connector
-                .connect(self.name, stream)
+                .connect(name, stream)
                 .await
                 .map(|s| RustlsStream(Box::new(s)))
                 .map_err(|e| TlsError::handshake(&e, &self.checked_against))
@@ -749,6 +777,321 @@ mod tests {
             assert_eq!(e.parameter.as_deref(), Some(param), "{e}");
             assert!(e.message.contains("/nonexistent/"), "{e}");
         }
+    }
+
+    /// A directory of files for one test, removed when dropped.
+    struct Files(PathBuf);
+
+    impl Files {
+        fn new(label: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "outboxd-tls-{label}-{}-{}",
+                std::process::id(),
+                rand::random::<u64>()
+            ));
+            std::fs::create_dir_all(&dir).expect("a temporary directory");
+            Self(dir)
+        }
+
+        /// Writes `name` (owner-only, as a key must be) and returns its path.
+        fn write(&self, name: &str, contents: &str) -> PathBuf {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = self.0.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).expect("a directory");
+            }
+            std::fs::write(&path, contents).expect("write a file");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod 600");
+            path
+        }
+    }
+
+    impl Drop for Files {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A CA (its issuer and PEM) and a client certificate it signed (PEM, key PEM).
+    fn certificates() -> (rcgen::Issuer<'static, rcgen::KeyPair>, String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().expect("a CA key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let ca_pem = ca.self_signed(&ca_key).expect("self-sign").pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .expect("params")
+            .signed_by(&key, &issuer)
+            .expect("sign");
+        (issuer, ca_pem, cert.pem(), key.serialize_pem())
+    }
+
+    fn refused(conninfo: &str, home: Option<&Path>) -> ConnInfoError {
+        match MakeRustls::new(&params(conninfo), home) {
+            Ok(_) => panic!("{conninfo} must be refused"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn unusable_files_are_refused_naming_their_parameter() {
+        let files = Files::new("bad");
+        let (_, ca, cert, key) = certificates();
+        let ca = files.write("ca.pem", &ca);
+        let cert = files.write("client.crt", &cert);
+        let key = files.write("client.key", &key);
+        let empty = files.write("empty.pem", "no PEM here\n");
+        let garbled = files.write(
+            "garbled.pem",
+            "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+        );
+        let garbled_crl = files.write(
+            "garbled.crl",
+            "-----BEGIN X509 CRL-----\n!!!!\n-----END X509 CRL-----\n",
+        );
+        let (_, _, other_cert, _) = certificates();
+        let other_cert = files.write("other.crt", &other_cert);
+        let verify = format!("host=h sslmode=verify-full sslrootcert={}", ca.display());
+        for (conninfo, parameter, says) in [
+            (
+                format!("host=h sslmode=verify-ca sslrootcert={}", empty.display()),
+                "sslrootcert",
+                "holds no PEM certificate",
+            ),
+            (
+                format!("host=h sslmode=verify-ca sslrootcert={}", garbled.display()),
+                "sslrootcert",
+                "garbled.pem",
+            ),
+            (
+                format!("{verify} sslcrl={}", garbled_crl.display()),
+                "sslcrl",
+                "garbled.crl",
+            ),
+            (
+                format!("{verify} sslcrldir={}", files.0.join("nodir").display()),
+                "sslcrldir",
+                "cannot read",
+            ),
+            (
+                format!("host=h sslmode=require sslcert={}", empty.display()),
+                "sslcert",
+                "holds no PEM certificate",
+            ),
+            (
+                format!("host=h sslmode=require sslcert={}", garbled.display()),
+                "sslcert",
+                "garbled.pem",
+            ),
+            // A certificate needs its key: libpq's default file does not exist here.
+            (
+                format!("host=h sslmode=require sslcert={}", cert.display()),
+                "sslkey",
+                "postgresql.key does not exist",
+            ),
+            (
+                format!(
+                    "host=h sslmode=require sslcert={} sslkey={}",
+                    cert.display(),
+                    files.0.join("missing.key").display()
+                ),
+                "sslkey",
+                "cannot read",
+            ),
+            (
+                format!(
+                    "host=h sslmode=require sslcert={} sslkey={}",
+                    cert.display(),
+                    cert.display()
+                ),
+                "sslkey",
+                "no usable private key",
+            ),
+            (
+                format!(
+                    "host=h sslmode=require sslcert={} sslkey={}",
+                    other_cert.display(),
+                    key.display()
+                ),
+                "sslkey",
+                "does not fit sslcert",
+            ),
+        ] {
+            let e = refused(&conninfo, Some(&files.0));
+            assert_eq!(e.parameter.as_deref(), Some(parameter), "{conninfo}: {e}");
+            assert!(e.message.contains(says), "{conninfo}: {e}");
+        }
+        // The key is named but never shown.
+        let e = refused(
+            &format!(
+                "host=h sslmode=require sslcert={} sslkey={}",
+                other_cert.display(),
+                key.display()
+            ),
+            None,
+        );
+        assert!(!e.to_string().contains("PRIVATE KEY"), "{e}");
+    }
+
+    #[test]
+    fn libpq_default_files_are_used_from_home() {
+        let files = Files::new("home");
+        let (issuer, ca, cert, key) = certificates();
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2999, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("sign a CRL")
+        .pem()
+        .expect("CRL PEM");
+        // Without ~/.postgresql/root.crt, verify-full has nothing to check against.
+        let e = refused("host=h sslmode=verify-full", Some(&files.0));
+        assert!(e.message.contains("root.crt does not exist"), "{e}");
+
+        files.write(".postgresql/root.crt", &ca);
+        files.write(".postgresql/root.crl", &crl);
+        let tls = MakeRustls::new(&params("host=h sslmode=verify-full"), Some(&files.0))
+            .expect("the default files make a configuration");
+        let debug = format!("{tls:?}");
+        assert!(debug.contains("root.crt"), "says what it checks against: {debug}");
+        files.write(".postgresql/postgresql.crt", &cert);
+        // A default certificate without its default key is refused, naming the key.
+        let e = refused("host=h sslmode=verify-full", Some(&files.0));
+        assert_eq!(e.parameter.as_deref(), Some("sslkey"), "{e}");
+        files.write(".postgresql/postgresql.key", &key);
+        let tls = MakeRustls::new(&params("host=h sslmode=verify-full"), Some(&files.0))
+            .expect("certificate, key, roots and CRL from home");
+        assert!(!format!("{tls:?}").contains("PRIVATE"), "no key in Debug output");
+        // sslcertmode=disable sends no certificate, so it reads none.
+        std::fs::write(files.0.join(".postgresql/postgresql.key"), "not a key").expect("write");
+        MakeRustls::new(
+            &params("host=h sslmode=verify-full sslcertmode=disable"),
+            Some(&files.0),
+        )
+        .expect("no client certificate is read");
+        // A corrupt default CRL is named as sslcrl, with its path.
+        std::fs::write(
+            files.0.join(".postgresql/root.crl"),
+            "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n",
+        )
+        .expect("write");
+        let e = refused(
+            "host=h sslmode=verify-full sslcertmode=disable",
+            Some(&files.0),
+        );
+        assert_eq!(e.parameter.as_deref(), Some("sslcrl"), "{e}");
+        assert!(e.message.contains("root.crl"), "{e}");
+    }
+
+    #[test]
+    fn a_crl_directory_is_read_whole() {
+        let files = Files::new("crldir");
+        let (issuer, ca, _, _) = certificates();
+        let ca = files.write("ca.pem", &ca);
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2020, 1, 1),
+            next_update: rcgen::date_time_ymd(2999, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("sign a CRL")
+        .pem()
+        .expect("CRL PEM");
+        files.write("crls/a.crl", &crl);
+        std::fs::create_dir(files.0.join("crls/subdir")).expect("a subdirectory is skipped");
+        let conninfo = format!(
+            "host=h sslmode=verify-ca sslrootcert={} sslcrldir={}",
+            ca.display(),
+            files.0.join("crls").display()
+        );
+        MakeRustls::new(&params(&conninfo), None).expect("a CRL directory");
+        files.write("crls/b.crl", "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n");
+        let e = refused(&conninfo, None);
+        assert_eq!(e.parameter.as_deref(), Some("sslcrldir"), "{e}");
+        assert!(e.message.contains("b.crl"), "{e}");
+    }
+
+    #[test]
+    fn system_roots_are_the_platforms() {
+        // The test machines have ca-certificates (reqwest's TLS needs them too).
+        let tls = MakeRustls::new(&params("host=h sslmode=verify-full sslrootcert=system"), None)
+            .expect("the platform's roots");
+        assert!(format!("{tls:?}").contains("sslrootcert=system"));
+    }
+
+    #[test]
+    fn end_point_binding_follows_the_signature_hash() {
+        // A certificate reduced to what is read: SEQUENCE { tbs, SEQUENCE { OID } }.
+        let cert = |oid: &[u8]| {
+            let mut algorithm = vec![0x06, oid.len() as u8];
+            algorithm.extend_from_slice(oid);
+            let mut body = vec![0x30, 0x00, 0x30, algorithm.len() as u8];
+            body.extend_from_slice(&algorithm);
+            let mut der = vec![0x30, body.len() as u8];
+            der.extend_from_slice(&body);
+            der
+        };
+        let ecdsa_sha384 = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
+        let rsa_sha512 = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d];
+        let ed25519 = [0x2b, 0x65, 0x70];
+        assert_eq!(tls_server_end_point(&cert(&ecdsa_sha384)).map(|h| h.len()), Some(48));
+        assert_eq!(tls_server_end_point(&cert(&rsa_sha512)).map(|h| h.len()), Some(64));
+        // PostgreSQL has no binding for Ed25519 either: SCRAM goes without.
+        assert_eq!(tls_server_end_point(&cert(&ed25519)), None);
+        // A long-form length of zero or more than four octets is not DER we read.
+        assert_eq!(der_element(&[0x30, 0x80], 0x30), None);
+        assert_eq!(der_element(&[0x30, 0x85, 1, 1, 1, 1, 1], 0x30), None);
+        assert_eq!(der_element(&[0x30, 0x82, 1], 0x30), None);
+    }
+
+    #[test]
+    fn every_refusal_reason_is_worded() {
+        let name_for = |presented: Vec<String>| CertificateError::NotValidForNameContext {
+            expected: ServerName::try_from("db.example").expect("a name"),
+            presented,
+        };
+        for (reason, says) in [
+            (CertificateError::NotValidForName, "name mismatch"),
+            (name_for(Vec::new()), "no host at all"),
+            (CertificateError::NotValidYet, "not valid yet"),
+            (
+                CertificateError::UnknownRevocationStatus,
+                "no CRL in sslcrl or sslcrldir",
+            ),
+            (CertificateError::ExpiredRevocationList, "the CRL has expired"),
+            (CertificateError::BadSignature, "bad signature"),
+            (CertificateError::InvalidPurpose, "not a TLS server certificate"),
+            (CertificateError::BadEncoding, "BadEncoding"),
+        ] {
+            let worded = certificate_reason(&reason);
+            assert!(worded.contains(says), "{reason:?}: {worded}");
+        }
+    }
+
+    #[test]
+    fn a_host_that_is_no_server_name_is_refused_for_tls() {
+        let mut tls = MakeRustls::new(&params("host=h sslmode=require"), None).expect("config");
+        let Err(e) = tls.make_tls_connect("bad..name") else {
+            panic!("bad..name is no TLS server name");
+        };
+        assert!(e.to_string().contains("not a valid TLS server name"), "{e}");
+        // A Unix socket (an empty name) gets a connector: TLS is never asked of it there.
+        assert!(tls.make_tls_connect("").is_ok());
+        assert!(tls.make_tls_connect("127.0.0.1").is_ok());
     }
 
     #[test]

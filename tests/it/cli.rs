@@ -1,6 +1,8 @@
 //! Bad input to the binary: exit 2 and a message naming what to fix.
 
-use crate::harness::{TestDb, outboxd_command, run_to_end};
+use std::time::Duration;
+
+use crate::harness::{Spawned, TestDb, outboxd_command, run_to_end, sigterm};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_config_is_rejected_by_name() {
@@ -16,6 +18,11 @@ async fn invalid_config_is_rejected_by_name() {
         ("WEBHOOK_CONCURRENCY", "-5"),
         ("WEBHOOK_WORKER_THREADS", "0"),
         ("WEBHOOK_WORKER_THREADS", "1025"),
+        ("WEBHOOK_BACKOFF_MAX_MS", "2592000001"),
+        ("WEBHOOK_RETENTION_HOURS", "100001"),
+        ("WEBHOOK_LISTEN_DATABASE_URL", "postgres://[::1"),
+        // The admin API never runs without a token.
+        ("ADMIN_ADDR", "127.0.0.1:0"),
     ];
     for (variable, value) in cases {
         let mut command = outboxd_command();
@@ -146,4 +153,47 @@ async fn run_refuses_an_unmigrated_database_and_migrate_fixes_it() {
     let missing = run_to_end(bare).await;
     assert_ne!(missing.code, Some(0), "{missing:?}");
     assert!(missing.stderr.contains("DATABASE_URL"), "{missing:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_url_without_listen_is_said_to_be_unused() {
+    let db = TestDb::new("unused_listen").await;
+    let mut command = outboxd_command();
+    command
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env("WEBHOOK_LISTEN", "false")
+        .env("WEBHOOK_LISTEN_DATABASE_URL", &db.url);
+    let outboxd = Spawned::start(command);
+    outboxd
+        .wait_for_stderr("WEBHOOK_LISTEN=false: WEBHOOK_LISTEN_DATABASE_URL is not used")
+        .await;
+    sigterm(outboxd.pid());
+    let finished = outboxd.finish(Duration::from_secs(60)).await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_listen_url_is_named_as_such() {
+    let db = TestDb::new("bad_listen_tls").await;
+    // Valid syntax, but its root certificate cannot be read: found when the LISTEN
+    // session's connector is made, and named as the listen URL's fault, not DATABASE_URL's.
+    let listen = format!(
+        "{}?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem",
+        db.url
+    );
+    let mut command = outboxd_command();
+    command
+        .arg("run")
+        .env("DATABASE_URL", &db.url)
+        .env("WEBHOOK_LISTEN_DATABASE_URL", &listen);
+    let finished = run_to_end(command).await;
+    assert_eq!(finished.code, Some(2), "{finished:?}");
+    assert!(
+        finished.stderr.contains("WEBHOOK_LISTEN_DATABASE_URL")
+            && finished.stderr.contains("sslrootcert")
+            && !finished.stderr.contains("invalid DATABASE_URL"),
+        "{}",
+        finished.stderr
+    );
 }

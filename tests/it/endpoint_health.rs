@@ -709,3 +709,27 @@ async fn enable_can_discard_the_backlog() {
     let _ = server.await;
     dispatcher.stop().await;
 }
+
+/// The same through a running dispatcher: housekeeping's check disables the others and
+/// keeps running; the refused endpoint stays active, to be tried at the next check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn housekeeping_goes_on_past_a_refused_disable() {
+    let db = TestDb::new("health_hk_refused").await;
+    let (stuck, _) = db.add_endpoint("https://example.com/stuck", &[]).await;
+    let (other, _) = db.add_endpoint("https://example.com/other", &[]).await;
+    set_failing_since(&db, stuck, 300).await;
+    set_failing_since(&db, other, 200).await;
+    refuse_disabling(&db, &format!("OLD.id = {stuck}")).await;
+    let mut config = test_config("health_hk_refused");
+    config.endpoint_disable_after = DISABLE_AFTER;
+    let dispatcher = RunningDispatcher::start(&db.url, config);
+    db.wait_until(&format!(
+        "SELECT NOT active FROM webhook_endpoints WHERE id = {other}"
+    ))
+    .await;
+    assert!(
+        health(&db, stuck).await.0,
+        "the refused endpoint is still active"
+    );
+    dispatcher.stop().await;
+}

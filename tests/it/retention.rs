@@ -571,3 +571,27 @@ async fn a_pass_costs_what_it_prunes_not_what_it_keeps() {
     let kept: i64 = db.scalar("SELECT count(*) FROM webhook_deliveries").await;
     assert_eq!(kept, i64::from(KEPT) - 1_001);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_dispatcher_prunes_history_past_its_retention() {
+    let db = TestDb::new("retention_run").await;
+    let (endpoint, _) = db.add_endpoint("https://example.com/hook", &[]).await;
+    let old = event(&db, 100, true).await;
+    delivery(&db, old, endpoint, Kind::Delivered, 100).await;
+    let recent = event(&db, 1, true).await;
+    delivery(&db, recent, endpoint, Kind::Delivered, 1).await;
+    // Housekeeping prunes at its first tick, as the dispatcher starts, with the
+    // configured retention (WEBHOOK_RETENTION_HOURS).
+    let mut config = crate::harness::test_config("retention_run");
+    config.retention = POLICY.delivered;
+    config.dead_retention = POLICY.dead;
+    let dispatcher = crate::harness::RunningDispatcher::start(&db.url, config);
+    db.wait_until(&format!(
+        "SELECT NOT EXISTS (SELECT FROM webhook_outbox WHERE id = {old})"
+    ))
+    .await;
+    dispatcher.stop().await;
+    let snapshot = Snapshot::take(&db).await;
+    assert_eq!(snapshot.events, BTreeSet::from([recent]), "{snapshot:?}");
+    assert_eq!(snapshot.attempts.len(), 1, "{snapshot:?}");
+}

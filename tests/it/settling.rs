@@ -325,3 +325,60 @@ async fn shutdown_ends_while_outcomes_cannot_be_written() {
     assert_eq!(receiver.count(), 4, "each event once per dispatcher");
     next.stop().await;
 }
+
+/// An outcome the database refuses for its values (here a constraint, through a test
+/// trigger on one event's attempt rows) fails its whole batch's statement: the batch
+/// is written again one outcome at a time, so the others settle, and the refused one
+/// is retried when its lease ends, until it can be written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_refused_for_its_values_does_not_hold_back_its_batch() {
+    let db = TestDb::new("settle_baddata").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::ok());
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    db.client
+        .batch_execute(
+            "CREATE FUNCTION test_refuse_attempt() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF (SELECT payload->>'n' FROM webhook_outbox WHERE id = NEW.event_id) = '2' THEN
+                     RAISE EXCEPTION 'test fault: attempt refused'
+                         USING ERRCODE = 'check_violation';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER test_refuse_attempt BEFORE INSERT ON webhook_attempts
+                 FOR EACH ROW EXECUTE FUNCTION test_refuse_attempt();",
+        )
+        .await
+        .expect("install the fault");
+    let mut config = test_config("settle_baddata");
+    config.http_timeout = Duration::from_millis(1_000);
+    config.lease = Duration::from_millis(2_000);
+    let dispatcher = RunningDispatcher::start(&db.url, config);
+    // One transaction: one claim, one batch of outcomes.
+    db.enqueue_series(1, 3).await;
+    db.wait_until(
+        "SELECT count(*) = 2 FROM webhook_deliveries d JOIN webhook_outbox o ON o.id = d.event_id
+         WHERE d.state = 'delivered' AND o.payload->>'n' IN ('1', '3')",
+    )
+    .await;
+    // The refused one is sent again after its lease, and refused again, while the fault
+    // lasts: it is never recorded as delivered.
+    eventually(
+        "the refused outcome is sent again",
+        Duration::from_secs(20),
+        || async { receiver.count() >= 4 },
+    )
+    .await;
+    let delivered: i64 = db
+        .scalar("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'")
+        .await;
+    assert_eq!(delivered, 2);
+
+    db.client
+        .batch_execute("DROP TRIGGER test_refuse_attempt ON webhook_attempts")
+        .await
+        .expect("remove the fault");
+    db.wait_all_in_state(3, "delivered").await;
+    dispatcher.stop().await;
+}

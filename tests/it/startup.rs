@@ -1,6 +1,8 @@
 //! Start-up order, with the real binary: `outboxd run` started before its PostgreSQL
-//! waits for it, says so on `/readyz` (503, then 200), and delivers once it is up; a
-//! zero `WEBHOOK_DATABASE_WAIT_MS` fails fast instead, and an invalid one is named.
+//! waits for it, says so on `/readyz` (503, then 200), and delivers once it is up; so it
+//! does for a role at its connection limit. A zero `WEBHOOK_DATABASE_WAIT_MS` fails fast
+//! instead, an invalid one is named, and an error waiting cannot cure (an unknown
+//! database, an unreadable root certificate) ends the start at once.
 
 use std::time::{Duration, Instant};
 
@@ -135,4 +137,95 @@ async fn a_zero_wait_fails_fast_and_a_bad_one_is_named() {
         "{}",
         finished.stderr
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_waiting_cannot_cure_ends_the_start_at_once() {
+    let db = crate::harness::TestDb::new("start_final").await;
+    let missing = db.url.replace(&db.name, &format!("{}_missing", db.name));
+    // A long wait is allowed, but an unknown database (the server's answer to this
+    // login) or an unreadable root certificate will not change by waiting.
+    for (url, code, says) in [
+        (missing, 1, "does not exist"),
+        (
+            format!(
+                "{}?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem",
+                db.url
+            ),
+            2,
+            "sslrootcert",
+        ),
+    ] {
+        let started = Instant::now();
+        let mut command = outboxd_command();
+        command
+            .arg("run")
+            .env("DATABASE_URL", &url)
+            .env("WEBHOOK_DATABASE_WAIT_MS", "600000");
+        let finished = run_to_end(command).await;
+        assert_eq!(finished.code, Some(code), "{url}: {}", finished.stderr);
+        assert!(finished.stderr.contains(says), "{url}: {}", finished.stderr);
+        assert!(
+            !finished
+                .stderr
+                .contains("waiting for the database to accept connections"),
+            "no wait for {url}: {}",
+            finished.stderr
+        );
+        assert!(started.elapsed() < Duration::from_secs(60));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_at_its_connection_limit_is_waited_for() {
+    let db = crate::harness::TestDb::new("start_limit").await;
+    if !db.may_create_roles().await {
+        eprintln!("skipped: the test user may not create roles");
+        return;
+    }
+    // Superusers ignore connection limits: the dispatcher logs in as a plain role with
+    // the rights it needs, and a limit of 0 sessions, as when its slots are all taken.
+    let role = unique("limited").to_lowercase();
+    db.client
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN CONNECTION LIMIT 0;
+             GRANT ALL ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role};
+             GRANT ALL ON ALL FUNCTIONS IN SCHEMA public TO {role};"
+        ))
+        .await
+        .expect("create the role");
+    let mut url = url::Url::parse(&db.url).expect("the test URL is a URL");
+    url.set_username(&role).expect("user");
+    url.set_password(None).expect("no password");
+
+    let metrics_port = free_port();
+    let mut command = outboxd_command();
+    command
+        .arg("run")
+        .env("DATABASE_URL", url.as_str())
+        .env("METRICS_ADDR", metrics_port.to_string())
+        .env("WEBHOOK_DATABASE_WAIT_MS", "600000")
+        .env("WEBHOOK_WORKER_ID", unique("limited"));
+    let outboxd = Spawned::start(command);
+    let readyz = format!("http://127.0.0.1:{metrics_port}/readyz");
+    let body = wait_for_status(&readyz, 503, &outboxd).await;
+    assert!(body.contains("waiting for the database"), "{body}");
+    outboxd.wait_for_stderr("too many connections").await;
+
+    db.client
+        .batch_execute(&format!("ALTER ROLE {role} CONNECTION LIMIT -1"))
+        .await
+        .expect("lift the limit");
+    wait_for_status(&readyz, 200, &outboxd).await;
+    outboxd
+        .wait_for_stderr("the database accepts connections")
+        .await;
+    crate::harness::sigterm(outboxd.pid());
+    let finished = outboxd.finish(Duration::from_secs(60)).await;
+    assert_eq!(finished.code, Some(0), "{}", finished.stderr);
+    db.client
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .expect("drop the role");
 }

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SerialNumber,
 };
 use serde_json::json;
 use tokio::sync::OnceCell;
@@ -30,6 +31,41 @@ struct TlsServer {
     other_ca: PathBuf,
     client_cert: PathBuf,
     client_key: PathBuf,
+    /// A client certificate and key signed by the other CA, which the server does not trust.
+    stranger_cert: PathBuf,
+    stranger_key: PathBuf,
+    /// A CRL from the CA that revokes the server's certificate.
+    revoking_crl: PathBuf,
+    /// A CRL from the CA that revokes nothing.
+    clean_crl: PathBuf,
+    /// A CRL from the other CA: it says nothing about the server's issuer.
+    unrelated_crl: PathBuf,
+}
+
+/// The serial number of the server's certificate, as the revoking CRL lists it.
+const SERVER_SERIAL: u64 = 0x5e_7e_5e;
+
+fn crl(issuer: &Issuer<'_, KeyPair>, revoked: &[u64]) -> String {
+    CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2020, 1, 1),
+        next_update: rcgen::date_time_ymd(2999, 1, 1),
+        crl_number: SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: revoked
+            .iter()
+            .map(|serial| RevokedCertParams {
+                serial_number: SerialNumber::from(*serial),
+                revocation_time: rcgen::date_time_ymd(2021, 1, 1),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(issuer)
+    .expect("sign a CRL")
+    .pem()
+    .expect("a CRL's PEM")
 }
 
 static SERVER: OnceCell<TlsServer> = OnceCell::const_new();
@@ -49,6 +85,7 @@ fn leaf(
     names: &[&str],
     common_name: &str,
     usage: ExtendedKeyUsagePurpose,
+    serial: Option<u64>,
 ) -> (String, String) {
     let key = KeyPair::generate().expect("a key");
     let mut params =
@@ -58,19 +95,29 @@ fn leaf(
         .distinguished_name
         .push(DnType::CommonName, common_name);
     params.extended_key_usages = vec![usage];
+    params.serial_number = serial.map(SerialNumber::from);
     let cert = params.signed_by(&key, issuer).expect("sign");
     (cert.pem(), key.serialize_pem())
 }
 
 fn start_server() -> TlsServer {
     let (ca_params, ca_key, ca_pem) = ca("outboxd test CA");
-    let (_, _, other_pem) = ca("another CA");
+    let (other_params, other_key, other_pem) = ca("another CA");
     let issuer = Issuer::new(ca_params, ca_key);
+    let other_issuer = Issuer::new(other_params, other_key);
     let (server_cert, server_key) = leaf(
         &issuer,
         &[SERVER_NAME],
         SERVER_NAME,
         ExtendedKeyUsagePurpose::ServerAuth,
+        Some(SERVER_SERIAL),
+    );
+    let (stranger_cert, stranger_key) = leaf(
+        &other_issuer,
+        &[],
+        "certuser",
+        ExtendedKeyUsagePurpose::ClientAuth,
+        None,
     );
     // `cert` authentication maps the certificate's CN to the role.
     let (client_cert, client_key) = leaf(
@@ -78,6 +125,7 @@ fn start_server() -> TlsServer {
         &[],
         "certuser",
         ExtendedKeyUsagePurpose::ClientAuth,
+        None,
     );
     let cluster = Cluster::start(&ClusterSpec {
         conf: vec![
@@ -121,6 +169,11 @@ fn start_server() -> TlsServer {
         other_ca: write("other-ca.crt", &other_pem),
         client_cert: write("client.crt", &client_cert),
         client_key: write("client.key", &client_key),
+        stranger_cert: write("stranger.crt", &stranger_cert),
+        stranger_key: write("stranger.key", &stranger_key),
+        revoking_crl: write("revoking.crl", &crl(&issuer, &[SERVER_SERIAL])),
+        clean_crl: write("clean.crl", &crl(&issuer, &[])),
+        unrelated_crl: write("unrelated.crl", &crl(&other_issuer, &[])),
         cluster,
     }
 }
@@ -583,4 +636,169 @@ async fn the_run_command_delivers_through_tls() {
     crate::harness::sigterm(spawned.pid());
     let finished = spawned.finish(Duration::from_secs(30)).await;
     assert_eq!(finished.code, Some(0), "{finished:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_server_certificate_is_refused() {
+    let server = server().await;
+    let dbname = server.database("crl").await;
+    let base = server.kv(
+        &dbname,
+        &format!("sslmode=verify-full sslrootcert={}", server.ca()),
+    );
+    let revoked = format!("{base} sslcrl={}", server.revoking_crl.display());
+    let e = refused(connect(&revoked).await, &revoked);
+    assert!(e.contains("revoked"), "{e}");
+    // Every certificate in the chain must be covered by a CRL: one from another CA
+    // leaves the server's status unknown, which is a refusal too.
+    let unknown = format!("{base} sslcrl={}", server.unrelated_crl.display());
+    let e = refused(connect(&unknown).await, &unknown);
+    assert!(e.contains("unknown revocation status"), "{e}");
+    // A CRL directory is read whole: the issuer's clean CRL lets the certificate through.
+    let crls = server.cluster.socket_dir.join("client/crls");
+    std::fs::create_dir_all(&crls).expect("a CRL directory");
+    std::fs::copy(&server.clean_crl, crls.join("clean.crl")).expect("copy the CRL");
+    let with_dir = format!("{base} sslcrldir={}", crls.display());
+    assert!(ssl_in_use(&connected(&with_dir).await).await);
+    // ... and the issuer's next CRL, revoking it, ends that.
+    std::fs::remove_file(crls.join("clean.crl")).expect("remove the old CRL");
+    std::fs::copy(&server.revoking_crl, crls.join("revoking.crl")).expect("copy the CRL");
+    let e = refused(connect(&with_dir).await, &with_dir);
+    assert!(e.contains("revoked"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_is_spoken_when_asked_and_a_refused_client_certificate_is_explained() {
+    let server = server().await;
+    let dbname = server.database("tls12").await;
+    let version = |client: tokio_postgres::Client| async move {
+        client
+            .query_one(
+                "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await
+            .expect("read pg_stat_ssl")
+            .get::<_, String>(0)
+    };
+    // Both verifiers check TLS 1.2's handshake signature: the chain-checking one, and
+    // the encrypt-only one of sslmode=require without roots.
+    for extra in [
+        format!(
+            "sslmode=verify-full sslrootcert={} ssl_max_protocol_version=TLSv1.2",
+            server.ca()
+        ),
+        "sslmode=require ssl_max_protocol_version=TLSv1.2".to_owned(),
+    ] {
+        let client = connected(&server.kv(&dbname, &extra)).await;
+        assert_eq!(version(client).await, "TLSv1.2", "{extra}");
+    }
+    assert_eq!(
+        version(connected(&server.kv(&dbname, "sslmode=require")).await).await,
+        "TLSv1.3"
+    );
+
+    // A client certificate from a CA the server does not trust: under TLS 1.2 the
+    // server's alert ends the handshake, and the message says what it wants.
+    let stranger = format!(
+        "host={SERVER_NAME} hostaddr=127.0.0.1 port={} user=certuser dbname={dbname} \
+         sslmode=verify-full sslrootcert={} sslcert={} sslkey={} ssl_max_protocol_version=TLSv1.2",
+        server.cluster.port,
+        server.ca(),
+        server.stranger_cert.display(),
+        server.stranger_key.display()
+    );
+    let e = refused(connect(&stranger).await, &stranger);
+    assert!(
+        e.contains("alert") && e.contains("it wants a client certificate it trusts"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_roots_are_what_the_platform_trusts() {
+    let server = server().await;
+    let dbname = server.database("system").await;
+    let conninfo = server.kv(&dbname, "sslmode=verify-full sslrootcert=system");
+    // SSL_CERT_FILE replaces the platform's roots, as in OpenSSL: with the test CA there,
+    // the server's certificate verifies.
+    let mut list = outboxd_command();
+    list.args(["endpoint", "list", "--json"])
+        .env("DATABASE_URL", &conninfo)
+        .env("SSL_CERT_FILE", &server.ca);
+    let finished = run_to_end(list).await;
+    // The database has no schema: reaching it is what counts (not a TLS refusal).
+    assert!(
+        !finished.stderr.contains("certificate") && !finished.stderr.contains("sslrootcert"),
+        "{finished:?}"
+    );
+    assert!(finished.stderr.contains("webhook_"), "{finished:?}");
+
+    // With no roots at all, the start is refused naming the parameter and why.
+    let empty_dir = server.cluster.socket_dir.join(format!("client/{dbname}"));
+    std::fs::create_dir_all(&empty_dir).expect("an empty directory");
+    for (file, dir, says) in [
+        ("/nonexistent/roots.pem", None, "/nonexistent/roots.pem"),
+        ("/dev/null", Some(&empty_dir), "none found"),
+    ] {
+        let mut list = outboxd_command();
+        list.args(["endpoint", "list"])
+            .env("DATABASE_URL", &conninfo)
+            .env("SSL_CERT_FILE", file);
+        if let Some(dir) = dir {
+            list.env("SSL_CERT_DIR", dir);
+        }
+        let finished = run_to_end(list).await;
+        assert_eq!(finished.code, Some(2), "{finished:?}");
+        assert!(
+            finished.stderr.contains("DATABASE_URL")
+                && finished.stderr.contains("sslrootcert")
+                && finished.stderr.contains("no usable root certificates")
+                && finished.stderr.contains(says),
+            "{finished:?}"
+        );
+    }
+}
+
+/// A listener that answers PostgreSQL's SSLRequest with `S` and then, instead of a TLS
+/// handshake, sends `reply` and hangs up: what a client meets behind a misrouted port.
+async fn fake_tls_server(reply: &'static [u8]) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = [0u8; 8];
+            if socket.read_exact(&mut request).await.is_err() {
+                continue;
+            }
+            let _ = socket.write_all(b"S").await;
+            let _ = socket.write_all(reply).await;
+            let _ = socket.shutdown().await;
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_handshake_is_reported_as_such() {
+    crate::harness::init_tracing();
+    for (reply, says) in [
+        // Not TLS at all: rustls names what it got.
+        (
+            &b"HTTP/1.1 400 Bad Request\r\n\r\n"[..],
+            "TLS handshake failed",
+        ),
+        // The peer hangs up mid-handshake.
+        (&b""[..], "TLS handshake failed"),
+    ] {
+        let port = fake_tls_server(reply).await;
+        let conninfo = format!(
+            "host=127.0.0.1 port={port} user=u dbname=d sslmode=require connect_timeout=10"
+        );
+        let e = refused(connect(&conninfo).await, &conninfo);
+        assert!(e.contains(says), "{reply:?}: {e}");
+    }
 }

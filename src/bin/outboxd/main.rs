@@ -209,9 +209,7 @@ fn main() -> ExitCode {
 
 /// Maps an error to the documented exit status.
 fn exit_status(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<outboxd::ConfigError>().is_some() {
-        return 2;
-    }
+    // A ConfigError reaches here as Error::Config: settings are converted on the way.
     match e.downcast_ref::<Error>() {
         Some(
             Error::Config(_)
