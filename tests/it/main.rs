@@ -23,6 +23,7 @@ mod fanout;
 mod lease;
 mod migrations;
 mod observability;
+mod operational_events;
 mod payloads;
 mod plans;
 mod pooler;
