@@ -151,11 +151,21 @@ WITH due AS (
     FROM events e
     JOIN webhook_endpoints ep
       ON ep.deleted_at IS NULL
-     AND (cardinality(ep.event_types) = 0
-          OR e.event_type = ANY (ep.event_types)
-          OR EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
-                     WHERE f = '*'
-                        OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1)))))
+     AND CASE WHEN starts_with(e.event_type, 'outboxd.')
+         -- outboxd's own events (sql/0010): only to endpoints whose filters name them,
+         -- never `*` or none, and never to the endpoint they are about. CASE keeps the
+         -- lookup of the latter off every other event's path.
+         THEN EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
+                      WHERE f = e.event_type
+                         OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1))))
+              AND NOT EXISTS (SELECT 1 FROM webhook_outbox x
+                              WHERE x.id = e.id AND x.about_endpoint_id = ep.id)
+         ELSE cardinality(ep.event_types) = 0
+              OR e.event_type = ANY (ep.event_types)
+              OR EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
+                         WHERE f = '*'
+                            OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1))))
+         END
 ), inserted AS (
     INSERT INTO webhook_deliveries
         (event_id, endpoint_id, state, attempts, next_attempt_at, locked_by, locked_until)

@@ -52,6 +52,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0009_endpoint_headers_timeout.sql",
         include_str!("../sql/0009_endpoint_headers_timeout.sql"),
     ),
+    (
+        "0010_operational_events.sql",
+        include_str!("../sql/0010_operational_events.sql"),
+    ),
 ];
 
 /// The SHA-256 of a migration's text as recorded in `outboxd_migrations.checksum`

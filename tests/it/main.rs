@@ -25,6 +25,7 @@ mod fanout;
 mod lease;
 mod migrations;
 mod observability;
+mod operational_events;
 mod outage;
 mod payloads;
 mod plans;
