@@ -47,6 +47,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0007_retention_frontier.sql",
         include_str!("../sql/0007_retention_frontier.sql"),
     ),
+    (
+        "0008_endpoint_routing.sql",
+        include_str!("../sql/0008_endpoint_routing.sql"),
+    ),
 ];
 
 /// The SHA-256 of a migration's text as recorded in `outboxd_migrations.checksum`

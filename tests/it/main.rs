@@ -29,6 +29,7 @@ mod producer;
 mod retention;
 mod retries;
 mod roles;
+mod routing;
 mod sessions;
 mod settling;
 mod shutdown;
