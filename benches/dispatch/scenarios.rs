@@ -20,6 +20,9 @@ use crate::receiver::{Rec, Receiver};
 use crate::report::{Report, int, median, ms, pct};
 use crate::sys::{self, Cpu, PgProcs, Probe, now_us};
 
+#[path = "many.rs"]
+mod many;
+
 /// Every scenario, in the order a full run executes them.
 pub const ALL: &[&str] = &[
     "burst",
@@ -32,6 +35,7 @@ pub const ALL: &[&str] = &[
     "history",
     "statements",
     "retention",
+    "many",
 ];
 
 /// What the run measures, from the environment (`BENCH_*`), with quick-mode defaults.
@@ -266,6 +270,7 @@ impl Ctx {
             "history" => self.history().await,
             "statements" => self.statements().await,
             "retention" => self.retention().await,
+            "many" => self.many().await,
             other => bail!("unknown scenario {other}"),
         }
     }
