@@ -36,6 +36,7 @@ mod receiver_failures;
 mod retention;
 mod retries;
 mod roles;
+mod routing;
 mod sessions;
 mod settling;
 mod shutdown;

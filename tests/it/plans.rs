@@ -290,3 +290,56 @@ async fn retention_reads_through_indexes_on_stale_statistics() {
         }
     }
 }
+
+/// With 10,000 endpoints each subscribed to its own events, the claim finds an event's
+/// endpoints through the filter index and the unfiltered-endpoints index, on statistics
+/// taken when there was one endpoint: testing each event against every endpoint is what
+/// made a delivery's cost grow with the endpoints registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_routes_through_the_filter_index_on_stale_statistics() {
+    let db = TestDb::new("routeplan").await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE webhook_endpoints SET (autovacuum_enabled = off);
+             INSERT INTO webhook_endpoints (url, secret, event_types)
+                 VALUES ('https://example.com/0', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw',
+                         ARRAY['tenant.0.*']);
+             ANALYZE webhook_endpoints;
+             INSERT INTO webhook_endpoints (url, secret, event_types)
+                 SELECT 'https://example.com/' || i, 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw',
+                        ARRAY['tenant.' || i || '.*']
+                 FROM generate_series(1, 10000) i;
+             INSERT INTO webhook_outbox (event_type, payload)
+                 SELECT 'tenant.' || i || '.created', '{}' FROM generate_series(1, 300) i;",
+        )
+        .await
+        .unwrap();
+    db.client
+        .batch_execute(&format!(
+            "PREPARE claim(text, int8, int8, int8, int8) AS {}",
+            outboxd::claim::CLAIM
+        ))
+        .await
+        .unwrap();
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        db.client
+            .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+            .await
+            .unwrap();
+        let lines = db
+            .client
+            .query(
+                "EXPLAIN EXECUTE claim('w', 60000, 200, 67108864, 4194304)",
+                &[],
+            )
+            .await
+            .unwrap();
+        let plan = plan(lines.iter().map(|r| r.get(0)));
+        for index in [
+            "webhook_endpoints_filters_idx",
+            "webhook_endpoints_unfiltered_idx",
+        ] {
+            assert!(plan.contains(index), "{mode} does not use {index}:\n{plan}");
+        }
+    }
+}
