@@ -30,17 +30,9 @@ use crate::time_format::PgTimestamp;
 ///   form can lock and update more than n rows, PostgreSQL bug #15715).
 /// * `candidates` takes unprocessed, due outbox rows (`SKIP LOCKED` again, so each event
 ///   is fanned out by exactly one dispatcher), as many as fill the remaining capacity
-///   if each went to every endpoint that takes every event (no filter, or `*`, counted
-///   through `webhook_endpoints_unfiltered_idx` and the GIN index on the filters).
-///   `routed` then walks them in order and looks up each one's endpoints by index (the
-///   patterns a filter must hold to match the type, see `sql/0008_endpoint_routing.sql`
-///   and docs/claims.md), and stops before the first whose deliveries would take the
-///   rows past the remaining capacity (the first event always goes, whatever its
-///   fan-out): fanning out more would insert deliveries only to claim them with a
-///   second write later. A delivery's cost so depends on the endpoints that receive its
-///   event, not on those registered. The walk is a recursive CTE so that it stops
-///   there, and each event's endpoints are looked up once and carried to the insert.
-///   Candidates it did not reach stay unprocessed for the next claim.
+///   when each goes to every active endpoint (and no more than about a batch of rows in
+///   all when disabled endpoints add parked ones): fanning out more would insert
+///   deliveries only to claim them with a second write later.
 /// * `offered` to `admitted` bound the claim by payload bytes as well as rows: each
 ///   event counts once, however many of its deliveries come along, the due deliveries'
 ///   events first (in the order of their first due delivery), then the fresh ones; an
@@ -65,8 +57,9 @@ use crate::time_format::PgTimestamp;
 ///   enable is resumed by the stranded-park sweep (`health::RESUME_STRANDED`).
 ///   `ON CONFLICT DO NOTHING` on the (event, endpoint) key makes fan-out idempotent. The
 ///   filter match is written out here rather than in a SQL function: a function whose
-///   body has a sub-select is never inlined, and calling one cost ~10 us per call; inline,
-///   an endpoint with no filter short-circuits before the patterns are computed.
+///   body has a sub-select is never inlined, and calling it cost ~10 us per (event,
+///   endpoint) pair; inline, the common cases (no filter, exact name) short-circuit
+///   before the sub-select runs.
 /// * The result has a row per claimed delivery, with its endpoint (the endpoint's
 ///   previous secret comes along while its rotation grace period lasts, and `attempts -
 ///   attempt_base` is the count the retry budget is judged by, as a re-drive resets it).
@@ -80,7 +73,7 @@ use crate::time_format::PgTimestamp;
 ///   disabled or removed after the delivery was made comes back with `open = false`,
 ///   and the dispatcher parks that delivery instead of sending it.
 pub const CLAIM: &str = "
-WITH RECURSIVE due AS (
+WITH due AS (
     SELECT event_id, endpoint_id, next_attempt_at
     FROM webhook_deliveries
     WHERE state = 'pending' AND next_attempt_at <= now()
@@ -88,64 +81,20 @@ WITH RECURSIVE due AS (
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), cap AS (
-    -- Rows this claim may fan out, and events: as many as fill it when each goes to
-    -- every endpoint that takes every event (no filter, or `*`); `routed` then stops at
-    -- the fan-out that really fills it.
-    SELECT greatest(1, $3 - (SELECT count(*) FROM due)) AS rows_limit,
-           greatest(1, ($3 - (SELECT count(*) FROM due)) / greatest(1, count(*)))
-               AS events_limit
-    FROM webhook_endpoints
-    WHERE deleted_at IS NULL AND (cardinality(event_types) = 0 OR event_types @> '{*}')
+    -- Disabled endpoints get parked rows too, so the rows written in all are held to
+    -- about a batch as well.
+    SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
+                             $3 / greatest(1, n.kept))) AS events_limit
+    FROM (SELECT count(*) FILTER (WHERE active) AS open, count(*) AS kept
+          FROM webhook_endpoints WHERE deleted_at IS NULL) AS n
 ), candidates AS (
-    SELECT id, event_type, deliver_after, about_endpoint_id,
-           pg_column_size(payload) AS stored,
+    SELECT id, event_type, deliver_after, pg_column_size(payload) AS stored,
            pg_column_compression(payload) IS NOT NULL AS compressed
     FROM webhook_outbox
     WHERE processed_at IS NULL AND deliver_after <= now()
     ORDER BY deliver_after, id
     LIMIT (SELECT events_limit FROM cap)
     FOR UPDATE SKIP LOCKED
-), queue AS MATERIALIZED (
-    SELECT array_agg(id ORDER BY deliver_after, id) AS ids,
-           array_agg(event_type ORDER BY deliver_after, id) AS types,
-           array_agg(about_endpoint_id ORDER BY deliver_after, id) AS abouts
-    FROM candidates
-), routed AS (
-    -- The candidates in order, each with the endpoints it goes to, while their rows
-    -- fit in rows_limit (the first always goes, whatever its fan-out).
-    SELECT 0 AS pos, NULL::bigint AS id, NULL::bigint[] AS endpoints, NULL::bool[] AS open,
-           0::int8 AS total
-    UNION ALL
-    SELECT r.pos + 1, q.ids[r.pos + 1], m.endpoints, m.open,
-           r.total + coalesce(cardinality(m.endpoints), 0)
-    FROM routed r
-    CROSS JOIN queue q
-    CROSS JOIN LATERAL (
-        -- Every endpoint not removed: a disabled one gets its deliveries parked, and
-        -- its enable resumes them. The patterns are those a filter can hold to match
-        -- the type `a.b.c`: `a.b.c`, `*`, `a.*`, `a.b.*` (a filter `p.*` matches the
-        -- types starting with `p.`).
-        SELECT array_agg(ep.id) AS endpoints, array_agg(ep.active) AS open
-        FROM webhook_endpoints ep
-        WHERE ep.deleted_at IS NULL
-          AND (cardinality(ep.event_types) = 0
-               OR ep.event_types && (ARRAY[q.types[r.pos + 1], '*']
-                   || ARRAY(SELECT array_to_string(s.parts[1:k], '.') || '.*'
-                            FROM (SELECT string_to_array(q.types[r.pos + 1], '.') AS parts) s,
-                                 generate_series(1, cardinality(s.parts) - 1) AS k)))
-          -- outboxd's own events (sql/0010) go only to endpoints whose filters name
-          -- them (not `*`, not none) and never to the endpoint they are about; OR
-          -- stops at the first test for every other event.
-          AND (NOT starts_with(q.types[r.pos + 1], 'outboxd.')
-               OR (ep.id IS DISTINCT FROM q.abouts[r.pos + 1]
-                   AND EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
-                               WHERE f = q.types[r.pos + 1]
-                                  OR (right(f, 2) = '.*'
-                                      AND starts_with(q.types[r.pos + 1], left(f, -1))))))
-    ) m
-    WHERE r.pos < cardinality(q.ids)
-      AND (r.pos = 0
-           OR r.total + coalesce(cardinality(m.endpoints), 0) <= (SELECT rows_limit FROM cap))
 ), offered AS (
     SELECT false AS fresh, d.at, d.event_id AS id, NULL AS event_type,
            coalesce(pg_column_size(o.payload), 0) AS stored,
@@ -153,9 +102,7 @@ WITH RECURSIVE due AS (
     FROM (SELECT event_id, min(next_attempt_at) AS at FROM due GROUP BY event_id) d
     LEFT JOIN webhook_outbox o ON o.id = d.event_id
     UNION ALL
-    SELECT true, c.deliver_after, c.id, c.event_type, c.stored, c.compressed
-    FROM candidates c
-    WHERE c.id IN (SELECT id FROM routed WHERE pos > 0)
+    SELECT true, deliver_after, id, event_type, stored, compressed FROM candidates
 ), fits AS (
     SELECT coalesce(sum(stored) < $4 AND NOT bool_or(compressed), true) AS fits FROM offered
 ), admitted AS (
@@ -193,15 +140,32 @@ WITH RECURSIVE due AS (
     SET processed_at = now()
     WHERE o.id = ANY (ARRAY(SELECT id FROM events))
 ), fanout AS (
-    SELECT r.id AS event_id,
-           t.endpoint_id,
-           t.open,
-           t.open AND row_number() OVER (PARTITION BY t.open ORDER BY r.id, t.endpoint_id)
-                      <= $3 - (SELECT count(*) FROM reclaimed)
+    -- Every endpoint not removed: a disabled one gets its deliveries parked, and its
+    -- enable resumes them.
+    SELECT e.id AS event_id,
+           ep.id AS endpoint_id,
+           ep.active AS open,
+           ep.active AND row_number() OVER (PARTITION BY ep.active ORDER BY e.id, ep.id)
+                         <= $3 - (SELECT count(*) FROM reclaimed)
                AS claim_now
-    FROM routed r
-    CROSS JOIN LATERAL unnest(r.endpoints, r.open) AS t(endpoint_id, open)
-    WHERE r.pos > 0 AND r.id IN (SELECT id FROM events)
+    FROM events e
+    JOIN webhook_endpoints ep
+      ON ep.deleted_at IS NULL
+     AND CASE WHEN starts_with(e.event_type, 'outboxd.')
+         -- outboxd's own events (sql/0010): only to endpoints whose filters name them,
+         -- never `*` or none, and never to the endpoint they are about. CASE keeps the
+         -- lookup of the latter off every other event's path.
+         THEN EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
+                      WHERE f = e.event_type
+                         OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1))))
+              AND NOT EXISTS (SELECT 1 FROM webhook_outbox x
+                              WHERE x.id = e.id AND x.about_endpoint_id = ep.id)
+         ELSE cardinality(ep.event_types) = 0
+              OR e.event_type = ANY (ep.event_types)
+              OR EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
+                         WHERE f = '*'
+                            OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1))))
+         END
 ), inserted AS (
     INSERT INTO webhook_deliveries
         (event_id, endpoint_id, state, attempts, next_attempt_at, locked_by, locked_until)

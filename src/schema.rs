@@ -49,10 +49,6 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../sql/0007_retention_frontier.sql"),
     ),
     (
-        "0008_endpoint_routing.sql",
-        include_str!("../sql/0008_endpoint_routing.sql"),
-    ),
-    (
         "0009_endpoint_headers_timeout.sql",
         include_str!("../sql/0009_endpoint_headers_timeout.sql"),
     ),

@@ -44,7 +44,7 @@ pub struct Settings {
     pub max_seconds: u64,
 }
 
-pub fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
+fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
     match std::env::var(name) {
         Ok(v) if !v.trim().is_empty() => v
             .trim()
@@ -54,7 +54,7 @@ pub fn env_u64(name: &str, default: u64) -> anyhow::Result<u64> {
     }
 }
 
-pub fn env_list(name: &str, default: &[u64]) -> anyhow::Result<Vec<u64>> {
+fn env_list(name: &str, default: &[u64]) -> anyhow::Result<Vec<u64>> {
     match std::env::var(name) {
         Ok(v) if !v.trim().is_empty() => v
             .split(',')

@@ -36,7 +36,6 @@ mod receiver_failures;
 mod retention;
 mod retries;
 mod roles;
-mod routing;
 mod sessions;
 mod settling;
 mod shutdown;

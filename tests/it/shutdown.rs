@@ -285,7 +285,7 @@ async fn shutdown_ends_while_a_claim_waits_for_a_lock() {
         .await
         .unwrap();
     let event_id = db.enqueue("order.created", &json!({})).await;
-    wait_while_locked(&db, &waiting_for_a_lock("WITH RECURSIVE due AS")).await;
+    wait_while_locked(&db, &waiting_for_a_lock("WITH due AS")).await;
     tokio::time::timeout(Duration::from_secs(20), dispatcher.stop())
         .await
         .expect("the dispatcher stops while its claim waits for a lock");

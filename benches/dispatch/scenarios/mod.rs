@@ -40,5 +40,4 @@ scenarios! {
     history,
     statements,
     retention,
-    many,
 }
