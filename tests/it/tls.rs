@@ -708,11 +708,24 @@ async fn tls_1_2_is_spoken_when_asked_and_a_refused_client_certificate_is_explai
         server.stranger_cert.display(),
         server.stranger_key.display()
     );
-    let e = refused(connect(&stranger).await, &stranger);
-    assert!(
-        e.contains("alert") && e.contains("it wants a client certificate it trusts"),
-        "{e}"
-    );
+    // The server closes the connection right after its alert: a client still writing
+    // its side of the handshake may meet the closed socket (a broken pipe) before it
+    // reads the alert. Every attempt is refused; most read the alert, and the one that
+    // does must explain it.
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        let e = refused(connect(&stranger).await, &stranger);
+        if e.contains("alert") {
+            assert!(e.contains("it wants a client certificate it trusts"), "{e}");
+            return;
+        }
+        assert!(
+            e.contains("Broken pipe") || e.contains("reset") || e.contains("closed"),
+            "{e}"
+        );
+        seen.push(e);
+    }
+    panic!("no attempt read the server's alert: {seen:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
