@@ -25,7 +25,8 @@ pub type StaticHeaders = Arc<[(HeaderName, HeaderValue)]>;
 /// sent (a row written by hand, past the registration's checks). The reason names the
 /// header, never its value.
 pub fn static_headers(stored: &serde_json::Value) -> std::result::Result<StaticHeaders, String> {
-    let headers: Vec<crate::endpoint::StaticHeader> = serde_json::from_value(stored.clone())
+    use serde::Deserialize as _;
+    let headers = Vec::<crate::endpoint::StaticHeader>::deserialize(stored)
         .map_err(|_| "its endpoint's stored headers are not a list of {name, value}".to_owned())?;
     crate::endpoint::validate_headers(&headers)
         .map_err(|e| format!("its endpoint cannot be sent to: {e}"))?;
