@@ -323,3 +323,31 @@ async fn the_timeout_override_ends_a_slow_endpoints_requests() {
     let shown: Value = serde_json::from_str(&shown).expect("JSON");
     assert_eq!(shown["timeout_ms"], Value::Null);
 }
+
+/// A header row edited by hand past the registration's checks is never sent: the
+/// endpoint's deliveries end dead with the reason, naming the header and not its value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_header_that_cannot_be_sent_makes_its_deliveries_dead() {
+    let db = TestDb::new("hdrbadrow").await;
+    let receiver = Receiver::start().await;
+    let (endpoint, _) = db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    db.client
+        .batch_execute(&format!(
+            "UPDATE webhook_endpoints
+             SET headers = '[{{\"name\": \"Host\", \"value\": \"{TENANT}\"}}]'
+             WHERE id = {endpoint}"
+        ))
+        .await
+        .unwrap();
+    let dispatcher = RunningDispatcher::start(&db.url, test_config("hdrbadrow"));
+    let event = db.enqueue("order.created", &json!({})).await;
+    db.wait_all_in_state(1, "dead").await;
+    dispatcher.stop().await;
+    assert_eq!(receiver.count(), 0, "no request was made");
+    let attempt = db.attempts().await.pop().expect("an attempt");
+    assert_eq!(attempt.event_id, event);
+    assert_eq!(attempt.error_kind.as_deref(), Some("unbuildable"));
+    let reason = attempt.error.unwrap_or_default();
+    assert!(reason.contains("Host"), "{reason}");
+    assert_hidden("the recorded reason", &reason);
+}
