@@ -56,6 +56,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0010_operational_events.sql",
         include_str!("../sql/0010_operational_events.sql"),
     ),
+    (
+        "0011_endpoint_limits_and_circuit.sql",
+        include_str!("../sql/0011_endpoint_limits_and_circuit.sql"),
+    ),
 ];
 
 /// The SHA-256 of a migration's text as recorded in `outboxd_migrations.checksum`
