@@ -223,6 +223,47 @@ pub struct Endpoint {
     pub max_in_flight: Option<u32>,
     /// Most requests per second to it across all dispatchers; `None`: no limit.
     pub rate_limit: Option<u32>,
+    /// Its circuit breaker, as of the database's clock when it was read.
+    pub circuit: Circuit,
+    /// Consecutive failures of the kinds that open the circuit (timeouts, connection
+    /// errors, 5xx); a success resets it.
+    pub circuit_failures: u32,
+}
+
+/// The state of an endpoint's circuit breaker. In JSON an object tagged by `state`:
+/// `{"state":"closed"}`, `{"state":"open","until":"2026-…Z"}`, `{"state":"half_open"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Circuit {
+    /// Deliveries go out as usual.
+    Closed,
+    /// Paused after consecutive failures (or a `Retry-After`): none of its deliveries
+    /// are claimed, and none of their attempts spent, until `until`.
+    Open {
+        /// When the pause ends and a single probe may go out.
+        #[serde(with = "crate::time_format")]
+        until: SystemTime,
+    },
+    /// The pause is over: a single probe goes out; its success closes the circuit, its
+    /// failure opens it again for longer.
+    HalfOpen,
+}
+
+/// `closed`, `open until 2026-…Z`, `half-open`: as the CLI shows it.
+impl std::fmt::Display for Circuit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed => f.write_str("closed"),
+            // PgTimestamp spells every time PostgreSQL can store (an `infinity` set by
+            // hand included), where humantime's formatter would panic.
+            Self::Open { until } => write!(
+                f,
+                "open until {}",
+                crate::time_format::PgTimestamp::from_system_time(*until)
+            ),
+            Self::HalfOpen => f.write_str("half-open"),
+        }
+    }
 }
 
 /// Changes to an endpoint; `None` leaves a field as it is. `Debug` leaves out the
@@ -356,7 +397,10 @@ pub(crate) const SELECT_ENDPOINTS: &str =
                 AS previous_secret_expires_at,
             -- The names only: a header's value is never read back.
             ARRAY(SELECT h->>'name' FROM jsonb_array_elements(headers) h) AS header_names,
-            timeout_ms, max_in_flight, rate_limit
+            timeout_ms, max_in_flight, rate_limit, circuit_failures, circuit_open_until,
+            -- Open or half-open by the database's clock, the one the claims go by;
+            -- NULL while closed.
+            circuit_open_until > now() AS circuit_open
      FROM webhook_endpoints
      WHERE deleted_at IS NULL";
 
@@ -430,6 +474,18 @@ fn from_row(row: &tokio_postgres::Row) -> Result<Endpoint> {
         rate_limit: row
             .try_get::<_, Option<i32>>("rate_limit")?
             .map(i32::unsigned_abs),
+        circuit: match (
+            row.try_get::<_, Option<SystemTime>>("circuit_open_until")?,
+            row.try_get::<_, Option<bool>>("circuit_open")?,
+        ) {
+            (None, _) => Circuit::Closed,
+            (Some(until), Some(true)) => Circuit::Open { until },
+            (Some(_), _) => Circuit::HalfOpen,
+        },
+        circuit_failures: row
+            .try_get::<_, i32>("circuit_failures")?
+            .try_into()
+            .unwrap_or(0),
     })
 }
 
@@ -525,6 +581,44 @@ pub async fn enable_discarding_backlog(client: &impl GenericClient, id: i64) -> 
         .query_typed_one(ENABLE_DISCARDING_BACKLOG, &[(&id, Type::INT8)])
         .await?;
     counted(row, id)
+}
+
+// Closing a circuit by hand: the state a success would leave (no failures counted, no
+// opening to lengthen the next one), in one statement. The row is read locked first for
+// the state it leaves (PostgreSQL 15's RETURNING has only the new row); the dispatchers
+// are rung when it was open or half-open, so its deliveries go out without waiting for a
+// poll tick.
+pub(crate) const CLOSE_CIRCUIT: &str = "WITH old AS (
+        SELECT id, circuit_open_until FROM webhook_endpoints
+        WHERE id = $1 AND deleted_at IS NULL
+        FOR UPDATE
+    ), closed AS (
+        UPDATE webhook_endpoints e
+        SET circuit_open_until = NULL, circuit_probe_until = NULL,
+            circuit_failures = 0, circuit_opens = 0, updated_at = now()
+        FROM old
+        WHERE e.id = old.id
+        RETURNING old.circuit_open_until AS was_open_until
+    ), woken AS (
+        SELECT pg_notify('outboxd_wakeup', '')
+        WHERE EXISTS (SELECT 1 FROM closed WHERE was_open_until IS NOT NULL)
+    )
+    SELECT (SELECT count(*) FROM closed) AS endpoints,
+           (SELECT was_open_until IS NOT NULL FROM closed) AS was_open,
+           (SELECT count(*) FROM woken) AS woken";
+
+/// Closes an endpoint's circuit by hand, as if a probe had succeeded: its deliveries
+/// are claimed again at once (those that are due), and its count of failures and of
+/// openings starts over. Returns whether it was open or half-open.
+pub async fn close_circuit(client: &impl GenericClient, id: i64) -> Result<bool> {
+    let row = client
+        .query_typed_one(CLOSE_CIRCUIT, &[(&id, Type::INT8)])
+        .await?;
+    let found: i64 = row.try_get("endpoints")?;
+    if found == 0 {
+        return Err(Error::NotFound(format!("endpoint {id}")));
+    }
+    Ok(row.try_get::<_, Option<bool>>("was_open")? == Some(true))
 }
 
 /// Reads `(endpoints touched, deliveries touched)` from DISABLE or ENABLE.
@@ -766,6 +860,38 @@ mod tests {
         assert!(validate_limits(None, None).is_ok());
         assert!(validate_limits(Some(10_001), None).is_err());
         assert!(validate_limits(None, Some(0)).is_err());
+    }
+
+    #[test]
+    fn circuits_in_json_and_text() {
+        let until = std::time::UNIX_EPOCH + Duration::from_micros(1_800_000_000_123_456);
+        for (circuit, json, text) in [
+            (
+                Circuit::Closed,
+                serde_json::json!({ "state": "closed" }),
+                "closed",
+            ),
+            (
+                Circuit::Open { until },
+                serde_json::json!({ "state": "open", "until": "2027-01-15T08:00:00.123456Z" }),
+                "open until 2027-01-15T08:00:00.123456Z",
+            ),
+            (
+                Circuit::HalfOpen,
+                serde_json::json!({ "state": "half_open" }),
+                "half-open",
+            ),
+        ] {
+            assert_eq!(serde_json::to_value(circuit).unwrap(), json);
+            assert_eq!(circuit.to_string(), text);
+        }
+        // A time set by hand past what humantime writes is still shown.
+        let far = std::time::UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert!(
+            Circuit::Open { until: far }
+                .to_string()
+                .starts_with("open until +")
+        );
     }
 
     #[test]

@@ -283,6 +283,29 @@ pub(super) async fn enable_endpoint(
 }
 
 #[derive(Serialize)]
+struct CircuitClosed {
+    /// Whether it was open or half-open.
+    was_open: bool,
+    /// The endpoint as it now is.
+    endpoint: Endpoint,
+}
+
+/// Closes an endpoint's circuit by hand; its due deliveries go out at once.
+pub(super) async fn close_circuit(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
+) -> Handled {
+    let id = parse_id("endpoint id", &id)?;
+    let mut conn = state.pool.get().await?;
+    let tx = conn.transaction().await?;
+    let was_open = endpoint::close_circuit(&tx, id).await?;
+    let endpoint = endpoint::get(&tx, id).await?;
+    tx.commit().await?;
+    Ok(Json(CircuitClosed { was_open, endpoint }).into_response())
+}
+
+#[derive(Serialize)]
 struct OneDelivery {
     delivery_id: DeliveryId,
 }

@@ -1,6 +1,10 @@
-//! Per-endpoint limits, as an operator sets and reads them: the `max_in_flight` and
-//! `rate_limit` of `outboxd endpoint add/update` and of the admin API, refused out of
-//! range naming the field.
+//! Per-endpoint limits and the circuit breaker, as an operator sets and reads them: the
+//! `max_in_flight` and `rate_limit` of `outboxd endpoint add/update` and of the admin
+//! API, refused out of range naming the field; the circuit's state (closed, open until,
+//! half-open) as the CLI and the API show it; closing it by hand.
+//!
+//! The circuit columns are set here with SQL, as a dispatcher would leave them: these
+//! tests are about what an operator sees and does, not about when a circuit opens.
 
 use std::time::Duration;
 
@@ -128,6 +132,8 @@ async fn limits_round_trip_through_the_cli() {
     .await;
     assert_eq!(added["max_in_flight"], json!(8), "{added}");
     assert_eq!(added["rate_limit"], json!(50), "{added}");
+    assert_eq!(added["circuit"], json!({ "state": "closed" }), "{added}");
+    assert_eq!(added["circuit_failures"], json!(0), "{added}");
     let id = added["id"].as_i64().expect("an id");
     let id_text = id.to_string();
     assert_eq!(stored_limits(&db, id).await, (Some(8), Some(50)));
@@ -135,10 +141,11 @@ async fn limits_round_trip_through_the_cli() {
     let (shown, _) = cli(&db, &["endpoint", "show", &id_text], 0).await;
     assert_eq!(field(&shown, "max_in_flight"), Some("8"), "{shown}");
     assert_eq!(field(&shown, "rate_limit"), Some("50/s"), "{shown}");
+    assert_eq!(field(&shown, "circuit"), Some("closed"), "{shown}");
     let (listed, _) = cli(&db, &["endpoint", "list"], 0).await;
     let mut lines = listed.lines();
     let header = lines.next().expect("a header");
-    for column in ["IN FLIGHT", "RATE/S"] {
+    for column in ["IN FLIGHT", "RATE/S", "CIRCUIT"] {
         assert!(header.contains(column), "{listed}");
     }
     let row: Vec<&str> = lines.next().expect("a row").split_whitespace().collect();
@@ -150,6 +157,7 @@ async fn limits_round_trip_through_the_cli() {
             "*",
             "8",
             "50",
+            "closed",
             "https://example.com/hook"
         ],
         "{listed}"
@@ -303,7 +311,7 @@ async fn the_cli_refuses_limits_out_of_range() {
 }
 
 /// The API takes the limits at creation, changes one leaving the other, removes one
-/// with `null` (absent leaves it), and answers them in every endpoint.
+/// with `null` (absent leaves it), and answers them with the circuit in every endpoint.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_round_trip_through_the_api() {
     let db = TestDb::new("limits_api").await;
@@ -326,6 +334,8 @@ async fn limits_round_trip_through_the_api() {
         (&created["max_in_flight"], &created["rate_limit"]),
         (&json!(5), &json!(20))
     );
+    assert_eq!(created["circuit"], json!({ "state": "closed" }));
+    assert_eq!(created["circuit_failures"], json!(0));
     let id = created["id"].as_i64().expect("an id");
     let path = format!("/v1/endpoints/{id}");
     assert_eq!(stored_limits(&db, id).await, (Some(5), Some(20)));
@@ -364,6 +374,7 @@ async fn limits_round_trip_through_the_api() {
     }
     let (_, listed) = api.call(Method::GET, "/v1/endpoints", None).await;
     assert_eq!(listed["items"][0]["rate_limit"], json!(1), "{listed}");
+    assert_eq!(listed["items"][0]["circuit"], json!({ "state": "closed" }));
 }
 
 /// Limits out of range, negative, fractional or not numbers are a 400 naming the
@@ -429,4 +440,225 @@ async fn the_api_refuses_limits_out_of_range() {
     assert_eq!(status, 400, "0 is not 'no limit': {body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("between 1 and 10000"), "{message}");
+}
+
+/// Three endpoints whose circuits are closed, open and half-open (set by hand, as a
+/// dispatcher leaves them): `list` and `show`, text and JSON, and the API show each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_state_is_shown() {
+    let db = TestDb::new("circuit_shown").await;
+    let (closed, _) = db.add_endpoint("https://example.com/closed", &[]).await;
+    let (open, _) = db.add_endpoint("https://example.com/open", &[]).await;
+    let (half_open, _) = db.add_endpoint("https://example.com/half", &[]).await;
+    db.client
+        .execute(
+            "UPDATE webhook_endpoints
+             SET circuit_open_until = '2999-01-02T03:04:05.5Z', circuit_failures = 5,
+                 circuit_opens = 2
+             WHERE id = $1",
+            &[&open],
+        )
+        .await
+        .expect("open a circuit");
+    db.client
+        .execute(
+            "UPDATE webhook_endpoints
+             SET circuit_open_until = now() - interval '1 second', circuit_failures = 7,
+                 circuit_opens = 1, circuit_probe_until = now() + interval '1 minute'
+             WHERE id = $1",
+            &[&half_open],
+        )
+        .await
+        .expect("make a circuit half-open");
+
+    let expected = [
+        (closed, json!({ "state": "closed" }), 0, "closed"),
+        (
+            open,
+            json!({ "state": "open", "until": "2999-01-02T03:04:05.500000Z" }),
+            5,
+            "open until 2999-01-02T03:04:05.500000Z",
+        ),
+        (half_open, json!({ "state": "half_open" }), 7, "half-open"),
+    ];
+    let listed = cli_json(&db, &["endpoint", "list"]).await;
+    let (text, _) = cli(&db, &["endpoint", "list"], 0).await;
+    let api = Api::start(&db).await;
+    let (_, from_api) = api.call(reqwest::Method::GET, "/v1/endpoints", None).await;
+    for (n, (id, circuit, failures, shown)) in expected.iter().enumerate() {
+        assert_eq!(listed[n]["id"], json!(id));
+        assert_eq!(listed[n]["circuit"], *circuit, "{listed}");
+        assert_eq!(listed[n]["circuit_failures"], json!(failures), "{listed}");
+        assert_eq!(from_api["items"][n]["circuit"], *circuit, "{from_api}");
+        let line = text
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{id} ")))
+            .unwrap_or_else(|| panic!("endpoint {id} in {text}"));
+        assert!(line.contains(&format!("  {shown}  ")), "{text}");
+        let id = id.to_string();
+        let (one, _) = cli(&db, &["endpoint", "show", &id], 0).await;
+        assert_eq!(field(&one, "circuit"), Some(*shown), "{one}");
+        let failures_line = (*failures > 0).then(|| failures.to_string());
+        assert_eq!(
+            field(&one, "circuit_failures"),
+            failures_line.as_deref(),
+            "{one}"
+        );
+        let one = cli_json(&db, &["endpoint", "show", &id]).await;
+        assert_eq!(one["circuit"], *circuit, "{one}");
+        let (_, got) = api
+            .call(reqwest::Method::GET, &format!("/v1/endpoints/{id}"), None)
+            .await;
+        assert_eq!(got["circuit"], *circuit, "{got}");
+    }
+}
+
+/// The state a circuit's columns are in: `(open_until is set, probe_until is set,
+/// failures, opens)`.
+async fn circuit_columns(db: &TestDb, id: i64) -> (bool, bool, i32, i32) {
+    let row = db
+        .client
+        .query_one(
+            "SELECT circuit_open_until IS NOT NULL, circuit_probe_until IS NOT NULL,
+                    circuit_failures, circuit_opens
+             FROM webhook_endpoints WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("the endpoint's row");
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+/// The payload of the next notification on the doorbell's channel.
+async fn next_ring(rings: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(20), rings.recv())
+        .await
+        .ok()
+        .flatten()
+        .expect("a notification on outboxd_wakeup")
+}
+
+/// Rings the doorbell with a marker and asserts it is the next notification: nothing
+/// rang since the last one was read (notifications arrive in commit order).
+async fn ring_marker(db: &TestDb, rings: &mut tokio::sync::mpsc::UnboundedReceiver<String>) {
+    db.client
+        .batch_execute("NOTIFY outboxd_wakeup, 'marker'")
+        .await
+        .expect("NOTIFY");
+    assert_eq!(next_ring(rings).await, "marker", "nothing else rang");
+}
+
+const OPEN: &str = "UPDATE webhook_endpoints
+    SET circuit_open_until = now() + interval '1 hour', circuit_failures = 5, circuit_opens = 3
+    WHERE id = $1";
+const HALF_OPEN: &str = "UPDATE webhook_endpoints
+    SET circuit_open_until = now() - interval '1 second', circuit_failures = 6,
+        circuit_opens = 4, circuit_probe_until = now() + interval '1 minute'
+    WHERE id = $1";
+
+/// `endpoint close-circuit` and `POST /v1/endpoints/{id}/circuit/close` close an open or
+/// half-open circuit as a success would (every circuit column reset), ring the
+/// dispatchers' doorbell, say whether it was open, and refuse an unknown endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_circuit_by_hand_resets_it() {
+    use futures_util::StreamExt as _;
+    let db = TestDb::new("circuit_close").await;
+    let (id, _) = db.add_endpoint("https://example.com/hook", &[]).await;
+    let (other, _) = db.add_endpoint("https://example.com/other", &[]).await;
+    let id_text = id.to_string();
+    for endpoint in [id, other] {
+        db.client.execute(OPEN, &[&endpoint]).await.expect("open");
+    }
+
+    // A session listening on the doorbell's channel, as a dispatcher does.
+    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("a listening session");
+    let (rang, mut rings) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = rang.send(n.payload().to_owned());
+            }
+        }
+    });
+    listener
+        .batch_execute("LISTEN outboxd_wakeup")
+        .await
+        .expect("LISTEN");
+
+    let (said, _) = cli(&db, &["endpoint", "close-circuit", &id_text], 0).await;
+    assert!(said.contains("circuit closed"), "{said}");
+    assert_eq!(circuit_columns(&db, id).await, (false, false, 0, 0));
+    assert_eq!(
+        circuit_columns(&db, other).await,
+        (true, false, 5, 3),
+        "another endpoint's circuit is left alone"
+    );
+    assert_eq!(next_ring(&mut rings).await, "", "the dispatchers are woken");
+    let shown = cli_json(&db, &["endpoint", "show", &id_text]).await;
+    assert_eq!(shown["circuit"], json!({ "state": "closed" }), "{shown}");
+    assert_eq!(shown["circuit_failures"], json!(0), "{shown}");
+
+    // Closed already: it says so, resets the failures, and rings nobody.
+    db.client
+        .execute(
+            "UPDATE webhook_endpoints SET circuit_failures = 2 WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("count failures");
+    let (said, _) = cli(&db, &["endpoint", "close-circuit", &id_text], 0).await;
+    assert!(said.contains("already closed"), "{said}");
+    assert_eq!(circuit_columns(&db, id).await, (false, false, 0, 0));
+    ring_marker(&db, &mut rings).await;
+    cli(&db, &["endpoint", "close-circuit", "999999"], 3).await;
+
+    // Half-open, through the API.
+    db.client
+        .execute(HALF_OPEN, &[&id])
+        .await
+        .expect("half-open");
+    let api = Api::start(&db).await;
+    let close = format!("/v1/endpoints/{id}/circuit/close");
+    let (status, body) = api.call(reqwest::Method::POST, &close, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["was_open"], json!(true), "{body}");
+    assert_eq!(body["endpoint"]["id"], json!(id), "{body}");
+    assert_eq!(body["endpoint"]["circuit"], json!({ "state": "closed" }));
+    assert_eq!(body["endpoint"]["circuit_failures"], json!(0));
+    assert_eq!(circuit_columns(&db, id).await, (false, false, 0, 0));
+    assert_eq!(next_ring(&mut rings).await, "", "the dispatchers are woken");
+    let (status, body) = api.call(reqwest::Method::POST, &close, None).await;
+    assert_eq!((status, &body["was_open"]), (200, &json!(false)), "{body}");
+    ring_marker(&db, &mut rings).await;
+
+    // The same token as every other route; 404 for an unknown or removed endpoint.
+    let unauthorized = api
+        .http
+        .post(format!("{}{close}", api.base))
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(unauthorized.status(), 401);
+    let (status, _) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/endpoints/999999/circuit/close",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    outboxd::endpoint::remove(&db.client, other)
+        .await
+        .expect("remove");
+    let (status, _) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/v1/endpoints/{other}/circuit/close"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
 }

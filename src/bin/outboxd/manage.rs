@@ -178,6 +178,11 @@ pub enum EndpointCommand {
         /// Endpoint id
         id: i64,
     },
+    /// Close an endpoint's open (or half-open) circuit by hand: its due deliveries then go out at once, and its count of consecutive failures starts over
+    CloseCircuit {
+        /// Endpoint id
+        id: i64,
+    },
 }
 
 /// `--max-in-flight`: in range, or clap's error naming the option (exit status 2).
@@ -326,18 +331,22 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             if json {
                 println!("{}", serde_json::to_string(&endpoints)?);
             } else {
+                let circuits: Vec<String> =
+                    endpoints.iter().map(|e| e.circuit.to_string()).collect();
+                let width = circuits.iter().map(String::len).max().unwrap_or(0);
                 println!(
-                    "{:>6}  {:<8}  {:<24}  {:>9}  {:>6}  URL",
-                    "ID", "STATE", "EVENT TYPES", "IN FLIGHT", "RATE/S"
+                    "{:>6}  {:<8}  {:<24}  {:>9}  {:>6}  {:<width$}  URL",
+                    "ID", "STATE", "EVENT TYPES", "IN FLIGHT", "RATE/S", "CIRCUIT"
                 );
-                for e in endpoints {
+                for (e, circuit) in endpoints.iter().zip(&circuits) {
                     println!(
-                        "{:>6}  {:<8}  {:<24}  {:>9}  {:>6}  {}",
+                        "{:>6}  {:<8}  {:<24}  {:>9}  {:>6}  {:<width$}  {}",
                         e.id,
                         if e.active { "active" } else { "disabled" },
                         filters(&e.event_types),
                         or_dash(e.max_in_flight),
                         or_dash(e.rate_limit),
+                        circuit,
                         e.url
                     );
                 }
@@ -430,6 +439,13 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             let delivery = redrive::send_test(client, id).await?;
             println!("test delivery {delivery} queued");
         }
+        EndpointCommand::CloseCircuit { id } => {
+            if endpoint::close_circuit(client, id).await? {
+                println!("endpoint {id}: circuit closed; its due deliveries go out now");
+            } else {
+                println!("endpoint {id}: circuit was already closed; failures count from 0");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -451,6 +467,10 @@ fn print_endpoint(e: &outboxd::Endpoint, json: bool) -> anyhow::Result<()> {
         println!("timeout_ms: {ms}");
     }
     print_limits(e);
+    println!("circuit: {}", e.circuit);
+    if e.circuit_failures > 0 {
+        println!("circuit_failures: {}", e.circuit_failures);
+    }
     println!("active: {}", e.active);
     if let Some(reason) = &e.disabled_reason {
         println!("disabled_reason: {reason}");
