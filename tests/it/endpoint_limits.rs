@@ -662,3 +662,55 @@ async fn closing_a_circuit_by_hand_resets_it() {
         .await;
     assert_eq!(status, 404);
 }
+
+/// Closing a circuit by hand makes the deliveries the claims held back for it due at
+/// once: those placed up to the end of the opening or of the endpoint's line. A retry
+/// its backoff put later keeps its time, and so do other endpoints' deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_circuit_by_hand_releases_what_it_held() {
+    let db = TestDb::new("circuit_release").await;
+    let (id, _) = db.add_endpoint("https://example.com/hook", &[]).await;
+    let (other, _) = db.add_endpoint("https://example.com/other", &[]).await;
+    db.client
+        .batch_execute(&format!(
+            "UPDATE webhook_endpoints
+             SET circuit_open_until = now() + interval '1 hour',
+                 held_until = now() + interval '1 hour 10 seconds'
+             WHERE id IN ({id}, {other});
+             INSERT INTO webhook_outbox (id, event_type, payload, processed_at)
+                 SELECT g, 'order.created', '{{}}', now() FROM generate_series(101, 104) g;
+             INSERT INTO webhook_deliveries (event_id, endpoint_id, next_attempt_at) VALUES
+                 (101, {id}, now() + interval '1 hour'),
+                 (102, {id}, now() + interval '1 hour 5 seconds'),
+                 (103, {id}, now() + interval '3 hours'),
+                 (104, {other}, now() + interval '1 hour');"
+        ))
+        .await
+        .expect("held deliveries");
+
+    cli(&db, &["endpoint", "close-circuit", &id.to_string()], 0).await;
+
+    let due: Vec<(i64, bool)> = db
+        .client
+        .query(
+            "SELECT event_id, next_attempt_at <= now() FROM webhook_deliveries
+             WHERE event_id > 100 ORDER BY event_id",
+            &[],
+        )
+        .await
+        .expect("deliveries")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(due, [(101, true), (102, true), (103, false), (104, false)]);
+    let held: Option<std::time::SystemTime> = db
+        .client
+        .query_one(
+            "SELECT held_until FROM webhook_endpoints WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .expect("endpoint")
+        .get(0);
+    assert_eq!(held, None, "its line starts over");
+}
