@@ -20,7 +20,8 @@ use crate::harness::{
 };
 
 /// A pgbouncer in transaction pooling mode in front of the test cluster, stopped and
-/// removed when dropped.
+/// removed when dropped. Dropped by a failing test, it prints its log and whether it
+/// was still running (pgbouncer 1.18 exits on some bugs: its log says which).
 pub struct Bouncer {
     child: Child,
     port: u16,
@@ -207,8 +208,26 @@ async fn wait_listening(child: &mut Child, port: u16) -> bool {
     false
 }
 
+impl Bouncer {
+    /// What pgbouncer logged, and whether it is still running: printed when a test
+    /// fails, since a refused connection says nothing of why pgbouncer refused it.
+    fn report(&mut self) -> String {
+        let state = match self.child.try_wait() {
+            Ok(None) => "still running".to_owned(),
+            Ok(Some(status)) => format!("exited: {status}"),
+            Err(e) => format!("state unknown: {e}"),
+        };
+        let log = std::fs::read_to_string(self.dir.join("pgbouncer.log"))
+            .unwrap_or_else(|e| format!("(no log: {e})"));
+        format!("pgbouncer on port {} ({state}); its log:\n{log}", self.port)
+    }
+}
+
 impl Drop for Bouncer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.report());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
