@@ -226,6 +226,9 @@ WITH due AS (
     UPDATE webhook_deliveries d
     SET next_attempt_at = a.resume_at
                           + (r.nth - a.allowed - 1) * a.step_ms * interval '1 millisecond',
+        -- An expired lease moved here is no lease at all.
+        locked_by = NULL,
+        locked_until = NULL,
         updated_at = now()
     FROM ranked r
     JOIN allowance a ON a.endpoint_id = r.endpoint_id
