@@ -236,9 +236,6 @@ impl<A: Attempter> SendSide<A> {
                     }
                 }
             };
-            // In flight from here: leased to this dispatcher, and holding the
-            // endpoint's share of it.
-            self.load.started(delivery.endpoint_id);
             // Only this loop takes permits, so the first `free` deliveries of a claim
             // never wait.
             let permit = match Arc::clone(&self.permits).try_acquire_owned() {
@@ -270,7 +267,6 @@ impl<A: Attempter> SendSide<A> {
             let (Some(permit), true) = (permit, sendable) else {
                 // Later deliveries of the claim would have waited at least as long.
                 scarce |= waited && !shutdown.is_cancelled();
-                self.load.finished(delivery.endpoint_id, None);
                 unsent.push(unsent_outcome(Claimed::Send(delivery)));
                 unsent.extend(items.map(unsent_outcome));
                 break;
@@ -360,6 +356,7 @@ struct SendTask<A> {
 impl<A: Attempter> SendTask<A> {
     async fn run(self, delivery: Delivery) {
         self.metrics.inflight_add(1);
+        let started = self.load.started(delivery.endpoint_id);
         let (next, record) = tokio::select! {
             biased;
             _ = self.abort.cancelled() => (Next::Release, None),
@@ -380,8 +377,11 @@ impl<A: Attempter> SendTask<A> {
             }
         };
         self.metrics.inflight_add(-1);
-        self.load
-            .finished(delivery.endpoint_id, record.as_ref().map(|a| a.duration));
+        self.load.finished(
+            delivery.endpoint_id,
+            started,
+            record.as_ref().map(|a| a.duration),
+        );
         let outcome = Outcome {
             event_id: delivery.event_id,
             endpoint_id: delivery.endpoint_id,
