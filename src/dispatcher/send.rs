@@ -377,11 +377,14 @@ impl<A: Attempter> SendTask<A> {
             }
         };
         self.metrics.inflight_add(-1);
-        self.load.finished(
-            delivery.endpoint_id,
-            started,
-            record.as_ref().map(|a| a.duration),
-        );
+        // Only an answer says how fast the endpoint answers: a timeout, a refused
+        // connection, says it is failing, and the age of what is still in progress
+        // covers that while it lasts. Once it answers again, its pace is its answers'.
+        let answered = record
+            .as_ref()
+            .filter(|a| matches!(a.result, AttemptResult::Response { .. }))
+            .map(|a| a.duration);
+        self.load.finished(delivery.endpoint_id, started, answered);
         let outcome = Outcome {
             event_id: delivery.event_id,
             endpoint_id: delivery.endpoint_id,
