@@ -20,7 +20,8 @@ use crate::time_format::PgTimestamp;
 
 /// Fans out and claims, under a lease, in one statement. Parameters: `$1` worker id,
 /// `$2` lease in milliseconds, `$3` most deliveries to claim, `$4` budget of payload
-/// bytes, `$5` largest payload sent (`WEBHOOK_MAX_PAYLOAD_BYTES`).
+/// bytes, `$5` largest payload sent (`WEBHOOK_MAX_PAYLOAD_BYTES`), `$6` to `$9` what
+/// this dispatcher has in flight per endpoint ([`Loads`]).
 ///
 /// * `due` takes retries, resumed deliveries and expired leases first, oldest due first,
 ///   so fresh traffic can never starve them. `FOR UPDATE SKIP LOCKED` lets any number
@@ -46,13 +47,26 @@ use crate::time_format::PgTimestamp;
 ///   claim of small events), `fits` takes it all without sorting it. Due deliveries of
 ///   an event not taken stay pending for the next claim (their locks go at commit), and
 ///   so do fresh events not taken.
+/// * `allowance` decides, per endpoint the claim would send to, how many requests it
+///   may start now (sql/0011): none while its circuit is open; for an endpoint with no
+///   limit of its own and a closed circuit (the common case, decided in place, no lock)
+///   what this dispatcher's cap (`$9`, `WEBHOOK_ENDPOINT_MAX_IN_FLIGHT`) leaves beside
+///   its requests in flight (`$7`); otherwise what `webhook_endpoint_grant` allows
+///   across all dispatchers (`max_in_flight`, `rate_limit`, the half-open probe). Due
+///   deliveries go first, oldest first, then fresh ones. What an endpoint cannot take
+///   now is `deferred` (a due one) or inserted (a fresh one) due when its turn may
+///   come: after the open circuit, or one place in line per `step_ms` (its requests'
+///   recent time over its cap, `$8`, or a request's share of its rate), its attempts
+///   untouched. So a slow, failing or limited endpoint's backlog leaves the head of the
+///   due index instead of filling every claim, and other endpoints' work goes by it;
+///   a claim never takes work it cannot send now.
 /// * Claiming sets `next_attempt_at` to the lease end: if this worker dies, the row is
 ///   due again when the lease runs out and the same index finds it. `attempts` is bumped
 ///   at claim time, which makes it the lease token that settling checks.
 /// * `events` (the fresh events taken) are marked processed and fanned out; the
 ///   deliveries `inserted` for active endpoints are claimed at once up to the remaining
-///   capacity, and any rest (possible only when the due retries took the capacity) is
-///   inserted due now for the next claim. A disabled (not removed) endpoint gets its
+///   capacity and each endpoint's allowance (`placed`); a rest over the capacity is
+///   inserted due now for the next claim, one over an allowance due at its turn. A disabled (not removed) endpoint gets its
 ///   deliveries parked, so enabling it resumes what it missed; a park that races an
 ///   enable is resumed by the stranded-park sweep (`health::RESUME_STRANDED`).
 ///   `ON CONFLICT DO NOTHING` on the (event, endpoint) key makes fan-out idempotent. The
@@ -122,17 +136,11 @@ WITH due AS (
                       WHERE NOT (SELECT fits FROM fits)) o
                 WHERE o.stored_before < $4 OR o.nth = 1) s) s
     WHERE s.before < $4 OR s.nth = 1
-), reclaimed AS (
-    UPDATE webhook_deliveries d
-    SET attempts = d.attempts + 1,
-        locked_by = $1,
-        locked_until = now() + $2 * interval '1 millisecond',
-        next_attempt_at = now() + $2 * interval '1 millisecond',
-        updated_at = now()
+), taken AS (
+    -- The due deliveries whose events the payload bound admitted.
+    SELECT due.event_id, due.endpoint_id, due.next_attempt_at
     FROM due
-    WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
-      AND ((SELECT fits FROM fits) OR due.event_id IN (SELECT id FROM admitted WHERE NOT fresh))
-    RETURNING d.event_id, d.endpoint_id, d.attempts, d.attempt_base
+    WHERE (SELECT fits FROM fits) OR due.event_id IN (SELECT id FROM admitted WHERE NOT fresh)
 ), events AS (
     SELECT id, event_type FROM admitted WHERE fresh
 ), processed AS (
@@ -142,12 +150,7 @@ WITH due AS (
 ), fanout AS (
     -- Every endpoint not removed: a disabled one gets its deliveries parked, and its
     -- enable resumes them.
-    SELECT e.id AS event_id,
-           ep.id AS endpoint_id,
-           ep.active AS open,
-           ep.active AND row_number() OVER (PARTITION BY ep.active ORDER BY e.id, ep.id)
-                         <= $3 - (SELECT count(*) FROM reclaimed)
-               AS claim_now
+    SELECT e.id AS event_id, ep.id AS endpoint_id, ep.active AS open
     FROM events e
     JOIN webhook_endpoints ep
       ON ep.deleted_at IS NULL
@@ -166,6 +169,89 @@ WITH due AS (
                          WHERE f = '*'
                             OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1))))
          END
+), wants AS (
+    SELECT endpoint_id, count(*)::int AS want
+    FROM (SELECT endpoint_id FROM taken UNION ALL SELECT endpoint_id FROM fanout WHERE open) w
+    GROUP BY endpoint_id
+), allowance AS (
+    -- How many requests each endpoint may be sent now, and where what is held back goes.
+    SELECT x.endpoint_id, (x.g).allowed, (x.g).resume_at, x.step_ms
+    FROM (SELECT w.endpoint_id, s.step_ms, CASE
+              -- A closed or missing endpoint's deliveries are parked or end dead: no request.
+              WHEN ep.id IS NULL OR NOT ep.active OR ep.deleted_at IS NOT NULL
+                  THEN ROW(w.want, now())::webhook_grant
+              -- The common case, decided in place: no limit of its own, a closed
+              -- circuit, and room under this dispatcher's cap.
+              WHEN ep.circuit_open_until IS NULL AND ep.max_in_flight IS NULL
+                   AND ep.rate_limit IS NULL AND w.want <= $9 - coalesce(h.in_flight, 0)
+                  THEN ROW(w.want, now())::webhook_grant
+              ELSE webhook_endpoint_grant(ep.id, w.want, coalesce(h.in_flight, 0), $9, $2,
+                                          s.step_ms)
+              END AS g
+          FROM wants w
+          LEFT JOIN webhook_endpoints ep ON ep.id = w.endpoint_id
+          LEFT JOIN unnest($6::int8[], $7::int4[], $8::float8[])
+                 AS h(endpoint_id, in_flight, request_ms)
+            ON h.endpoint_id = w.endpoint_id
+          -- One place in line: a request's time over the endpoint's cap, or its share
+          -- of the endpoint's rate, whichever is longer.
+          CROSS JOIN LATERAL (
+              SELECT greatest(coalesce(h.request_ms, 10.0) / coalesce(ep.max_in_flight, $9),
+                              coalesce(1000.0 / ep.rate_limit, 0.0)) AS step_ms
+          ) s
+          -- Keeps the CASE from being copied into each use of its fields, which would
+          -- call the function once per field.
+          OFFSET 0) x
+), ranked AS (
+    SELECT taken.*,
+           row_number() OVER (PARTITION BY taken.endpoint_id
+                              ORDER BY taken.next_attempt_at, taken.event_id) AS nth
+    FROM taken
+), reclaimed AS (
+    UPDATE webhook_deliveries d
+    SET attempts = d.attempts + 1,
+        locked_by = $1,
+        locked_until = now() + $2 * interval '1 millisecond',
+        next_attempt_at = now() + $2 * interval '1 millisecond',
+        updated_at = now()
+    FROM ranked r
+    JOIN allowance a ON a.endpoint_id = r.endpoint_id
+    WHERE d.event_id = r.event_id AND d.endpoint_id = r.endpoint_id AND r.nth <= a.allowed
+    RETURNING d.event_id, d.endpoint_id, d.attempts, d.attempt_base
+), deferred AS (
+    -- Held back by its endpoint (an open circuit, its in-flight cap, its rate): moved to
+    -- when its turn may come, its attempts untouched, so that it leaves the head of the
+    -- due index to other endpoints' work. A delivery whose endpoint another claim is
+    -- deciding for (allowed NULL) is left as it is.
+    UPDATE webhook_deliveries d
+    SET next_attempt_at = a.resume_at
+                          + (r.nth - a.allowed - 1) * a.step_ms * interval '1 millisecond',
+        updated_at = now()
+    FROM ranked r
+    JOIN allowance a ON a.endpoint_id = r.endpoint_id
+    WHERE d.event_id = r.event_id AND d.endpoint_id = r.endpoint_id AND r.nth > a.allowed
+    RETURNING 1
+), placed AS (
+    -- Each fresh delivery is claimed now if its endpoint has room left after its due
+    -- deliveries, and the claim has capacity; one held back by its endpoint is inserted
+    -- due when its turn may come, in line behind the due ones held back (`over` counts
+    -- the places: its rank beyond the endpoint's allowance, after its due deliveries).
+    SELECT p.event_id, p.endpoint_id, p.open,
+           p.room AND row_number() OVER (PARTITION BY p.room ORDER BY p.event_id, p.endpoint_id)
+                      <= $3 - (SELECT count(*) FROM reclaimed) AS claim_now,
+           CASE WHEN p.open AND p.over > 0
+                THEN p.resume_at + (p.over - 1) * p.step_ms * interval '1 millisecond'
+                ELSE now() END AS due_at
+    FROM (SELECT f.event_id, f.endpoint_id, f.open, a.resume_at, a.step_ms,
+                 f.nth - (a.allowed - coalesce(t.taken, 0)) AS over,
+                 coalesce(f.open AND f.nth <= a.allowed - coalesce(t.taken, 0), false) AS room
+          FROM (SELECT fanout.*,
+                       row_number() OVER (PARTITION BY fanout.endpoint_id
+                                          ORDER BY fanout.event_id) AS nth
+                FROM fanout) f
+          LEFT JOIN allowance a ON a.endpoint_id = f.endpoint_id
+          LEFT JOIN (SELECT endpoint_id, count(*) AS taken FROM taken GROUP BY endpoint_id) t
+            ON t.endpoint_id = f.endpoint_id) p
 ), inserted AS (
     INSERT INTO webhook_deliveries
         (event_id, endpoint_id, state, attempts, next_attempt_at, locked_by, locked_until)
@@ -173,10 +259,10 @@ WITH due AS (
            endpoint_id,
            CASE WHEN open THEN 'pending' ELSE 'parked' END,
            CASE WHEN claim_now THEN 1 ELSE 0 END,
-           CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' ELSE now() END,
+           CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' ELSE due_at END,
            CASE WHEN claim_now THEN $1 END,
            CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' END
-    FROM fanout
+    FROM placed
     ON CONFLICT (event_id, endpoint_id) DO NOTHING
     RETURNING event_id, endpoint_id, attempts, attempt_base
 ), claimed AS (
@@ -185,7 +271,9 @@ WITH due AS (
     SELECT event_id, endpoint_id, attempts, attempt_base FROM inserted WHERE attempts > 0
 ), more AS (
     SELECT (SELECT count(*) FROM candidates) = (SELECT events_limit FROM cap)
-        OR (SELECT count(*) FROM reclaimed) < (SELECT count(*) FROM due)
+        OR (SELECT count(*) FROM reclaimed) + (SELECT count(*) FROM deferred)
+           < (SELECT count(*) FROM due)
+        OR ((SELECT count(*) FROM due) = $3 AND EXISTS (SELECT 1 FROM deferred))
         OR (SELECT count(*) FROM events) < (SELECT count(*) FROM candidates) AS more
 )
 SELECT c.event_id, c.endpoint_id, c.attempts AS attempt,
@@ -376,7 +464,42 @@ pub(crate) fn check_columns(columns: &[tokio_postgres::Column]) -> Result<()> {
 }
 
 /// The parameter types of [`CLAIM`], for preparing it.
-pub const CLAIM_TYPES: &[Type] = &[Type::TEXT, Type::INT8, Type::INT8, Type::INT8, Type::INT8];
+pub const CLAIM_TYPES: &[Type] = &[
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8_ARRAY,
+    Type::INT4_ARRAY,
+    Type::FLOAT8_ARRAY,
+    Type::INT4,
+];
+
+/// What a dispatcher is sending to each endpoint right now, for a claim to take no more
+/// than each endpoint may be sent ([`CLAIM`]'s `$6` to `$9`).
+#[derive(Debug, Clone, Default)]
+pub struct Loads {
+    /// Endpoints this dispatcher has sent to lately.
+    pub endpoints: Vec<i64>,
+    /// Requests in flight to each, claimed and not yet finished.
+    pub in_flight: Vec<i32>,
+    /// How long a request to each has taken lately, in milliseconds (a moving average).
+    pub request_ms: Vec<f64>,
+    /// The most requests in flight to one endpoint without a `max_in_flight` of its own
+    /// (`WEBHOOK_ENDPOINT_MAX_IN_FLIGHT`).
+    pub cap: i32,
+}
+
+impl Loads {
+    /// Nothing in flight, under `cap`.
+    pub fn idle(cap: u32) -> Self {
+        Self {
+            cap: i32::try_from(cap).unwrap_or(i32::MAX),
+            ..Self::default()
+        }
+    }
+}
 
 /// Payload bytes held by a dispatcher's claimed, unsent deliveries, against a limit.
 ///
@@ -482,8 +605,10 @@ pub async fn claim(
     lease: Duration,
     limit: u32,
 ) -> Result<Vec<Claimed>> {
-    let budget = PayloadBudget::from_config(&Config::default());
-    Ok(claim_unnamed(client, worker_id, lease, limit, &budget)
+    let config = Config::default();
+    let budget = PayloadBudget::from_config(&config);
+    let loads = Loads::idle(config.endpoint_max_in_flight);
+    Ok(claim_unnamed(client, worker_id, lease, limit, &budget, &loads)
         .await?
         .claimed)
 }
@@ -501,15 +626,20 @@ pub async fn claim_unnamed(
     lease: Duration,
     limit: u32,
     budget: &Arc<PayloadBudget>,
+    loads: &Loads,
 ) -> Result<Batch> {
     let (lease_ms, limit) = (lease.as_millis() as i64, i64::from(limit));
     let (bytes, max_payload) = payload_limits(budget);
-    let params: [(&(dyn ToSql + Sync), Type); 5] = [
+    let params: [(&(dyn ToSql + Sync), Type); 9] = [
         (&worker_id, Type::TEXT),
         (&lease_ms, Type::INT8),
         (&limit, Type::INT8),
         (&bytes, Type::INT8),
         (&max_payload, Type::INT8),
+        (&loads.endpoints, Type::INT8_ARRAY),
+        (&loads.in_flight, Type::INT4_ARRAY),
+        (&loads.request_ms, Type::FLOAT8_ARRAY),
+        (&loads.cap, Type::INT4),
     ];
     let rows = client.query_typed_raw(CLAIM, params).await?;
     parse(rows, budget).await
@@ -531,10 +661,21 @@ pub async fn claim_prepared(
     lease: Duration,
     limit: u32,
     budget: &Arc<PayloadBudget>,
+    loads: &Loads,
 ) -> Result<Batch> {
     let (lease_ms, limit) = (lease.as_millis() as i64, i64::from(limit));
     let (bytes, max_payload) = payload_limits(budget);
-    let params: [&(dyn ToSql + Sync); 5] = [&worker_id, &lease_ms, &limit, &bytes, &max_payload];
+    let params: [&(dyn ToSql + Sync); 9] = [
+        &worker_id,
+        &lease_ms,
+        &limit,
+        &bytes,
+        &max_payload,
+        &loads.endpoints,
+        &loads.in_flight,
+        &loads.request_ms,
+        &loads.cap,
+    ];
     let rows = client.query_raw(statement, params).await?;
     parse(rows, budget).await
 }

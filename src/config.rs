@@ -44,6 +44,11 @@ pub struct Config {
     pub http_timeout: Duration,
     /// Most HTTP requests in flight in total.
     pub concurrency: u32,
+    /// Most requests in flight from this dispatcher to any one endpoint that sets no
+    /// `max_in_flight` of its own: a slow endpoint never holds every send slot.
+    pub endpoint_max_in_flight: u32,
+    /// When an endpoint's circuit opens and for how long.
+    pub circuit: crate::circuit::CircuitPolicy,
     /// First retry delay; doubled per attempt.
     pub backoff_base: Duration,
     /// Ceiling on any retry delay, `Retry-After` included.
@@ -149,6 +154,15 @@ pub mod defaults {
     pub const HTTP_TIMEOUT_MS: u64 = 15_000;
     /// `WEBHOOK_CONCURRENCY`.
     pub const CONCURRENCY: u32 = 256;
+    /// `WEBHOOK_ENDPOINT_MAX_IN_FLIGHT`: a quarter of the send slots, so that a
+    /// timing-out endpoint leaves three quarters to the others.
+    pub const ENDPOINT_MAX_IN_FLIGHT: u32 = 64;
+    /// `WEBHOOK_CIRCUIT_FAILURES`.
+    pub const CIRCUIT_FAILURES: u32 = 5;
+    /// `WEBHOOK_CIRCUIT_OPEN_MS`.
+    pub const CIRCUIT_OPEN_MS: u64 = 5_000;
+    /// `WEBHOOK_CIRCUIT_MAX_OPEN_MS` (5 minutes).
+    pub const CIRCUIT_MAX_OPEN_MS: u64 = 300_000;
     /// `WEBHOOK_BACKOFF_BASE_MS`.
     pub const BACKOFF_BASE_MS: u64 = 5_000;
     /// `WEBHOOK_BACKOFF_MAX_MS` (10 hours).
@@ -199,6 +213,8 @@ impl Default for Config {
             lease: Duration::from_millis(LEASE_MS),
             http_timeout: Duration::from_millis(HTTP_TIMEOUT_MS),
             concurrency: CONCURRENCY,
+            endpoint_max_in_flight: ENDPOINT_MAX_IN_FLIGHT,
+            circuit: crate::circuit::CircuitPolicy::default(),
             backoff_base: Duration::from_millis(BACKOFF_BASE_MS),
             backoff_max: Duration::from_millis(BACKOFF_MAX_MS),
             max_attempts: MAX_ATTEMPTS,
@@ -278,6 +294,31 @@ impl Config {
             ));
         }
         range("WEBHOOK_CONCURRENCY", self.concurrency, 1, 100_000)?;
+        range(
+            "WEBHOOK_ENDPOINT_MAX_IN_FLIGHT",
+            self.endpoint_max_in_flight,
+            1,
+            10_000,
+        )?;
+        range(
+            "WEBHOOK_CIRCUIT_FAILURES",
+            self.circuit.failures,
+            1,
+            1_000_000,
+        )?;
+        range_ms("WEBHOOK_CIRCUIT_OPEN_MS", self.circuit.open, 10, 86_400_000)?;
+        range_ms(
+            "WEBHOOK_CIRCUIT_MAX_OPEN_MS",
+            self.circuit.max_open,
+            10,
+            86_400_000,
+        )?;
+        if self.circuit.max_open < self.circuit.open {
+            return Err(ConfigError::new(
+                "WEBHOOK_CIRCUIT_MAX_OPEN_MS",
+                "must not be smaller than WEBHOOK_CIRCUIT_OPEN_MS",
+            ));
+        }
         range_ms("WEBHOOK_BACKOFF_BASE_MS", self.backoff_base, 1, 86_400_000)?;
         range_ms(
             "WEBHOOK_BACKOFF_MAX_MS",

@@ -3,6 +3,7 @@
 //! Input is validated here, before it reaches the table, so a bad URL or secret is
 //! refused at registration rather than discovered at delivery time.
 
+use std::ops::RangeInclusive;
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::GenericClient;
@@ -23,6 +24,11 @@ pub const MAX_HEADER_NAME_LEN: usize = 256;
 pub const MAX_HEADER_VALUE_LEN: usize = 4096;
 /// Longest per-endpoint timeout (an hour, as `WEBHOOK_HTTP_TIMEOUT_MS`).
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The values `max_in_flight` may take: concurrent requests across all dispatchers.
+pub const MAX_IN_FLIGHT_RANGE: RangeInclusive<u32> = 1..=10_000;
+/// The values `rate_limit` may take: requests per second across all dispatchers.
+pub const RATE_LIMIT_RANGE: RangeInclusive<u32> = 1..=100_000;
 
 /// A header sent with every request to an endpoint, such as an API key the consumer
 /// demands. Its value is treated as a secret: it is stored, sent, and never shown
@@ -130,6 +136,45 @@ pub(crate) fn validate_timeout(timeout: Duration) -> Result<(), InvalidEndpoint>
     Ok(())
 }
 
+/// Checks a per-endpoint limit (`field` names it in the message, as the API and the
+/// column do) against its range ([`MAX_IN_FLIGHT_RANGE`], [`RATE_LIMIT_RANGE`]), and
+/// returns it as stored. Takes any integer so that a caller parsing one may check it
+/// before narrowing it.
+pub fn validate_limit(
+    field: &'static str,
+    value: u64,
+    range: &RangeInclusive<u32>,
+) -> Result<u32, InvalidEndpoint> {
+    match u32::try_from(value) {
+        Ok(value) if range.contains(&value) => Ok(value),
+        _ => Err(InvalidEndpoint::Limit {
+            field,
+            value,
+            min: *range.start(),
+            max: *range.end(),
+        }),
+    }
+}
+
+/// Checks both limits of a registration or an update.
+fn validate_limits(
+    max_in_flight: Option<u32>,
+    rate_limit: Option<u32>,
+) -> Result<(), InvalidEndpoint> {
+    if let Some(n) = max_in_flight {
+        validate_limit("max_in_flight", n.into(), &MAX_IN_FLIGHT_RANGE)?;
+    }
+    if let Some(n) = rate_limit {
+        validate_limit("rate_limit", n.into(), &RATE_LIMIT_RANGE)?;
+    }
+    Ok(())
+}
+
+/// A limit as the column stores it (validated first, so it fits).
+fn limit_column(limit: u32) -> i32 {
+    i32::try_from(limit).unwrap_or(i32::MAX)
+}
+
 /// `headers` as the column stores them.
 fn headers_json(headers: &[StaticHeader]) -> serde_json::Value {
     headers
@@ -173,6 +218,52 @@ pub struct Endpoint {
     pub headers: Vec<String>,
     /// Its request timeout in milliseconds, when it overrides `WEBHOOK_HTTP_TIMEOUT_MS`.
     pub timeout_ms: Option<u32>,
+    /// Most concurrent requests to it across all dispatchers; `None`: each dispatcher
+    /// sends it at most `WEBHOOK_ENDPOINT_MAX_IN_FLIGHT` at a time.
+    pub max_in_flight: Option<u32>,
+    /// Most requests per second to it across all dispatchers; `None`: no limit.
+    pub rate_limit: Option<u32>,
+    /// Its circuit breaker, as of the database's clock when it was read.
+    pub circuit: Circuit,
+    /// Consecutive failures of the kinds that open the circuit (timeouts, connection
+    /// errors, 5xx); a success resets it.
+    pub circuit_failures: u32,
+}
+
+/// The state of an endpoint's circuit breaker. In JSON an object tagged by `state`:
+/// `{"state":"closed"}`, `{"state":"open","until":"2026-…Z"}`, `{"state":"half_open"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Circuit {
+    /// Deliveries go out as usual.
+    Closed,
+    /// Paused after consecutive failures (or a `Retry-After`): none of its deliveries
+    /// are claimed, and none of their attempts spent, until `until`.
+    Open {
+        /// When the pause ends and a single probe may go out.
+        #[serde(with = "crate::time_format")]
+        until: SystemTime,
+    },
+    /// The pause is over: a single probe goes out; its success closes the circuit, its
+    /// failure opens it again for longer.
+    HalfOpen,
+}
+
+/// `closed`, `open until 2026-…Z`, `half-open`: as the CLI shows it.
+impl std::fmt::Display for Circuit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Closed => f.write_str("closed"),
+            // PgTimestamp spells every time PostgreSQL can store (an `infinity` set by
+            // hand included), where humantime's formatter would panic.
+            Self::Open { until } => write!(
+                f,
+                "open until {}",
+                crate::time_format::PgTimestamp::from_system_time(*until)
+            ),
+            Self::HalfOpen => f.write_str("half-open"),
+        }
+    }
 }
 
 /// Changes to an endpoint; `None` leaves a field as it is. `Debug` leaves out the
@@ -192,6 +283,11 @@ pub struct EndpointUpdate {
     pub headers: Option<Vec<StaticHeader>>,
     /// A new timeout override (`Some(None)` removes it: `WEBHOOK_HTTP_TIMEOUT_MS` applies).
     pub timeout: Option<Option<Duration>>,
+    /// A new concurrency limit (`Some(None)` removes it: each dispatcher's
+    /// `WEBHOOK_ENDPOINT_MAX_IN_FLIGHT` applies).
+    pub max_in_flight: Option<Option<u32>>,
+    /// A new rate limit in requests per second (`Some(None)` removes it).
+    pub rate_limit: Option<Option<u32>>,
 }
 
 /// What registering an endpoint takes. Its `Debug` output leaves out the secret and
@@ -211,6 +307,12 @@ pub struct NewEndpoint {
     /// Overrides `WEBHOOK_HTTP_TIMEOUT_MS` for this endpoint (a dispatcher still keeps
     /// every request shorter than its lease).
     pub timeout: Option<Duration>,
+    /// Most concurrent requests to it across all dispatchers, in
+    /// [`MAX_IN_FLIGHT_RANGE`]; `None`: each dispatcher's `WEBHOOK_ENDPOINT_MAX_IN_FLIGHT`.
+    pub max_in_flight: Option<u32>,
+    /// Most requests per second to it across all dispatchers, in [`RATE_LIMIT_RANGE`];
+    /// `None`: no limit.
+    pub rate_limit: Option<u32>,
 }
 
 impl std::fmt::Debug for NewEndpoint {
@@ -222,6 +324,8 @@ impl std::fmt::Debug for NewEndpoint {
             .field("description", &self.description)
             .field("headers", &self.headers)
             .field("timeout", &self.timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("rate_limit", &self.rate_limit)
             .finish()
     }
 }
@@ -270,9 +374,9 @@ pub(crate) fn validate_filter(filter: &str) -> Result<(), InvalidEndpoint> {
     }
 }
 
-pub(crate) const INSERT_ENDPOINT: &str =
-    "INSERT INTO webhook_endpoints (url, secret, event_types, description, headers, timeout_ms)
-     VALUES ($1, $2, $3, $4, $5, $6)
+pub(crate) const INSERT_ENDPOINT: &str = "INSERT INTO webhook_endpoints
+         (url, secret, event_types, description, headers, timeout_ms, max_in_flight, rate_limit)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
      RETURNING id";
 
 /// A secret the caller gave, once it is known to parse, or a fresh one.
@@ -293,7 +397,10 @@ pub(crate) const SELECT_ENDPOINTS: &str =
                 AS previous_secret_expires_at,
             -- The names only: a header's value is never read back.
             ARRAY(SELECT h->>'name' FROM jsonb_array_elements(headers) h) AS header_names,
-            timeout_ms
+            timeout_ms, max_in_flight, rate_limit, circuit_failures, circuit_open_until,
+            -- Open or half-open by the database's clock, the one the claims go by;
+            -- NULL while closed.
+            circuit_open_until > now() AS circuit_open
      FROM webhook_endpoints
      WHERE deleted_at IS NULL";
 
@@ -308,6 +415,7 @@ pub async fn add(client: &impl GenericClient, new: NewEndpoint) -> Result<(Endpo
     if let Some(timeout) = new.timeout {
         validate_timeout(timeout)?;
     }
+    validate_limits(new.max_in_flight, new.rate_limit)?;
     let secret = given_or_generated(new.secret)?;
     let row = client
         .query_typed_one(
@@ -319,6 +427,8 @@ pub async fn add(client: &impl GenericClient, new: NewEndpoint) -> Result<(Endpo
                 (&new.description, Type::TEXT),
                 (&headers_json(&new.headers), Type::JSONB),
                 (&new.timeout.map(timeout_ms), Type::INT4),
+                (&new.max_in_flight.map(limit_column), Type::INT4),
+                (&new.rate_limit.map(limit_column), Type::INT4),
             ],
         )
         .await?;
@@ -358,6 +468,24 @@ fn from_row(row: &tokio_postgres::Row) -> Result<Endpoint> {
         timeout_ms: row
             .try_get::<_, Option<i32>>("timeout_ms")?
             .map(|ms| ms.unsigned_abs()),
+        max_in_flight: row
+            .try_get::<_, Option<i32>>("max_in_flight")?
+            .map(i32::unsigned_abs),
+        rate_limit: row
+            .try_get::<_, Option<i32>>("rate_limit")?
+            .map(i32::unsigned_abs),
+        circuit: match (
+            row.try_get::<_, Option<SystemTime>>("circuit_open_until")?,
+            row.try_get::<_, Option<bool>>("circuit_open")?,
+        ) {
+            (None, _) => Circuit::Closed,
+            (Some(until), Some(true)) => Circuit::Open { until },
+            (Some(_), _) => Circuit::HalfOpen,
+        },
+        circuit_failures: row
+            .try_get::<_, i32>("circuit_failures")?
+            .try_into()
+            .unwrap_or(0),
     })
 }
 
@@ -455,6 +583,58 @@ pub async fn enable_discarding_backlog(client: &impl GenericClient, id: i64) -> 
     counted(row, id)
 }
 
+// Closing a circuit by hand: the state a success would leave (no failures counted, no
+// opening to lengthen the next one), in one statement. The row is read locked first for
+// the state it leaves (PostgreSQL 15's RETURNING has only the new row); the dispatchers
+// are rung when it was open or half-open, so its deliveries go out without waiting for a
+// poll tick.
+pub(crate) const CLOSE_CIRCUIT: &str = "WITH old AS (
+        SELECT id, circuit_open_until, held_until FROM webhook_endpoints
+        WHERE id = $1 AND deleted_at IS NULL
+        FOR UPDATE
+    ), closed AS (
+        UPDATE webhook_endpoints e
+        SET circuit_open_until = NULL, circuit_probe_until = NULL,
+            circuit_failures = 0, circuit_opens = 0, held_until = NULL, updated_at = now()
+        FROM old
+        WHERE e.id = old.id
+        RETURNING old.circuit_open_until AS was_open_until, old.held_until AS was_held_until
+    ), released AS (
+        -- The deliveries the claims held back for the circuit or the endpoint's limits
+        -- (placed up to the end of the opening, or of the endpoint's line): due now.
+        -- Found through the due index: an operator's command, not the hot path.
+        UPDATE webhook_deliveries d
+        SET next_attempt_at = now(), updated_at = now()
+        FROM closed c
+        WHERE d.endpoint_id = $1 AND d.state = 'pending'
+          AND d.next_attempt_at > now()
+          AND d.next_attempt_at <= greatest(c.was_open_until, c.was_held_until)
+          AND NOT (d.locked_by IS NOT NULL AND d.locked_until > now())
+        RETURNING 1
+    ), woken AS (
+        SELECT pg_notify('outboxd_wakeup', '')
+        WHERE EXISTS (SELECT 1 FROM closed WHERE was_open_until IS NOT NULL)
+           OR EXISTS (SELECT 1 FROM released)
+    )
+    SELECT (SELECT count(*) FROM closed) AS endpoints,
+           (SELECT was_open_until IS NOT NULL FROM closed) AS was_open,
+           (SELECT count(*) FROM woken) AS woken";
+
+/// Closes an endpoint's circuit by hand, as if a probe had succeeded: its deliveries
+/// held back for the circuit (or for its limits) are due again at once, and its count
+/// of failures and of openings starts over. Retries scheduled later by their backoff
+/// keep their time. Returns whether it was open or half-open.
+pub async fn close_circuit(client: &impl GenericClient, id: i64) -> Result<bool> {
+    let row = client
+        .query_typed_one(CLOSE_CIRCUIT, &[(&id, Type::INT8)])
+        .await?;
+    let found: i64 = row.try_get("endpoints")?;
+    if found == 0 {
+        return Err(Error::NotFound(format!("endpoint {id}")));
+    }
+    Ok(row.try_get::<_, Option<bool>>("was_open")? == Some(true))
+}
+
 /// Reads `(endpoints touched, deliveries touched)` from DISABLE or ENABLE.
 fn counted(row: tokio_postgres::Row, id: i64) -> Result<u64> {
     let found: i64 = row.try_get("endpoints")?;
@@ -483,6 +663,10 @@ pub(crate) const UPDATE_FIELDS: &str = "UPDATE webhook_endpoints
         headers = coalesce($5, headers),
         -- NULL leaves the timeout as it is; 0 removes the override.
         timeout_ms = CASE WHEN $6::int4 IS NULL THEN timeout_ms ELSE nullif($6::int4, 0) END,
+        -- The same for the limits (0 is never a limit: the caller has checked).
+        max_in_flight = CASE WHEN $7::int4 IS NULL THEN max_in_flight
+                             ELSE nullif($7::int4, 0) END,
+        rate_limit = CASE WHEN $8::int4 IS NULL THEN rate_limit ELSE nullif($8::int4, 0) END,
         updated_at = now()
     WHERE id = $1 AND deleted_at IS NULL
     RETURNING id";
@@ -506,7 +690,10 @@ pub async fn update(
     if let Some(Some(timeout)) = change.timeout {
         validate_timeout(timeout)?;
     }
+    validate_limits(change.max_in_flight.flatten(), change.rate_limit.flatten())?;
     let timeout = change.timeout.map(|t| t.map_or(0, timeout_ms));
+    let max_in_flight = change.max_in_flight.map(|n| n.map_or(0, limit_column));
+    let rate_limit = change.rate_limit.map(|n| n.map_or(0, limit_column));
     let found = client
         .query_typed_opt(
             UPDATE_FIELDS,
@@ -517,6 +704,8 @@ pub async fn update(
                 (&change.description, Type::TEXT),
                 (&change.headers.as_deref().map(headers_json), Type::JSONB),
                 (&timeout, Type::INT4),
+                (&max_in_flight, Type::INT4),
+                (&rate_limit, Type::INT4),
             ],
         )
         .await?;
@@ -662,6 +851,61 @@ mod tests {
         validate_timeout(MAX_TIMEOUT).unwrap();
         assert!(validate_timeout(Duration::ZERO).is_err());
         assert!(validate_timeout(MAX_TIMEOUT + Duration::from_millis(1)).is_err());
+    }
+
+    #[test]
+    fn limits() {
+        for (field, range) in [
+            ("max_in_flight", &MAX_IN_FLIGHT_RANGE),
+            ("rate_limit", &RATE_LIMIT_RANGE),
+        ] {
+            let (min, max) = (*range.start(), *range.end());
+            assert_eq!(validate_limit(field, min.into(), range), Ok(min));
+            assert_eq!(validate_limit(field, max.into(), range), Ok(max));
+            for bad in [0, u64::from(max) + 1, u64::from(u32::MAX) + 2, u64::MAX] {
+                let refused = validate_limit(field, bad, range).unwrap_err().to_string();
+                assert_eq!(
+                    refused,
+                    format!("invalid {field}: {bad}; it must be between {min} and {max}")
+                );
+            }
+        }
+        assert!(validate_limits(Some(10_000), Some(100_000)).is_ok());
+        assert!(validate_limits(None, None).is_ok());
+        assert!(validate_limits(Some(10_001), None).is_err());
+        assert!(validate_limits(None, Some(0)).is_err());
+    }
+
+    #[test]
+    fn circuits_in_json_and_text() {
+        let until = std::time::UNIX_EPOCH + Duration::from_micros(1_800_000_000_123_456);
+        for (circuit, json, text) in [
+            (
+                Circuit::Closed,
+                serde_json::json!({ "state": "closed" }),
+                "closed",
+            ),
+            (
+                Circuit::Open { until },
+                serde_json::json!({ "state": "open", "until": "2027-01-15T08:00:00.123456Z" }),
+                "open until 2027-01-15T08:00:00.123456Z",
+            ),
+            (
+                Circuit::HalfOpen,
+                serde_json::json!({ "state": "half_open" }),
+                "half-open",
+            ),
+        ] {
+            assert_eq!(serde_json::to_value(circuit).unwrap(), json);
+            assert_eq!(circuit.to_string(), text);
+        }
+        // A time set by hand past what humantime writes is still shown.
+        let far = std::time::UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert!(
+            Circuit::Open { until: far }
+                .to_string()
+                .starts_with("open until +")
+        );
     }
 
     #[test]

@@ -133,6 +133,18 @@ pub enum InvalidEndpoint {
     /// The timeout is out of range.
     #[error("invalid timeout: {0}")]
     Timeout(String),
+    /// A limit (`max_in_flight`, `rate_limit`) is out of range.
+    #[error("invalid {field}: {value}; it must be between {min} and {max}")]
+    Limit {
+        /// The limit, as the API and the column name it.
+        field: &'static str,
+        /// The value given.
+        value: u64,
+        /// Its least value.
+        min: u32,
+        /// Its greatest value.
+        max: u32,
+    },
 }
 
 /// tokio-postgres's own message is only "db error"; show PostgreSQL's words and code.

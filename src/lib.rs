@@ -112,6 +112,7 @@ macro_rules! internal_use {
 }
 
 pub mod admin;
+pub mod circuit;
 pub mod config;
 pub mod db;
 pub mod endpoint;

@@ -132,6 +132,8 @@ pub struct QueueSample {
     pub depth: BTreeMap<&'static str, i64>,
     /// Age of the oldest event still waiting for fan-out or delivery, in seconds.
     pub oldest_pending_age_seconds: f64,
+    /// Endpoints (enabled) whose circuit is open or half-open.
+    pub circuits_open: i64,
 }
 
 /// Every metric a [`Dispatcher`](crate::Dispatcher) records ([`Dispatcher::metrics`]):
@@ -161,6 +163,8 @@ pub struct Metrics {
     notifications: AtomicU64,
     poll_ticks: AtomicU64,
     endpoints_disabled: AtomicU64,
+    /// Circuit transitions: opened, closed.
+    circuit_transitions: [AtomicU64; 2],
     settle_failures: AtomicU64,
     queue: Mutex<Option<QueueSample>>,
 }
@@ -179,6 +183,7 @@ impl Default for Metrics {
             notifications: AtomicU64::new(0),
             poll_ticks: AtomicU64::new(0),
             endpoints_disabled: AtomicU64::new(0),
+            circuit_transitions: Default::default(),
             settle_failures: AtomicU64::new(0),
             queue: Mutex::new(None),
         }
@@ -252,6 +257,11 @@ impl Metrics {
     }
 
     /// A flush of outcomes failed and will be retried.
+    /// Counts a circuit that opened (`true`) or closed.
+    pub(crate) fn circuit_transition(&self, opened: bool) {
+        self.circuit_transitions[usize::from(!opened)].fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn settle_failed(&self) {
         self.settle_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -297,6 +307,10 @@ impl Metrics {
             notifications: self.notifications.load(Ordering::Relaxed),
             poll_ticks: self.poll_ticks.load(Ordering::Relaxed),
             endpoints_disabled: self.endpoints_disabled.load(Ordering::Relaxed),
+            circuit_transitions: self
+                .circuit_transitions
+                .each_ref()
+                .map(|c| c.load(Ordering::Relaxed)),
             settle_failures: self.settle_failures_total(),
             queue: self.queue.lock().ok().and_then(|q| q.clone()),
         }
@@ -331,6 +345,7 @@ struct Snapshot {
     notifications: u64,
     poll_ticks: u64,
     endpoints_disabled: u64,
+    circuit_transitions: [u64; 2],
     settle_failures: u64,
     queue: Option<QueueSample>,
 }
@@ -464,6 +479,15 @@ impl Collector for Snapshot {
         ] {
             counter(e, name, help, value)?;
         }
+        let mut family = e.encode_descriptor(
+            "outboxd_circuit_transitions",
+            "Endpoint circuits opened (unhealthy failures in a row, or a Retry-After) and closed (a probe succeeded), counted by the dispatcher whose settle made the change.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (transition, value) in ["opened", "closed"].iter().zip(self.circuit_transitions) {
+            labelled_counter(&mut family, &[("transition", *transition)], value)?;
+        }
         if let Some(queue) = &self.queue {
             let mut family = e.encode_descriptor(
                 "outboxd_queue_depth",
@@ -476,6 +500,12 @@ impl Collector for Snapshot {
                     .encode_family(&[("state", *state)])?
                     .encode_gauge(n)?;
             }
+            gauge(
+                e,
+                "outboxd_endpoints_circuit_open",
+                "Endpoints whose circuit is open or half-open: their deliveries wait (sampled).",
+                queue.circuits_open,
+            )?;
             gauge(
                 e,
                 "outboxd_oldest_pending_age_seconds",
@@ -500,6 +530,8 @@ SELECT
     (SELECT count(*) FROM webhook_deliveries WHERE state = 'parked') AS parked,
     (SELECT count(*) FROM webhook_deliveries WHERE state = 'dead') AS dead,
     (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL) AS unprocessed,
+    (SELECT count(*) FROM webhook_endpoints
+      WHERE circuit_open_until IS NOT NULL AND active AND deleted_at IS NULL) AS circuits_open,
     extract(epoch FROM now() - least(
         (SELECT min(created_at) FROM webhook_deliveries WHERE state = 'pending'),
         (SELECT min(created_at) FROM webhook_outbox
@@ -516,6 +548,7 @@ pub async fn sample_queue(client: &impl tokio_postgres::GenericClient) -> Result
     let age: Option<f64> = row.try_get("oldest_pending_age_seconds")?;
     Ok(QueueSample {
         depth,
+        circuits_open: row.try_get("circuits_open")?,
         oldest_pending_age_seconds: age.unwrap_or(0.0).max(0.0),
     })
 }
@@ -732,8 +765,10 @@ mod tests {
         m.set_queue(QueueSample {
             depth: [("pending", 3), ("dead", 1)].into_iter().collect(),
             oldest_pending_age_seconds: 1.5,
+            circuits_open: 1,
         });
         m.inflight_add(2);
+        m.circuit_transition(true);
         m.set_listener_connected(true);
         let p = parse(&m.render());
         let expected: BTreeMap<String, String> = [
@@ -749,7 +784,9 @@ mod tests {
             ("outboxd_poll_ticks_total", "counter"),
             ("outboxd_endpoints_disabled_total", "counter"),
             ("outboxd_settle_failures_total", "counter"),
+            ("outboxd_circuit_transitions_total", "counter"),
             ("outboxd_queue_depth", "gauge"),
+            ("outboxd_endpoints_circuit_open", "gauge"),
             ("outboxd_oldest_pending_age_seconds", "gauge"),
         ]
         .into_iter()
@@ -760,6 +797,11 @@ mod tests {
         assert_eq!(p.value("outboxd_listener_connected", &[]), 1.0);
         assert_eq!(p.value("outboxd_queue_depth", &[("state", "pending")]), 3.0);
         assert_eq!(p.value("outboxd_oldest_pending_age_seconds", &[]), 1.5);
+        assert_eq!(p.value("outboxd_endpoints_circuit_open", &[]), 1.0);
+        assert_eq!(
+            p.value("outboxd_circuit_transitions_total", &[("transition", "opened")]),
+            1.0
+        );
     }
 
     /// A scrape racing observations still reads a valid histogram: the old encoder
@@ -803,6 +845,7 @@ mod tests {
         m.set_queue(QueueSample {
             depth: [(odd, 5)].into_iter().collect(),
             oldest_pending_age_seconds: 0.0,
+            circuits_open: 0,
         });
         let text = m.render();
         assert!(

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::GenericClient;
 use tokio_postgres::types::{ToSql, Type};
 
+use crate::circuit::{self, CircuitPolicy, Runs, Tally, Transitions};
 use crate::db::Pool;
 use crate::deliver::{Attempt, AttemptResult, ErrorKind};
 use crate::error::{Error, Result};
@@ -46,8 +47,16 @@ pub const LINGER: Duration = Duration::from_millis(15);
 /// together or not at all. The function tells a 410 from the other outcomes written as
 /// `parked` by `uncount`: a 410 is an attempt (0), a park of a closed endpoint's
 /// delivery is not (1). See [`Outcome`]'s `state` and the `uncount` column.
-pub const SETTLE: &str = "SELECT webhook_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
-    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20) AS settled";
+///
+/// The function this statement calls, `webhook_settle_outcomes`
+/// (`sql/0011_endpoint_limits_and_circuit.sql`), calls `webhook_settle` for that, and
+/// then keeps each endpoint's circuit (see [`crate::circuit`]): `$21`/`$22` the unhealthy failures per
+/// endpoint, `$23`/`$24` the pauses asked by a `Retry-After`, `$25` to `$27` the
+/// [`CircuitPolicy`]; it returns the circuits it opened and closed.
+pub const SETTLE: &str = "SELECT settled, opened, closed
+FROM webhook_settle_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+    $21, $22, $23, $24, $25, $26, $27)";
 
 /// What to write for one delivery.
 #[derive(Debug, Clone)]
@@ -111,6 +120,14 @@ pub fn summarize(result: &AttemptResult) -> (Option<i32>, Option<String>) {
     }
 }
 
+/// What the attempts among `outcomes` say of their endpoints' health.
+fn tally(outcomes: &[Outcome]) -> Tally {
+    Tally::of(outcomes.iter().filter_map(|o| {
+        let attempt = o.record.as_ref()?;
+        Some((o.endpoint_id, circuit::signal(&attempt.result)))
+    }))
+}
+
 /// Column arrays for one [`SETTLE`] execution.
 #[derive(Default)]
 struct Columns {
@@ -133,11 +150,19 @@ struct Columns {
     a_excerpt: Vec<Option<String>>,
     healthy: Vec<i64>,
     failing: Vec<i64>,
+    unhealthy_endpoint: Vec<i64>,
+    unhealthy_count: Vec<i32>,
+    pause_endpoint: Vec<i64>,
+    pause_ms: Vec<i64>,
 }
 
 impl Columns {
-    fn from_outcomes(outcomes: &[Outcome]) -> Self {
+    /// The columns of `outcomes`, with `runs`, each endpoint's run of unhealthy
+    /// failures as the dispatcher counts it ([`circuit::Runs`]).
+    fn from_outcomes(outcomes: &[Outcome], runs: &[(i64, i32)]) -> Self {
         let mut c = Columns::default();
+        (c.unhealthy_endpoint, c.unhealthy_count) = runs.iter().copied().unzip();
+        (c.pause_endpoint, c.pause_ms) = tally(outcomes).pauses.into_iter().unzip();
         for o in outcomes {
             let (status, error) = o
                 .record
@@ -205,22 +230,45 @@ impl Columns {
 /// outcomes cannot be written the claim loop waits, so this is the one place where the
 /// pool's sessions on a fenced or demoted server can be weeded out.
 pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result<u64> {
+    let circuit = CircuitPolicy::default();
+    let runs = Runs::default().add(&tally(outcomes), circuit.failures);
+    let (settled, _) = flush_with(pool, worker_id, outcomes, &circuit, &runs).await?;
+    Ok(settled)
+}
+
+/// [`flush`] under `circuit`, with `runs` of unhealthy failures per endpoint (see
+/// [`Columns::from_outcomes`]); returns the circuit transitions the flush made too.
+async fn flush_with(
+    pool: &Pool,
+    worker_id: &str,
+    outcomes: &[Outcome],
+    circuit: &CircuitPolicy,
+    runs: &[(i64, i32)],
+) -> Result<(u64, Transitions)> {
     let mut client = pool.get().await?;
-    let flushed = flush_on(&*client, worker_id, outcomes).await;
+    let flushed = flush_on(&*client, worker_id, outcomes, circuit, runs).await;
     if let Err(e) = &flushed {
         crate::pooler::discard_if_read_only(&mut client, e);
     }
     flushed
 }
 
-/// [`flush`] on a connection the caller holds.
+/// [`flush_with`] on a connection the caller holds.
 async fn flush_on(
     client: &impl GenericClient,
     worker_id: &str,
     outcomes: &[Outcome],
-) -> Result<u64> {
-    let c = Columns::from_outcomes(outcomes);
-    let params: [(&(dyn ToSql + Sync), Type); 20] = [
+    circuit: &CircuitPolicy,
+    runs: &[(i64, i32)],
+) -> Result<(u64, Transitions)> {
+    let c = Columns::from_outcomes(outcomes, runs);
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let (failures, open_ms, max_open_ms) = (
+        i32::try_from(circuit.failures).unwrap_or(i32::MAX),
+        ms(circuit.open),
+        ms(circuit.max_open),
+    );
+    let params: [(&(dyn ToSql + Sync), Type); 27] = [
         (&worker_id, Type::TEXT),
         (&c.event_id, Type::INT8_ARRAY),
         (&c.endpoint_id, Type::INT8_ARRAY),
@@ -241,10 +289,21 @@ async fn flush_on(
         (&c.a_excerpt, Type::TEXT_ARRAY),
         (&c.healthy, Type::INT8_ARRAY),
         (&c.failing, Type::INT8_ARRAY),
+        (&c.unhealthy_endpoint, Type::INT8_ARRAY),
+        (&c.unhealthy_count, Type::INT4_ARRAY),
+        (&c.pause_endpoint, Type::INT8_ARRAY),
+        (&c.pause_ms, Type::INT8_ARRAY),
+        (&failures, Type::INT4),
+        (&open_ms, Type::INT8),
+        (&max_open_ms, Type::INT8),
     ];
     let row = client.query_typed_one(SETTLE, &params).await?;
     let settled: i64 = row.try_get("settled")?;
-    Ok(settled as u64)
+    let transitions = Transitions {
+        opened: row.try_get("opened")?,
+        closed: row.try_get("closed")?,
+    };
+    Ok((settled as u64, transitions))
 }
 
 /// Checks that outcomes can be recorded through `client`: `webhook_settle` resolves
@@ -269,7 +328,7 @@ pub async fn probe(client: &impl GenericClient) -> Result<()> {
             "its sessions are read-only (default_transaction_read_only is on)".to_owned(),
         ));
     }
-    match flush_on(client, "", &[]).await {
+    match flush_on(client, "", &[], &CircuitPolicy::default(), &[]).await {
         Err(Error::Db(e)) if e.as_db_error().is_some_and(|db| refuses_setup(db.code())) => {
             Err(Error::CannotSettle(e))
         }
@@ -305,6 +364,8 @@ pub struct Settler {
     pub wake: std::sync::Arc<tokio::sync::Notify>,
     /// Stops retrying a failing flush (at the end of a shutdown).
     pub give_up: tokio_util::sync::CancellationToken,
+    /// When endpoints' circuits open, and for how long.
+    pub circuit: CircuitPolicy,
     /// `true` from a failed flush until every outcome queued by then is written: the
     /// claim loop stops claiming meanwhile, since what it delivered could not be
     /// recorded, and a lease that ran out during the stall would let it claim again a
@@ -333,6 +394,7 @@ impl Settler {
     /// back when the lease runs out: nothing is lost, at worst delivered twice.
     pub async fn run(self, mut rx: mpsc::Receiver<Outcome>) -> SettleTotals {
         let mut totals = SettleTotals::default();
+        let mut runs = Runs::default();
         let mut batch = Vec::with_capacity(MAX_BATCH);
         loop {
             if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
@@ -349,7 +411,7 @@ impl Settler {
                     }
                 }
             }
-            let written = self.write(&batch, &mut totals).await;
+            let written = self.write(&batch, &mut totals, &mut runs).await;
             batch.clear();
             if written && *self.stalled.borrow() && rx.is_empty() {
                 self.set_stalled(false);
@@ -358,15 +420,21 @@ impl Settler {
     }
 
     /// Writes `batch`; returns `false` if it gave up.
-    async fn write(&self, batch: &[Outcome], totals: &mut SettleTotals) -> bool {
-        match self.flush_retrying(batch).await {
+    async fn write(&self, batch: &[Outcome], totals: &mut SettleTotals, runs: &mut Runs) -> bool {
+        let runs = runs.add(&tally(batch), self.circuit.failures);
+        match self.flush_retrying(batch, &runs).await {
             Flushed::Settled(settled) => totals.record(batch, settled),
             Flushed::GaveUp => return false,
             Flushed::BadData(e) => {
                 tracing::warn!(error = %e, outcomes = batch.len(), "a batch of outcomes was refused for its values; writing them one by one");
                 for outcome in batch {
                     let one = std::slice::from_ref(outcome);
-                    match self.flush_retrying(one).await {
+                    let run: Vec<_> = runs
+                        .iter()
+                        .filter(|(endpoint, _)| *endpoint == outcome.endpoint_id)
+                        .copied()
+                        .collect();
+                    match self.flush_retrying(one, &run).await {
                         Flushed::Settled(settled) => totals.record(one, settled),
                         Flushed::BadData(e) => tracing::error!(
                             event_id = outcome.event_id,
@@ -393,15 +461,18 @@ impl Settler {
 
     /// Flushes `outcomes`, retrying with backoff while the database cannot take them,
     /// until `give_up` fires (which also ends a flush that hangs).
-    async fn flush_retrying(&self, outcomes: &[Outcome]) -> Flushed {
+    async fn flush_retrying(&self, outcomes: &[Outcome], runs: &[(i64, i32)]) -> Flushed {
         let mut delay = Duration::from_millis(50);
         loop {
             let flushed = tokio::select! {
-                flushed = flush(&self.pool, &self.worker_id, outcomes) => flushed,
+                flushed = flush_with(&self.pool, &self.worker_id, outcomes, &self.circuit, runs) => flushed,
                 _ = self.give_up.cancelled() => return self.gave_up(outcomes),
             };
             let e = match flushed {
-                Ok(settled) => return Flushed::Settled(settled),
+                Ok((settled, transitions)) => {
+                    transitions.report(&self.metrics);
+                    return Flushed::Settled(settled);
+                }
                 Err(e) if e.is_bad_data() => return Flushed::BadData(e),
                 Err(e) => e,
             };

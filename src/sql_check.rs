@@ -38,6 +38,7 @@ const STATEMENTS: &[(&str, &str, &str)] = statements![
     endpoint::PARK_ALL,
     endpoint::UPDATE_FIELDS,
     endpoint::ROTATE,
+    endpoint::CLOSE_CIRCUIT,
     health::FAILING_TOO_LONG,
     health::DISABLE_IF_STILL_FAILING,
     health::RESUME_STRANDED,

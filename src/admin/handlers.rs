@@ -14,11 +14,14 @@ use super::AdminState;
 use super::error::ApiError;
 use super::input::{
     JsonBody, NoQuery, OptionalJsonBody, Params, PathParam, check_body_id, check_description,
-    check_event_type, check_filters, check_headers, check_secret, check_timeout, check_url,
-    delivery_cursor, delivery_in_path, non_null, opt_event_type, opt_id, opt_limit, opt_query_time,
-    opt_state, opt_time, parse_id, query_value,
+    check_event_type, check_filters, check_headers, check_limit, check_secret, check_timeout,
+    check_url, delivery_cursor, delivery_in_path, non_null, nullable, opt_event_type, opt_id,
+    opt_limit, opt_query_time, opt_state, opt_time, parse_id, query_value,
 };
-use crate::endpoint::{self, Endpoint, EndpointUpdate, NewEndpoint, StaticHeader};
+use crate::endpoint::{
+    self, Endpoint, EndpointUpdate, MAX_IN_FLIGHT_RANGE, NewEndpoint, RATE_LIMIT_RANGE,
+    StaticHeader,
+};
 use crate::inspect::{self, DeliveryFilter, DeliveryId, EventFilter};
 use crate::redrive::{self, DeadFilter};
 
@@ -29,7 +32,7 @@ type Handled = Result<Response, ApiError>;
 // ---------------------------------------------------------------------------------------
 
 // Optional fields are absent or a value: `null` is refused, as the document makes none
-// of them nullable.
+// of them nullable; but for the limits, where `null` is "no limit", as in an endpoint.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct CreateEndpoint {
@@ -44,6 +47,10 @@ pub(super) struct CreateEndpoint {
     headers: Option<Vec<StaticHeader>>,
     #[serde(default, deserialize_with = "non_null")]
     timeout_ms: Option<u64>,
+    #[serde(default)]
+    max_in_flight: Option<u64>,
+    #[serde(default)]
+    rate_limit: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -73,6 +80,8 @@ pub(super) async fn create_endpoint(
         description: body.description.unwrap_or_default(),
         headers: body.headers.unwrap_or_default(),
         timeout,
+        max_in_flight: check_limit("max_in_flight", body.max_in_flight, &MAX_IN_FLIGHT_RANGE)?,
+        rate_limit: check_limit("rate_limit", body.rate_limit, &RATE_LIMIT_RANGE)?,
     };
     // Validate before taking a connection, so bad input never waits on the pool.
     check_url(&new.url)?;
@@ -115,7 +124,9 @@ pub(super) async fn get_endpoint(
     Ok(Json(endpoint::get(&*conn, id).await?).into_response())
 }
 
-// Here `null` is allowed and means "leave it as it is", as the document says.
+// Here `null` is allowed and means "leave it as it is", as the document says; but for
+// the limits, where it means "no limit" (absent leaves them): 0 cannot mean that, as it
+// reads like a pause.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct PatchEndpoint {
@@ -131,6 +142,10 @@ pub(super) struct PatchEndpoint {
     headers: Option<Vec<StaticHeader>>,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    #[serde(default, deserialize_with = "nullable")]
+    max_in_flight: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    rate_limit: Option<Option<u64>>,
 }
 
 pub(super) async fn update_endpoint(
@@ -163,6 +178,14 @@ pub(super) async fn update_endpoint(
         active: body.active,
         headers: body.headers,
         timeout,
+        max_in_flight: body
+            .max_in_flight
+            .map(|n| check_limit("max_in_flight", n, &MAX_IN_FLIGHT_RANGE))
+            .transpose()?,
+        rate_limit: body
+            .rate_limit
+            .map(|n| check_limit("rate_limit", n, &RATE_LIMIT_RANGE))
+            .transpose()?,
     };
     // One transaction: the fields and the parking or resuming land together or not at all.
     let mut conn = state.pool.get().await?;
@@ -257,6 +280,29 @@ pub(super) async fn enable_endpoint(
         }
     };
     Ok(Json(enabled).into_response())
+}
+
+#[derive(Serialize)]
+struct CircuitClosed {
+    /// Whether it was open or half-open.
+    was_open: bool,
+    /// The endpoint as it now is.
+    endpoint: Endpoint,
+}
+
+/// Closes an endpoint's circuit by hand; its due deliveries go out at once.
+pub(super) async fn close_circuit(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+    Params(NoQuery {}): Params<NoQuery>,
+) -> Handled {
+    let id = parse_id("endpoint id", &id)?;
+    let mut conn = state.pool.get().await?;
+    let tx = conn.transaction().await?;
+    let was_open = endpoint::close_circuit(&tx, id).await?;
+    let endpoint = endpoint::get(&tx, id).await?;
+    tx.commit().await?;
+    Ok(Json(CircuitClosed { was_open, endpoint }).into_response())
 }
 
 #[derive(Serialize)]

@@ -465,6 +465,17 @@ where
     T::deserialize(deserializer).map(Some)
 }
 
+/// For `#[serde(default, deserialize_with = "nullable")]` on an `Option<Option<_>>`
+/// field of an update: absent is `None` (leave it), `null` is `Some(None)` (remove it),
+/// a value is `Some(Some(_))`.
+pub(super) fn nullable<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(deserializer).map(Some)
+}
+
 /// The document's pattern of an endpoint URL: `http` or `https`, a host name (labels
 /// of letters, digits and `_` joined by single hyphens; the last label starts with a
 /// letter, so it is never read as an IPv4 number), a dotted-quad IPv4 address or a
@@ -639,6 +650,20 @@ pub(super) fn check_timeout(
     let timeout = std::time::Duration::from_millis(ms);
     crate::endpoint::validate_timeout(timeout).map_err(crate::Error::from)?;
     Ok(Some(timeout))
+}
+
+/// A per-endpoint limit (`field` names it) in its range
+/// ([`crate::endpoint::MAX_IN_FLIGHT_RANGE`], [`crate::endpoint::RATE_LIMIT_RANGE`]), as
+/// the library checks it.
+pub(super) fn check_limit(
+    field: &'static str,
+    value: Option<u64>,
+    range: &std::ops::RangeInclusive<u32>,
+) -> Result<Option<u32>, ApiError> {
+    value
+        .map(|value| crate::endpoint::validate_limit(field, value, range))
+        .transpose()
+        .map_err(|e| crate::Error::from(e).into())
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! No transaction is ever held across an HTTP request: a claim commits before the
 //! sends start, and outcomes are written by a later statement.
 
+mod load;
 mod send;
 mod session;
 mod wakeup;
@@ -209,6 +210,7 @@ impl Dispatcher {
                 wake: Arc::clone(&wake),
                 give_up: settle_give_up.clone(),
                 stalled: settle_stalled,
+                circuit: cfg.circuit,
             }
             .run(settle_rx),
         );
@@ -389,6 +391,7 @@ impl ClaimLoop {
             return None;
         }
         let want = self.send.claim_size(free);
+        let loads = self.send.load.snapshot();
         let claimed_at = tokio::time::Instant::now();
         let batch = match self
             .session
@@ -396,7 +399,7 @@ impl ClaimLoop {
                 &self.cfg.worker_id,
                 self.cfg.lease,
                 want,
-                &self.payload_budget,
+                (&self.payload_budget, &loads),
                 shutdown,
             )
             .await?

@@ -27,6 +27,8 @@ use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::retry::{RetryPolicy, Verdict};
 use crate::settle::{Next, Outcome};
 
+use super::load::EndpointLoad;
+
 /// A claimed delivery still waiting for a send slot this long after its claim went out
 /// marks the slots as scarce: for [`SCARCE_SLOTS_FOR`], claims take no more than the
 /// free slots. In a burst, a whole batch finds slots within milliseconds.
@@ -73,6 +75,8 @@ pub(super) struct SendSide<A: Attempter = Sender> {
     metrics: Arc<Metrics>,
     /// Until when claims take no more than the free send slots.
     scarce_until: Option<Instant>,
+    /// Requests in flight per endpoint, for the claim.
+    pub(super) load: Arc<EndpointLoad>,
 }
 
 impl<A: Attempter> SendSide<A> {
@@ -102,6 +106,7 @@ impl<A: Attempter> SendSide<A> {
             settle_stalled,
             metrics,
             scarce_until: None,
+            load: Arc::new(EndpointLoad::new(cfg.endpoint_max_in_flight)),
         }
     }
 
@@ -227,6 +232,9 @@ impl<A: Attempter> SendSide<A> {
                     }
                 }
             };
+            // In flight from here: leased to this dispatcher, and holding the
+            // endpoint's share of it.
+            self.load.started(delivery.endpoint_id);
             // Only this loop takes permits, so the first `free` deliveries of a claim
             // never wait.
             let permit = match Arc::clone(&self.permits).try_acquire_owned() {
@@ -258,6 +266,7 @@ impl<A: Attempter> SendSide<A> {
             let (Some(permit), true) = (permit, sendable) else {
                 // Later deliveries of the claim would have waited at least as long.
                 scarce |= !shutdown.is_cancelled();
+                self.load.finished(delivery.endpoint_id, None);
                 unsent.push(unsent_outcome(Claimed::Send(delivery)));
                 unsent.extend(items.map(unsent_outcome));
                 break;
@@ -268,6 +277,7 @@ impl<A: Attempter> SendSide<A> {
                 abort: self.abort.clone(),
                 settle_tx: self.settle_tx.clone(),
                 metrics: Arc::clone(&self.metrics),
+                load: Arc::clone(&self.load),
             };
             self.tracker.spawn(async move {
                 task.run(delivery).await;
@@ -340,6 +350,7 @@ struct SendTask<A> {
     abort: CancellationToken,
     settle_tx: mpsc::Sender<Outcome>,
     metrics: Arc<Metrics>,
+    load: Arc<EndpointLoad>,
 }
 
 impl<A: Attempter> SendTask<A> {
@@ -365,6 +376,8 @@ impl<A: Attempter> SendTask<A> {
             }
         };
         self.metrics.inflight_add(-1);
+        self.load
+            .finished(delivery.endpoint_id, record.as_ref().map(|a| a.duration));
         let outcome = Outcome {
             event_id: delivery.event_id,
             endpoint_id: delivery.endpoint_id,

@@ -66,7 +66,7 @@ impl Session {
         worker_id: &str,
         lease: Duration,
         limit: u32,
-        budget: &Arc<claim::PayloadBudget>,
+        (budget, loads): (&Arc<claim::PayloadBudget>, &claim::Loads),
         shutdown: &CancellationToken,
     ) -> Option<Result<claim::Batch>> {
         let (connector, p) = match self.open(shutdown).await? {
@@ -75,12 +75,14 @@ impl Session {
         };
         let batch = match &p.claim {
             Some(statement) => {
-                let claim =
-                    claim::claim_prepared(&p.conn, statement, worker_id, lease, limit, budget);
+                let claim = claim::claim_prepared(
+                    &p.conn, statement, worker_id, lease, limit, budget, loads,
+                );
                 connector.finish_or_cancel(&p.conn, shutdown, claim).await
             }
             None => {
-                let claim = claim::claim_unnamed(&*p.conn, worker_id, lease, limit, budget);
+                let claim =
+                    claim::claim_unnamed(&*p.conn, worker_id, lease, limit, budget, loads);
                 connector.finish_or_cancel(&p.conn, shutdown, claim).await
             }
         };

@@ -357,6 +357,8 @@ async fn a_failure_after_a_silence_starts_a_new_run() {
     set_failure_run(&db, endpoint, 200, 10).await;
     let mut config = test_config("health_newrun");
     config.max_attempts = 1000;
+    // The circuit would open (a transition, written) and stop the attempts.
+    config.circuit.failures = 1_000_000;
     let dispatcher = RunningDispatcher::start(&db.url, config);
 
     let event = db.enqueue("order.created", &json!({})).await;

@@ -18,6 +18,7 @@ mod connections;
 mod delivery;
 mod demo_receiver;
 mod endpoint_health;
+mod endpoint_limits;
 mod endpoint_requests;
 mod endpoints;
 mod failover;

@@ -79,9 +79,16 @@ async fn a_claim_holds_each_payload_once_however_many_endpoints() {
     let events = big_events(&db, 3, 20_000, false).await;
     let budget = PayloadBudget::new(64 << 20, 4 << 20);
 
-    let batch = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
-        .await
-        .unwrap();
+    let batch = claim::claim_unnamed(
+        &db.client,
+        "w",
+        LEASE,
+        100,
+        &budget,
+        &claim::Loads::idle(64),
+    )
+    .await
+    .unwrap();
     let deliveries = sent(&batch.claimed);
     assert_eq!(deliveries.len(), 24);
     let bodies = bodies(&deliveries);
@@ -121,9 +128,16 @@ async fn claims_are_bounded_by_payload_bytes() {
         // Room for two events and a bit: a third starts under the budget.
         let budget = PayloadBudget::new(250_000, 4 << 20);
 
-        let first = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
-            .await
-            .unwrap();
+        let first = claim::claim_unnamed(
+            &db.client,
+            "w",
+            LEASE,
+            100,
+            &budget,
+            &claim::Loads::idle(64),
+        )
+        .await
+        .unwrap();
         let taken: Vec<i64> = bodies(&sent(&first.claimed)).into_keys().collect();
         assert_eq!(taken, events[..3], "compressible: {compressible}");
         assert!(first.more, "more events are waiting");
@@ -135,9 +149,16 @@ async fn claims_are_bounded_by_payload_bytes() {
 
         // While the budget is spent, a claim still takes one event.
         assert_eq!(budget.available(), 0, "held {}", budget.held());
-        let second = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
-            .await
-            .unwrap();
+        let second = claim::claim_unnamed(
+            &db.client,
+            "w",
+            LEASE,
+            100,
+            &budget,
+            &claim::Loads::idle(64),
+        )
+        .await
+        .unwrap();
         let taken: Vec<i64> = bodies(&sent(&second.claimed)).into_keys().collect();
         assert_eq!(taken, events[3..4]);
         drop((first, second));
@@ -153,9 +174,16 @@ async fn claims_are_bounded_by_payload_bytes() {
             )
             .await
             .unwrap();
-        let retries = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
-            .await
-            .unwrap();
+        let retries = claim::claim_unnamed(
+            &db.client,
+            "w",
+            LEASE,
+            100,
+            &budget,
+            &claim::Loads::idle(64),
+        )
+        .await
+        .unwrap();
         let mut taken: Vec<(i64, i32)> = sent(&retries.claimed)
             .iter()
             .map(|d| (d.event_id, d.attempt))
@@ -197,9 +225,16 @@ async fn a_fanned_out_retry_counts_its_payload_once() {
     // Room for the first event and the start of the second; a payload counted per
     // delivery would fill it with two deliveries.
     let budget = PayloadBudget::new(150_000, 4 << 20);
-    let first = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
-        .await
-        .unwrap();
+    let first = claim::claim_unnamed(
+        &db.client,
+        "w",
+        LEASE,
+        100,
+        &budget,
+        &claim::Loads::idle(64),
+    )
+    .await
+    .unwrap();
     let deliveries = sent(&first.claimed);
     assert_eq!(deliveries.len(), 40);
     assert_eq!(bodies(&deliveries).into_keys().collect::<Vec<_>>(), events);
@@ -211,9 +246,16 @@ async fn a_fanned_out_retry_counts_its_payload_once() {
         )
         .await
         .unwrap();
-    let retries = claim::claim_unnamed(&db.client, "w", LEASE, 100, &budget)
-        .await
-        .unwrap();
+    let retries = claim::claim_unnamed(
+        &db.client,
+        "w",
+        LEASE,
+        100,
+        &budget,
+        &claim::Loads::idle(64),
+    )
+    .await
+    .unwrap();
     let deliveries = sent(&retries.claimed);
     assert_eq!(deliveries.len(), 40);
     assert!(deliveries.iter().all(|d| d.attempt == 2));

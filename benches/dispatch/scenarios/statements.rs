@@ -38,6 +38,8 @@ async fn statements_in(ctx: &mut Ctx, url: &str, client: &Client) -> anyhow::Res
     let lease = Duration::from_secs(600);
     let batch = config.batch_size;
     let budget = claim::PayloadBudget::from_config(&config);
+    // Nothing in flight and no cap below a batch: the statement's own cost.
+    let loads = claim::Loads::idle(batch);
     let (mut prepared, mut unnamed) = (Vec::new(), Vec::new());
 
     // Idle: the claim a wake-up makes, on an empty queue.
@@ -53,11 +55,12 @@ async fn statements_in(ctx: &mut Ctx, url: &str, client: &Client) -> anyhow::Res
                     lease,
                     batch,
                     &budget,
+                    &loads,
                 )
                 .await?;
                 prepared.push(t.elapsed().as_secs_f64() * 1e6);
             } else {
-                claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, &budget).await?;
+                claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, &budget, &loads).await?;
                 unnamed.push(t.elapsed().as_secs_f64() * 1e6);
             }
         }
@@ -81,10 +84,18 @@ async fn statements_in(ctx: &mut Ctx, url: &str, client: &Client) -> anyhow::Res
     loop {
         let t = Instant::now();
         let got = if turn % 2 == 0 {
-            claim::claim_prepared(&prepared_conn, &statement, "bench-p", lease, batch, &budget)
-                .await?
+            claim::claim_prepared(
+                &prepared_conn,
+                &statement,
+                "bench-p",
+                lease,
+                batch,
+                &budget,
+                &loads,
+            )
+            .await?
         } else {
-            claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, &budget).await?
+            claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, &budget, &loads).await?
         };
         let us = t.elapsed().as_secs_f64() * 1e6;
         if got.claimed.len() < batch as usize {

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
-use outboxd::endpoint::{self, EndpointUpdate, StaticHeader};
+use outboxd::endpoint::{
+    self, EndpointUpdate, MAX_IN_FLIGHT_RANGE, RATE_LIMIT_RANGE, StaticHeader,
+};
 use outboxd::inspect::{self, DeliveryFilter, DeliveryId, DeliveryView, Page};
 use outboxd::redrive::{self, DeadFilter};
 use outboxd::{Error, NewEndpoint};
@@ -46,6 +48,22 @@ pub enum EndpointCommand {
         /// Request timeout for this endpoint in milliseconds, instead of WEBHOOK_HTTP_TIMEOUT_MS (each dispatcher keeps it under its lease)
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// Most concurrent requests to this endpoint across all dispatchers, 1 to 10000 (default: each dispatcher's WEBHOOK_ENDPOINT_MAX_IN_FLIGHT)
+        #[arg(
+            long,
+            value_name = "N",
+            allow_negative_numbers = true,
+            value_parser = max_in_flight
+        )]
+        max_in_flight: Option<u32>,
+        /// Most requests per second to this endpoint across all dispatchers, 1 to 100000 (default: no limit)
+        #[arg(
+            long,
+            value_name = "N",
+            allow_negative_numbers = true,
+            value_parser = rate_limit
+        )]
+        rate_limit: Option<u32>,
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
@@ -64,7 +82,7 @@ pub enum EndpointCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Change an endpoint's URL, filters or description
+    /// Change an endpoint's URL, filters, description, headers, timeout or limits
     Update {
         /// Endpoint id
         id: i64,
@@ -95,6 +113,30 @@ pub enum EndpointCommand {
         /// New request timeout in milliseconds; 0 removes the override (WEBHOOK_HTTP_TIMEOUT_MS applies)
         #[arg(long)]
         timeout_ms: Option<u64>,
+        /// New limit of concurrent requests across all dispatchers, 1 to 10000
+        #[arg(
+            long,
+            value_name = "N",
+            allow_negative_numbers = true,
+            value_parser = max_in_flight,
+            conflicts_with = "clear_max_in_flight"
+        )]
+        max_in_flight: Option<u32>,
+        /// Remove the concurrency limit: each dispatcher's WEBHOOK_ENDPOINT_MAX_IN_FLIGHT applies
+        #[arg(long)]
+        clear_max_in_flight: bool,
+        /// New limit of requests per second across all dispatchers, 1 to 100000
+        #[arg(
+            long,
+            value_name = "N",
+            allow_negative_numbers = true,
+            value_parser = rate_limit,
+            conflicts_with = "clear_rate_limit"
+        )]
+        rate_limit: Option<u32>,
+        /// Remove the rate limit
+        #[arg(long)]
+        clear_rate_limit: bool,
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
@@ -136,6 +178,37 @@ pub enum EndpointCommand {
         /// Endpoint id
         id: i64,
     },
+    /// Close an endpoint's open (or half-open) circuit by hand: its due deliveries then go out at once, and its count of consecutive failures starts over
+    CloseCircuit {
+        /// Endpoint id
+        id: i64,
+    },
+}
+
+/// `--max-in-flight`: in range, or clap's error naming the option (exit status 2).
+fn max_in_flight(text: &str) -> Result<u32, String> {
+    limit(text, "max_in_flight", &MAX_IN_FLIGHT_RANGE)
+}
+
+/// `--rate-limit`: in range, or clap's error naming the option (exit status 2).
+fn rate_limit(text: &str) -> Result<u32, String> {
+    limit(text, "rate_limit", &RATE_LIMIT_RANGE)
+}
+
+/// A limit, checked by the library's rule so the CLI and the API refuse the same values.
+fn limit(
+    text: &str,
+    field: &'static str,
+    range: &std::ops::RangeInclusive<u32>,
+) -> Result<u32, String> {
+    let value: u64 = text.parse().map_err(|_| {
+        format!(
+            "{field} must be a whole number between {} and {}",
+            range.start(),
+            range.end()
+        )
+    })?;
+    endpoint::validate_limit(field, value, range).map_err(|e| e.to_string())
 }
 
 /// Filters shared by the delivery listings.
@@ -226,6 +299,8 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             description,
             headers,
             timeout_ms,
+            max_in_flight,
+            rate_limit,
             json,
         } => {
             let new = NewEndpoint {
@@ -235,6 +310,8 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
                 description,
                 headers: parse_headers(&headers)?,
                 timeout: timeout_ms.map(Duration::from_millis),
+                max_in_flight,
+                rate_limit,
             };
             let (endpoint, secret) = endpoint::add(client, new).await?;
             if json {
@@ -246,6 +323,7 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
                 println!("secret: {secret}");
                 println!("url: {}", endpoint.url);
                 println!("event_types: {}", filters(&endpoint.event_types));
+                print_limits(&endpoint);
             }
         }
         EndpointCommand::List { json } => {
@@ -253,13 +331,22 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             if json {
                 println!("{}", serde_json::to_string(&endpoints)?);
             } else {
-                println!("{:>6}  {:<8}  {:<24}  URL", "ID", "STATE", "EVENT TYPES");
-                for e in endpoints {
+                let circuits: Vec<String> =
+                    endpoints.iter().map(|e| e.circuit.to_string()).collect();
+                let width = circuits.iter().map(String::len).max().unwrap_or(0);
+                println!(
+                    "{:>6}  {:<8}  {:<24}  {:>9}  {:>6}  {:<width$}  URL",
+                    "ID", "STATE", "EVENT TYPES", "IN FLIGHT", "RATE/S", "CIRCUIT"
+                );
+                for (e, circuit) in endpoints.iter().zip(&circuits) {
                     println!(
-                        "{:>6}  {:<8}  {:<24}  {}",
+                        "{:>6}  {:<8}  {:<24}  {:>9}  {:>6}  {:<width$}  {}",
                         e.id,
                         if e.active { "active" } else { "disabled" },
                         filters(&e.event_types),
+                        or_dash(e.max_in_flight),
+                        or_dash(e.rate_limit),
+                        circuit,
                         e.url
                     );
                 }
@@ -278,6 +365,10 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             headers,
             clear_headers,
             timeout_ms,
+            max_in_flight,
+            clear_max_in_flight,
+            rate_limit,
+            clear_rate_limit,
             json,
         } => {
             let event_types = if all_event_types {
@@ -300,6 +391,16 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
                 active: None,
                 headers,
                 timeout,
+                max_in_flight: if clear_max_in_flight {
+                    Some(None)
+                } else {
+                    max_in_flight.map(Some)
+                },
+                rate_limit: if clear_rate_limit {
+                    Some(None)
+                } else {
+                    rate_limit.map(Some)
+                },
             };
             let e = endpoint::update(client, id, change).await?;
             print_endpoint(&e, json)?;
@@ -338,6 +439,13 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             let delivery = redrive::send_test(client, id).await?;
             println!("test delivery {delivery} queued");
         }
+        EndpointCommand::CloseCircuit { id } => {
+            if endpoint::close_circuit(client, id).await? {
+                println!("endpoint {id}: circuit closed; its due deliveries go out now");
+            } else {
+                println!("endpoint {id}: circuit was already closed; failures count from 0");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -358,6 +466,11 @@ fn print_endpoint(e: &outboxd::Endpoint, json: bool) -> anyhow::Result<()> {
     if let Some(ms) = e.timeout_ms {
         println!("timeout_ms: {ms}");
     }
+    print_limits(e);
+    println!("circuit: {}", e.circuit);
+    if e.circuit_failures > 0 {
+        println!("circuit_failures: {}", e.circuit_failures);
+    }
     println!("active: {}", e.active);
     if let Some(reason) = &e.disabled_reason {
         println!("disabled_reason: {reason}");
@@ -375,6 +488,21 @@ fn print_endpoint(e: &outboxd::Endpoint, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The limits that are set (an unset one is the dispatchers' default, or none).
+fn print_limits(e: &outboxd::Endpoint) {
+    if let Some(n) = e.max_in_flight {
+        println!("max_in_flight: {n}");
+    }
+    if let Some(n) = e.rate_limit {
+        println!("rate_limit: {n}/s");
+    }
+}
+
+/// A limit in a table: `-` when unset.
+fn or_dash(limit: Option<u32>) -> String {
+    limit.map_or_else(|| "-".to_owned(), |n| n.to_string())
 }
 
 /// `--header 'Name: value'` options, parsed here rather than by clap, whose error

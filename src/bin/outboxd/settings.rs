@@ -62,6 +62,38 @@ pub struct RunArgs {
         default_value_t = defaults::CONCURRENCY
     )]
     pub concurrency: u32,
+    /// Most requests in flight from this dispatcher to any one endpoint that sets no max_in_flight of its own, so that a slow endpoint never holds every send slot
+    #[arg(
+        long,
+        env = "WEBHOOK_ENDPOINT_MAX_IN_FLIGHT",
+        value_name = "WEBHOOK_ENDPOINT_MAX_IN_FLIGHT",
+        default_value_t = defaults::ENDPOINT_MAX_IN_FLIGHT
+    )]
+    pub endpoint_max_in_flight: u32,
+    /// Consecutive unhealthy failures (timeouts, connection errors, 5xx) that open an endpoint's circuit: its deliveries then wait, unattempted
+    #[arg(
+        long,
+        env = "WEBHOOK_CIRCUIT_FAILURES",
+        value_name = "WEBHOOK_CIRCUIT_FAILURES",
+        default_value_t = defaults::CIRCUIT_FAILURES
+    )]
+    pub circuit_failures: u32,
+    /// How long an endpoint's circuit first stays open, in milliseconds, before one probe is sent; doubled each time the probe fails
+    #[arg(
+        long,
+        env = "WEBHOOK_CIRCUIT_OPEN_MS",
+        value_name = "WEBHOOK_CIRCUIT_OPEN_MS",
+        default_value_t = defaults::CIRCUIT_OPEN_MS
+    )]
+    pub circuit_open_ms: u64,
+    /// The longest an endpoint's circuit stays open at a time, in milliseconds, a pause asked by Retry-After included
+    #[arg(
+        long,
+        env = "WEBHOOK_CIRCUIT_MAX_OPEN_MS",
+        value_name = "WEBHOOK_CIRCUIT_MAX_OPEN_MS",
+        default_value_t = defaults::CIRCUIT_MAX_OPEN_MS
+    )]
+    pub circuit_max_open_ms: u64,
     /// First retry delay in milliseconds, doubled per attempt (with ±20% jitter)
     #[arg(
         long,
@@ -207,6 +239,12 @@ impl RunArgs {
             lease: Duration::from_millis(self.lease_ms),
             http_timeout: Duration::from_millis(self.http_timeout_ms),
             concurrency: self.concurrency,
+            endpoint_max_in_flight: self.endpoint_max_in_flight,
+            circuit: outboxd::circuit::CircuitPolicy {
+                failures: self.circuit_failures,
+                open: Duration::from_millis(self.circuit_open_ms),
+                max_open: Duration::from_millis(self.circuit_max_open_ms),
+            },
             backoff_base: Duration::from_millis(self.backoff_base_ms),
             backoff_max: Duration::from_millis(self.backoff_max_ms),
             max_attempts: self.max_attempts,
