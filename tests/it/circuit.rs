@@ -306,6 +306,92 @@ async fn a_single_probe_closes_the_circuit_and_the_backlog_flows() {
     assert_eq!(ids.len(), EVENTS, "every event arrived once answered 200");
 }
 
+/// Once a timing-out endpoint recovers and its probe closes the circuit, its backlog goes
+/// at the receiver's pace, not at the pace its timeouts set while it was failing (a request's time over the endpoint's cap per delivery:
+/// 5 s / 16 here; with the defaults, 15 s / 64). 1,000 events wait while requests time
+/// out; the receiver recovers once nothing is in flight, and after the close it takes
+/// them in a second or two; the bound is 15 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_recovery_the_backlog_flows_at_the_receivers_pace() {
+    const EVENTS: i32 = 1_000;
+    let db = TestDb::new("circuit_recovery").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/recovering", Reply::hang());
+    let (recovering, _) = db.add_endpoint(&receiver.url("/recovering"), &[]).await;
+    let outboxd = dispatcher(
+        &db,
+        "circuit_recovery",
+        &[
+            ("WEBHOOK_HTTP_TIMEOUT_MS", "5000"),
+            ("WEBHOOK_ENDPOINT_MAX_IN_FLIGHT", "16"),
+            ("WEBHOOK_CIRCUIT_FAILURES", "3"),
+            ("WEBHOOK_CIRCUIT_OPEN_MS", "1000"),
+            ("WEBHOOK_CIRCUIT_MAX_OPEN_MS", "60000"),
+        ],
+    );
+    db.enqueue_series(1, EVENTS).await;
+    db.wait_until(&format!(
+        "SELECT circuit_open_until IS NOT NULL FROM webhook_endpoints WHERE id = {recovering}"
+    ))
+    .await;
+    // What was sent before the opening times out and settles first, so that no stale
+    // failure re-opens the circuit after the receiver has recovered.
+    wait_unleased(&db, &[recovering]).await;
+    receiver.always("/recovering", Reply::ok());
+    db.wait_until_within(
+        &format!(
+            "SELECT circuit_open_until IS NULL FROM webhook_endpoints WHERE id = {recovering}"
+        ),
+        Duration::from_secs(30),
+    )
+    .await;
+    let closed = Instant::now();
+    let at_close: i64 = db
+        .scalar(&format!(
+            "SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = {recovering} AND state = 'delivered'"
+        ))
+        .await;
+    let bound = Duration::from_secs(15);
+    // When the pending ones (not in flight) were due, as seconds from the close: p50,
+    // p90, last.
+    let spread: Vec<Option<f64>> = db
+        .client
+        .query_one(
+            "SELECT percentile_cont(ARRAY[0.5, 0.9, 1.0]) WITHIN GROUP (ORDER BY
+                        extract(epoch FROM next_attempt_at - now())::float8)
+             FROM webhook_deliveries
+             WHERE endpoint_id = $1 AND state = 'pending' AND locked_by IS NULL",
+            &[&recovering],
+        )
+        .await
+        .expect("the backlog's schedule")
+        .get::<_, Option<Vec<Option<f64>>>>(0)
+        .unwrap_or_default();
+    loop {
+        let delivered: i64 = db
+            .scalar(&format!(
+                "SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = {recovering} AND state = 'delivered'"
+            ))
+            .await;
+        if delivered == i64::from(EVENTS) {
+            break;
+        }
+        assert!(
+            closed.elapsed() < bound,
+            "{delivered} of {EVENTS} delivered {bound:?} after the circuit closed ({at_close} \
+             at the close; the pending ones were then due, p50/p90/last, {spread:?} s later): \
+             the backlog trickles at the pace set while the endpoint timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "circuit_recovery: the backlog ({} at the close) delivered {:?} after it",
+        i64::from(EVENTS) - at_close,
+        closed.elapsed()
+    );
+    stop(outboxd).await;
+}
+
 /// A failed probe re-opens the circuit for longer: with a 500 ms interval, the second
 /// opening lasts about a second, the third about two, and the fourth is held to
 /// `WEBHOOK_CIRCUIT_MAX_OPEN_MS` (2 s); between openings exactly one attempt (the probe)
