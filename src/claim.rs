@@ -50,9 +50,10 @@ use crate::time_format::PgTimestamp;
 /// * `allowance` decides, per endpoint the claim would send to, how many requests it
 ///   may start now (sql/0011): none while its circuit is open; for an endpoint with no
 ///   limit of its own and a closed circuit (the common case, decided in place, no lock)
-///   what this dispatcher's cap (`$9`, `WEBHOOK_ENDPOINT_MAX_IN_FLIGHT`) leaves beside
-///   its requests in flight (`$7`); otherwise what `webhook_endpoint_grant` allows
-///   across all dispatchers (`max_in_flight`, `rate_limit`, the half-open probe). Due
+///   all it wants while this dispatcher has fewer requests in progress to it (`$7`)
+///   than its cap (`$9`, `WEBHOOK_ENDPOINT_MAX_IN_FLIGHT`), none once it holds that
+///   many; otherwise what `webhook_endpoint_grant` allows across all dispatchers
+///   (`max_in_flight`, `rate_limit`, the half-open probe). Due
 ///   deliveries go first, oldest first, then fresh ones. What an endpoint cannot take
 ///   now is `deferred` (a due one) or inserted (a fresh one) due when its turn may
 ///   come: after the open circuit, or one place in line per `step_ms` (its requests'
@@ -181,9 +182,11 @@ WITH due AS (
               WHEN ep.id IS NULL OR NOT ep.active OR ep.deleted_at IS NOT NULL
                   THEN ROW(w.want, now())::webhook_grant
               -- The common case, decided in place: no limit of its own, a closed
-              -- circuit, and room under this dispatcher's cap.
+              -- circuit, and fewer requests in progress here than this dispatcher's
+              -- cap. It takes what it wants: a burst to one fast endpoint keeps whole
+              -- claims, and an endpoint holds at most its cap plus one claim's share.
               WHEN ep.circuit_open_until IS NULL AND ep.max_in_flight IS NULL
-                   AND ep.rate_limit IS NULL AND w.want <= $9 - coalesce(h.in_flight, 0)
+                   AND ep.rate_limit IS NULL AND coalesce(h.in_flight, 0) < $9
                   THEN ROW(w.want, now())::webhook_grant
               ELSE webhook_endpoint_grant(ep.id, w.want, coalesce(h.in_flight, 0), $9, $2,
                                           s.step_ms)
@@ -226,6 +229,9 @@ WITH due AS (
     UPDATE webhook_deliveries d
     SET next_attempt_at = a.resume_at
                           + (r.nth - a.allowed - 1) * a.step_ms * interval '1 millisecond',
+        -- An expired lease moved here is no lease at all.
+        locked_by = NULL,
+        locked_until = NULL,
         updated_at = now()
     FROM ranked r
     JOIN allowance a ON a.endpoint_id = r.endpoint_id
@@ -482,9 +488,10 @@ pub const CLAIM_TYPES: &[Type] = &[
 pub struct Loads {
     /// Endpoints this dispatcher has sent to lately.
     pub endpoints: Vec<i64>,
-    /// Requests in flight to each, claimed and not yet finished.
+    /// Requests in progress to each (holding a send slot).
     pub in_flight: Vec<i32>,
-    /// How long a request to each has taken lately, in milliseconds (a moving average).
+    /// How long a request to each takes, in milliseconds: its recent average, or the age
+    /// of its oldest request in progress if that is longer.
     pub request_ms: Vec<f64>,
     /// The most requests in flight to one endpoint without a `max_in_flight` of its own
     /// (`WEBHOOK_ENDPOINT_MAX_IN_FLIGHT`).

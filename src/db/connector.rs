@@ -9,12 +9,15 @@
 
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rand::seq::SliceRandom as _;
 use tokio_postgres::config::SslMode as DriverSslMode;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::{CancelToken, Client, Connection, Socket};
 
 use super::conninfo::{
@@ -283,8 +286,27 @@ impl Connector {
     }
 
     /// Asks the server to cancel the statement running on the connection `token` was
-    /// taken from, over a connection of its own made as that one was (TLS included).
+    /// taken from, over a connection of its own.
+    ///
+    /// As libpq does, the request is written and its connection left open until the
+    /// server closes it, which it does once it has passed the request on. The driver's
+    /// own cancel closes its side at once: behind pgbouncer that can lose the request,
+    /// and it crashes pgbouncer 1.18.0 to 1.19.0 (Debian 12's package; pgbouncer issue
+    /// 801) when the close arrives while pgbouncer passes the request on, taking every
+    /// connection of every client of that pgbouncer with it. So a request goes this way
+    /// wherever it may go in plaintext, as libpq sends it (a server reads a cancel
+    /// request before any authentication): to a connection string's only host, unless
+    /// its `sslmode` requires TLS. Elsewhere (several hosts, TLS required, or this way
+    /// failed) the driver sends it, over TLS where the connection used it, to the
+    /// address the connection went to.
     pub async fn cancel(&self, token: &CancelToken) -> Result<(), tokio_postgres::Error> {
+        if let ([target], SslMode::Disable | SslMode::Allow | SslMode::Prefer) =
+            (self.info.targets.as_slice(), self.info.tls.mode)
+        {
+            if let Some(sent) = cancel_awaiting_close(target, token).await {
+                return sent;
+            }
+        }
         token.cancel_query(self.tls.clone()).await
     }
 
@@ -329,12 +351,15 @@ impl Connector {
             done = &mut statement => return Some(done),
             _ = stop.cancelled() => {}
         }
+        // A cancel request still going when the statement ends is seen through, not
+        // dropped half-way: its connection would close early (see
+        // `Connector::cancel`), and the process may be about to exit.
+        let mut cancel = None;
         let ended = tokio::time::timeout(CANCEL_BOUND, async {
             // Each cancel request goes over a connection of its own; if it cannot be
             // sent (the server is gone), the bound still ends the wait.
             let mut resend = tokio::time::interval(CANCEL_RESEND);
             resend.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut cancel = None;
             let mut warned = false;
             loop {
                 let idle = cancel.is_none();
@@ -357,6 +382,9 @@ impl Connector {
             }
         })
         .await;
+        if let Some(sending) = cancel {
+            let _ = tokio::time::timeout(CANCEL_BOUND, sending).await;
+        }
         if ended.is_err() {
             tracing::warn!(
                 bound_ms = CANCEL_BOUND.as_millis() as u64,
@@ -401,6 +429,90 @@ pub async fn pool(connector: &Connector, size: u32) -> Result<super::Pool> {
         .build(super::Manager(connector.clone()))
         .await?;
     Ok(pool)
+}
+
+
+/// Sends `token`'s cancel request to `target` in plaintext and waits, at most
+/// [`CANCEL_BOUND`], for the server to close the connection (see
+/// [`Connector::cancel`]). `None` if it could not be sent this way: no connection
+/// within the bound, or the request refused (the server insisted on TLS).
+async fn cancel_awaiting_close(
+    target: &Target,
+    token: &CancelToken,
+) -> Option<Result<(), tokio_postgres::Error>> {
+    let connect = async {
+        let stream: Box<dyn CancelStream> = match (&target.host, target.hostaddr) {
+            (_, Some(addr)) => Box::new(tokio::net::TcpStream::connect((addr, target.port)).await?),
+            (Some(Host::Tcp(name)), None) => {
+                Box::new(tokio::net::TcpStream::connect((name.as_str(), target.port)).await?)
+            }
+            (Some(Host::Unix(dir)), None) => Box::new(
+                tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", target.port)))
+                    .await?,
+            ),
+            (None, None) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "no host",
+                ));
+            }
+        };
+        Ok::<_, std::io::Error>(stream)
+    };
+    let stream = tokio::time::timeout(CANCEL_BOUND, connect).await.ok()?.ok()?;
+    let sent = token.cancel_query_raw(AwaitClose(stream), tokio_postgres::NoTls);
+    match tokio::time::timeout(CANCEL_BOUND, sent).await {
+        Ok(Ok(())) => Some(Ok(())),
+        // The server would have this request over TLS only.
+        Ok(Err(_)) => None,
+        // Written; the server was slow to close.
+        Err(_) => Some(Ok(())),
+    }
+}
+
+/// A stream a cancel request can go over.
+trait CancelStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> CancelStream for S {}
+
+/// A cancel request's connection which, told to shut down once the request is written,
+/// waits for the server to close it instead, as libpq does (see [`Connector::cancel`]).
+struct AwaitClose(Box<dyn CancelStream>);
+
+impl AsyncRead for AwaitClose {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for AwaitClose {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    /// Reads until the server closes the connection; it sends nothing before that.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let mut scratch = [0u8; 64];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            std::task::ready!(Pin::new(&mut self.0).poll_read(cx, &mut buf))?;
+            if buf.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

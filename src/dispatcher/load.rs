@@ -1,28 +1,33 @@
-//! What this dispatcher is sending to each endpoint: requests in flight and how long
-//! they take, for the claim to take no more than each endpoint may be sent now (its
-//! in-flight cap) and to place what it holds back where its turn may come.
+//! What this dispatcher is sending to each endpoint: requests in progress and how long
+//! they take, for the claim to take nothing more for an endpoint that already holds
+//! its cap of send slots, and to place what it holds back where its turn may come.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::claim::Loads;
 
-/// Endpoints kept once nothing is in flight to them, so that a claim still knows how
+/// Endpoints kept once nothing is in progress to them, so that a claim still knows how
 /// long their requests take; beyond this, idle ones are forgotten.
 const REMEMBERED: usize = 1_024;
 /// Weight of the newest request in the moving average of request times.
 const WEIGHT: f64 = 0.2;
+/// A request's time before any is known, in milliseconds.
+const UNKNOWN_MS: f64 = 10.0;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Default)]
 struct Load {
-    in_flight: u32,
-    /// Moving average of request times, in milliseconds; `None` before the first.
+    /// When each request in progress started (a handful per endpoint; at most the
+    /// dispatcher's send slots in all).
+    started: Vec<Instant>,
+    /// Moving average of finished requests' times, in milliseconds.
     request_ms: Option<f64>,
 }
 
-/// Requests in flight per endpoint, from claim to outcome. Cheap to update from every
-/// send task: one short lock per request start and end.
+/// Requests in progress per endpoint, each from the moment it holds a send slot until
+/// it ends. Cheap to update from every send task: one short lock per request start and
+/// end.
 #[derive(Debug)]
 pub(super) struct EndpointLoad {
     cap: u32,
@@ -30,7 +35,7 @@ pub(super) struct EndpointLoad {
 }
 
 impl EndpointLoad {
-    /// No request in flight; `cap` per endpoint without a `max_in_flight` of its own.
+    /// Nothing in progress; `cap` per endpoint without a `max_in_flight` of its own.
     pub(super) fn new(cap: u32) -> Self {
         Self {
             cap,
@@ -44,25 +49,21 @@ impl EndpointLoad {
         f(&mut loads)
     }
 
-    /// A claimed delivery to `endpoint` is about to be sent.
-    pub(super) fn started(&self, endpoint: i64) {
-        self.with(|loads| {
-            loads
-                .entry(endpoint)
-                .or_insert(Load {
-                    in_flight: 0,
-                    request_ms: None,
-                })
-                .in_flight += 1;
-        });
+    /// A request to `endpoint` starts now; pass what this returns to [`Self::finished`].
+    pub(super) fn started(&self, endpoint: i64) -> Instant {
+        let now = Instant::now();
+        self.with(|loads| loads.entry(endpoint).or_default().started.push(now));
+        now
     }
 
-    /// A delivery to `endpoint` is done with: its request took `took`, or none was
-    /// made (handed back, parked, aborted).
-    pub(super) fn finished(&self, endpoint: i64, took: Option<Duration>) {
+    /// The request to `endpoint` that started at `started` has ended; it took `took`
+    /// if a request was made (`None`: aborted before an answer).
+    pub(super) fn finished(&self, endpoint: i64, started: Instant, took: Option<Duration>) {
         self.with(|loads| {
             if let Some(load) = loads.get_mut(&endpoint) {
-                load.in_flight = load.in_flight.saturating_sub(1);
+                if let Some(i) = load.started.iter().position(|s| *s == started) {
+                    load.started.swap_remove(i);
+                }
                 if let Some(took) = took {
                     let ms = took.as_secs_f64() * 1_000.0;
                     load.request_ms = Some(match load.request_ms {
@@ -72,22 +73,34 @@ impl EndpointLoad {
                 }
             }
             if loads.len() > REMEMBERED {
-                loads.retain(|_, load| load.in_flight > 0);
+                loads.retain(|_, load| !load.started.is_empty());
             }
         });
     }
 
-    /// The claim's view of it.
+    /// The claim's view of it. An endpoint's request time is the longer of its recent
+    /// average and the age of its oldest request in progress: an endpoint that has not
+    /// answered yet is known to be at least that slow.
     pub(super) fn snapshot(&self) -> Loads {
+        self.snapshot_at(Instant::now())
+    }
+
+    fn snapshot_at(&self, now: Instant) -> Loads {
         let mut snapshot = Loads::idle(self.cap);
         self.with(|loads| {
             for (&endpoint, load) in loads.iter() {
+                let oldest = load
+                    .started
+                    .iter()
+                    .map(|s| now.duration_since(*s).as_secs_f64() * 1_000.0)
+                    .fold(0.0, f64::max);
                 snapshot.endpoints.push(endpoint);
                 snapshot
                     .in_flight
-                    .push(i32::try_from(load.in_flight).unwrap_or(i32::MAX));
-                // Unknown: the claim's own guess (10 ms).
-                snapshot.request_ms.push(load.request_ms.unwrap_or(10.0));
+                    .push(i32::try_from(load.started.len()).unwrap_or(i32::MAX));
+                snapshot
+                    .request_ms
+                    .push(load.request_ms.unwrap_or(UNKNOWN_MS).max(oldest));
             }
         });
         snapshot
@@ -99,32 +112,41 @@ mod tests {
     use super::*;
 
     fn of(load: &EndpointLoad, endpoint: i64) -> Option<(i32, f64)> {
-        let s = load.snapshot();
+        at(load, endpoint, Instant::now())
+    }
+
+    fn at(load: &EndpointLoad, endpoint: i64, now: Instant) -> Option<(i32, f64)> {
+        let s = load.snapshot_at(now);
         let i = s.endpoints.iter().position(|&e| e == endpoint)?;
         Some((s.in_flight[i], s.request_ms[i]))
     }
 
     #[test]
-    fn counts_requests_in_flight_and_averages_their_time() {
+    fn counts_requests_in_progress_and_how_long_they_take() {
         let load = EndpointLoad::new(64);
         assert_eq!(load.snapshot().cap, 64);
         assert_eq!(of(&load, 7), None);
-        load.started(7);
-        load.started(7);
-        load.started(8);
-        assert_eq!(of(&load, 7), Some((2, 10.0)));
-        load.finished(7, Some(Duration::from_millis(100)));
-        assert_eq!(of(&load, 7), Some((1, 100.0)));
-        load.finished(7, Some(Duration::from_millis(200)));
+        let a = load.started(7);
+        let b = load.started(7);
+        let c = load.started(8);
+        assert_eq!(at(&load, 7, b).map(|(n, _)| n), Some(2));
+        // Not answered for a second: at least that slow.
+        let later = a + Duration::from_secs(1);
+        assert_eq!(at(&load, 7, later), Some((2, 1_000.0)));
+        load.finished(7, a, Some(Duration::from_millis(100)));
+        let (n, ms) = at(&load, 7, later).unwrap();
+        assert_eq!(n, 1, "b is still out");
+        assert!(ms > 990.0 && ms <= 1_000.0, "b's age: {ms}");
+        load.finished(7, b, Some(Duration::from_millis(200)));
         let (n, ms) = of(&load, 7).unwrap();
         assert_eq!(n, 0);
         assert!((ms - 120.0).abs() < 1e-9, "{ms}");
-        // Handed back unsent: no time to learn from.
-        load.finished(8, None);
-        assert_eq!(of(&load, 8), Some((0, 10.0)));
-        // More done than started (never expected) stays at zero.
-        load.finished(8, None);
-        assert_eq!(of(&load, 8), Some((0, 10.0)));
+        // Aborted: no time to learn from.
+        load.finished(8, c, None);
+        assert_eq!(at(&load, 8, c), Some((0, UNKNOWN_MS)));
+        // Finished twice (never expected) stays at zero.
+        load.finished(8, c, None);
+        assert_eq!(at(&load, 8, c), Some((0, UNKNOWN_MS)));
     }
 
     #[test]
@@ -132,11 +154,11 @@ mod tests {
         let load = EndpointLoad::new(4);
         load.started(-1);
         for endpoint in 0..=REMEMBERED as i64 {
-            load.started(endpoint);
-            load.finished(endpoint, Some(Duration::from_millis(1)));
+            let at = load.started(endpoint);
+            load.finished(endpoint, at, Some(Duration::from_millis(1)));
         }
         let s = load.snapshot();
         assert!(s.endpoints.len() <= REMEMBERED, "{}", s.endpoints.len());
-        assert_eq!(of(&load, -1), Some((1, 10.0)), "busy ones are kept");
+        assert_eq!(of(&load, -1).map(|(n, _)| n), Some(1), "busy ones are kept");
     }
 }

@@ -175,14 +175,18 @@ impl<A: Attempter> SendSide<A> {
     /// Starts a send task for each claimed delivery as send slots free up, and parks
     /// what must be parked. A claim may bring more deliveries than there are free slots:
     /// the rest wait here, and the loop does not claim again until each has a slot or
-    /// has been handed back. Once one delivery of the claim has had to wait, each later
-    /// one is sent only while the settler can write outcomes, and only if at least half
-    /// of the lease's spare time (the lease less the request timeout) is left for
-    /// writing its outcome, as a delivery sent at once has all of it. Otherwise it and
-    /// the rest of the claim are handed back unsent: due again at once, the claim not
-    /// counted (parks are still written). So is everything left at shutdown. Send slots
-    /// count as scarce (see [`SendSide::claim_size`]) when a delivery was still waiting
-    /// for one [`SCARCE_SLOT_WAIT`] after the claim went out, or was handed back for time.
+    /// has been handed back. No delivery is sent while the settler cannot write
+    /// outcomes: the loop checks before it claims, but a stall may begin while the
+    /// claim runs, and what the claim took must then wait for it to end. A delivery
+    /// that had to wait, for a slot or for the settler, and once one has waited for a
+    /// slot each later one, is sent only if at least half of the lease's spare time
+    /// (the lease less the request timeout) is left for writing its outcome, as a
+    /// delivery sent at once has all of it. Otherwise it and the rest of the claim are
+    /// handed back unsent: due again at once, the claim not counted (parks are still
+    /// written). So is everything left at shutdown. Send slots count as scarce (see
+    /// [`SendSide::claim_size`]) when a delivery was still waiting for one
+    /// [`SCARCE_SLOT_WAIT`] after the claim went out, or was handed back for time after
+    /// waiting for one.
     pub(super) async fn dispatch(
         &mut self,
         claimed: Vec<Claimed>,
@@ -232,9 +236,6 @@ impl<A: Attempter> SendSide<A> {
                     }
                 }
             };
-            // In flight from here: leased to this dispatcher, and holding the
-            // endpoint's share of it.
-            self.load.started(delivery.endpoint_id);
             // Only this loop takes permits, so the first `free` deliveries of a claim
             // never wait.
             let permit = match Arc::clone(&self.permits).try_acquire_owned() {
@@ -253,7 +254,7 @@ impl<A: Attempter> SendSide<A> {
             let sendable = match permit {
                 // Shutdown (the semaphore is never closed).
                 None => false,
-                Some(_) if !waited => true,
+                Some(_) if !waited && !*self.settle_stalled.borrow() => true,
                 Some(_) => {
                     self.wait_while_settle_stalled(shutdown).await
                         && may_send_after_waiting(
@@ -265,8 +266,7 @@ impl<A: Attempter> SendSide<A> {
             };
             let (Some(permit), true) = (permit, sendable) else {
                 // Later deliveries of the claim would have waited at least as long.
-                scarce |= !shutdown.is_cancelled();
-                self.load.finished(delivery.endpoint_id, None);
+                scarce |= waited && !shutdown.is_cancelled();
                 unsent.push(unsent_outcome(Claimed::Send(delivery)));
                 unsent.extend(items.map(unsent_outcome));
                 break;
@@ -356,6 +356,7 @@ struct SendTask<A> {
 impl<A: Attempter> SendTask<A> {
     async fn run(self, delivery: Delivery) {
         self.metrics.inflight_add(1);
+        let started = self.load.started(delivery.endpoint_id);
         let (next, record) = tokio::select! {
             biased;
             _ = self.abort.cancelled() => (Next::Release, None),
@@ -376,8 +377,11 @@ impl<A: Attempter> SendTask<A> {
             }
         };
         self.metrics.inflight_add(-1);
-        self.load
-            .finished(delivery.endpoint_id, record.as_ref().map(|a| a.duration));
+        self.load.finished(
+            delivery.endpoint_id,
+            started,
+            record.as_ref().map(|a| a.duration),
+        );
         let outcome = Outcome {
             event_id: delivery.event_id,
             endpoint_id: delivery.endpoint_id,
@@ -548,6 +552,100 @@ mod tests {
         settle_rx.recv_many(&mut outcomes, n + 1).await;
         outcomes.sort_by_key(|o| o.event_id);
         (outcomes, side, metrics)
+    }
+
+    /// Counts its attempts, each answered 200.
+    struct Counting(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Attempter for Counting {
+        fn attempt(&self, _delivery: &Delivery) -> impl Future<Output = Attempt> + Send {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                Attempt {
+                    started_at: SystemTime::now(),
+                    duration: Duration::ZERO,
+                    result: AttemptResult::Response {
+                        status: 200,
+                        retry_after: None,
+                        excerpt: String::new(),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Dispatches events 1 and 2, claimed while the settler was writing, through a send
+    /// side whose settler stalls as the claim returns and recovers after `stall`, with
+    /// `lease` (and no request timeout). Returns how many attempts had started when the
+    /// stall ended, and the outcomes by event.
+    async fn dispatch_into_a_stall(lease: Duration, stall: Duration) -> (usize, Vec<Outcome>) {
+        let cfg = Config {
+            concurrency: 4,
+            batch_size: 10,
+            lease,
+            http_timeout: Duration::ZERO,
+            ..Config::default()
+        };
+        let (settle_tx, mut settle_rx) = mpsc::channel(16);
+        let (stalled_tx, stalled_rx) = watch::channel(true);
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let metrics = Arc::new(Metrics::default());
+        let mut side = SendSide::new(
+            &cfg,
+            Counting(Arc::clone(&attempts)),
+            settle_tx,
+            stalled_rx,
+            metrics,
+        );
+        let stall_ends = async {
+            tokio::time::sleep(stall).await;
+            let during = attempts.load(std::sync::atomic::Ordering::SeqCst);
+            stalled_tx.send_replace(false);
+            during
+        };
+        let claimed = vec![delivery(1), delivery(2)];
+        let shutdown = CancellationToken::new();
+        let ((), during) = tokio::join!(
+            side.dispatch(claimed, Instant::now(), &shutdown),
+            stall_ends
+        );
+        side.tracker.close();
+        side.tracker.wait().await;
+        let mut outcomes = Vec::new();
+        settle_rx.recv_many(&mut outcomes, 3).await;
+        outcomes.sort_by_key(|o| o.event_id);
+        (during, outcomes)
+    }
+
+    /// A claim that was running when the settler stalled sends nothing until outcomes
+    /// can be written again: what it sent could not be recorded.
+    #[tokio::test]
+    async fn a_claim_that_returns_during_a_settle_stall_sends_nothing_until_it_ends() {
+        let (during, outcomes) =
+            dispatch_into_a_stall(Duration::from_secs(60), Duration::from_millis(200)).await;
+        assert_eq!(during, 0, "nothing is sent while outcomes cannot be written");
+        let next: Vec<&Next> = outcomes.iter().map(|o| &o.next).collect();
+        assert_eq!(
+            next,
+            [&Next::Verdict(Verdict::Delivered); 2],
+            "sent once the stall ends"
+        );
+    }
+
+    /// A stall that outlasts half the lease's spare time hands the claim back unsent.
+    #[tokio::test]
+    async fn a_claim_held_by_a_long_settle_stall_is_handed_back() {
+        let (during, outcomes) =
+            dispatch_into_a_stall(Duration::from_millis(200), Duration::from_millis(300)).await;
+        assert_eq!(during, 0, "nothing is sent while outcomes cannot be written");
+        let events: Vec<(i64, &Next, bool)> = outcomes
+            .iter()
+            .map(|o| (o.event_id, &o.next, o.record.is_some()))
+            .collect();
+        assert_eq!(
+            events,
+            [(1, &Next::Release, false), (2, &Next::Release, false)]
+        );
     }
 
     #[tokio::test]

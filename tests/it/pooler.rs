@@ -20,7 +20,8 @@ use crate::harness::{
 };
 
 /// A pgbouncer in transaction pooling mode in front of the test cluster, stopped and
-/// removed when dropped.
+/// removed when dropped. Dropped by a failing test, it prints its log and whether it
+/// was still running (pgbouncer 1.18 exits on some bugs: its log says which).
 pub struct Bouncer {
     child: Child,
     port: u16,
@@ -207,8 +208,26 @@ async fn wait_listening(child: &mut Child, port: u16) -> bool {
     false
 }
 
+impl Bouncer {
+    /// What pgbouncer logged, and whether it is still running: printed when a test
+    /// fails, since a refused connection says nothing of why pgbouncer refused it.
+    fn report(&mut self) -> String {
+        let state = match self.child.try_wait() {
+            Ok(None) => "still running".to_owned(),
+            Ok(Some(status)) => format!("exited: {status}"),
+            Err(e) => format!("state unknown: {e}"),
+        };
+        let log = std::fs::read_to_string(self.dir.join("pgbouncer.log"))
+            .unwrap_or_else(|e| format!("(no log: {e})"));
+        format!("pgbouncer on port {} ({state}); its log:\n{log}", self.port)
+    }
+}
+
 impl Drop for Bouncer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.report());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
@@ -390,6 +409,48 @@ async fn auto_finds_a_pooler_only_where_there_is_one() {
         decide(PreparedStatements::Auto, direct).0,
         StatementMode::Prepared
     );
+}
+
+/// A statement cancelled through pgbouncer ends, and pgbouncer goes on: outboxd cancels
+/// the statements still running at shutdown. A cancel request whose connection closed
+/// as soon as it was written (the driver's own) was lost when pgbouncer 1.18 read the
+/// close first, and crashed it when the close came while it passed the request on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_cancelled_through_pgbouncer_ends_and_pgbouncer_stays_up() {
+    let Some(mut bouncer) = Bouncer::start(&[]).await else {
+        return;
+    };
+    let db = TestDb::new("bouncercancel").await;
+    let connector = connector(&bouncer.url(&db));
+    for round in 0..5 {
+        let client = connector
+            .connect()
+            .await
+            .expect("connect through pgbouncer");
+        let token = client.cancel_token();
+        let sleeping =
+            tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        connector.cancel(&token).await.expect("send the cancel");
+        let ended = tokio::time::timeout(Duration::from_secs(20), sleeping)
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the statement went on after its cancel"))
+            .expect("the statement's task");
+        let e = ended.expect_err("the statement was cancelled");
+        assert_eq!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+            "round {round}: {e}"
+        );
+        assert!(
+            bouncer
+                .child
+                .try_wait()
+                .expect("pgbouncer's state")
+                .is_none(),
+            "round {round}: pgbouncer exited"
+        );
+    }
 }
 
 /// `outboxd run` through `bouncer` for `db`, polling, until it logged `needle` (or

@@ -117,9 +117,10 @@ async fn dispatcher_refuses_to_start_when_outcomes_could_not_be_written() {
 }
 
 /// While the settle statement fails, the deliveries already made wait, leased, for their
-/// outcomes to be written, and nothing more is claimed: not the leased rows once their
-/// lease runs out, and not new events. Once the database takes outcomes again, every
-/// event ends delivered, each received once.
+/// outcomes to be written, and nothing more is sent: not the leased rows once their
+/// lease runs out, and not new events, not even one taken by a claim that was already
+/// running when the stall began. Once the database takes outcomes again, every event
+/// ends delivered, each received once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claiming_stops_while_outcomes_cannot_be_written() {
     let db = TestDb::new("settlestall").await;
@@ -140,10 +141,13 @@ async fn claiming_stops_while_outcomes_cannot_be_written() {
         4,
         "nothing is sent while outcomes cannot be written"
     );
+    // A claim already running when the first flush failed may have leased the late
+    // event as well (the loop looks at the settler before it claims): it must not be
+    // sent either, which the count above says.
     let leased: i64 = db
         .scalar(&format!(
             "SELECT count(*) FROM webhook_deliveries
-             WHERE state = 'pending' AND locked_by = '{}'",
+             WHERE state = 'pending' AND locked_by = '{}' AND event_id <> {late}",
             dispatcher.worker_id
         ))
         .await;
@@ -160,6 +164,72 @@ async fn claiming_stops_while_outcomes_cannot_be_written() {
     assert_eq!(attempts, 5, "each attempt is recorded once");
     let report = dispatcher.stop().await;
     assert_eq!(report.totals.delivered, 5);
+    assert_eq!(report.totals.lease_lost, 0);
+}
+
+/// A claim that was already running when the settler stalled sends nothing of what it
+/// took until outcomes can be written again. The claim is held in the server by a lock
+/// on the deliveries table while an earlier delivery's outcome fails to be written;
+/// the lock then goes, and the claim returns a later event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_running_when_the_stall_begins_sends_nothing() {
+    let db = TestDb::new("stallclaim").await;
+    let receiver = Receiver::start().await;
+    // The first request (the first event's) is answered after a second: its outcome
+    // is written, and fails, while the claim of the second event waits on the lock.
+    receiver.script("/hook", |n| match n {
+        0 => Reply::ok().delay(Duration::from_millis(1_000)),
+        _ => Reply::ok(),
+    });
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let config = outboxd::Config {
+        // Only the doorbell starts a claim.
+        poll_interval: Duration::from_secs(600),
+        ..test_config("stallclaim")
+    };
+    let dispatcher = RunningDispatcher::start(&db.url, config);
+    eventually("the LISTEN session is up", Duration::from_secs(20), || {
+        let metrics = dispatcher.metrics.clone();
+        async move { metrics.listener_connected() }
+    })
+    .await;
+    db.client.batch_execute(HIDE_SETTLE).await.unwrap();
+    let first = db.enqueue("order.created", &json!({ "n": 1 })).await;
+    receiver.wait_for(1).await;
+
+    let locker = db.connect().await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE webhook_deliveries IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let second = db.enqueue("order.created", &json!({ "n": 2 })).await;
+    db.wait_until(
+        "SELECT count(*) > 0 FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .await;
+    eventually("a flush fails", Duration::from_secs(10), || async {
+        dispatcher.metrics.settle_failures_total() > 0
+    })
+    .await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    db.wait_until(&format!(
+        "SELECT count(*) = 1 FROM webhook_deliveries WHERE event_id = {second} AND attempts = 1"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        receiver.count(),
+        1,
+        "nothing is sent while outcomes cannot be written"
+    );
+
+    db.client.batch_execute(RESTORE_SETTLE).await.unwrap();
+    db.wait_all_in_state(2, "delivered").await;
+    let received = each_received_once(&receiver, 2);
+    assert_eq!((received[&first], received[&second]), (1, 1));
+    let report = dispatcher.stop().await;
+    assert_eq!(report.totals.delivered, 2);
     assert_eq!(report.totals.lease_lost, 0);
 }
 
