@@ -438,6 +438,8 @@ pub struct Recorded {
     /// The status it was answered with, once the answer has been handed to the server
     /// (`None` while the receiver is still holding it, or if it was abandoned).
     pub answered: Option<u16>,
+    /// When that answer was handed to the server.
+    pub answered_at: Option<Instant>,
 }
 
 impl Recorded {
@@ -473,6 +475,40 @@ struct ReceiverState {
     requests: Vec<Recorded>,
     per_path: HashMap<String, usize>,
     scripts: HashMap<String, Script>,
+    /// Requests being handled now, and the most ever handled at once, per path.
+    in_flight: HashMap<String, usize>,
+    max_in_flight: HashMap<String, usize>,
+}
+
+/// Counts one request in flight on its path until dropped: when answered, or when the
+/// client gave up and the server dropped the handler.
+struct InFlight {
+    state: Arc<Mutex<ReceiverState>>,
+    path: String,
+}
+
+impl InFlight {
+    fn enter(state: &Arc<Mutex<ReceiverState>>, s: &mut ReceiverState, path: &str) -> Self {
+        let now = s.in_flight.entry(path.to_owned()).or_insert(0);
+        *now += 1;
+        let now = *now;
+        let max = s.max_in_flight.entry(path.to_owned()).or_insert(0);
+        *max = (*max).max(now);
+        Self {
+            state: Arc::clone(state),
+            path: path.to_owned(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.state.lock() {
+            if let Some(now) = s.in_flight.get_mut(&self.path) {
+                *now = now.saturating_sub(1);
+            }
+        }
+    }
 }
 
 /// An HTTP server on 127.0.0.1 recording every request and answering per path script
@@ -550,6 +586,17 @@ impl Receiver {
         self.state.lock().unwrap().requests.len()
     }
 
+    /// The most requests on `path` ever handled at once.
+    pub fn max_in_flight_to(&self, path: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .max_in_flight
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn count_to(&self, path: &str) -> usize {
         self.state
             .lock()
@@ -596,8 +643,9 @@ async fn receive(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_owned();
-    let (index, reply) = {
+    let (index, reply, _in_flight) = {
         let mut s = state.lock().unwrap();
+        let in_flight = InFlight::enter(&state, &mut s, &path);
         let n = {
             let count = s.per_path.entry(path.clone()).or_insert(0);
             *count += 1;
@@ -615,13 +663,18 @@ async fn receive(
             arrived_at: SystemTime::now(),
             arrived: Instant::now(),
             answered: None,
+            answered_at: None,
         });
-        (s.requests.len() - 1, reply)
+        (s.requests.len() - 1, reply, in_flight)
     };
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
-    state.lock().unwrap().requests[index].answered = Some(reply.status);
+    {
+        let mut s = state.lock().unwrap();
+        s.requests[index].answered = Some(reply.status);
+        s.requests[index].answered_at = Some(Instant::now());
+    }
     let mut response = (
         StatusCode::from_u16(reply.status).expect("valid status"),
         reply.body,

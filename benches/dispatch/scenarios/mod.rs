@@ -40,4 +40,5 @@ scenarios! {
     history,
     statements,
     retention,
+    noisy,
 }
