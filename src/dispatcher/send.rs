@@ -279,8 +279,11 @@ impl<A: Attempter> SendSide<A> {
                 metrics: Arc::clone(&self.metrics),
                 load: Arc::clone(&self.load),
             };
+            // In progress from here, before the task first runs: the next claim must
+            // see it.
+            let started = self.load.started(delivery.endpoint_id);
             self.tracker.spawn(async move {
-                task.run(delivery).await;
+                task.run(delivery, started).await;
                 drop(permit);
             });
         }
@@ -354,9 +357,8 @@ struct SendTask<A> {
 }
 
 impl<A: Attempter> SendTask<A> {
-    async fn run(self, delivery: Delivery) {
+    async fn run(self, delivery: Delivery, started: std::time::Instant) {
         self.metrics.inflight_add(1);
-        let started = self.load.started(delivery.endpoint_id);
         let (next, record) = tokio::select! {
             biased;
             _ = self.abort.cancelled() => (Next::Release, None),
