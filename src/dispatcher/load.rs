@@ -15,6 +15,11 @@ const REMEMBERED: usize = 1_024;
 const WEIGHT: f64 = 0.2;
 /// A request's time before any is known, in milliseconds.
 const UNKNOWN_MS: f64 = 10.0;
+/// Requests that take less than this free their send slots faster than claims come:
+/// holding such an endpoint's work back would only cost writes and claims, so its
+/// requests in progress are not held against its cap. An endpoint counts as slow
+/// before its first answer, and as soon as a request has been out this long.
+const SLOW_MS: f64 = 50.0;
 
 #[derive(Debug, Default)]
 struct Load {
@@ -80,7 +85,8 @@ impl EndpointLoad {
 
     /// The claim's view of it. An endpoint's request time is the longer of its answers'
     /// recent average and the age of its oldest request in progress: an endpoint that
-    /// has not answered yet is known to be at least that slow.
+    /// has not answered yet is known to be at least that slow. Its requests in progress
+    /// are reported only while it is slow (see [`SLOW_MS`]).
     pub(super) fn snapshot(&self) -> Loads {
         self.snapshot_at(Instant::now())
     }
@@ -94,13 +100,14 @@ impl EndpointLoad {
                     .iter()
                     .map(|s| now.duration_since(*s).as_secs_f64() * 1_000.0)
                     .fold(0.0, f64::max);
+                let request_ms = load.request_ms.unwrap_or(UNKNOWN_MS).max(oldest);
+                let slow = load.request_ms.is_none() || request_ms >= SLOW_MS;
+                let counted = if slow { load.started.len() } else { 0 };
                 snapshot.endpoints.push(endpoint);
                 snapshot
                     .in_flight
-                    .push(i32::try_from(load.started.len()).unwrap_or(i32::MAX));
-                snapshot
-                    .request_ms
-                    .push(load.request_ms.unwrap_or(UNKNOWN_MS).max(oldest));
+                    .push(i32::try_from(counted).unwrap_or(i32::MAX));
+                snapshot.request_ms.push(request_ms);
             }
         });
         snapshot
@@ -129,7 +136,7 @@ mod tests {
         let a = load.started(7);
         let b = load.started(7);
         let c = load.started(8);
-        assert_eq!(at(&load, 7, b).map(|(n, _)| n), Some(2));
+        assert_eq!(at(&load, 7, b).map(|(n, _)| n), Some(2), "no answer yet: slow");
         // Not answered for a second: at least that slow.
         let later = a + Duration::from_secs(1);
         assert_eq!(at(&load, 7, later), Some((2, 1_000.0)));
@@ -141,6 +148,14 @@ mod tests {
         let (n, ms) = of(&load, 7).unwrap();
         assert_eq!(n, 0);
         assert!((ms - 120.0).abs() < 1e-9, "{ms}");
+        // Answering fast: its requests in progress are not held against its cap...
+        let d = load.started(9);
+        load.finished(9, d, Some(Duration::from_millis(2)));
+        let e = load.started(9);
+        assert_eq!(at(&load, 9, e).map(|(n, _)| n), Some(0));
+        // ...until one has been out for SLOW_MS.
+        let stuck = e + Duration::from_millis(SLOW_MS as u64);
+        assert_eq!(at(&load, 9, stuck).map(|(n, _)| n), Some(1));
         // Aborted: no time to learn from.
         load.finished(8, c, None);
         assert_eq!(at(&load, 8, c), Some((0, UNKNOWN_MS)));
