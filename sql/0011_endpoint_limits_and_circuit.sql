@@ -154,8 +154,8 @@ $grant$;
 -- statements that name the function without its arguments stay unambiguous. Its
 -- caller needs EXECUTE on both (PUBLIC has it unless revoked).
 --
--- * $19, the endpoints with a success in the batch: a half-open circuit closes. An
---   open one stays open until its time (a success of a request sent before it opened
+-- * $19, the endpoints with a success in the batch: a half-open circuit closes, and
+--   what was held back for it is due at once. An open one stays open until its time (a success of a request sent before it opened
 --   does not cut a pause short).
 -- * $21/$22, the endpoints with unhealthy failures in the batch (and no success in it),
 --   each with its run of consecutive unhealthy failures as this dispatcher counts it
@@ -211,12 +211,28 @@ BEGIN
     END IF;
 
     -- Each statement below reads the rows as locked above.
-    WITH closed AS (
-        UPDATE webhook_endpoints
-        SET circuit_failures = 0, circuit_opens = 0,
-            circuit_open_until = NULL, circuit_probe_until = NULL
+    -- A closing circuit also releases what the claims held back for the endpoint while
+    -- it failed (placed up to the end of the opening or of its line, at the pace its
+    -- timeouts set): due now, to go at the pace the endpoint answers at again. Found
+    -- through the due index; a close is rare.
+    WITH was AS (
+        SELECT id, greatest(circuit_open_until, held_until) AS held
+        FROM webhook_endpoints
         WHERE id = ANY ($19) AND circuit_open_until <= now()
-        RETURNING id
+    ), closed AS (
+        UPDATE webhook_endpoints e
+        SET circuit_failures = 0, circuit_opens = 0,
+            circuit_open_until = NULL, circuit_probe_until = NULL, held_until = NULL
+        FROM was
+        WHERE e.id = was.id
+        RETURNING e.id, was.held
+    ), released AS (
+        UPDATE webhook_deliveries d
+        SET next_attempt_at = now(), updated_at = now()
+        FROM closed c
+        WHERE d.endpoint_id = c.id AND d.state = 'pending'
+          AND d.next_attempt_at > now() AND d.next_attempt_at <= c.held
+          AND NOT (d.locked_by IS NOT NULL AND d.locked_until > now())
     )
     SELECT coalesce(array_agg(id ORDER BY id), '{}') INTO closing FROM closed;
 

@@ -197,10 +197,12 @@ WITH due AS (
                  AS h(endpoint_id, in_flight, request_ms)
             ON h.endpoint_id = w.endpoint_id
           -- One place in line: a request's time over the endpoint's cap, or its share
-          -- of the endpoint's rate, whichever is longer.
+          -- of the endpoint's rate, whichever is longer. Behind an open circuit, none:
+          -- all wait for its end, where the probe decides.
           CROSS JOIN LATERAL (
-              SELECT greatest(coalesce(h.request_ms, 10.0) / coalesce(ep.max_in_flight, $9),
-                              coalesce(1000.0 / ep.rate_limit, 0.0)) AS step_ms
+              SELECT CASE WHEN ep.circuit_open_until > now() THEN 0.0
+                     ELSE greatest(coalesce(h.request_ms, 10.0) / coalesce(ep.max_in_flight, $9),
+                                   coalesce(1000.0 / ep.rate_limit, 0.0)) END AS step_ms
           ) s
           -- Keeps the CASE from being copied into each use of its fields, which would
           -- call the function once per field.

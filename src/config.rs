@@ -44,8 +44,9 @@ pub struct Config {
     pub http_timeout: Duration,
     /// Most HTTP requests in flight in total.
     pub concurrency: u32,
-    /// Most requests in flight from this dispatcher to any one endpoint that sets no
-    /// `max_in_flight` of its own: a slow endpoint never holds every send slot.
+    /// Requests in progress from this dispatcher to an endpoint that sets no
+    /// `max_in_flight` of its own, at which claims take nothing more for it (it holds
+    /// at most this plus a claim's batch): a slow endpoint never holds every send slot.
     pub endpoint_max_in_flight: u32,
     /// When an endpoint's circuit opens and for how long.
     pub circuit: crate::circuit::CircuitPolicy,

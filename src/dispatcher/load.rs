@@ -56,8 +56,8 @@ impl EndpointLoad {
         now
     }
 
-    /// The request to `endpoint` that started at `started` has ended; it took `took`
-    /// if a request was made (`None`: aborted before an answer).
+    /// The request to `endpoint` that started at `started` has ended; it was answered
+    /// after `took` (`None`: no answer, a timeout or an error, or aborted).
     pub(super) fn finished(&self, endpoint: i64, started: Instant, took: Option<Duration>) {
         self.with(|loads| {
             if let Some(load) = loads.get_mut(&endpoint) {
@@ -78,9 +78,9 @@ impl EndpointLoad {
         });
     }
 
-    /// The claim's view of it. An endpoint's request time is the longer of its recent
-    /// average and the age of its oldest request in progress: an endpoint that has not
-    /// answered yet is known to be at least that slow.
+    /// The claim's view of it. An endpoint's request time is the longer of its answers'
+    /// recent average and the age of its oldest request in progress: an endpoint that
+    /// has not answered yet is known to be at least that slow.
     pub(super) fn snapshot(&self) -> Loads {
         self.snapshot_at(Instant::now())
     }

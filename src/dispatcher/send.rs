@@ -279,8 +279,11 @@ impl<A: Attempter> SendSide<A> {
                 metrics: Arc::clone(&self.metrics),
                 load: Arc::clone(&self.load),
             };
+            // In progress from here, before the task first runs: the next claim must
+            // see it.
+            let started = self.load.started(delivery.endpoint_id);
             self.tracker.spawn(async move {
-                task.run(delivery).await;
+                task.run(delivery, started).await;
                 drop(permit);
             });
         }
@@ -354,9 +357,8 @@ struct SendTask<A> {
 }
 
 impl<A: Attempter> SendTask<A> {
-    async fn run(self, delivery: Delivery) {
+    async fn run(self, delivery: Delivery, started: std::time::Instant) {
         self.metrics.inflight_add(1);
-        let started = self.load.started(delivery.endpoint_id);
         let (next, record) = tokio::select! {
             biased;
             _ = self.abort.cancelled() => (Next::Release, None),
@@ -377,11 +379,14 @@ impl<A: Attempter> SendTask<A> {
             }
         };
         self.metrics.inflight_add(-1);
-        self.load.finished(
-            delivery.endpoint_id,
-            started,
-            record.as_ref().map(|a| a.duration),
-        );
+        // Only an answer says how fast the endpoint answers: a timeout, a refused
+        // connection, says it is failing, and the age of what is still in progress
+        // covers that while it lasts. Once it answers again, its pace is its answers'.
+        let answered = record
+            .as_ref()
+            .filter(|a| matches!(a.result, AttemptResult::Response { .. }))
+            .map(|a| a.duration);
+        self.load.finished(delivery.endpoint_id, started, answered);
         let outcome = Outcome {
             event_id: delivery.event_id,
             endpoint_id: delivery.endpoint_id,

@@ -62,7 +62,7 @@ pub struct RunArgs {
         default_value_t = defaults::CONCURRENCY
     )]
     pub concurrency: u32,
-    /// Most requests in flight from this dispatcher to any one endpoint that sets no max_in_flight of its own, so that a slow endpoint never holds every send slot
+    /// Requests in progress from this dispatcher to an endpoint that sets no max_in_flight of its own, at which claims take nothing more for it (it may hold this plus one claim's batch), so that a slow endpoint never holds every send slot
     #[arg(
         long,
         env = "WEBHOOK_ENDPOINT_MAX_IN_FLIGHT",
