@@ -39,10 +39,11 @@ pub struct Settings {
     pub retention_kept: u64,
     pub retention_expired: u64,
     pub retention_bulk: u64,
-    /// Noisy neighbour: the healthy endpoint's burst, the bound on its drain beside an
-    /// endpoint that times out, the HTTP timeout there, the other endpoint's backlog, the
+    /// Noisy neighbour: the healthy endpoint's burst, its rounds, the bound on its drain
+    /// beside an endpoint that times out, the HTTP timeout there, the other endpoint's backlog, the
     /// fresh events sent beside it, and the seconds a rate limit is watched.
     pub noisy_events: u64,
+    pub noisy_rounds: u64,
     pub noisy_bound_secs: u64,
     pub noisy_timeout_ms: u64,
     pub noisy_backlog: u64,
@@ -133,6 +134,7 @@ impl Settings {
             retention_expired: env_u64("BENCH_RETENTION_EXPIRED", 1_000)?.max(1),
             retention_bulk: env_u64("BENCH_RETENTION_BULK", q(400_000, 40_000))?,
             noisy_events: env_u64("BENCH_NOISY_EVENTS", q(10_000, 2_000))?.max(1),
+            noisy_rounds: env_u64("BENCH_NOISY_ROUNDS", q(3, 1))?.max(1),
             noisy_bound_secs: env_u64("BENCH_NOISY_BOUND_SECS", q(60, 20))?.max(1),
             noisy_timeout_ms: env_u64("BENCH_NOISY_TIMEOUT_MS", 1_000)?.max(100),
             noisy_backlog: env_u64("BENCH_NOISY_BACKLOG", q(100_000, 20_000))?,
@@ -172,6 +174,7 @@ impl Settings {
             "retention_expired": self.retention_expired,
             "retention_bulk": self.retention_bulk,
             "noisy_events": self.noisy_events,
+            "noisy_rounds": self.noisy_rounds,
             "noisy_bound_secs": self.noisy_bound_secs,
             "noisy_timeout_ms": self.noisy_timeout_ms,
             "noisy_backlog": self.noisy_backlog,

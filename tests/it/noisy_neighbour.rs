@@ -287,8 +287,9 @@ fn over_rate_tells_a_burst_from_a_steady_flow() {
 
 /// A backlog of 20,000 deliveries for one endpoint whose receiver takes half a second per
 /// request: fresh events for another endpoint, committed while the backlog drains, each
-/// arrive within seconds, long before the backlog is gone. Oldest-first claims sent them
-/// only after the whole backlog.
+/// arrive within seconds, long before the backlog is gone (oldest-first claims sent them
+/// only after the whole backlog), and the slow endpoint never holds all of the
+/// dispatcher's send slots.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_does_not_keep_fresh_events_waiting() {
     const BACKLOG: i32 = 20_000;
@@ -314,7 +315,14 @@ async fn a_backlog_does_not_keep_fresh_events_waiting() {
         )
         .await
         .expect("the backlog");
-    let outboxd = dispatcher(&db, "noisy_backlog", &[]);
+    let outboxd = dispatcher(
+        &db,
+        "noisy_backlog",
+        &[
+            ("WEBHOOK_CONCURRENCY", "256"),
+            ("WEBHOOK_ENDPOINT_MAX_IN_FLIGHT", "64"),
+        ],
+    );
     eventually(
         "the backlog starts flowing",
         Duration::from_secs(20),
@@ -357,7 +365,11 @@ async fn a_backlog_does_not_keep_fresh_events_waiting() {
             "SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = {backlogged} AND state = 'pending'"
         ))
         .await;
-    eprintln!("noisy_backlog: fresh waits {waits:?}; {left} backlog deliveries still pending");
+    eprintln!(
+        "noisy_backlog: fresh waits {waits:?}; {left} backlog deliveries still pending; at most \
+         {} backlog requests at once",
+        receiver.max_in_flight_to("/backlog")
+    );
     assert!(
         left > 0,
         "the backlog drained before the fresh events arrived: nothing was shown"
@@ -366,6 +378,12 @@ async fn a_backlog_does_not_keep_fresh_events_waiting() {
     assert!(
         worst < bound,
         "a fresh event waited {worst:?} behind the backlog"
+    );
+    let held = receiver.max_in_flight_to("/backlog");
+    assert!(
+        held < 256,
+        "the slow endpoint held {held} requests at once: every one of the dispatcher's 256 \
+         send slots (its cap is 64)"
     );
     stop(outboxd).await;
 }
