@@ -310,7 +310,7 @@ async fn a_single_probe_closes_the_circuit_and_the_backlog_flows() {
 /// at the receiver's pace, not at the pace its timeouts set while it was failing (a request's time over the endpoint's cap per delivery:
 /// 5 s / 16 here; with the defaults, 15 s / 64). 1,000 events wait while requests time
 /// out; the receiver recovers once nothing is in flight, and after the close it takes
-/// them in a second or two; the bound is 15 s.
+/// them in seconds; the bound is 45 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_recovery_the_backlog_flows_at_the_receivers_pace() {
     const EVENTS: i32 = 1_000;
@@ -351,7 +351,9 @@ async fn after_recovery_the_backlog_flows_at_the_receivers_pace() {
             "SELECT count(*) FROM webhook_deliveries WHERE endpoint_id = {recovering} AND state = 'delivered'"
         ))
         .await;
-    let bound = Duration::from_secs(15);
+    // Seen taking 5.7 to over 15 s on a loaded machine (see the note on issue 16); the
+    // pace its timeouts set took 2 to 3 minutes.
+    let bound = Duration::from_secs(45);
     // When the pending ones (not in flight) were due, as seconds from the close: p50,
     // p90, last.
     let spread: Vec<Option<f64>> = db
