@@ -185,6 +185,10 @@ async fn a_claim_running_when_the_stall_begins_sends_nothing() {
     let config = outboxd::Config {
         // Only the doorbell starts a claim.
         poll_interval: Duration::from_secs(600),
+        // The claim must still be waiting for the lock when the flush fails, however
+        // slowly a loaded machine gets there: with the default 5 s it once timed out
+        // first (CI), was retried only after the stall, and never ran.
+        db_lock_timeout: Duration::from_secs(30),
         ..test_config("stallclaim")
     };
     let dispatcher = RunningDispatcher::start(&db.url, config);
