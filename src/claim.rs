@@ -492,8 +492,8 @@ pub struct Loads {
     pub endpoints: Vec<i64>,
     /// Requests in progress to each (holding a send slot).
     pub in_flight: Vec<i32>,
-    /// How long a request to each takes, in milliseconds: its recent average, or the age
-    /// of its oldest request in progress if that is longer.
+    /// How long a request to each takes, in milliseconds: its answers' recent average
+    /// (a guess of 10 ms before the first).
     pub request_ms: Vec<f64>,
     /// The most requests in flight to one endpoint without a `max_in_flight` of its own
     /// (`WEBHOOK_ENDPOINT_MAX_IN_FLIGHT`).
