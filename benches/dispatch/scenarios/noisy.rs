@@ -9,7 +9,9 @@
 //!   of its rate alone (>= 90%). That drain is bounded by `BENCH_NOISY_BOUND_SECS`: if the
 //!   healthy endpoint has not received everything by then, its rate is what it received
 //!   over the bound, and the row says so. `BENCH_NOISY_ROUNDS` rounds, each on a fresh
-//!   database, the ratio taken round by round (median).
+//!   database, the ratio taken round by round (median). Between the two, a control: the
+//!   burst beside a second healthy endpoint taking the same events (then removed), which
+//!   shows what the second endpoint's fan-out costs without any failure.
 //! * Backlog: `BENCH_NOISY_FRESH_EVENTS` single events, 50 ms apart, each committed alone
 //!   to a healthy endpoint while another endpoint has `BENCH_NOISY_BACKLOG` pending
 //!   deliveries (made as fan-out leaves them, before the dispatcher starts) and
@@ -172,21 +174,25 @@ impl Drain {
     }
 }
 
+/// `at_receiver`: how many endpoints at the bench receiver take each event (the healthy
+/// endpoint 0, and a healthy control beside it); only endpoint 0's receipts count.
 async fn drain(
     ctx: &mut Ctx,
     client: &mut Client,
     event_type: &str,
     bound: Duration,
+    at_receiver: u64,
 ) -> anyhow::Result<Drain> {
     let n = ctx.s.noisy_events;
     let probe = ctx.probe(Vec::new());
     let (insert, commit_us) = pg::insert_burst(client, n, ctx.s.payload_bytes, event_type).await?;
     let snap0 = probe.snap();
-    let got = ctx.receiver.wait_for(n, bound).await?;
+    let got = ctx.receiver.wait_for(n * at_receiver, bound).await?;
     let end_us = now_us();
     let cpu = snap0.until(&probe.snap());
     let recs = ctx.receiver.take().await?;
-    let (first, dups) = first_receipts(&recs);
+    let (mut first, dups) = first_receipts(&recs);
+    first.retain(|(_, ep), _| *ep == 0);
     let received = first.len() as u64;
     let last_us = first.values().copied().max().unwrap_or(commit_us);
     let secs = if received >= n {
@@ -219,10 +225,12 @@ async fn drain(
     })
 }
 
-/// One round of (a) on a database of its own: a warm-up burst, the burst alone, then the
-/// timing-out endpoint registered and the burst beside it.
+/// One round of (a) on a database of its own: a warm-up burst, the burst alone, beside a
+/// second healthy endpoint taking the same events (the control: the same fan-out, no
+/// failure), then, that one removed, beside the timing-out endpoint.
 struct Round {
     alone: Drain,
+    control: Drain,
     beside: Drain,
     neighbour_requests: u64,
     dispatcher: Value,
@@ -248,7 +256,7 @@ async fn timing_out_round(ctx: &mut Ctx, round: u64) -> anyhow::Result<Round> {
         pg::wait_settled(client, Duration::from_secs(60)).await?;
         dispatcher::wait_ready(client, Mode::Push).await?;
 
-        let alone = drain(ctx, client, "bench.noisy.alone", Duration::from_secs(60)).await?;
+        let alone = drain(ctx, client, "bench.noisy.alone", Duration::from_secs(60), 1).await?;
         if !alone.complete() {
             bail!(
                 "alone, only {} of {} arrived within 60 s",
@@ -259,14 +267,21 @@ async fn timing_out_round(ctx: &mut Ctx, round: u64) -> anyhow::Result<Round> {
         pg::wait_settled(client, Duration::from_secs(60)).await?;
         dispatcher::wait_ready(client, Mode::Push).await?;
 
+        let second = add_endpoint(client, ctx.receiver.url(1), &[]).await?;
+        let control = drain(ctx, client, "bench.noisy.control", Duration::from_secs(60), 2).await?;
+        pg::wait_settled(client, Duration::from_secs(60)).await?;
+        outboxd::endpoint::remove(client, second).await?;
+        dispatcher::wait_ready(client, Mode::Push).await?;
+
         let blackhole = Blackhole::start().await?;
         add_endpoint(client, blackhole.url(), &[]).await?;
-        let beside = drain(ctx, client, "bench.noisy.beside", bound).await?;
+        let beside = drain(ctx, client, "bench.noisy.beside", bound, 1).await?;
         let neighbour_requests = blackhole.accepted();
         let dispatcher = running.stop().await?;
         drop(blackhole);
         Ok(Round {
             alone,
+            control,
             beside,
             neighbour_requests,
             dispatcher,
@@ -329,6 +344,19 @@ async fn timing_out(ctx: &mut Ctx) -> anyhow::Result<()> {
         ">= 90% of alone",
         ratio >= 0.9,
     );
+    let control_rates: Vec<f64> = rounds.iter().map(|r| r.control.rate).collect();
+    let control_ratios = ratios_by_round(&control_rates, &alone_rates);
+    let beside_control = ratios_by_round(&beside_rates, &control_rates);
+    ctx.report.info(
+        &label,
+        "control, beside a healthy endpoint taking the same events: deliveries/s (vs alone); the timing-out neighbour vs it",
+        format!(
+            "{} ({:.0}%); {:.0}%",
+            int(median(&control_rates)),
+            median(&control_ratios) * 100.0,
+            median(&beside_control) * 100.0
+        ),
+    );
     ctx.report.info(
         &label,
         "requests to the timing-out endpoint during each burst beside it",
@@ -359,6 +387,7 @@ async fn timing_out(ctx: &mut Ctx) -> anyhow::Result<()> {
         .map(|r| {
             json!({
                 "alone": r.alone.json,
+                "control": r.control.json,
                 "beside": r.beside.json,
                 "neighbour_requests": r.neighbour_requests,
                 "dispatcher_report": r.dispatcher,
@@ -374,6 +403,9 @@ async fn timing_out(ctx: &mut Ctx) -> anyhow::Result<()> {
             "median_beside_per_s": beside,
             "ratios_by_round": ratios,
             "median_ratio": ratio,
+            "median_control_per_s": median(&control_rates),
+            "control_ratios_by_round": control_ratios,
+            "beside_to_control_by_round": beside_control,
             "rounds": rounds_json,
         }),
     );
