@@ -34,16 +34,21 @@ pub struct Endpoint {
 impl Endpoint {
     /// Whether `event_type` goes to this endpoint, by the rules README states (no
     /// filter: everything; `*`; an exact name; a prefix `order.*`), written
-    /// independently of the claim statement that applies them.
+    /// independently of the claim statement that applies them. outboxd's own
+    /// operational events (`outboxd.*`, docs/webhooks.md: a circuit opening under the
+    /// faults makes some) go only to endpoints whose filters name them, never through
+    /// no filter or `*`. (None of the run's endpoints names them, so the rule that they
+    /// never go to the endpoint they are about is not needed here.)
     pub fn matches(&self, event_type: &str) -> bool {
-        self.filters.is_empty()
-            || self.filters.iter().any(|f| {
-                f == "*"
-                    || f == event_type
-                    || f.strip_suffix('*').is_some_and(|prefix| {
-                        prefix.ends_with('.') && event_type.starts_with(prefix)
-                    })
-            })
+        let named = |f: &String| {
+            f == event_type
+                || f.strip_suffix('*')
+                    .is_some_and(|prefix| prefix.ends_with('.') && event_type.starts_with(prefix))
+        };
+        if event_type.starts_with("outboxd.") {
+            return self.filters.iter().any(|f| f != "*" && named(f));
+        }
+        self.filters.is_empty() || self.filters.iter().any(|f| f == "*" || named(f))
     }
 }
 
