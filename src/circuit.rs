@@ -125,6 +125,30 @@ impl Tally {
             pauses: pauses.into_iter().collect(),
         }
     }
+
+    /// The part of it about `endpoint`.
+    pub fn only(&self, endpoint: i64) -> Self {
+        Self {
+            healthy: self
+                .healthy
+                .iter()
+                .copied()
+                .filter(|&e| e == endpoint)
+                .collect(),
+            unhealthy: self
+                .unhealthy
+                .iter()
+                .copied()
+                .filter(|&(e, _)| e == endpoint)
+                .collect(),
+            pauses: self
+                .pauses
+                .iter()
+                .copied()
+                .filter(|&(e, _)| e == endpoint)
+                .collect(),
+        }
+    }
 }
 
 /// Each endpoint's run of consecutive unhealthy failures, as one dispatcher sees them.
@@ -140,16 +164,17 @@ pub(crate) struct Runs {
 }
 
 impl Runs {
-    /// Adds a batch's tally; returns each endpoint with unhealthy failures in it and its
-    /// run so far, for the settle function. A success ends an endpoint's run; a run
-    /// that reaches `threshold` starts over, since the circuit it opens stops its
-    /// attempts (and a half-open probe's failure re-opens whatever its run).
-    pub fn add(&mut self, tally: &Tally, threshold: u32) -> Vec<(i64, i32)> {
+    /// Adds a batch's tally; returns it with each endpoint's unhealthy failures replaced
+    /// by its run so far, as the settle function takes them. A success ends an
+    /// endpoint's run; a run that reaches `threshold` starts over, since the circuit it
+    /// opens stops its attempts (and a half-open probe's failure re-opens whatever its
+    /// run).
+    pub fn add(&mut self, mut tally: Tally, threshold: u32) -> Tally {
         for endpoint in &tally.healthy {
             self.runs.remove(endpoint);
         }
         let threshold = i32::try_from(threshold).unwrap_or(i32::MAX);
-        let reported = tally
+        let runs = tally
             .unhealthy
             .iter()
             .map(|&(endpoint, failures)| {
@@ -166,7 +191,8 @@ impl Runs {
         if self.runs.len() > 10_000 {
             self.runs.clear();
         }
-        reported
+        tally.unhealthy = runs;
+        tally
     }
 }
 
@@ -266,24 +292,17 @@ mod tests {
             unhealthy: vec![(7, n)],
             ..Tally::default()
         };
-        assert_eq!(runs.add(&failing(2), 5), [(7, 2)]);
-        assert_eq!(runs.add(&failing(2), 5), [(7, 4)]);
+        let mut add = |tally| runs.add(tally, 5).unhealthy;
+        assert_eq!(add(failing(2)), [(7, 2)]);
+        assert_eq!(add(failing(2)), [(7, 4)]);
         let healthy = Tally {
             healthy: vec![7],
             ..Tally::default()
         };
-        assert_eq!(runs.add(&healthy, 5), []);
-        assert_eq!(
-            runs.add(&failing(1), 5),
-            [(7, 1)],
-            "a success ended the run"
-        );
-        assert_eq!(
-            runs.add(&failing(4), 5),
-            [(7, 5)],
-            "the run opens the circuit"
-        );
-        assert_eq!(runs.add(&failing(1), 5), [(7, 1)], "and starts over");
+        assert_eq!(add(healthy), []);
+        assert_eq!(add(failing(1)), [(7, 1)], "a success ended the run");
+        assert_eq!(add(failing(4)), [(7, 5)], "the run opens the circuit");
+        assert_eq!(add(failing(1)), [(7, 1)], "and starts over");
     }
 
     #[test]

@@ -157,12 +157,13 @@ struct Columns {
 }
 
 impl Columns {
-    /// The columns of `outcomes`, with `runs`, each endpoint's run of unhealthy
-    /// failures as the dispatcher counts it ([`circuit::Runs`]).
-    fn from_outcomes(outcomes: &[Outcome], runs: &[(i64, i32)]) -> Self {
+    /// The columns of `outcomes`, with `signals`, what their attempts say of the
+    /// endpoints' health, each endpoint's unhealthy failures counted as its run
+    /// ([`circuit::Runs`]).
+    fn from_outcomes(outcomes: &[Outcome], signals: &Tally) -> Self {
         let mut c = Columns::default();
-        (c.unhealthy_endpoint, c.unhealthy_count) = runs.iter().copied().unzip();
-        (c.pause_endpoint, c.pause_ms) = tally(outcomes).pauses.into_iter().unzip();
+        (c.unhealthy_endpoint, c.unhealthy_count) = signals.unhealthy.iter().copied().unzip();
+        (c.pause_endpoint, c.pause_ms) = signals.pauses.iter().copied().unzip();
         for o in outcomes {
             let (status, error) = o
                 .record
@@ -231,22 +232,22 @@ impl Columns {
 /// pool's sessions on a fenced or demoted server can be weeded out.
 pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result<u64> {
     let circuit = CircuitPolicy::default();
-    let runs = Runs::default().add(&tally(outcomes), circuit.failures);
-    let (settled, _) = flush_with(pool, worker_id, outcomes, &circuit, &runs).await?;
+    let signals = Runs::default().add(tally(outcomes), circuit.failures);
+    let (settled, _) = flush_with(pool, worker_id, outcomes, &circuit, &signals).await?;
     Ok(settled)
 }
 
-/// [`flush`] under `circuit`, with `runs` of unhealthy failures per endpoint (see
-/// [`Columns::from_outcomes`]); returns the circuit transitions the flush made too.
+/// [`flush`] under `circuit`, with the `signals` of [`Columns::from_outcomes`]; returns
+/// the circuit transitions the flush made too.
 async fn flush_with(
     pool: &Pool,
     worker_id: &str,
     outcomes: &[Outcome],
     circuit: &CircuitPolicy,
-    runs: &[(i64, i32)],
+    signals: &Tally,
 ) -> Result<(u64, Transitions)> {
     let mut client = pool.get().await?;
-    let flushed = flush_on(&*client, worker_id, outcomes, circuit, runs).await;
+    let flushed = flush_on(&*client, worker_id, outcomes, circuit, signals).await;
     if let Err(e) = &flushed {
         crate::pooler::discard_if_read_only(&mut client, e);
     }
@@ -259,9 +260,9 @@ async fn flush_on(
     worker_id: &str,
     outcomes: &[Outcome],
     circuit: &CircuitPolicy,
-    runs: &[(i64, i32)],
+    signals: &Tally,
 ) -> Result<(u64, Transitions)> {
-    let c = Columns::from_outcomes(outcomes, runs);
+    let c = Columns::from_outcomes(outcomes, signals);
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let (failures, open_ms, max_open_ms) = (
         i32::try_from(circuit.failures).unwrap_or(i32::MAX),
@@ -328,7 +329,7 @@ pub async fn probe(client: &impl GenericClient) -> Result<()> {
             "its sessions are read-only (default_transaction_read_only is on)".to_owned(),
         ));
     }
-    match flush_on(client, "", &[], &CircuitPolicy::default(), &[]).await {
+    match flush_on(client, "", &[], &CircuitPolicy::default(), &Tally::default()).await {
         Err(Error::Db(e)) if e.as_db_error().is_some_and(|db| refuses_setup(db.code())) => {
             Err(Error::CannotSettle(e))
         }
@@ -421,20 +422,16 @@ impl Settler {
 
     /// Writes `batch`; returns `false` if it gave up.
     async fn write(&self, batch: &[Outcome], totals: &mut SettleTotals, runs: &mut Runs) -> bool {
-        let runs = runs.add(&tally(batch), self.circuit.failures);
-        match self.flush_retrying(batch, &runs).await {
+        let signals = runs.add(tally(batch), self.circuit.failures);
+        match self.flush_retrying(batch, &signals).await {
             Flushed::Settled(settled) => totals.record(batch, settled),
             Flushed::GaveUp => return false,
             Flushed::BadData(e) => {
                 tracing::warn!(error = %e, outcomes = batch.len(), "a batch of outcomes was refused for its values; writing them one by one");
                 for outcome in batch {
                     let one = std::slice::from_ref(outcome);
-                    let run: Vec<_> = runs
-                        .iter()
-                        .filter(|(endpoint, _)| *endpoint == outcome.endpoint_id)
-                        .copied()
-                        .collect();
-                    match self.flush_retrying(one, &run).await {
+                    let signal = signals.only(outcome.endpoint_id);
+                    match self.flush_retrying(one, &signal).await {
                         Flushed::Settled(settled) => totals.record(one, settled),
                         Flushed::BadData(e) => tracing::error!(
                             event_id = outcome.event_id,
@@ -461,11 +458,11 @@ impl Settler {
 
     /// Flushes `outcomes`, retrying with backoff while the database cannot take them,
     /// until `give_up` fires (which also ends a flush that hangs).
-    async fn flush_retrying(&self, outcomes: &[Outcome], runs: &[(i64, i32)]) -> Flushed {
+    async fn flush_retrying(&self, outcomes: &[Outcome], signals: &Tally) -> Flushed {
         let mut delay = Duration::from_millis(50);
         loop {
             let flushed = tokio::select! {
-                flushed = flush_with(&self.pool, &self.worker_id, outcomes, &self.circuit, runs) => flushed,
+                flushed = flush_with(&self.pool, &self.worker_id, outcomes, &self.circuit, signals) => flushed,
                 _ = self.give_up.cancelled() => return self.gave_up(outcomes),
             };
             let e = match flushed {
