@@ -206,10 +206,22 @@ async fn a_claim_running_when_the_stall_begins_sends_nothing() {
         .batch_execute("BEGIN; LOCK TABLE webhook_deliveries IN EXCLUSIVE MODE")
         .await
         .unwrap();
-    let second = db.enqueue("order.created", &json!({ "n": 2 })).await;
+    // The claim that waits on the lock may be one the loop began before this insert
+    // (a recheck after arming): its `now()` is older than the event. Due a minute ago,
+    // the event is taken by whichever claim waits, and that claim is not the next one,
+    // which the stall would hold back (CI saw it: the test waited on itself).
+    let second: i64 = db
+        .scalar(
+            "INSERT INTO webhook_outbox (event_type, payload, deliver_after)
+             VALUES ('order.created', '{\"n\": 2}', now() - interval '1 minute')
+             RETURNING id",
+        )
+        .await;
+    // The claim waiting on the lock, not autovacuum or retention.
     db.wait_until(
         "SELECT count(*) > 0 FROM pg_stat_activity
-         WHERE datname = current_database() AND wait_event_type = 'Lock'",
+         WHERE datname = current_database() AND wait_event_type = 'Lock'
+           AND query LIKE '%WITH due AS%'",
     )
     .await;
     eventually("a flush fails", Duration::from_secs(10), || async {
