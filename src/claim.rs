@@ -18,6 +18,145 @@ use crate::deliver::{self, Delivery, StaticHeaders, Unbuildable};
 use crate::error::{Error, Result};
 use crate::time_format::PgTimestamp;
 
+/// `due`, `cap` and `candidates` of [`CLAIM`] and [`CLAIM_FAST`].
+macro_rules! claim_sources {
+    () => {
+        "
+WITH due AS (
+    SELECT event_id, endpoint_id, next_attempt_at
+    FROM webhook_deliveries
+    WHERE state = 'pending' AND next_attempt_at <= now()
+    ORDER BY next_attempt_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), cap AS (
+    -- Disabled endpoints get parked rows too, so the rows written in all are held to
+    -- about a batch as well.
+    SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
+                             $3 / greatest(1, n.kept))) AS events_limit,
+           n.limited
+    FROM (SELECT count(*) FILTER (WHERE active) AS open, count(*) AS kept,
+                 -- Whether any endpoint needs the limits' part of the full claim: the
+                 -- fast one refuses then (CLAIM_FAST).
+                 coalesce(bool_or(max_in_flight IS NOT NULL OR rate_limit IS NOT NULL
+                                  OR circuit_open_until IS NOT NULL), false) AS limited
+          FROM webhook_endpoints WHERE deleted_at IS NULL) AS n
+), candidates AS (
+    SELECT id, event_type, deliver_after, pg_column_size(payload) AS stored,
+           pg_column_compression(payload) IS NOT NULL AS compressed
+    FROM webhook_outbox
+    WHERE processed_at IS NULL AND deliver_after <= now()
+    ORDER BY deliver_after, id
+    LIMIT (SELECT events_limit FROM cap)
+    FOR UPDATE SKIP LOCKED
+"
+    };
+}
+
+/// The head of `reclaimed` in [`CLAIM`] and [`CLAIM_FAST`]: a due delivery is leased
+/// to `$1` for `$2` ms, and its attempt counted (the lease token settling checks).
+macro_rules! claim_lease {
+    () => {
+        "), reclaimed AS (
+    UPDATE webhook_deliveries d
+    SET attempts = d.attempts + 1,
+        locked_by = $1,
+        locked_until = now() + $2 * interval '1 millisecond',
+        next_attempt_at = now() + $2 * interval '1 millisecond',
+        updated_at = now()"
+    };
+}
+
+/// `processed` of [`CLAIM`] and [`CLAIM_FAST`]: the fresh events taken (`events`).
+macro_rules! claim_processed {
+    () => {
+        "), processed AS (
+    UPDATE webhook_outbox o
+    SET processed_at = now()
+    WHERE o.id = ANY (ARRAY(SELECT id FROM events))
+"
+    };
+}
+
+/// `fanout` of [`CLAIM`] and [`CLAIM_FAST`]: each fresh event's endpoints.
+macro_rules! claim_fanout {
+    () => {
+        "), fanout AS (
+    -- Every endpoint not removed: a disabled one gets its deliveries parked, and its
+    -- enable resumes them.
+    SELECT e.id AS event_id, ep.id AS endpoint_id, ep.active AS open
+    FROM events e
+    JOIN webhook_endpoints ep
+      ON ep.deleted_at IS NULL
+     AND CASE WHEN starts_with(e.event_type, 'outboxd.')
+         -- outboxd's own events (sql/0010): only to endpoints whose filters name them,
+         -- never `*` or none, and never to the endpoint they are about. CASE keeps the
+         -- lookup of the latter off every other event's path.
+         THEN EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
+                      WHERE f = e.event_type
+                         OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1))))
+              AND NOT EXISTS (SELECT 1 FROM webhook_outbox x
+                              WHERE x.id = e.id AND x.about_endpoint_id = ep.id)
+         ELSE cardinality(ep.event_types) = 0
+              OR e.event_type = ANY (ep.event_types)
+              OR EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
+                         WHERE f = '*'
+                            OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1))))
+         END
+"
+    };
+}
+
+/// `inserted` of [`CLAIM`] and [`CLAIM_FAST`]: the fresh deliveries (`placed`).
+macro_rules! claim_inserted {
+    () => {
+        "), inserted AS (
+    INSERT INTO webhook_deliveries
+        (event_id, endpoint_id, state, attempts, next_attempt_at, locked_by, locked_until)
+    SELECT event_id,
+           endpoint_id,
+           CASE WHEN open THEN 'pending' ELSE 'parked' END,
+           CASE WHEN claim_now THEN 1 ELSE 0 END,
+           CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' ELSE due_at END,
+           CASE WHEN claim_now THEN $1 END,
+           CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' END
+    FROM placed
+    ON CONFLICT (event_id, endpoint_id) DO NOTHING
+    RETURNING event_id, endpoint_id, attempts, attempt_base
+"
+    };
+}
+
+/// The rows [`CLAIM`] and [`CLAIM_FAST`] return ([`CLAIM_COLUMNS`]), from `claimed`,
+/// `more` and `verdict`.
+macro_rules! claim_result {
+    () => {
+        "
+SELECT c.event_id, c.endpoint_id, c.attempts AS attempt,
+       c.attempts - c.attempt_base AS tries,
+       ep.url, ep.secret, ep.active AND ep.deleted_at IS NULL AS open,
+       CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END
+           AS previous_secret,
+       ep.id IS NOT NULL AS endpoint_present, c.nth = 1 AS carries_event,
+       e.event_type, e.created_at,
+       CASE WHEN octet_length(e.text) <= $5 THEN e.text END AS payload,
+       octet_length(e.text)::int8 AS payload_bytes,
+       (SELECT more FROM more) AS more,
+       -- Most endpoints have none: NULL then, nothing to decode.
+       CASE WHEN ep.headers <> '[]'::jsonb THEN ep.headers END AS headers,
+       ep.timeout_ms,
+       (SELECT fast_ok FROM verdict) AS fast_ok
+FROM (SELECT claimed.*, row_number() OVER (PARTITION BY event_id) AS nth FROM claimed) c
+LEFT JOIN webhook_endpoints ep ON ep.id = c.endpoint_id
+LEFT JOIN LATERAL (
+    SELECT o.event_type, o.created_at, o.payload::text AS text
+    FROM webhook_outbox o
+    WHERE o.id = c.event_id AND c.nth = 1
+    OFFSET 0
+) e ON true"
+    };
+}
+
 /// Fans out and claims, under a lease, in one statement. Parameters: `$1` worker id,
 /// `$2` lease in milliseconds, `$3` most deliveries to claim, `$4` budget of payload
 /// bytes, `$5` largest payload sent (`WEBHOOK_MAX_PAYLOAD_BYTES`), `$6` to `$9` what
@@ -87,30 +226,9 @@ use crate::time_format::PgTimestamp;
 ///   dead rather than leave them leased to come back every lease. An endpoint that was
 ///   disabled or removed after the delivery was made comes back with `open = false`,
 ///   and the dispatcher parks that delivery instead of sending it.
-pub const CLAIM: &str = "
-WITH due AS (
-    SELECT event_id, endpoint_id, next_attempt_at
-    FROM webhook_deliveries
-    WHERE state = 'pending' AND next_attempt_at <= now()
-    ORDER BY next_attempt_at
-    LIMIT $3
-    FOR UPDATE SKIP LOCKED
-), cap AS (
-    -- Disabled endpoints get parked rows too, so the rows written in all are held to
-    -- about a batch as well.
-    SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
-                             $3 / greatest(1, n.kept))) AS events_limit
-    FROM (SELECT count(*) FILTER (WHERE active) AS open, count(*) AS kept
-          FROM webhook_endpoints WHERE deleted_at IS NULL) AS n
-), candidates AS (
-    SELECT id, event_type, deliver_after, pg_column_size(payload) AS stored,
-           pg_column_compression(payload) IS NOT NULL AS compressed
-    FROM webhook_outbox
-    WHERE processed_at IS NULL AND deliver_after <= now()
-    ORDER BY deliver_after, id
-    LIMIT (SELECT events_limit FROM cap)
-    FOR UPDATE SKIP LOCKED
-), offered AS (
+pub const CLAIM: &str = concat!(
+    claim_sources!(),
+    "), offered AS (
     SELECT false AS fresh, d.at, d.event_id AS id, NULL AS event_type,
            coalesce(pg_column_size(o.payload), 0) AS stored,
            pg_column_compression(o.payload) IS NOT NULL AS compressed
@@ -144,33 +262,10 @@ WITH due AS (
     WHERE (SELECT fits FROM fits) OR due.event_id IN (SELECT id FROM admitted WHERE NOT fresh)
 ), events AS (
     SELECT id, event_type FROM admitted WHERE fresh
-), processed AS (
-    UPDATE webhook_outbox o
-    SET processed_at = now()
-    WHERE o.id = ANY (ARRAY(SELECT id FROM events))
-), fanout AS (
-    -- Every endpoint not removed: a disabled one gets its deliveries parked, and its
-    -- enable resumes them.
-    SELECT e.id AS event_id, ep.id AS endpoint_id, ep.active AS open
-    FROM events e
-    JOIN webhook_endpoints ep
-      ON ep.deleted_at IS NULL
-     AND CASE WHEN starts_with(e.event_type, 'outboxd.')
-         -- outboxd's own events (sql/0010): only to endpoints whose filters name them,
-         -- never `*` or none, and never to the endpoint they are about. CASE keeps the
-         -- lookup of the latter off every other event's path.
-         THEN EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
-                      WHERE f = e.event_type
-                         OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1))))
-              AND NOT EXISTS (SELECT 1 FROM webhook_outbox x
-                              WHERE x.id = e.id AND x.about_endpoint_id = ep.id)
-         ELSE cardinality(ep.event_types) = 0
-              OR e.event_type = ANY (ep.event_types)
-              OR EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
-                         WHERE f = '*'
-                            OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1))))
-         END
-), wants AS (
+",
+    claim_processed!(),
+    claim_fanout!(),
+    "), wants AS (
     SELECT endpoint_id, count(*)::int AS want
     FROM (SELECT endpoint_id FROM taken UNION ALL SELECT endpoint_id FROM fanout WHERE open) w
     GROUP BY endpoint_id
@@ -212,13 +307,9 @@ WITH due AS (
            row_number() OVER (PARTITION BY taken.endpoint_id
                               ORDER BY taken.next_attempt_at, taken.event_id) AS nth
     FROM taken
-), reclaimed AS (
-    UPDATE webhook_deliveries d
-    SET attempts = d.attempts + 1,
-        locked_by = $1,
-        locked_until = now() + $2 * interval '1 millisecond',
-        next_attempt_at = now() + $2 * interval '1 millisecond',
-        updated_at = now()
+",
+    claim_lease!(),
+    "
     FROM ranked r
     JOIN allowance a ON a.endpoint_id = r.endpoint_id
     WHERE d.event_id = r.event_id AND d.endpoint_id = r.endpoint_id AND r.nth <= a.allowed
@@ -260,20 +351,9 @@ WITH due AS (
           LEFT JOIN allowance a ON a.endpoint_id = f.endpoint_id
           LEFT JOIN (SELECT endpoint_id, count(*) AS taken FROM taken GROUP BY endpoint_id) t
             ON t.endpoint_id = f.endpoint_id) p
-), inserted AS (
-    INSERT INTO webhook_deliveries
-        (event_id, endpoint_id, state, attempts, next_attempt_at, locked_by, locked_until)
-    SELECT event_id,
-           endpoint_id,
-           CASE WHEN open THEN 'pending' ELSE 'parked' END,
-           CASE WHEN claim_now THEN 1 ELSE 0 END,
-           CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' ELSE due_at END,
-           CASE WHEN claim_now THEN $1 END,
-           CASE WHEN claim_now THEN now() + $2 * interval '1 millisecond' END
-    FROM placed
-    ON CONFLICT (event_id, endpoint_id) DO NOTHING
-    RETURNING event_id, endpoint_id, attempts, attempt_base
-), claimed AS (
+",
+    claim_inserted!(),
+    "), claimed AS (
     SELECT event_id, endpoint_id, attempts, attempt_base FROM reclaimed
     UNION ALL
     SELECT event_id, endpoint_id, attempts, attempt_base FROM inserted WHERE attempts > 0
@@ -283,28 +363,77 @@ WITH due AS (
            < (SELECT count(*) FROM due)
         OR ((SELECT count(*) FROM due) = $3 AND EXISTS (SELECT 1 FROM deferred))
         OR (SELECT count(*) FROM events) < (SELECT count(*) FROM candidates) AS more
-)
-SELECT c.event_id, c.endpoint_id, c.attempts AS attempt,
-       c.attempts - c.attempt_base AS tries,
-       ep.url, ep.secret, ep.active AND ep.deleted_at IS NULL AS open,
-       CASE WHEN ep.previous_secret_expires_at > now() THEN ep.previous_secret END
-           AS previous_secret,
-       ep.id IS NOT NULL AS endpoint_present, c.nth = 1 AS carries_event,
-       e.event_type, e.created_at,
-       CASE WHEN octet_length(e.text) <= $5 THEN e.text END AS payload,
-       octet_length(e.text)::int8 AS payload_bytes,
-       (SELECT more FROM more) AS more,
-       -- Most endpoints have none: NULL then, nothing to decode.
-       CASE WHEN ep.headers <> '[]'::jsonb THEN ep.headers END AS headers,
-       ep.timeout_ms
-FROM (SELECT claimed.*, row_number() OVER (PARTITION BY event_id) AS nth FROM claimed) c
-LEFT JOIN webhook_endpoints ep ON ep.id = c.endpoint_id
-LEFT JOIN LATERAL (
-    SELECT o.event_type, o.created_at, o.payload::text AS text
-    FROM webhook_outbox o
-    WHERE o.id = c.event_id AND c.nth = 1
-    OFFSET 0
-) e ON true";
+), verdict AS (
+    -- Whether the next claim may be the fast one (CLAIM_FAST).
+    SELECT NOT limited AS fast_ok FROM cap
+)",
+    claim_result!()
+);
+
+/// The claim when every endpoint it may send to would be decided in place by
+/// [`CLAIM`]'s `allowance` (the wake-up path of a quiet dispatcher, and most bursts):
+/// the same `due`, `candidates`, fan-out and rows, without the payload bound's ranking
+/// or the per-endpoint limits, whose plan nodes cost an idle claim about a third of its
+/// time. `guard` checks that the shortcut decides as [`CLAIM`] would: no endpoint has
+/// a limit of its own or a circuit that is not closed (read in the scan `cap` makes
+/// anyway), and all the payloads offered fit in `$4` uncompressed (`fits`). If not, it
+/// takes and changes nothing (every write below is conditioned on it; the rows `due`
+/// and `candidates` locked are released at commit) and returns a single row with no
+/// delivery and `fast_ok` false: the dispatcher then runs [`CLAIM`] at once. The
+/// dispatcher runs it only while it has fewer requests in progress to every endpoint
+/// than `WEBHOOK_ENDPOINT_MAX_IN_FLIGHT` (the third condition of the in-place case),
+/// and while the last full claim found no limited endpoint ([`Batch::fast_ok`]).
+/// Parameters `$1` to `$5` as in [`CLAIM`].
+pub const CLAIM_FAST: &str = concat!(
+    claim_sources!(),
+    "), guard AS (
+    SELECT NOT (SELECT limited FROM cap)
+           AND coalesce((SELECT sum(x.stored) < $4 AND NOT bool_or(x.compressed)
+                         FROM (SELECT coalesce(pg_column_size(o.payload), 0) AS stored,
+                                      pg_column_compression(o.payload) IS NOT NULL AS compressed
+                               FROM (SELECT DISTINCT event_id FROM due) d
+                               LEFT JOIN webhook_outbox o ON o.id = d.event_id
+                               UNION ALL
+                               SELECT stored, compressed FROM candidates) x),
+                        true) AS ok
+",
+    claim_lease!(),
+    "
+    FROM due
+    WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
+      AND (SELECT ok FROM guard)
+    RETURNING d.event_id, d.endpoint_id, d.attempts, d.attempt_base
+), events AS (
+    SELECT id, event_type FROM candidates WHERE (SELECT ok FROM guard)",
+    claim_processed!(),
+    claim_fanout!(),
+    "), placed AS (
+    -- Each fresh delivery to an open endpoint is claimed now while the claim has
+    -- capacity; the rest is inserted due now for the next claim.
+    SELECT f.event_id, f.endpoint_id, f.open,
+           f.open AND row_number() OVER (PARTITION BY f.open ORDER BY f.event_id, f.endpoint_id)
+                      <= $3 - (SELECT count(*) FROM reclaimed) AS claim_now,
+           now() AS due_at
+    FROM fanout f",
+    claim_inserted!(),
+    "), claimed AS (
+    SELECT event_id, endpoint_id, attempts, attempt_base FROM reclaimed
+    UNION ALL
+    SELECT event_id, endpoint_id, attempts, attempt_base FROM inserted WHERE attempts > 0
+    UNION ALL
+    -- Refused: a row with no delivery says so.
+    SELECT NULL, NULL, NULL, NULL WHERE NOT (SELECT ok FROM guard)
+), more AS (
+    SELECT (SELECT count(*) FROM candidates) = (SELECT events_limit FROM cap) AS more
+), verdict AS (
+    SELECT ok AS fast_ok FROM guard
+)",
+    claim_result!()
+);
+
+/// The parameter types of [`CLAIM_FAST`], for preparing it: the first five of
+/// [`CLAIM_TYPES`].
+pub const CLAIM_FAST_TYPES: &[Type] = &[Type::TEXT, Type::INT8, Type::INT8, Type::INT8, Type::INT8];
 
 /// Arms the doorbell and opens its gate before sleeping (see `sql/0002_notify.sql`,
 /// `sql/0004_doorbell_gate.sql` and `sql/0006_isolation_and_endpoint_health.sql`).
@@ -429,7 +558,7 @@ pub enum Claimed {
 /// claim is the hot path: a name lookup per column per row costs more than the read),
 /// so the columns are checked against this list once per claim ([`check_columns`]),
 /// and `make test` checks the prepared statement's (`src/sql_check.rs`).
-pub(crate) const CLAIM_COLUMNS: [(&str, Type); 17] = [
+pub(crate) const CLAIM_COLUMNS: [(&str, Type); 18] = [
     ("event_id", Type::INT8),
     ("endpoint_id", Type::INT8),
     ("attempt", Type::INT4),
@@ -447,6 +576,7 @@ pub(crate) const CLAIM_COLUMNS: [(&str, Type); 17] = [
     ("more", Type::BOOL),
     ("headers", Type::JSONB),
     ("timeout_ms", Type::INT4),
+    ("fast_ok", Type::BOOL),
 ];
 
 /// Fails unless `columns` are [`CLAIM_COLUMNS`], names and types, in order.
@@ -617,13 +747,15 @@ pub async fn claim(
     let config = Config::default();
     let budget = PayloadBudget::from_config(&config);
     let loads = Loads::idle(config.endpoint_max_in_flight);
-    Ok(claim_unnamed(client, worker_id, lease, limit, &budget, &loads)
-        .await?
-        .claimed)
+    Ok(
+        claim_unnamed(client, worker_id, lease, limit, (&budget, &loads), Form::Full)
+            .await?
+            .claimed,
+    )
 }
 
-/// Runs [`CLAIM`] as an unnamed statement, parsed and planned on every call, within
-/// `budget`: payloads come to no more than what it has available (but at least one
+/// Runs [`CLAIM`] (or [`CLAIM_FAST`], as `form` says) as an unnamed statement, parsed
+/// and planned on every call, within `budget`: payloads come to no more than what it has available (but at least one
 /// event), and count against it while they are held. This is the form that works
 /// through a transaction-mode pooler, which keeps no prepared statement from one
 /// transaction to the next. It costs a parse and a plan per call more than
@@ -634,8 +766,8 @@ pub async fn claim_unnamed(
     worker_id: &str,
     lease: Duration,
     limit: u32,
-    budget: &Arc<PayloadBudget>,
-    loads: &Loads,
+    (budget, loads): (&Arc<PayloadBudget>, &Loads),
+    form: Form,
 ) -> Result<Batch> {
     let (lease_ms, limit) = (lease.as_millis() as i64, i64::from(limit));
     let (bytes, max_payload) = payload_limits(budget);
@@ -650,12 +782,13 @@ pub async fn claim_unnamed(
         (&loads.request_ms, Type::FLOAT8_ARRAY),
         (&loads.cap, Type::INT4),
     ];
-    let rows = client.query_typed_raw(CLAIM, params).await?;
+    let params = params.into_iter().take(form.types().len());
+    let rows = client.query_typed_raw(form.sql(), params).await?;
     parse(rows, budget).await
 }
 
-/// Runs [`CLAIM`] prepared (with [`CLAIM_TYPES`]) on `client`, within `budget` (see
-/// [`claim_unnamed`]). Parsing and planning this statement costs more than running it
+/// Runs `statement`, [`CLAIM`] or [`CLAIM_FAST`] (as `form` says) prepared with its
+/// types ([`Form::types`]), on `client`, within `budget` (see [`claim_unnamed`]). Parsing and planning this statement costs more than running it
 /// on an idle queue (~0.6 ms against ~0.3 ms), so the prepared form is what keeps the
 /// wake-up path short. Its cached generic plan has the same shape as the custom one
 /// (partial-index scans, primary-key lookups).
@@ -669,8 +802,8 @@ pub async fn claim_prepared(
     worker_id: &str,
     lease: Duration,
     limit: u32,
-    budget: &Arc<PayloadBudget>,
-    loads: &Loads,
+    (budget, loads): (&Arc<PayloadBudget>, &Loads),
+    form: Form,
 ) -> Result<Batch> {
     let (lease_ms, limit) = (lease.as_millis() as i64, i64::from(limit));
     let (bytes, max_payload) = payload_limits(budget);
@@ -685,7 +818,9 @@ pub async fn claim_prepared(
         &loads.request_ms,
         &loads.cap,
     ];
-    let rows = client.query_raw(statement, params).await?;
+    let rows = client
+        .query_raw(statement, params[..form.types().len()].iter().copied())
+        .await?;
     parse(rows, budget).await
 }
 
@@ -704,6 +839,51 @@ pub struct Batch {
     /// payload budget: more are probably waiting even if fewer deliveries than asked
     /// came back (narrow filters).
     pub more: bool,
+    /// What the claim found for the next one: `Some(true)` while no endpoint needs the
+    /// limits' part of [`CLAIM`], so that [`CLAIM_FAST`] decides as it would; `None`
+    /// when no row came back.
+    pub fast_ok: Option<bool>,
+    /// [`CLAIM_FAST`] refused (see there): it claimed and changed nothing, and
+    /// [`CLAIM`] is to be run instead.
+    pub refused: bool,
+}
+
+/// Which of the two claim statements to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// [`CLAIM`].
+    Full,
+    /// [`CLAIM_FAST`].
+    Fast,
+}
+
+impl Form {
+    /// [`Form::Fast`] when the last claim found no endpoint that needs the limits'
+    /// part of [`CLAIM`] (`fast_ok`) and this dispatcher has fewer requests in progress
+    /// to every endpoint than its cap (`loads`): then both statements decide alike.
+    pub fn choose(fast_ok: bool, loads: &Loads) -> Self {
+        if fast_ok && loads.in_flight.iter().all(|&n| n < loads.cap) {
+            Self::Fast
+        } else {
+            Self::Full
+        }
+    }
+
+    /// The statement's text.
+    pub fn sql(self) -> &'static str {
+        match self {
+            Self::Full => CLAIM,
+            Self::Fast => CLAIM_FAST,
+        }
+    }
+
+    /// The statement's parameter types.
+    pub fn types(self) -> &'static [Type] {
+        match self {
+            Self::Full => CLAIM_TYPES,
+            Self::Fast => CLAIM_FAST_TYPES,
+        }
+    }
 }
 
 /// A claimed event as its deliveries need it.
@@ -731,7 +911,7 @@ struct DeliveryRow {
 /// dropped at once. The deliveries, which share the bodies, are made at the end.
 async fn parse(rows: RowStream, budget: &Arc<PayloadBudget>) -> Result<Batch> {
     futures_util::pin_mut!(rows);
-    let mut more = false;
+    let (mut more, mut fast_ok, mut refused) = (false, None, false);
     let mut events = HashMap::new();
     // Each endpoint's static headers, decoded once per claim.
     let mut headers: HashMap<i64, std::result::Result<StaticHeaders, Unbuildable>> =
@@ -743,6 +923,12 @@ async fn parse(rows: RowStream, budget: &Arc<PayloadBudget>) -> Result<Batch> {
         }
         // By position, in the order of CLAIM_COLUMNS (checked above).
         more |= row.try_get::<_, Option<bool>>(14)? == Some(true);
+        fast_ok = row.try_get::<_, Option<bool>>(17)?;
+        if row.try_get::<_, Option<i64>>(0)?.is_none() {
+            // CLAIM_FAST's refusal: no delivery on this row.
+            refused = true;
+            continue;
+        }
         let delivery = DeliveryRow {
             event_id: row.try_get(0)?,
             endpoint_id: row.try_get(1)?,
@@ -772,7 +958,12 @@ async fn parse(rows: RowStream, budget: &Arc<PayloadBudget>) -> Result<Batch> {
         .into_iter()
         .map(|row| delivery(row, &events, &headers))
         .collect();
-    Ok(Batch { claimed, more })
+    Ok(Batch {
+        claimed,
+        more,
+        fast_ok,
+        refused,
+    })
 }
 
 /// The event carried by `row`, the first claimed delivery of event `id`.
@@ -880,4 +1071,28 @@ pub async fn next_due(client: &impl GenericClient) -> Result<Option<Duration>> {
     let row = client.query_typed_one(NEXT_DUE, &[]).await?;
     let seconds: Option<f64> = row.get(0);
     Ok(seconds.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loads(in_flight: &[i32]) -> Loads {
+        Loads {
+            endpoints: (1..).take(in_flight.len()).collect(),
+            in_flight: in_flight.to_vec(),
+            request_ms: vec![10.0; in_flight.len()],
+            cap: 4,
+        }
+    }
+
+    #[test]
+    fn the_fast_claim_runs_only_where_the_full_one_would_decide_in_place() {
+        assert_eq!(Form::choose(true, &loads(&[])), Form::Fast);
+        assert_eq!(Form::choose(true, &loads(&[0, 3])), Form::Fast);
+        // One endpoint at this dispatcher's cap: the full claim holds it back.
+        assert_eq!(Form::choose(true, &loads(&[0, 4])), Form::Full);
+        // The last claim found an endpoint with limits or a circuit.
+        assert_eq!(Form::choose(false, &loads(&[])), Form::Full);
+    }
 }

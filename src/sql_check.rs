@@ -26,6 +26,7 @@ macro_rules! statements {
 
 const STATEMENTS: &[(&str, &str, &str)] = statements![
     claim::CLAIM,
+    claim::CLAIM_FAST,
     claim::ARM_DOORBELL,
     claim::CLOSE_DOORBELL_GATE,
     claim::NEXT_DUE,
@@ -168,12 +169,15 @@ async fn every_statement_prepares_against_the_migrated_schema() {
 #[tokio::test]
 async fn the_claim_returns_the_columns_its_reader_expects() {
     let db = Scratch::new().await;
-    let prepared = db
-        .client
-        .prepare_typed(claim::CLAIM, claim::CLAIM_TYPES)
-        .await
-        .expect("prepare the claim");
-    let checked = claim::check_columns(prepared.columns());
+    let mut checked = Vec::new();
+    for form in [claim::Form::Full, claim::Form::Fast] {
+        let prepared = db
+            .client
+            .prepare_typed(form.sql(), form.types())
+            .await
+            .expect("prepare the claim");
+        checked.push((form, claim::check_columns(prepared.columns())));
+    }
     let other = db
         .client
         .prepare(inspect::GET_EVENT)
@@ -181,7 +185,9 @@ async fn the_claim_returns_the_columns_its_reader_expects() {
         .expect("prepare another statement");
     let refused = claim::check_columns(other.columns());
     db.drop().await;
-    checked.expect("the claim's columns");
+    for (form, checked) in checked {
+        checked.unwrap_or_else(|e| panic!("{form:?}: {e}"));
+    }
     let refused = refused.expect_err("another statement's columns are refused");
     assert!(refused.to_string().contains("event_id int8"), "{refused}");
 }
@@ -198,11 +204,18 @@ const CONST_DECL: &str = concat!(
     r#"[ \t]*&(?:'static[ \t]+)?str[ \t]*=[ \t\r\n]*(?:concat!\([ \t\r\n]*)?"#
 );
 
+/// A `macro_rules!` fragment's declaration up to its literal's opening quote: a piece of
+/// SQL that constants share (`claim::CLAIM` and `claim::CLAIM_FAST` are built of them),
+/// checked through those constants.
+const FRAGMENT_DECL: &str = r#"macro_rules![ \t]+([a-z][a-z0-9_]*)[ \t\r\n]*\{[ \t\r\n]*\(\)[ \t\r\n]*=>[ \t\r\n]*\{[ \t\r\n]*"#;
+
 /// Every SQL literal in the library's code (tests excluded) as `(module, constant)`, or
-/// an error naming a literal that is not a constant's value.
+/// an error naming a literal that is neither a constant's value nor a fragment that a
+/// constant of its file is built of.
 fn sql_constants_in_source() -> (Vec<(String, String)>, Vec<String>) {
     let sql_start = regex::Regex::new(SQL_START).expect("a valid pattern");
     let const_decl = regex::Regex::new(CONST_DECL).expect("a valid pattern");
+    let fragment_decl = regex::Regex::new(FRAGMENT_DECL).expect("a valid pattern");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let mut files = Vec::new();
     let mut dirs = vec![root.clone()];
@@ -240,9 +253,34 @@ fn sql_constants_in_source() -> (Vec<(String, String)>, Vec<String>) {
             .captures_iter(code)
             .map(|c| (c.get(0).expect("the match").end(), c[1].to_owned()))
             .collect();
+        let fragments: Vec<(usize, String)> = fragment_decl
+            .captures_iter(code)
+            .map(|c| (c.get(0).expect("the match").end(), c[1].to_owned()))
+            .collect();
+        let used_by_a_constant = |fragment: &str| {
+            let call = format!("{fragment}!()");
+            declared.iter().any(|(at, _)| {
+                let rest = &code[*at..];
+                rest[..rest.find("\n);").unwrap_or(0)].contains(&call)
+            })
+        };
+        // A constant that begins with a SQL fragment is SQL too.
+        for (at, name) in &declared {
+            let sql_fragment = fragments.iter().any(|(fragment_at, fragment)| {
+                code[*at..].starts_with(&format!("{fragment}!()"))
+                    && sql_start
+                        .find(&code[*fragment_at..])
+                        .is_some_and(|m| m.start() == 0)
+            });
+            if sql_fragment {
+                found.push((module.clone(), name.clone()));
+            }
+        }
         for literal in sql_start.find_iter(code) {
+            let fragment = fragments.iter().find(|(at, _)| *at == literal.start());
             match declared.iter().find(|(at, _)| *at == literal.start()) {
                 Some((_, name)) => found.push((module.clone(), name.clone())),
+                None if fragment.is_some_and(|(_, name)| used_by_a_constant(name)) => {}
                 // A template that builds a statement for an operator to run (such as
                 // `pooler::alter_role`) cannot be prepared as it stands.
                 None if code[..literal.start()].trim_end().ends_with("format!(") => {}
@@ -295,6 +333,7 @@ fn every_sql_constant_is_checked() {
 fn the_scan_flags_inline_sql() {
     let sql_start = regex::Regex::new(SQL_START).expect("a valid pattern");
     let const_decl = regex::Regex::new(CONST_DECL).expect("a valid pattern");
+    let fragment_decl = regex::Regex::new(FRAGMENT_DECL).expect("a valid pattern");
     let code = "pub(crate) const A: &str = \"SELECT 1\";\n\
                 const B: &str =\n    \"\n  WITH x AS (SELECT 1) SELECT * FROM x\";\n\
                 fn f() { client.query(\"UPDATE t SET a = 1\", &[]); }\n\
@@ -313,4 +352,11 @@ fn the_scan_flags_inline_sql() {
     // The template is told apart by what precedes it, as the scan does.
     let template = literals[3].0;
     assert!(code[..template].trim_end().ends_with("format!("));
+    // A fragment's literal is found where its declaration ends.
+    let shared =
+        "macro_rules! shared {\n    () => {\n        \"\nWITH y AS (SELECT 1)\"\n    };\n}\n";
+    let fragment = fragment_decl.captures(shared).expect("a fragment");
+    assert_eq!(&fragment[1], "shared");
+    let literal = sql_start.find(shared).expect("its SQL");
+    assert_eq!(fragment.get(0).expect("the match").end(), literal.start());
 }

@@ -226,6 +226,7 @@ impl Dispatcher {
 
         let mut claim_loop = ClaimLoop {
             payload_budget: claim::PayloadBudget::from_config(&cfg),
+            fast_ok: true,
             session: Session::new(pool, sessions, statements),
             send: SendSide::new(
                 &cfg,
@@ -325,6 +326,9 @@ struct ClaimLoop {
     send: SendSide,
     /// Payload bytes held by claimed, unsent deliveries; claims wait for room in it.
     payload_budget: Arc<claim::PayloadBudget>,
+    /// The last claim found no endpoint that needs the limits' part of the full claim
+    /// (see [`claim::CLAIM_FAST`]); until a claim says otherwise, assumed.
+    fast_ok: bool,
     wake: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
@@ -393,19 +397,28 @@ impl ClaimLoop {
         let want = self.send.claim_size(free);
         let loads = self.send.load.snapshot();
         let claimed_at = tokio::time::Instant::now();
-        let batch = match self
-            .session
-            .claim(
-                &self.cfg.worker_id,
-                self.cfg.lease,
-                want,
-                (&self.payload_budget, &loads),
-                shutdown,
-            )
-            .await?
-        {
-            Ok(batch) => batch,
-            Err(e) => return failed(wakeup, shutdown, "claiming", &e),
+        let mut form = claim::Form::choose(self.fast_ok, &loads);
+        let batch = loop {
+            let batch = match self
+                .session
+                .claim(
+                    &self.cfg.worker_id,
+                    self.cfg.lease,
+                    want,
+                    (&self.payload_budget, &loads),
+                    form,
+                    shutdown,
+                )
+                .await?
+            {
+                Ok(batch) => batch,
+                Err(e) => return failed(wakeup, shutdown, "claiming", &e),
+            };
+            self.fast_ok = batch.fast_ok.unwrap_or(self.fast_ok);
+            match (batch.refused, form) {
+                (true, claim::Form::Fast) => form = claim::Form::Full,
+                _ => break batch,
+            }
         };
         let got = batch.claimed.len();
         let after = wakeup.claimed(got, want, batch.more, claimed_at);

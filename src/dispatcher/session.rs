@@ -26,7 +26,8 @@ use crate::pooler::{self, StatementMode};
 /// are sent unnamed.
 struct Prepared {
     conn: Conn,
-    claim: Option<tokio_postgres::Statement>,
+    /// [`claim::CLAIM`] and [`claim::CLAIM_FAST`].
+    claims: Option<[tokio_postgres::Statement; 2]>,
 }
 
 /// The claim loop's connection and statements.
@@ -67,22 +68,39 @@ impl Session {
         lease: Duration,
         limit: u32,
         (budget, loads): (&Arc<claim::PayloadBudget>, &claim::Loads),
+        form: claim::Form,
         shutdown: &CancellationToken,
     ) -> Option<Result<claim::Batch>> {
         let (connector, p) = match self.open(shutdown).await? {
             Ok(opened) => opened,
             Err(e) => return Some(Err(e)),
         };
-        let batch = match &p.claim {
-            Some(statement) => {
+        let batch = match &p.claims {
+            Some([full, fast]) => {
+                let statement = match form {
+                    claim::Form::Full => full,
+                    claim::Form::Fast => fast,
+                };
                 let claim = claim::claim_prepared(
-                    &p.conn, statement, worker_id, lease, limit, budget, loads,
+                    &p.conn,
+                    statement,
+                    worker_id,
+                    lease,
+                    limit,
+                    (budget, loads),
+                    form,
                 );
                 connector.finish_or_cancel(&p.conn, shutdown, claim).await
             }
             None => {
-                let claim =
-                    claim::claim_unnamed(&*p.conn, worker_id, lease, limit, budget, loads);
+                let claim = claim::claim_unnamed(
+                    &*p.conn,
+                    worker_id,
+                    lease,
+                    limit,
+                    (budget, loads),
+                    form,
+                );
                 connector.finish_or_cancel(&p.conn, shutdown, claim).await
             }
         };
@@ -130,19 +148,24 @@ impl Session {
                     Err(e) => return Some(Err(e.into())),
                 };
                 if self.statements == StatementMode::Unnamed {
-                    Prepared { conn, claim: None }
+                    Prepared { conn, claims: None }
                 } else {
-                    // The one named statement, where nothing in between forbids it.
+                    // The two named statements, where nothing in between forbids them.
                     #[allow(clippy::disallowed_methods, reason = "prepared on purpose")]
-                    let prepare = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES);
+                    let prepare = async {
+                        let full = conn.prepare_typed(claim::CLAIM, claim::CLAIM_TYPES);
+                        let fast =
+                            conn.prepare_typed(claim::CLAIM_FAST, claim::CLAIM_FAST_TYPES);
+                        Ok::<_, tokio_postgres::Error>([full.await?, fast.await?])
+                    };
                     match self
                         .connector
                         .finish_or_cancel(&conn, shutdown, prepare)
                         .await
                     {
-                        Some(Ok(claim)) => Prepared {
+                        Some(Ok(claims)) => Prepared {
                             conn,
-                            claim: Some(claim),
+                            claims: Some(claims),
                         },
                         Some(Err(e)) => return Some(Err(e.into())),
                         None => {

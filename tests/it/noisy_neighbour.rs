@@ -170,6 +170,38 @@ async fn max_in_flight_is_held_across_three_dispatchers() {
     assert_eq!(delivered(&db, free).await, i64::from(EVENTS));
 }
 
+/// A limit set while dispatchers run holds from their next claim: before it, with no
+/// endpoint limited, they claim with the fast statement (`claim::CLAIM_FAST`), which
+/// must see the new limit and leave the decision to the full one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_set_while_dispatchers_run_holds_from_their_next_claim() {
+    const EVENTS: i32 = 40;
+    let db = TestDb::new("noisy_setlimit").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::ok().delay(Duration::from_millis(100)));
+    let (endpoint, _) = db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let dispatchers: Vec<Spawned> = (0..2)
+        .map(|i| dispatcher(&db, &format!("noisy_setlimit{i}"), &[]))
+        .collect();
+    db.enqueue("order.created", &json!({ "n": 0 })).await;
+    db.wait_all_in_state_within(1, "delivered", Duration::from_secs(30))
+        .await;
+
+    update_endpoint(&db, endpoint, &["--max-in-flight", "2"]).await;
+    db.enqueue_series(1, EVENTS).await;
+    db.wait_all_in_state_within(i64::from(EVENTS) + 1, "delivered", Duration::from_secs(90))
+        .await;
+    for d in dispatchers {
+        stop(d).await;
+    }
+    let max = receiver.max_in_flight_to("/hook");
+    assert!(
+        max <= 2,
+        "the receiver handled {max} requests at once after max_in_flight = 2 was set"
+    );
+    assert_eq!(receiver.count_to("/hook"), EVENTS as usize + 1);
+}
+
 /// An endpoint without `max_in_flight` is held by each dispatcher to
 /// `WEBHOOK_ENDPOINT_MAX_IN_FLIGHT` (4 here): once it has that many requests in progress
 /// to the endpoint, its claims take nothing more for it until some end. A claim made

@@ -71,6 +71,12 @@ fn bodies(deliveries: &[&Delivery]) -> BTreeMap<i64, BTreeSet<(usize, usize)>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_holds_each_payload_once_however_many_endpoints() {
+    for form in [claim::Form::Full, claim::Form::Fast] {
+        holds_each_payload_once(form).await;
+    }
+}
+
+async fn holds_each_payload_once(form: claim::Form) {
     let db = TestDb::new("payload_once").await;
     for i in 0..8 {
         db.add_endpoint(&format!("https://example.com/{i}"), &[])
@@ -84,11 +90,12 @@ async fn a_claim_holds_each_payload_once_however_many_endpoints() {
         "w",
         LEASE,
         100,
-        &budget,
-        &claim::Loads::idle(64),
+        (&budget, &claim::Loads::idle(64)),
+        form,
     )
     .await
     .unwrap();
+    assert!(!batch.refused, "{form:?}");
     let deliveries = sent(&batch.claimed);
     assert_eq!(deliveries.len(), 24);
     let bodies = bodies(&deliveries);
@@ -128,13 +135,34 @@ async fn claims_are_bounded_by_payload_bytes() {
         // Room for two events and a bit: a third starts under the budget.
         let budget = PayloadBudget::new(250_000, 4 << 20);
 
+        // The fast claim does not bound by bytes: it refuses, and changes nothing.
+        let refused = claim::claim_unnamed(
+            &db.client,
+            "w",
+            LEASE,
+            100,
+            (&budget, &claim::Loads::idle(64)),
+            claim::Form::Fast,
+        )
+        .await
+        .unwrap();
+        assert!(refused.refused && refused.claimed.is_empty());
+        assert_eq!(refused.fast_ok, Some(false));
+        let untouched: i64 = db
+            .scalar(
+                "SELECT (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL)
+                      - (SELECT count(*) FROM webhook_deliveries)",
+            )
+            .await;
+        assert_eq!(untouched, 10);
+
         let first = claim::claim_unnamed(
             &db.client,
             "w",
             LEASE,
             100,
-            &budget,
-            &claim::Loads::idle(64),
+            (&budget, &claim::Loads::idle(64)),
+            claim::Form::Full,
         )
         .await
         .unwrap();
@@ -154,8 +182,8 @@ async fn claims_are_bounded_by_payload_bytes() {
             "w",
             LEASE,
             100,
-            &budget,
-            &claim::Loads::idle(64),
+            (&budget, &claim::Loads::idle(64)),
+            claim::Form::Full,
         )
         .await
         .unwrap();
@@ -179,8 +207,8 @@ async fn claims_are_bounded_by_payload_bytes() {
             "w",
             LEASE,
             100,
-            &budget,
-            &claim::Loads::idle(64),
+            (&budget, &claim::Loads::idle(64)),
+            claim::Form::Full,
         )
         .await
         .unwrap();
@@ -230,8 +258,8 @@ async fn a_fanned_out_retry_counts_its_payload_once() {
         "w",
         LEASE,
         100,
-        &budget,
-        &claim::Loads::idle(64),
+        (&budget, &claim::Loads::idle(64)),
+        claim::Form::Full,
     )
     .await
     .unwrap();
@@ -251,8 +279,8 @@ async fn a_fanned_out_retry_counts_its_payload_once() {
         "w",
         LEASE,
         100,
-        &budget,
-        &claim::Loads::idle(64),
+        (&budget, &claim::Loads::idle(64)),
+        claim::Form::Full,
     )
     .await
     .unwrap();

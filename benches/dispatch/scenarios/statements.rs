@@ -33,7 +33,7 @@ async fn statements_in(ctx: &mut Ctx, url: &str, client: &Client) -> anyhow::Res
     let prepared_conn = sessions.connect().await?;
     let unnamed_conn = sessions.connect().await?;
     let statement = prepared_conn
-        .prepare_typed(claim::CLAIM, claim::CLAIM_TYPES)
+        .prepare_typed(claim::CLAIM_FAST, claim::CLAIM_FAST_TYPES)
         .await?;
     let lease = Duration::from_secs(600);
     let batch = config.batch_size;
@@ -54,13 +54,21 @@ async fn statements_in(ctx: &mut Ctx, url: &str, client: &Client) -> anyhow::Res
                     "bench-p",
                     lease,
                     batch,
-                    &budget,
-                    &loads,
+                    (&budget, &loads),
+                    claim::Form::Fast,
                 )
                 .await?;
                 prepared.push(t.elapsed().as_secs_f64() * 1e6);
             } else {
-                claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, &budget, &loads).await?;
+                claim::claim_unnamed(
+                    &unnamed_conn,
+                    "bench-u",
+                    lease,
+                    batch,
+                    (&budget, &loads),
+                    claim::Form::Fast,
+                )
+                .await?;
                 unnamed.push(t.elapsed().as_secs_f64() * 1e6);
             }
         }
@@ -90,12 +98,20 @@ async fn statements_in(ctx: &mut Ctx, url: &str, client: &Client) -> anyhow::Res
                 "bench-p",
                 lease,
                 batch,
-                &budget,
-                &loads,
+                (&budget, &loads),
+                claim::Form::Fast,
             )
             .await?
         } else {
-            claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, &budget, &loads).await?
+            claim::claim_unnamed(
+                    &unnamed_conn,
+                    "bench-u",
+                    lease,
+                    batch,
+                    (&budget, &loads),
+                    claim::Form::Fast,
+                )
+                .await?
         };
         let us = t.elapsed().as_secs_f64() * 1e6;
         if got.claimed.len() < batch as usize {
