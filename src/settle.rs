@@ -230,6 +230,10 @@ impl Columns {
 /// A connection whose server turned read-only is closed rather than given back: while
 /// outcomes cannot be written the claim loop waits, so this is the one place where the
 /// pool's sessions on a fenced or demoted server can be weeded out.
+#[cfg_attr(
+    not(feature = "internals"),
+    allow(dead_code, reason = "tests and tools that settle by hand")
+)]
 pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result<u64> {
     let circuit = CircuitPolicy::default();
     let signals = Runs::default().add(tally(outcomes), circuit.failures);
