@@ -69,6 +69,20 @@ fn bodies(deliveries: &[&Delivery]) -> BTreeMap<i64, BTreeSet<(usize, usize)>> {
     events
 }
 
+/// One claim (`form`) of up to 100 deliveries by worker `w`, within `budget`.
+async fn claim_within(db: &TestDb, budget: &Arc<PayloadBudget>, form: claim::Form) -> claim::Batch {
+    claim::claim_unnamed(
+        &db.client,
+        "w",
+        LEASE,
+        100,
+        (budget, &claim::Loads::idle(64)),
+        form,
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_holds_each_payload_once_however_many_endpoints() {
     for form in [claim::Form::Full, claim::Form::Fast] {
@@ -85,16 +99,7 @@ async fn holds_each_payload_once(form: claim::Form) {
     let events = big_events(&db, 3, 20_000, false).await;
     let budget = PayloadBudget::new(64 << 20, 4 << 20);
 
-    let batch = claim::claim_unnamed(
-        &db.client,
-        "w",
-        LEASE,
-        100,
-        (&budget, &claim::Loads::idle(64)),
-        form,
-    )
-    .await
-    .unwrap();
+    let batch = claim_within(&db, &budget, form).await;
     assert!(!batch.refused, "{form:?}");
     let deliveries = sent(&batch.claimed);
     assert_eq!(deliveries.len(), 24);
@@ -136,16 +141,7 @@ async fn claims_are_bounded_by_payload_bytes() {
         let budget = PayloadBudget::new(250_000, 4 << 20);
 
         // The fast claim does not bound by bytes: it refuses, and changes nothing.
-        let refused = claim::claim_unnamed(
-            &db.client,
-            "w",
-            LEASE,
-            100,
-            (&budget, &claim::Loads::idle(64)),
-            claim::Form::Fast,
-        )
-        .await
-        .unwrap();
+        let refused = claim_within(&db, &budget, claim::Form::Fast).await;
         assert!(refused.refused && refused.claimed.is_empty());
         assert_eq!(refused.fast_ok, Some(false));
         let untouched: i64 = db
@@ -156,16 +152,7 @@ async fn claims_are_bounded_by_payload_bytes() {
             .await;
         assert_eq!(untouched, 10);
 
-        let first = claim::claim_unnamed(
-            &db.client,
-            "w",
-            LEASE,
-            100,
-            (&budget, &claim::Loads::idle(64)),
-            claim::Form::Full,
-        )
-        .await
-        .unwrap();
+        let first = claim_within(&db, &budget, claim::Form::Full).await;
         let taken: Vec<i64> = bodies(&sent(&first.claimed)).into_keys().collect();
         assert_eq!(taken, events[..3], "compressible: {compressible}");
         assert!(first.more, "more events are waiting");
@@ -177,16 +164,7 @@ async fn claims_are_bounded_by_payload_bytes() {
 
         // While the budget is spent, a claim still takes one event.
         assert_eq!(budget.available(), 0, "held {}", budget.held());
-        let second = claim::claim_unnamed(
-            &db.client,
-            "w",
-            LEASE,
-            100,
-            (&budget, &claim::Loads::idle(64)),
-            claim::Form::Full,
-        )
-        .await
-        .unwrap();
+        let second = claim_within(&db, &budget, claim::Form::Full).await;
         let taken: Vec<i64> = bodies(&sent(&second.claimed)).into_keys().collect();
         assert_eq!(taken, events[3..4]);
         drop((first, second));
@@ -202,16 +180,7 @@ async fn claims_are_bounded_by_payload_bytes() {
             )
             .await
             .unwrap();
-        let retries = claim::claim_unnamed(
-            &db.client,
-            "w",
-            LEASE,
-            100,
-            (&budget, &claim::Loads::idle(64)),
-            claim::Form::Full,
-        )
-        .await
-        .unwrap();
+        let retries = claim_within(&db, &budget, claim::Form::Full).await;
         let mut taken: Vec<(i64, i32)> = sent(&retries.claimed)
             .iter()
             .map(|d| (d.event_id, d.attempt))
@@ -253,16 +222,7 @@ async fn a_fanned_out_retry_counts_its_payload_once() {
     // Room for the first event and the start of the second; a payload counted per
     // delivery would fill it with two deliveries.
     let budget = PayloadBudget::new(150_000, 4 << 20);
-    let first = claim::claim_unnamed(
-        &db.client,
-        "w",
-        LEASE,
-        100,
-        (&budget, &claim::Loads::idle(64)),
-        claim::Form::Full,
-    )
-    .await
-    .unwrap();
+    let first = claim_within(&db, &budget, claim::Form::Full).await;
     let deliveries = sent(&first.claimed);
     assert_eq!(deliveries.len(), 40);
     assert_eq!(bodies(&deliveries).into_keys().collect::<Vec<_>>(), events);
@@ -274,16 +234,7 @@ async fn a_fanned_out_retry_counts_its_payload_once() {
         )
         .await
         .unwrap();
-    let retries = claim::claim_unnamed(
-        &db.client,
-        "w",
-        LEASE,
-        100,
-        (&budget, &claim::Loads::idle(64)),
-        claim::Form::Full,
-    )
-    .await
-    .unwrap();
+    let retries = claim_within(&db, &budget, claim::Form::Full).await;
     let deliveries = sent(&retries.claimed);
     assert_eq!(deliveries.len(), 40);
     assert!(deliveries.iter().all(|d| d.attempt == 2));
