@@ -41,34 +41,26 @@ async fn statements_in(ctx: &mut Ctx, url: &str, client: &Client) -> anyhow::Res
     // Nothing in flight and no cap below a batch: the statement's own cost.
     let loads = claim::Loads::idle(batch);
     let (mut prepared, mut unnamed) = (Vec::new(), Vec::new());
+    // The claim the dispatcher makes in both cases (no limits), prepared or unnamed.
+    let claim_once = async |prepared: bool| {
+        let (within, fast) = ((&budget, &loads), claim::Form::Fast);
+        if prepared {
+            let conn = &prepared_conn;
+            claim::claim_prepared(conn, &statement, "bench-p", lease, batch, within, fast).await
+        } else {
+            claim::claim_unnamed(&unnamed_conn, "bench-u", lease, batch, within, fast).await
+        }
+    };
 
     // Idle: the claim a wake-up makes, on an empty queue.
     let idle_calls = if ctx.s.quick { 300 } else { 3_000 };
     for i in 0..idle_calls {
         for first in [i % 2 == 0, i % 2 != 0] {
             let t = Instant::now();
+            claim_once(first).await?;
             if first {
-                claim::claim_prepared(
-                    &prepared_conn,
-                    &statement,
-                    "bench-p",
-                    lease,
-                    batch,
-                    (&budget, &loads),
-                    claim::Form::Fast,
-                )
-                .await?;
                 prepared.push(t.elapsed().as_secs_f64() * 1e6);
             } else {
-                claim::claim_unnamed(
-                    &unnamed_conn,
-                    "bench-u",
-                    lease,
-                    batch,
-                    (&budget, &loads),
-                    claim::Form::Fast,
-                )
-                .await?;
                 unnamed.push(t.elapsed().as_secs_f64() * 1e6);
             }
         }
@@ -91,28 +83,7 @@ async fn statements_in(ctx: &mut Ctx, url: &str, client: &Client) -> anyhow::Res
     let mut turn = 0u64;
     loop {
         let t = Instant::now();
-        let got = if turn % 2 == 0 {
-            claim::claim_prepared(
-                &prepared_conn,
-                &statement,
-                "bench-p",
-                lease,
-                batch,
-                (&budget, &loads),
-                claim::Form::Fast,
-            )
-            .await?
-        } else {
-            claim::claim_unnamed(
-                    &unnamed_conn,
-                    "bench-u",
-                    lease,
-                    batch,
-                    (&budget, &loads),
-                    claim::Form::Fast,
-                )
-                .await?
-        };
+        let got = claim_once(turn % 2 == 0).await?;
         let us = t.elapsed().as_secs_f64() * 1e6;
         if got.claimed.len() < batch as usize {
             break;
