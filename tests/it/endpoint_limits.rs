@@ -11,30 +11,15 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::{TestDb, outboxd_command, run_to_end};
+use crate::harness::TestDb;
 
 const TOKEN: &str = "endpoint-limits-admin-token-0123";
-
-/// `outboxd ARGS` against `db`; asserts the exit status, returns `(stdout, stderr)`.
-async fn cli(db: &TestDb, args: &[&str], expected: i32) -> (String, String) {
-    let mut command = outboxd_command();
-    command.args(args).env("DATABASE_URL", &db.url);
-    let finished = run_to_end(command).await;
-    assert_eq!(
-        finished.code,
-        Some(expected),
-        "outboxd {args:?}: {}{}",
-        finished.stdout,
-        finished.stderr
-    );
-    (finished.stdout, finished.stderr)
-}
 
 /// `outboxd ARGS --json`, parsed.
 async fn cli_json(db: &TestDb, args: &[&str]) -> Value {
     let mut args = args.to_vec();
     args.push("--json");
-    let (stdout, _) = cli(db, &args, 0).await;
+    let (stdout, _) = db.cli(&args, 0).await;
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
@@ -138,11 +123,11 @@ async fn limits_round_trip_through_the_cli() {
     let id_text = id.to_string();
     assert_eq!(stored_limits(&db, id).await, (Some(8), Some(50)));
 
-    let (shown, _) = cli(&db, &["endpoint", "show", &id_text], 0).await;
+    let (shown, _) = db.cli(&["endpoint", "show", &id_text], 0).await;
     assert_eq!(field(&shown, "max_in_flight"), Some("8"), "{shown}");
     assert_eq!(field(&shown, "rate_limit"), Some("50/s"), "{shown}");
     assert_eq!(field(&shown, "circuit"), Some("closed"), "{shown}");
-    let (listed, _) = cli(&db, &["endpoint", "list"], 0).await;
+    let (listed, _) = db.cli(&["endpoint", "list"], 0).await;
     let mut lines = listed.lines();
     let header = lines.next().expect("a header");
     for column in ["IN FLIGHT", "RATE/S", "CIRCUIT"] {
@@ -211,10 +196,10 @@ async fn limits_round_trip_through_the_cli() {
         (&Value::Null, &json!(100_000))
     );
     assert_eq!(stored_limits(&db, id).await, (None, Some(100_000)));
-    let (shown, _) = cli(&db, &["endpoint", "show", &id_text], 0).await;
+    let (shown, _) = db.cli(&["endpoint", "show", &id_text], 0).await;
     assert_eq!(field(&shown, "max_in_flight"), None, "{shown}");
     assert_eq!(field(&shown, "rate_limit"), Some("100000/s"), "{shown}");
-    let (listed, _) = cli(&db, &["endpoint", "list"], 0).await;
+    let (listed, _) = db.cli(&["endpoint", "list"], 0).await;
     let row: Vec<&str> = listed
         .lines()
         .nth(1)
@@ -239,19 +224,19 @@ async fn the_cli_refuses_limits_out_of_range() {
         ("--rate-limit", "100001"),
         ("--rate-limit", "1.5"),
     ] {
-        let (_, stderr) = cli(
-            &db,
-            &[
-                "endpoint",
-                "add",
-                "--url",
-                "https://example.com/hook",
-                option,
-                value,
-            ],
-            2,
-        )
-        .await;
+        let (_, stderr) = db
+            .cli(
+                &[
+                    "endpoint",
+                    "add",
+                    "--url",
+                    "https://example.com/hook",
+                    option,
+                    value,
+                ],
+                2,
+            )
+            .await;
         let field = option.trim_start_matches("--").replace('-', "_");
         assert!(
             stderr.contains(&format!("invalid value '{value}' for '{option}"))
@@ -259,19 +244,19 @@ async fn the_cli_refuses_limits_out_of_range() {
             "{option} {value}: {stderr}"
         );
     }
-    let (_, stderr) = cli(
-        &db,
-        &[
-            "endpoint",
-            "add",
-            "--url",
-            "https://example.com/hook",
-            "--rate-limit",
-            "0",
-        ],
-        2,
-    )
-    .await;
+    let (_, stderr) = db
+        .cli(
+            &[
+                "endpoint",
+                "add",
+                "--url",
+                "https://example.com/hook",
+                "--rate-limit",
+                "0",
+            ],
+            2,
+        )
+        .await;
     assert!(
         stderr.contains("rate_limit") && stderr.contains("between 1 and 100000"),
         "{stderr}"
@@ -281,12 +266,8 @@ async fn the_cli_refuses_limits_out_of_range() {
 
     let (id, _) = db.add_endpoint("https://example.com/hook", &[]).await;
     let id_text = id.to_string();
-    cli(
-        &db,
-        &["endpoint", "update", &id_text, "--max-in-flight", "5"],
-        0,
-    )
-    .await;
+    db.cli(&["endpoint", "update", &id_text, "--max-in-flight", "5"], 0)
+        .await;
     for (args, says) in [
         (&["--max-in-flight", "10001"][..], "between 1 and 10000"),
         (&["--rate-limit", "0"], "between 1 and 100000"),
@@ -301,7 +282,7 @@ async fn the_cli_refuses_limits_out_of_range() {
     ] {
         let mut command = vec!["endpoint", "update", &id_text];
         command.extend_from_slice(args);
-        let (_, stderr) = cli(&db, &command, 2).await;
+        let (_, stderr) = db.cli(&command, 2).await;
         assert!(
             stderr.contains(args[0]) && stderr.contains(says),
             "{args:?}: {stderr}"
@@ -482,7 +463,7 @@ async fn the_circuit_state_is_shown() {
         (half_open, json!({ "state": "half_open" }), 7, "half-open"),
     ];
     let listed = cli_json(&db, &["endpoint", "list"]).await;
-    let (text, _) = cli(&db, &["endpoint", "list"], 0).await;
+    let (text, _) = db.cli(&["endpoint", "list"], 0).await;
     let api = Api::start(&db).await;
     let (_, from_api) = api.call(reqwest::Method::GET, "/v1/endpoints", None).await;
     for (n, (id, circuit, failures, shown)) in expected.iter().enumerate() {
@@ -496,7 +477,7 @@ async fn the_circuit_state_is_shown() {
             .unwrap_or_else(|| panic!("endpoint {id} in {text}"));
         assert!(line.contains(&format!("  {shown}  ")), "{text}");
         let id = id.to_string();
-        let (one, _) = cli(&db, &["endpoint", "show", &id], 0).await;
+        let (one, _) = db.cli(&["endpoint", "show", &id], 0).await;
         assert_eq!(field(&one, "circuit"), Some(*shown), "{one}");
         let failures_line = (*failures > 0).then(|| failures.to_string());
         assert_eq!(
@@ -588,7 +569,7 @@ async fn closing_a_circuit_by_hand_resets_it() {
         .await
         .expect("LISTEN");
 
-    let (said, _) = cli(&db, &["endpoint", "close-circuit", &id_text], 0).await;
+    let (said, _) = db.cli(&["endpoint", "close-circuit", &id_text], 0).await;
     assert!(said.contains("circuit closed"), "{said}");
     assert_eq!(circuit_columns(&db, id).await, (false, false, 0, 0));
     assert_eq!(
@@ -609,11 +590,11 @@ async fn closing_a_circuit_by_hand_resets_it() {
         )
         .await
         .expect("count failures");
-    let (said, _) = cli(&db, &["endpoint", "close-circuit", &id_text], 0).await;
+    let (said, _) = db.cli(&["endpoint", "close-circuit", &id_text], 0).await;
     assert!(said.contains("already closed"), "{said}");
     assert_eq!(circuit_columns(&db, id).await, (false, false, 0, 0));
     ring_marker(&db, &mut rings).await;
-    cli(&db, &["endpoint", "close-circuit", "999999"], 3).await;
+    db.cli(&["endpoint", "close-circuit", "999999"], 3).await;
 
     // Half-open, through the API.
     db.client
@@ -688,7 +669,8 @@ async fn closing_a_circuit_by_hand_releases_what_it_held() {
         .await
         .expect("held deliveries");
 
-    cli(&db, &["endpoint", "close-circuit", &id.to_string()], 0).await;
+    db.cli(&["endpoint", "close-circuit", &id.to_string()], 0)
+        .await;
 
     let due: Vec<(i64, bool)> = db
         .client

@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::harness::{
-    Receiver, Reply, RunningDispatcher, Spawned, TestDb, eventually, outboxd_command, run_to_end,
-    sigterm, test_config, unique,
+    Receiver, Reply, RunningDispatcher, Spawned, TestDb, eventually, outboxd_command, sigterm,
+    test_config, unique,
 };
 
 /// Values that must reach the receiver and never appear anywhere else.
@@ -15,20 +15,6 @@ const API_KEY: &str = "Bearer sk-live-4c0ffee-static-header-value";
 const TENANT: &str = "tenant-value-91ab27";
 
 const ADMIN_TOKEN: &str = "0123456789abcdef-headers";
-
-/// `outboxd endpoint ...` against `db`; asserts the exit status, returns stdout.
-async fn cli(db: &TestDb, args: &[&str], expected: i32) -> (String, String) {
-    let mut command = outboxd_command();
-    command.args(args).env("DATABASE_URL", &db.url);
-    let finished = run_to_end(command).await;
-    assert_eq!(
-        finished.code,
-        Some(expected),
-        "outboxd {args:?}: {}",
-        finished.stderr
-    );
-    (finished.stdout, finished.stderr)
-}
 
 fn assert_hidden(what: &str, text: &str) {
     for value in [API_KEY, "sk-live-4c0ffee", TENANT] {
@@ -46,22 +32,22 @@ async fn static_headers_are_sent_and_never_shown() {
     let url = receiver.url("/hook");
     let authorization = format!("Authorization: {API_KEY}");
     let tenant = format!("X-Tenant: {TENANT}");
-    let (added, stderr) = cli(
-        &db,
-        &[
-            "endpoint",
-            "add",
-            "--url",
-            &url,
-            "--header",
-            &authorization,
-            "--header",
-            &tenant,
-            "--json",
-        ],
-        0,
-    )
-    .await;
+    let (added, stderr) = db
+        .cli(
+            &[
+                "endpoint",
+                "add",
+                "--url",
+                &url,
+                "--header",
+                &authorization,
+                "--header",
+                &tenant,
+                "--json",
+            ],
+            0,
+        )
+        .await;
     assert_hidden("endpoint add", &format!("{added}{stderr}"));
     let added: Value = serde_json::from_str(&added).expect("JSON");
     assert_eq!(added["headers"], json!(["Authorization", "X-Tenant"]));
@@ -97,7 +83,7 @@ async fn static_headers_are_sent_and_never_shown() {
         assert!(!request.webhook_id().is_empty());
     }
 
-    let (shown, _) = cli(&db, &["endpoint", "show", &id], 0).await;
+    let (shown, _) = db.cli(&["endpoint", "show", &id], 0).await;
     assert!(
         shown.contains("headers: Authorization, X-Tenant"),
         "{shown}"
@@ -108,7 +94,7 @@ async fn static_headers_are_sent_and_never_shown() {
         &["endpoint", "list"],
         &["endpoint", "list", "--json"],
     ] {
-        let (out, err) = cli(&db, args, 0).await;
+        let (out, err) = db.cli(args, 0).await;
         assert_hidden(&format!("{args:?}"), &format!("{out}{err}"));
     }
 
@@ -182,35 +168,35 @@ async fn owned_and_malformed_headers_are_refused() {
         format!("X Bad Name: {TENANT}"),
         format!("no-colon-{TENANT}"),
     ] {
-        let (_, stderr) = cli(
-            &db,
+        let (_, stderr) = db
+            .cli(
+                &[
+                    "endpoint",
+                    "add",
+                    "--url",
+                    "https://example.com/hook",
+                    "--header",
+                    &header,
+                ],
+                2,
+            )
+            .await;
+        assert!(stderr.contains("header"), "{header}: {stderr}");
+        assert_hidden(&header, &stderr);
+    }
+    let (_, stderr) = db
+        .cli(
             &[
                 "endpoint",
                 "add",
                 "--url",
                 "https://example.com/hook",
                 "--header",
-                &header,
+                "X-Token: line\u{7f}break",
             ],
             2,
         )
         .await;
-        assert!(stderr.contains("header"), "{header}: {stderr}");
-        assert_hidden(&header, &stderr);
-    }
-    let (_, stderr) = cli(
-        &db,
-        &[
-            "endpoint",
-            "add",
-            "--url",
-            "https://example.com/hook",
-            "--header",
-            "X-Token: line\u{7f}break",
-        ],
-        2,
-    )
-    .await;
     assert!(stderr.contains("X-Token"), "{stderr}");
     assert!(!stderr.contains("line"), "{stderr}");
 
@@ -262,8 +248,7 @@ async fn the_timeout_override_ends_a_slow_endpoints_requests() {
     receiver.always("/patient", Reply::ok().delay(Duration::from_secs(4)));
     let (slow, _) = db.add_endpoint(&receiver.url("/slow"), &[]).await;
     let (patient, _) = db.add_endpoint(&receiver.url("/patient"), &[]).await;
-    cli(
-        &db,
+    db.cli(
         &[
             "endpoint",
             "update",
@@ -307,19 +292,19 @@ async fn the_timeout_override_ends_a_slow_endpoints_requests() {
     assert_eq!(patient_attempt.status_code, Some(200));
 
     // 0 removes the override.
-    let (shown, _) = cli(
-        &db,
-        &[
-            "endpoint",
-            "update",
-            &slow.to_string(),
-            "--timeout-ms",
-            "0",
-            "--json",
-        ],
-        0,
-    )
-    .await;
+    let (shown, _) = db
+        .cli(
+            &[
+                "endpoint",
+                "update",
+                &slow.to_string(),
+                "--timeout-ms",
+                "0",
+                "--json",
+            ],
+            0,
+        )
+        .await;
     let shown: Value = serde_json::from_str(&shown).expect("JSON");
     assert_eq!(shown["timeout_ms"], Value::Null);
 }

@@ -808,6 +808,24 @@ pub struct Finished {
     pub stderr: String,
 }
 
+impl TestDb {
+    /// `outboxd ARGS` against this database, run to its end; asserts its exit status
+    /// and returns `(stdout, stderr)`.
+    pub async fn cli(&self, args: &[&str], expected: i32) -> (String, String) {
+        let mut command = outboxd_command();
+        command.args(args).env("DATABASE_URL", &self.url);
+        let finished = run_to_end(command).await;
+        assert_eq!(
+            finished.code,
+            Some(expected),
+            "outboxd {args:?}: {}{}",
+            finished.stdout,
+            finished.stderr
+        );
+        (finished.stdout, finished.stderr)
+    }
+}
+
 /// Runs `command` to completion (at most 60 s).
 pub async fn run_to_end(mut command: tokio::process::Command) -> Finished {
     let child = command.spawn().expect("spawn outboxd");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::harness::{
-    Receiver, Reply, Spawned, TestDb, eventually, outboxd_command, run_to_end, sigterm, unique,
+    Receiver, Reply, Spawned, TestDb, eventually, outboxd_command, sigterm, unique,
 };
 
 /// `outboxd run` on `db`: loopback allowed, quick polls, quick retries that never run
@@ -53,17 +53,7 @@ async fn delivered(db: &TestDb, endpoint: i64) -> i64 {
 
 /// `outboxd ARGS` against `db`, as an operator runs it; asserts success, returns stdout.
 pub async fn cli(db: &TestDb, args: &[&str]) -> String {
-    let mut command = outboxd_command();
-    command.args(args).env("DATABASE_URL", &db.url);
-    let finished = run_to_end(command).await;
-    assert_eq!(
-        finished.code,
-        Some(0),
-        "outboxd {args:?}: {}{}",
-        finished.stdout,
-        finished.stderr
-    );
-    finished.stdout
+    db.cli(args, 0).await.0
 }
 
 /// Sets an endpoint's limits with `outboxd endpoint update ID ARGS`.
