@@ -491,6 +491,7 @@ async fn behind_pgbouncer_the_session_settings_come_from_the_role_and_are_checke
         "lock_timeout",
         "statement_timeout",
         "idle_in_transaction_session_timeout",
+        "jit",
     ] {
         assert!(
             finished.stderr.contains(&format!("SET {setting} = '")),
@@ -529,7 +530,8 @@ async fn behind_pgbouncer_the_session_settings_come_from_the_role_and_are_checke
             "ALTER DATABASE {db} SET lock_timeout = 5000;
              ALTER DATABASE {db} SET statement_timeout = 30000;
              ALTER DATABASE {db} SET idle_in_transaction_session_timeout = 60000;
-             ALTER DATABASE {db} SET synchronous_commit = off;",
+             ALTER DATABASE {db} SET synchronous_commit = off;
+             ALTER DATABASE {db} SET jit = off;",
             db = set.name
         ))
         .await

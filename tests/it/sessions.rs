@@ -120,6 +120,7 @@ async fn a_dispatcher_session_runs_with_the_users_options_and_its_own_settings()
         "lock_timeout",
         "statement_timeout",
         "idle_in_transaction_session_timeout",
+        "jit",
     ] {
         let row = conn
             .simple_query(&format!("SHOW {name}"))
@@ -144,6 +145,7 @@ async fn a_dispatcher_session_runs_with_the_users_options_and_its_own_settings()
             ("lock_timeout", "1500ms".to_owned()),
             ("statement_timeout", "45s".to_owned()),
             ("idle_in_transaction_session_timeout", "1min".to_owned()),
+            ("jit", "off".to_owned()),
         ]
     );
 
