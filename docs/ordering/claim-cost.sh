@@ -10,12 +10,8 @@
 KEYS="${KEYS:-1000}"
 ROOT="$(cd "$HERE/../.." && pwd)"
 psqlq -f "$HERE/0013_proto.sql" 2>/dev/null
-python3 - "$ROOT/src/claim.rs" >"$HERE/.claim.sql" <<'PY'
-import re, sys
-s = open(sys.argv[1]).read()
-q = re.search(r'pub const CLAIM: &str = "(.*?)";\n', s, re.S).group(1)
-print("PREPARE claim(text, int8, int8, int8, int8, int8[], int4[], float8[], int4) AS" + q + ";")
-PY
+{ printf 'PREPARE claim(text, int8, int8, int8, int8, int8[], int4[], float8[], int4) AS'
+  python3 "$HERE/claim-sql.py" "$ROOT/src/claim.rs"; echo ';'; } >"$HERE/.claim.sql"
 echo "load: $(cut -d' ' -f1-3 /proc/loadavg); keys: $KEYS"
 # REST=delivered: the same rows as history instead of a line (the comparison).
 psqlq -v keys="$KEYS" -v rest="${REST:-queued}" <<'SQL'

@@ -16,12 +16,8 @@ ROOT="$(cd "$HERE/../.." && pwd)"
 psqlq -f "$HERE/0013_proto.sql" -f "$HERE/handoff.sql" 2>/dev/null
 # MODE=claim: promotion in the claim (claim-promotion.sql).
 if [[ "${MODE:-}" == claim ]]; then psqlq -f "$HERE/claim-promotion.sql" >/dev/null 2>&1; fi
-CLAIM="$(python3 - "$ROOT/src/claim.rs" <<'PY'
-import re, sys
-s = open(sys.argv[1]).read()
-print(re.search(r'pub const CLAIM: &str = "(.*?)";\n', s, re.S).group(1))
-PY
-)"
+CLAIM="$(python3 "$HERE/claim-sql.py" "$ROOT/src/claim.rs")"
+
 isclaim=false; [[ "${MODE:-}" == claim ]] && isclaim=true
 psqlq -v keys="$KEYS" -v unordered="${UNORDERED:-0}" -v isclaim="$isclaim" <<'SQL'
 TRUNCATE webhook_outbox, webhook_deliveries, webhook_ordering_log, webhook_ordering_keys, webhook_attempts;

@@ -13,12 +13,8 @@
 . "$(dirname "$0")/env.sh"
 ROOT="$(cd "$HERE/../.." && pwd)"
 psqlq -f "$HERE/0013_proto.sql" -f "$HERE/proto-fanout.sql" 2>/dev/null
-python3 - "$ROOT/src/claim.rs" >"$HERE/.claim.sql" <<'PY'
-import re, sys
-s = open(sys.argv[1]).read()
-q = re.search(r'pub const CLAIM: &str = "(.*?)";\n', s, re.S).group(1)
-print("PREPARE claim(text, int8, int8, int8, int8, int8[], int4[], float8[], int4) AS" + q + ";")
-PY
+{ printf 'PREPARE claim(text, int8, int8, int8, int8, int8[], int4[], float8[], int4) AS'
+  python3 "$HERE/claim-sql.py" "$ROOT/src/claim.rs"; echo ';'; } >"$HERE/.claim.sql"
 total() { grep -E '^Time' | awk -v n="$2" -v label="$1" '{t += $2; c++} END {printf "%-44s %4d calls %8.1f ms  %6.1f us/delivery\n", label, c, t, t * 1000 / n}'; }
 reset() {
     psqlq <<'SQL'
