@@ -14,7 +14,7 @@ help: ## Show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-8s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo
 	@echo "  Env: DATABASE_URL (use an existing database), TEST_THREADS (default 6), DEMO_PORT (default 8787)"
-	@echo "  Bench: BENCH_SCENARIOS=burst,fanout,idle,steady,producer,scaleout,ceiling,history,statements,retention BENCH_QUICK=1"
+	@echo "  Bench: BENCH_SCENARIOS=burst,backlog,fanout,idle,steady,producer,scaleout,ceiling,history,statements,retention,noisy BENCH_QUICK=1"
 	@echo "         BENCH_DATABASE_URL (bench an existing server instead of a throwaway one)"
 	@echo "  Chaos: CHAOS_SECONDS (default 60) CHAOS_SEED (repeat a run's faults) CHAOS_RATE CHAOS_BIN"
 

@@ -31,6 +31,7 @@ macro_rules! scenarios {
 
 scenarios! {
     burst,
+    backlog,
     fanout,
     idle,
     steady,
