@@ -76,15 +76,19 @@ impl Session {
     /// The dispatcher's sessions also run with `synchronous_commit = off` (a lost
     /// outcome means a redelivery, never a lost event, since the producers' commits keep
     /// their durability), a `lock_timeout` and `statement_timeout` from its settings so
-    /// no statement waits without bound, and an idle-in-transaction limit.
+    /// no statement waits without bound, an idle-in-transaction limit, and, unless the
+    /// user's options say otherwise, `jit = off`.
     ///
     /// An operator's session gets a default `lock_timeout`, so a command does not hang
     /// behind someone's lock; the connection string's `options` may set another.
     pub fn settings(&self) -> Settings {
         let isolation = ("default_transaction_isolation", "read committed".to_owned());
         match self {
+            // JIT off: the claim is a short statement whose estimated cost, with many
+            // endpoints, passes `jit_above_cost` through branches it never runs, and
+            // compiling it took ~1.8 s a claim. A default: your options may turn it on.
             Session::Dispatcher(limits) => Settings {
-                defaults: Vec::new(),
+                defaults: vec![("jit", "off".to_owned())],
                 required: vec![
                     isolation,
                     ("synchronous_commit", "off".to_owned()),
@@ -153,7 +157,7 @@ mod tests {
         assert_eq!(
             options,
             concat!(
-                r"-c search_path=my\ schema",
+                r"-c jit=off -c search_path=my\ schema",
                 r" -c default_transaction_isolation=read\ committed",
                 " -c synchronous_commit=off -c lock_timeout=1500 -c statement_timeout=30000",
                 " -c idle_in_transaction_session_timeout=60000"
