@@ -41,4 +41,5 @@ scenarios! {
     statements,
     retention,
     noisy,
+    endpoints,
 }
