@@ -98,8 +98,9 @@ use crate::time_format::PgTimestamp;
 ///   The first row of each event carries the event and its payload's text, read by
 ///   primary key and converted once (`OFFSET 0` keeps the sub-select from being
 ///   flattened): a payload crosses the wire once, however many endpoints it goes to.
-///   Endpoints are read by primary key, only those of the claim (here and in
+///   Routed, endpoints are read by primary key, only those of the claim (here and in
 ///   `allowance`): a hash of the whole table would cost every endpoint each claim.
+///   Joined, there are a few, and hashing them all costs less than looking each up.
 ///   Every claimed delivery comes back, even one whose event or endpoint row is gone
 ///   (outer joins: no event type, no endpoint id) or whose payload is over `$5` (no
 ///   text, only its size): those can never be sent, and the dispatcher records them
@@ -274,8 +275,11 @@ WITH due AS (
                                           s.step_ms)
               END AS g
           FROM wants w
-          LEFT JOIN (SELECT * FROM webhook_endpoints
-                     WHERE id = ANY (ARRAY(SELECT endpoint_id FROM wants))) ep
+          LEFT JOIN (SELECT * FROM webhook_endpoints WHERE NOT (SELECT routed FROM mode)
+                     UNION ALL
+                     SELECT * FROM webhook_endpoints
+                     WHERE (SELECT routed FROM mode)
+                       AND id = ANY (ARRAY(SELECT endpoint_id FROM wants))) ep
             ON ep.id = w.endpoint_id
           LEFT JOIN unnest($6::int8[], $7::int4[], $8::float8[])
                  AS h(endpoint_id, in_flight, request_ms)
@@ -382,10 +386,13 @@ SELECT c.event_id, c.endpoint_id, c.attempts AS attempt,
        CASE WHEN ep.headers <> '[]'::jsonb THEN ep.headers END AS headers,
        ep.timeout_ms
 FROM (SELECT claimed.*, row_number() OVER (PARTITION BY event_id) AS nth FROM claimed) c
--- Only the claim's endpoints, by primary key: a hash of every endpoint would cost what
--- the endpoints that receive nothing number.
-LEFT JOIN (SELECT * FROM webhook_endpoints
-           WHERE id = ANY (ARRAY(SELECT DISTINCT endpoint_id FROM claimed))) ep
+-- Routed, only the claim's endpoints, by primary key: a hash of every endpoint would
+-- cost what the endpoints that receive nothing number. Joined (a few), the hash is cheaper.
+LEFT JOIN (SELECT * FROM webhook_endpoints WHERE NOT (SELECT routed FROM mode)
+           UNION ALL
+           SELECT * FROM webhook_endpoints
+           WHERE (SELECT routed FROM mode)
+             AND id = ANY (ARRAY(SELECT DISTINCT endpoint_id FROM claimed))) ep
   ON ep.id = c.endpoint_id
 LEFT JOIN LATERAL (
     SELECT o.event_type, o.created_at, o.payload::text AS text
