@@ -18,8 +18,8 @@ use crate::deliver::{self, Delivery, StaticHeaders, Unbuildable};
 use crate::error::{Error, Result};
 use crate::time_format::PgTimestamp;
 
-/// `due`, `cap` and `candidates` of [`CLAIM`] and [`CLAIM_FAST`].
-macro_rules! claim_sources {
+/// `due` of [`CLAIM`] and [`CLAIM_FAST`].
+macro_rules! claim_due {
     () => {
         "
 WITH due AS (
@@ -29,19 +29,14 @@ WITH due AS (
     ORDER BY next_attempt_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
-), cap AS (
-    -- Disabled endpoints get parked rows too, so the rows written in all are held to
-    -- about a batch as well.
-    SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
-                             $3 / greatest(1, n.kept))) AS events_limit,
-           n.limited
-    FROM (SELECT count(*) FILTER (WHERE active) AS open, count(*) AS kept,
-                 -- Whether any endpoint needs the limits' part of the full claim: the
-                 -- fast one refuses then (CLAIM_FAST).
-                 coalesce(bool_or(max_in_flight IS NOT NULL OR rate_limit IS NOT NULL
-                                  OR circuit_open_until IS NOT NULL), false) AS limited
-          FROM webhook_endpoints WHERE deleted_at IS NULL) AS n
-), candidates AS (
+"
+    };
+}
+
+/// `candidates` of [`CLAIM`] and [`CLAIM_FAST`] (sized by their own `cap`).
+macro_rules! claim_candidates {
+    () => {
+        "), candidates AS (
     SELECT id, event_type, deliver_after, pg_column_size(payload) AS stored,
            pg_column_compression(payload) IS NOT NULL AS compressed
     FROM webhook_outbox
@@ -53,8 +48,6 @@ WITH due AS (
     };
 }
 
-/// The head of `reclaimed` in [`CLAIM`] and [`CLAIM_FAST`]: a due delivery is leased
-/// to `$1` for `$2` ms, and its attempt counted (the lease token settling checks).
 macro_rules! claim_lease {
     () => {
         "), reclaimed AS (
@@ -78,8 +71,9 @@ macro_rules! claim_processed {
     };
 }
 
-/// `fanout` of [`CLAIM`] and [`CLAIM_FAST`]: each fresh event's endpoints.
-macro_rules! claim_fanout {
+/// `fanout` of [`CLAIM_FAST`], and of [`CLAIM`] while it joins (up to 16 endpoints):
+/// each fresh event's endpoints, its filters tested in place.
+macro_rules! claim_fanout_joined {
     () => {
         "), fanout AS (
     -- Every endpoint not removed: a disabled one gets its deliveries parked, and its
@@ -95,8 +89,10 @@ macro_rules! claim_fanout {
          THEN EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
                       WHERE f = e.event_type
                          OR (right(f, 2) = '.*' AND starts_with(e.event_type, left(f, -1))))
-              AND NOT EXISTS (SELECT 1 FROM webhook_outbox x
-                              WHERE x.id = e.id AND x.about_endpoint_id = ep.id)
+              -- A scalar sub-select, read by primary key: as `NOT EXISTS` it could
+              -- be planned as a hash of the whole outbox.
+              AND ep.id IS DISTINCT FROM (SELECT x.about_endpoint_id FROM webhook_outbox x
+                                          WHERE x.id = e.id)
          ELSE cardinality(ep.event_types) = 0
               OR e.event_type = ANY (ep.event_types)
               OR EXISTS (SELECT 1 FROM unnest(ep.event_types) AS f
@@ -127,8 +123,8 @@ macro_rules! claim_inserted {
     };
 }
 
-/// The rows [`CLAIM`] and [`CLAIM_FAST`] return ([`CLAIM_COLUMNS`]), from `claimed`,
-/// `more` and `verdict`.
+/// The columns [`CLAIM`] and [`CLAIM_FAST`] return ([`CLAIM_COLUMNS`]), from `claimed`,
+/// `more` and `verdict`, before the endpoint (`ep`) is joined.
 macro_rules! claim_result {
     () => {
         "
@@ -147,8 +143,14 @@ SELECT c.event_id, c.endpoint_id, c.attempts AS attempt,
        ep.timeout_ms,
        (SELECT fast_ok FROM verdict) AS fast_ok
 FROM (SELECT claimed.*, row_number() OVER (PARTITION BY event_id) AS nth FROM claimed) c
-LEFT JOIN webhook_endpoints ep ON ep.id = c.endpoint_id
-LEFT JOIN LATERAL (
+"
+    };
+}
+
+/// The event (`e`) of the first row of each claimed event, with its payload's text.
+macro_rules! claim_result_event {
+    () => {
+        "LEFT JOIN LATERAL (
     SELECT o.event_type, o.created_at, o.payload::text AS text
     FROM webhook_outbox o
     WHERE o.id = c.event_id AND c.nth = 1
@@ -168,11 +170,25 @@ LEFT JOIN LATERAL (
 ///   waited for. The CTE form matters: PostgreSQL never inlines a CTE that locks rows,
 ///   so the LIMIT bounds what is locked (the `WHERE id IN (SELECT … LIMIT n FOR UPDATE)`
 ///   form can lock and update more than n rows, PostgreSQL bug #15715).
+/// * `mode` chooses how events find their endpoints: joined with each endpoint, the
+///   filters tested in place, while there are at most 16 endpoints (not removed);
+///   routed by index past that (sql/0012), so that a delivery's cost does not grow with
+///   the endpoints that do not receive it. The choice reads at most 17 rows, and every
+///   part of the other way sits under a one-time filter on it, so it never runs (an
+///   `EXPLAIN ANALYZE` shows it "never executed"): a few endpoints pay for the routing
+///   only the plan's size, and many pay nothing per endpoint left out.
 /// * `candidates` takes unprocessed, due outbox rows (`SKIP LOCKED` again, so each event
 ///   is fanned out by exactly one dispatcher), as many as fill the remaining capacity
-///   when each goes to every active endpoint (and no more than about a batch of rows in
-///   all when disabled endpoints add parked ones): fanning out more would insert
-///   deliveries only to claim them with a second write later.
+///   when each goes to every endpoint that takes every event (`cap`: joined, every
+///   active endpoint, as if none had filters; routed, those with no filter or `*`), and
+///   no more than about a batch of rows in all when disabled endpoints add parked ones:
+///   fanning out more would insert deliveries only to claim them with a second write
+///   later. Routed, `routes` then looks up each distinct event type's endpoints (two
+///   index lookups per type, however many endpoints there are), and `reach` keeps the
+///   candidates, in order, while the deliveries they make fit in the remaining capacity
+///   (the first always goes, whatever its fan-out); the others stay unprocessed for the
+///   next claim. So a claim over a thousand endpoints filtered to one customer each
+///   fans out a batch of events, not one.
 /// * `offered` to `admitted` bound the claim by payload bytes as well as rows: each
 ///   event counts once, however many of its deliveries come along, the due deliveries'
 ///   events first (in the order of their first due delivery), then the fresh ones; an
@@ -209,7 +225,10 @@ LEFT JOIN LATERAL (
 ///   inserted due now for the next claim, one over an allowance due at its turn. A disabled (not removed) endpoint gets its
 ///   deliveries parked, so enabling it resumes what it missed; a park that races an
 ///   enable is resumed by the stranded-park sweep (`health::RESUME_STRANDED`).
-///   `ON CONFLICT DO NOTHING` on the (event, endpoint) key makes fan-out idempotent. The
+///   `ON CONFLICT DO NOTHING` on the (event, endpoint) key makes fan-out idempotent.
+///   Joined and routed, an event goes to the same endpoints: those with no filter, `*`,
+///   its name or a `prefix.*` of it, and for outboxd's own events (`outboxd.`, sql/0010)
+///   only those whose filters name them, never the endpoint they are about. The joined
 ///   filter match is written out here rather than in a SQL function: a function whose
 ///   body has a sub-select is never inlined, and calling it cost ~10 us per (event,
 ///   endpoint) pair; inline, the common cases (no filter, exact name) short-circuit
@@ -220,6 +239,9 @@ LEFT JOIN LATERAL (
 ///   The first row of each event carries the event and its payload's text, read by
 ///   primary key and converted once (`OFFSET 0` keeps the sub-select from being
 ///   flattened): a payload crosses the wire once, however many endpoints it goes to.
+///   Routed, endpoints are read by primary key, only those of the claim (here and in
+///   `allowance`): a hash of the whole table would cost every endpoint each claim.
+///   Joined, there are a few, and hashing them all costs less than looking each up.
 ///   Every claimed delivery comes back, even one whose event or endpoint row is gone
 ///   (outer joins: no event type, no endpoint id) or whose payload is over `$5` (no
 ///   text, only its size): those can never be sent, and the dispatcher records them
@@ -227,8 +249,75 @@ LEFT JOIN LATERAL (
 ///   disabled or removed after the delivery was made comes back with `open = false`,
 ///   and the dispatcher parks that delivery instead of sending it.
 pub const CLAIM: &str = concat!(
-    claim_sources!(),
-    "), offered AS (
+    claim_due!(),
+    "), mode AS (
+    -- Route by index past 16 endpoints (sql/0012); up to there the join below costs
+    -- less. Reads at most 17 rows.
+    SELECT count(*) > 16 AS routed
+    FROM (SELECT FROM webhook_endpoints WHERE deleted_at IS NULL LIMIT 17) AS n
+), cap AS (
+    -- Sized as if each event went to every endpoint that takes every event: all of
+    -- them when joined, those with no filter or `*` when routed (`reach` then stops at
+    -- the real count). Disabled endpoints get parked rows too, so the rows written in
+    -- all are held to about a batch as well. Only one branch of `w` runs.
+    SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
+                             $3 / greatest(1, n.kept))) AS events_limit,
+           greatest(1, $3 - (SELECT count(*) FROM due)) AS rows_limit
+    FROM (SELECT count(*) FILTER (WHERE active) AS open, count(*) AS kept
+          FROM (SELECT active FROM webhook_endpoints
+                WHERE deleted_at IS NULL AND NOT (SELECT routed FROM mode)
+                UNION ALL
+                SELECT active FROM webhook_endpoints
+                WHERE deleted_at IS NULL AND cardinality(event_types) = 0
+                  AND (SELECT routed FROM mode)
+                UNION ALL
+                SELECT active FROM webhook_endpoints
+                WHERE deleted_at IS NULL AND event_types @> '{*}'
+                  AND (SELECT routed FROM mode)) AS w) AS n
+), limits AS (
+    -- Whether any endpoint needs the limits' part of this statement; the fast claim
+    -- (CLAIM_FAST) decides alike only while none does. Read through the partial index
+    -- of limited endpoints (sql/0012): nothing to read in the common case.
+    SELECT EXISTS (SELECT 1 FROM webhook_endpoints
+                   WHERE deleted_at IS NULL
+                     AND (max_in_flight IS NOT NULL OR rate_limit IS NOT NULL
+                          OR circuit_open_until IS NOT NULL)) AS limited
+",
+    claim_candidates!(),
+    "), routes AS (
+    -- Routed: each event type among the candidates, with the endpoints it goes to.
+    -- `patterns` are the filters that match the type `a.b.c`: itself, `*` (but for
+    -- outboxd's own events, see `fanout`), `a.*` and `a.b.*`; a filter `p.*` matches
+    -- the types starting with `p.`, so there is one per dot. Two index lookups per
+    -- type, however many endpoints there are.
+    SELECT t.event_type, ep.id AS endpoint_id, ep.active AS open
+    FROM (SELECT c.event_type,
+                 ARRAY[c.event_type]
+                 || CASE WHEN starts_with(c.event_type, 'outboxd.') THEN '{}' ELSE '{*}' END::text[]
+                 || ARRAY(SELECT left(c.event_type, i) || '*'
+                          FROM generate_series(1, length(c.event_type)) AS i
+                          WHERE substr(c.event_type, i, 1) = '.') AS patterns
+          FROM (SELECT DISTINCT event_type FROM candidates WHERE (SELECT routed FROM mode)) c
+         ) AS t
+    CROSS JOIN LATERAL (
+        SELECT id, active FROM webhook_endpoints
+        WHERE deleted_at IS NULL AND event_types && t.patterns
+        UNION ALL
+        SELECT id, active FROM webhook_endpoints
+        WHERE deleted_at IS NULL AND cardinality(event_types) = 0
+          AND NOT starts_with(t.event_type, 'outboxd.')
+    ) AS ep
+), reach AS (
+    -- Routed: the candidates, in order, while their deliveries fit in the claim (the
+    -- first always does, whatever its fan-out).
+    SELECT c.id
+    FROM (SELECT c.id, row_number() OVER w AS nth, sum(coalesce(r.n, 0)) OVER w AS rows
+          FROM candidates c
+          LEFT JOIN (SELECT event_type, count(*) AS n FROM routes GROUP BY event_type) r
+            ON r.event_type = c.event_type
+          WINDOW w AS (ORDER BY c.deliver_after, c.id)) c
+    WHERE c.nth = 1 OR c.rows <= (SELECT rows_limit FROM cap)
+), offered AS (
     SELECT false AS fresh, d.at, d.event_id AS id, NULL AS event_type,
            coalesce(pg_column_size(o.payload), 0) AS stored,
            pg_column_compression(o.payload) IS NOT NULL AS compressed
@@ -236,6 +325,7 @@ pub const CLAIM: &str = concat!(
     LEFT JOIN webhook_outbox o ON o.id = d.event_id
     UNION ALL
     SELECT true, deliver_after, id, event_type, stored, compressed FROM candidates
+    WHERE NOT (SELECT routed FROM mode) OR id IN (SELECT id FROM reach)
 ), fits AS (
     SELECT coalesce(sum(stored) < $4 AND NOT bool_or(compressed), true) AS fits FROM offered
 ), admitted AS (
@@ -264,8 +354,18 @@ pub const CLAIM: &str = concat!(
     SELECT id, event_type FROM admitted WHERE fresh
 ",
     claim_processed!(),
-    claim_fanout!(),
-    "), wants AS (
+    claim_fanout_joined!(),
+    "    WHERE NOT (SELECT routed FROM mode)
+    UNION ALL
+    -- Routed: the same endpoints, found by `routes`.
+    SELECT e.id, r.endpoint_id, r.open
+    FROM events e
+    JOIN routes r ON r.event_type = e.event_type
+    WHERE (SELECT routed FROM mode)
+      AND (NOT starts_with(e.event_type, 'outboxd.')
+           OR r.endpoint_id IS DISTINCT FROM (SELECT x.about_endpoint_id FROM webhook_outbox x
+                                              WHERE x.id = e.id))
+), wants AS (
     SELECT endpoint_id, count(*)::int AS want
     FROM (SELECT endpoint_id FROM taken UNION ALL SELECT endpoint_id FROM fanout WHERE open) w
     GROUP BY endpoint_id
@@ -287,7 +387,12 @@ pub const CLAIM: &str = concat!(
                                           s.step_ms)
               END AS g
           FROM wants w
-          LEFT JOIN webhook_endpoints ep ON ep.id = w.endpoint_id
+          LEFT JOIN (SELECT * FROM webhook_endpoints WHERE NOT (SELECT routed FROM mode)
+                     UNION ALL
+                     SELECT * FROM webhook_endpoints
+                     WHERE (SELECT routed FROM mode)
+                       AND id = ANY (ARRAY(SELECT endpoint_id FROM wants))) ep
+            ON ep.id = w.endpoint_id
           LEFT JOIN unnest($6::int8[], $7::int4[], $8::float8[])
                  AS h(endpoint_id, in_flight, request_ms)
             ON h.endpoint_id = w.endpoint_id
@@ -364,10 +469,21 @@ pub const CLAIM: &str = concat!(
         OR ((SELECT count(*) FROM due) = $3 AND EXISTS (SELECT 1 FROM deferred))
         OR (SELECT count(*) FROM events) < (SELECT count(*) FROM candidates) AS more
 ), verdict AS (
-    -- Whether the next claim may be the fast one (CLAIM_FAST).
-    SELECT NOT limited AS fast_ok FROM cap
+    -- Whether the next claim may be the fast one (CLAIM_FAST): no limited endpoint,
+    -- and few enough endpoints to join with each event.
+    SELECT NOT (SELECT limited FROM limits) AND NOT (SELECT routed FROM mode) AS fast_ok
 )",
-    claim_result!()
+    claim_result!(),
+    "-- Routed, only the claim's endpoints, by primary key: a hash of every endpoint would
+-- cost what the endpoints that receive nothing number. Joined (a few), the hash is cheaper.
+LEFT JOIN (SELECT * FROM webhook_endpoints WHERE NOT (SELECT routed FROM mode)
+           UNION ALL
+           SELECT * FROM webhook_endpoints
+           WHERE (SELECT routed FROM mode)
+             AND id = ANY (ARRAY(SELECT DISTINCT endpoint_id FROM claimed))) ep
+  ON ep.id = c.endpoint_id
+",
+    claim_result_event!()
 );
 
 /// The claim when every endpoint it may send to would be decided in place by
@@ -375,8 +491,10 @@ pub const CLAIM: &str = concat!(
 /// the same `due`, `candidates`, fan-out and rows, without the payload bound's ranking
 /// or the per-endpoint limits, whose plan nodes cost an idle claim about a third of its
 /// time. `guard` checks that the shortcut decides as [`CLAIM`] would: no endpoint has
-/// a limit of its own or a circuit that is not closed (read in the scan `cap` makes
-/// anyway), and all the payloads offered fit in `$4` uncompressed (`fits`). If not, it
+/// a limit of its own or a circuit that is not closed, and there are no more than 16
+/// (read in the scan `cap` makes anyway; past 16, [`CLAIM`] routes events by index
+/// instead of joining them with every endpoint), and all the payloads offered fit in
+/// `$4` uncompressed (`fits`). If not, it
 /// takes and changes nothing (every write below is conditioned on it; the rows `due`
 /// and `candidates` locked are released at commit) and returns a single row with no
 /// delivery and `fast_ok` false: the dispatcher then runs [`CLAIM`] at once. The
@@ -385,9 +503,23 @@ pub const CLAIM: &str = concat!(
 /// and while the last full claim found no limited endpoint ([`Batch::fast_ok`]).
 /// Parameters `$1` to `$5` as in [`CLAIM`].
 pub const CLAIM_FAST: &str = concat!(
-    claim_sources!(),
+    claim_due!(),
+    "), cap AS (
+    -- Disabled endpoints get parked rows too, so the rows written in all are held to
+    -- about a batch as well.
+    SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
+                             $3 / greatest(1, n.kept))) AS events_limit,
+           -- What only the full claim decides: an endpoint with limits of its own or a
+           -- circuit, or more endpoints than it joins with each event (it routes them).
+           n.limited OR n.kept > 16 AS full_only
+    FROM (SELECT count(*) FILTER (WHERE active) AS open, count(*) AS kept,
+                 coalesce(bool_or(max_in_flight IS NOT NULL OR rate_limit IS NOT NULL
+                                  OR circuit_open_until IS NOT NULL), false) AS limited
+          FROM webhook_endpoints WHERE deleted_at IS NULL) AS n
+",
+    claim_candidates!(),
     "), guard AS (
-    SELECT NOT (SELECT limited FROM cap)
+    SELECT NOT (SELECT full_only FROM cap)
            AND coalesce((SELECT sum(x.stored) < $4 AND NOT bool_or(x.compressed)
                          FROM (SELECT coalesce(pg_column_size(o.payload), 0) AS stored,
                                       pg_column_compression(o.payload) IS NOT NULL AS compressed
@@ -406,7 +538,7 @@ pub const CLAIM_FAST: &str = concat!(
 ), events AS (
     SELECT id, event_type FROM candidates WHERE (SELECT ok FROM guard)",
     claim_processed!(),
-    claim_fanout!(),
+    claim_fanout_joined!(),
     "), placed AS (
     -- Each fresh delivery to an open endpoint is claimed now while the claim has
     -- capacity; the rest is inserted due now for the next claim.
@@ -414,7 +546,8 @@ pub const CLAIM_FAST: &str = concat!(
            f.open AND row_number() OVER (PARTITION BY f.open ORDER BY f.event_id, f.endpoint_id)
                       <= $3 - (SELECT count(*) FROM reclaimed) AS claim_now,
            now() AS due_at
-    FROM fanout f",
+    FROM fanout f
+",
     claim_inserted!(),
     "), claimed AS (
     SELECT event_id, endpoint_id, attempts, attempt_base FROM reclaimed
@@ -428,7 +561,10 @@ pub const CLAIM_FAST: &str = concat!(
 ), verdict AS (
     SELECT ok AS fast_ok FROM guard
 )",
-    claim_result!()
+    claim_result!(),
+    "LEFT JOIN webhook_endpoints ep ON ep.id = c.endpoint_id
+",
+    claim_result_event!()
 );
 
 /// The parameter types of [`CLAIM_FAST`], for preparing it: the first five of

@@ -60,6 +60,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0011_endpoint_limits_and_circuit.sql",
         include_str!("../sql/0011_endpoint_limits_and_circuit.sql"),
     ),
+    (
+        "0012_endpoint_routing.sql",
+        include_str!("../sql/0012_endpoint_routing.sql"),
+    ),
 ];
 
 /// The SHA-256 of a migration's text as recorded in `outboxd_migrations.checksum`

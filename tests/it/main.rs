@@ -25,6 +25,7 @@ mod endpoints;
 mod failover;
 mod fanout;
 mod lease;
+mod many_endpoints;
 mod migrations;
 mod noisy_neighbour;
 mod observability;

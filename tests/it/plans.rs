@@ -307,3 +307,77 @@ async fn retention_reads_through_indexes_on_stale_statistics() {
         }
     }
 }
+
+/// With 10,000 endpoints, each subscribed to its own events and registered after the
+/// table was analyzed with one, the claim routes each event type through the filter
+/// index and the unfiltered-endpoints index (sql/0012), generic and custom: the join of
+/// each event with each endpoint is never executed, no plan reads the endpoints whole
+/// (only the first 17 rows, to choose the route), and one claim takes a full batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_routes_through_the_filter_index_on_stale_statistics() {
+    let db = TestDb::new("routeplan").await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE webhook_endpoints SET (autovacuum_enabled = off);
+             INSERT INTO webhook_endpoints (url, secret, event_types)
+                 VALUES ('https://example.com/0', 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw',
+                         ARRAY['tenant.0.created']);
+             ANALYZE webhook_endpoints;
+             INSERT INTO webhook_endpoints (url, secret, event_types)
+                 SELECT 'https://example.com/' || i, 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw',
+                        ARRAY['tenant.' || i || '.created']
+                 FROM generate_series(1, 10000) i;
+             INSERT INTO webhook_outbox (event_type, payload)
+                 SELECT 'tenant.' || i || '.created', '{}' FROM generate_series(1, 300) i;",
+        )
+        .await
+        .unwrap();
+    db.client
+        .batch_execute(&format!(
+            "PREPARE claim(text, int8, int8, int8, int8, int8[], int4[], float8[], int4) AS {}",
+            outboxd::claim::CLAIM
+        ))
+        .await
+        .unwrap();
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        db.client
+            .batch_execute(&format!("SET plan_cache_mode = {mode}; BEGIN"))
+            .await
+            .unwrap();
+        let lines = db
+            .client
+            .query(
+                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF)
+                 EXECUTE claim('w', 60000, 200, 67108864, 4194304, '{}', '{}', '{}', 64)",
+                &[],
+            )
+            .await
+            .unwrap();
+        db.client.batch_execute("ROLLBACK").await.unwrap();
+        let plan = plan(lines.iter().map(|r| r.get(0)));
+        for index in [
+            "webhook_endpoints_filters_idx",
+            "webhook_endpoints_unfiltered_idx",
+        ] {
+            assert!(plan.contains(index), "{mode} does not use {index}:\n{plan}");
+        }
+        for line in plan.lines().filter(|l| l.contains("on webhook_endpoints")) {
+            let rows: u64 = line
+                .split("rows=")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(0);
+            assert!(
+                line.contains("never executed") || rows <= 200,
+                "{mode} reads the endpoints whole: {line}\n{plan}"
+            );
+        }
+        // The top node: a row per claimed delivery.
+        let top = plan.lines().next().unwrap_or_default();
+        assert!(
+            top.contains("rows=200 "),
+            "{mode} claims a full batch: {top}\n{plan}"
+        );
+    }
+}

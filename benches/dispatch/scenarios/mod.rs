@@ -42,4 +42,5 @@ scenarios! {
     statements,
     retention,
     noisy,
+    endpoints,
 }
