@@ -248,6 +248,10 @@ macro_rules! claim_result_event {
 ///   dead rather than leave them leased to come back every lease. An endpoint that was
 ///   disabled or removed after the delivery was made comes back with `open = false`,
 ///   and the dispatcher parks that delivery instead of sending it.
+/// * Each row also carries `verdict`'s `fast_ok`: whether the next claim may be
+///   [`CLAIM_FAST`], i.e. no endpoint needs `allowance`'s limits (`limits`, read
+///   through the partial index of limited endpoints, sql/0012) and the fan-out joins
+///   (`mode`).
 pub const CLAIM: &str = concat!(
     claim_due!(),
     "), mode AS (
