@@ -154,8 +154,10 @@ $grant$;
 -- statements that name the function without its arguments stay unambiguous. Its
 -- caller needs EXECUTE on both (PUBLIC has it unless revoked).
 --
--- * $19, the endpoints with a success in the batch: a half-open circuit closes, and
---   what was held back for it is due at once. An open one stays open until its time (a success of a request sent before it opened
+-- * $28, the endpoints that answered in the batch (a 2xx, or a 3xx/4xx that refuses
+--   the event: the consumer works), a superset of $19 (the deliveries that succeeded,
+--   which reset the failure clock): a half-open circuit closes, and what was held back
+--   for it is due at once. An open one stays open until its time (a success of a request sent before it opened
 --   does not cut a pause short).
 -- * $21/$22, the endpoints with unhealthy failures in the batch (and no success in it),
 --   each with its run of consecutive unhealthy failures as this dispatcher counts it
@@ -178,7 +180,7 @@ CREATE OR REPLACE FUNCTION webhook_settle_outcomes(
     bigint[], bigint[], int[], text[], bigint[], int[], int[], text[],
     bigint[], bigint[], int[], timestamptz[], int[], int[], text[], text[], text[],
     bigint[], bigint[],
-    bigint[], int[], bigint[], bigint[], int, bigint, bigint
+    bigint[], int[], bigint[], bigint[], int, bigint, bigint, bigint[]
 ) RETURNS TABLE (settled bigint, opened bigint[], closed bigint[])
 LANGUAGE plpgsql
 AS $settle$
@@ -196,8 +198,8 @@ BEGIN
     LEFT JOIN unnest($21, $22) AS t(id, failures) ON t.id = e.id
     LEFT JOIN (SELECT id, max(wait_ms) AS wait_ms
                FROM unnest($23, $24) AS p(id, wait_ms) GROUP BY id) p ON p.id = e.id
-    WHERE e.id = ANY ($19 || $21 || $23)
-      AND ((e.id = ANY ($19) AND e.circuit_open_until <= now())
+    WHERE e.id = ANY ($28 || $21 || $23)
+      AND ((e.id = ANY ($28) AND e.circuit_open_until <= now())
            OR (t.id IS NOT NULL AND ((e.circuit_open_until IS NULL AND t.failures >= $25)
                                      OR e.circuit_open_until <= now()))
            OR (p.id IS NOT NULL
@@ -218,7 +220,7 @@ BEGIN
     WITH was AS (
         SELECT id, greatest(circuit_open_until, held_until) AS held
         FROM webhook_endpoints
-        WHERE id = ANY ($19) AND circuit_open_until <= now()
+        WHERE id = ANY ($28) AND circuit_open_until <= now()
     ), closed AS (
         UPDATE webhook_endpoints e
         SET circuit_failures = 0, circuit_opens = 0,

@@ -40,7 +40,9 @@ impl Default for CircuitPolicy {
 /// What one attempt says about its endpoint's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
-    /// A 2xx: the endpoint works.
+    /// An answer that is neither a server error nor a 429 (a 2xx; a 3xx or 4xx refuses
+    /// the event, it does not fail): the endpoint works. It breaks a run of failures and
+    /// closes a half-open circuit.
     Healthy,
     /// A timeout, a connection that failed or broke, a 5xx: counts toward opening.
     Unhealthy,
@@ -52,15 +54,17 @@ pub enum Signal {
         /// Whether it is also a failure that counts (a 503).
         unhealthy: bool,
     },
-    /// Anything else (a 4xx, a refused target, a request that could not be built, a
-    /// bug in outboxd): the consumer's health is not in question.
+    /// Anything else (a 429 without `Retry-After`, a refused target, a request that
+    /// could not be built, a bug in outboxd): the consumer's health is not in question.
     Neutral,
 }
 
 /// What `result` says about the endpoint's health.
 pub fn signal(result: &AttemptResult) -> Signal {
     match result {
-        AttemptResult::Response { status, .. } if (200..300).contains(status) => Signal::Healthy,
+        AttemptResult::Response { status, .. } if (200..500).contains(status) && *status != 429 => {
+            Signal::Healthy
+        }
         AttemptResult::Response {
             status: status @ (429 | 503),
             retry_after: Some(wait),
@@ -218,7 +222,7 @@ impl Transitions {
         }
         for &endpoint_id in &self.closed {
             metrics.circuit_transition(false);
-            tracing::info!(endpoint_id, "endpoint circuit closed: a probe succeeded");
+            tracing::info!(endpoint_id, "endpoint circuit closed: a probe was answered");
         }
     }
 }
@@ -252,9 +256,11 @@ mod tests {
         for kind in [ErrorKind::Timeout, ErrorKind::Connect, ErrorKind::Network] {
             assert_eq!(signal(&failed(kind)), Signal::Unhealthy, "{kind:?}");
         }
-        for code in [400, 401, 404, 410, 422, 429] {
-            assert_eq!(signal(&status(code, None)), Signal::Neutral, "{code}");
+        // The consumer answers and refuses the event: it works.
+        for code in [301, 400, 401, 404, 410, 422] {
+            assert_eq!(signal(&status(code, None)), Signal::Healthy, "{code}");
         }
+        assert_eq!(signal(&status(429, None)), Signal::Neutral);
         for kind in [
             ErrorKind::RefusedTarget,
             ErrorKind::InvalidEndpoint,

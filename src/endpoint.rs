@@ -244,8 +244,8 @@ pub enum Circuit {
         #[serde(with = "crate::time_format")]
         until: SystemTime,
     },
-    /// The pause is over: a single probe goes out; its success closes the circuit, its
-    /// failure opens it again for longer.
+    /// The pause is over: a single probe goes out; an answer (a 2xx, or a 4xx refusing
+    /// the event) closes the circuit, an unhealthy failure opens it again for longer.
     HalfOpen,
 }
 

@@ -481,7 +481,7 @@ impl Collector for Snapshot {
         }
         let mut family = e.encode_descriptor(
             "outboxd_circuit_transitions",
-            "Endpoint circuits opened (unhealthy failures in a row, or a Retry-After) and closed (a probe succeeded), counted by the dispatcher whose settle made the change.",
+            "Endpoint circuits opened (unhealthy failures in a row, or a Retry-After) and closed (a probe was answered), counted by the dispatcher whose settle made the change.",
             None,
             MetricType::Counter,
         )?;

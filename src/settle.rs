@@ -52,11 +52,12 @@ pub const LINGER: Duration = Duration::from_millis(15);
 /// (`sql/0011_endpoint_limits_and_circuit.sql`), calls `webhook_settle` for that, and
 /// then keeps each endpoint's circuit (see [`crate::circuit`]): `$21`/`$22` the unhealthy failures per
 /// endpoint, `$23`/`$24` the pauses asked by a `Retry-After`, `$25` to `$27` the
-/// [`CircuitPolicy`]; it returns the circuits it opened and closed.
+/// [`CircuitPolicy`], `$28` the endpoints that answered (a half-open circuit closes);
+/// it returns the circuits it opened and closed.
 pub const SETTLE: &str = "SELECT settled, opened, closed
 FROM webhook_settle_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
     $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
-    $21, $22, $23, $24, $25, $26, $27)";
+    $21, $22, $23, $24, $25, $26, $27, $28)";
 
 /// What to write for one delivery.
 #[derive(Debug, Clone)]
@@ -154,6 +155,10 @@ struct Columns {
     unhealthy_count: Vec<i32>,
     pause_endpoint: Vec<i64>,
     pause_ms: Vec<i64>,
+    /// The endpoints that answered (2xx, or a 3xx/4xx refusing the event): a half-open
+    /// circuit closes. Not `healthy`, which resets the auto-disable clock (a refusal
+    /// must not).
+    answered: Vec<i64>,
 }
 
 impl Columns {
@@ -164,6 +169,7 @@ impl Columns {
         let mut c = Columns::default();
         (c.unhealthy_endpoint, c.unhealthy_count) = signals.unhealthy.iter().copied().unzip();
         (c.pause_endpoint, c.pause_ms) = signals.pauses.iter().copied().unzip();
+        c.answered.clone_from(&signals.healthy);
         for o in outcomes {
             let (status, error) = o
                 .record
@@ -273,7 +279,7 @@ async fn flush_on(
         ms(circuit.open),
         ms(circuit.max_open),
     );
-    let params: [(&(dyn ToSql + Sync), Type); 27] = [
+    let params: [(&(dyn ToSql + Sync), Type); 28] = [
         (&worker_id, Type::TEXT),
         (&c.event_id, Type::INT8_ARRAY),
         (&c.endpoint_id, Type::INT8_ARRAY),
@@ -301,6 +307,7 @@ async fn flush_on(
         (&failures, Type::INT4),
         (&open_ms, Type::INT8),
         (&max_open_ms, Type::INT8),
+        (&c.answered, Type::INT8_ARRAY),
     ];
     let row = client.query_typed_one(SETTLE, &params).await?;
     let settled: i64 = row.try_get("settled")?;

@@ -306,6 +306,56 @@ async fn a_single_probe_closes_the_circuit_and_the_backlog_flows() {
     assert_eq!(ids.len(), EVENTS, "every event arrived once answered 200");
 }
 
+/// A probe answered with a 4xx closes the circuit: the consumer answers, and refuses
+/// that one event (it ends dead, as any 4xx does); the rest of the backlog flows at once.
+/// Before, a 4xx said nothing of the endpoint's health, and the next probe waited for
+/// the first one's lease (60 s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_refused_with_a_4xx_closes_the_circuit() {
+    const EVENTS: i64 = 10;
+    let db = TestDb::new("circuit_probe4xx").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/flaky", Reply::status(503));
+    let (flaky, _) = db.add_endpoint(&receiver.url("/flaky"), &[]).await;
+    let env = [
+        ("WEBHOOK_CIRCUIT_FAILURES", "3"),
+        ("WEBHOOK_CIRCUIT_OPEN_MS", "1000"),
+        ("WEBHOOK_CIRCUIT_MAX_OPEN_MS", "60000"),
+    ];
+    let outboxd = dispatcher(&db, "circuit_probe4xx", &env);
+    for n in 0..EVENTS {
+        db.enqueue("order.created", &json!({ "n": n })).await;
+    }
+    db.wait_until(&format!(
+        "SELECT circuit_open_until IS NOT NULL FROM webhook_endpoints WHERE id = {flaky}"
+    ))
+    .await;
+    wait_unleased(&db, &[flaky]).await;
+    // The consumer is back, and refuses the first event it sees (the probe's).
+    let refused = Arc::new(AtomicBool::new(false));
+    receiver.script("/flaky", {
+        let refused = Arc::clone(&refused);
+        move |_| match refused.swap(true, Ordering::SeqCst) {
+            false => Reply::status(400),
+            true => Reply::ok(),
+        }
+    });
+    db.wait_until_within(
+        &format!(
+            "SELECT count(*) FILTER (WHERE state = 'delivered') = {EVENTS} - 1
+                AND count(*) FILTER (WHERE state = 'dead') = 1
+             FROM webhook_deliveries"
+        ),
+        Duration::from_secs(30),
+    )
+    .await;
+    stop(outboxd).await;
+    assert!(
+        circuit(&db, flaky).await.closed(),
+        "the probe's answer closed it"
+    );
+}
+
 /// Once a timing-out endpoint recovers and its probe closes the circuit, its backlog goes
 /// at the receiver's pace, not at the pace its timeouts set while it was failing (a request's time over the endpoint's cap per delivery:
 /// 5 s / 16 here; with the defaults, 15 s / 64). 1,000 events wait while requests time

@@ -46,7 +46,7 @@ async fn settle_uses_the_primary_key_on_stale_statistics() {
     let started = vec![std::time::SystemTime::now(); ids.len()];
     let empty: Vec<i64> = Vec::new();
     let empty32: Vec<i32> = Vec::new();
-    let params: [(&(dyn ToSql + Sync), Type); 27] = [
+    let params: [(&(dyn ToSql + Sync), Type); 28] = [
         (&"w", Type::TEXT),
         (&ids, Type::INT8_ARRAY),
         (&ones64, Type::INT8_ARRAY),
@@ -75,6 +75,8 @@ async fn settle_uses_the_primary_key_on_stale_statistics() {
         (&5_i32, Type::INT4),
         (&5_000_i64, Type::INT8),
         (&300_000_i64, Type::INT8),
+        // The endpoint answered: its closed circuit stays as it is.
+        (&ones64, Type::INT8_ARRAY),
     ];
 
     // The premise: the function's statement, planned with default settings, scans the
