@@ -83,6 +83,16 @@ async fn attempts(db: &TestDb, endpoint: i64) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// Waits until `endpoint`'s circuit is open and what was sent before it opened has been
+/// answered (or timed out) and settled, so that no stale failure re-opens it later.
+async fn wait_opened_and_unleased(db: &TestDb, endpoint: i64) {
+    db.wait_until(&format!(
+        "SELECT circuit_open_until IS NOT NULL FROM webhook_endpoints WHERE id = {endpoint}"
+    ))
+    .await;
+    wait_unleased(db, &[endpoint]).await;
+}
+
 /// Waits until none of `endpoints`' deliveries is leased: every request sent has been
 /// answered (or timed out) and settled.
 async fn wait_unleased(db: &TestDb, endpoints: &[i64]) {
@@ -252,11 +262,7 @@ async fn a_single_probe_closes_the_circuit_and_the_backlog_flows() {
     for n in 0..EVENTS {
         db.enqueue("order.created", &json!({ "n": n })).await;
     }
-    db.wait_until(&format!(
-        "SELECT circuit_open_until IS NOT NULL FROM webhook_endpoints WHERE id = {flaky}"
-    ))
-    .await;
-    wait_unleased(&db, &[flaky]).await;
+    wait_opened_and_unleased(&db, flaky).await;
     // From now on the receiver is healthy again, and slow to answer the first request
     // it sees healthy (the probe), so that a second request sent before the probe's
     // answer would be seen. The script itself notes which request that was.
@@ -326,11 +332,7 @@ async fn a_probe_refused_with_a_4xx_closes_the_circuit() {
     for n in 0..EVENTS {
         db.enqueue("order.created", &json!({ "n": n })).await;
     }
-    db.wait_until(&format!(
-        "SELECT circuit_open_until IS NOT NULL FROM webhook_endpoints WHERE id = {flaky}"
-    ))
-    .await;
-    wait_unleased(&db, &[flaky]).await;
+    wait_opened_and_unleased(&db, flaky).await;
     // The consumer is back, and refuses the first event it sees (the probe's).
     let refused = Arc::new(AtomicBool::new(false));
     receiver.script("/flaky", {
@@ -380,13 +382,7 @@ async fn after_recovery_the_backlog_flows_at_the_receivers_pace() {
         ],
     );
     db.enqueue_series(1, EVENTS).await;
-    db.wait_until(&format!(
-        "SELECT circuit_open_until IS NOT NULL FROM webhook_endpoints WHERE id = {recovering}"
-    ))
-    .await;
-    // What was sent before the opening times out and settles first, so that no stale
-    // failure re-opens the circuit after the receiver has recovered.
-    wait_unleased(&db, &[recovering]).await;
+    wait_opened_and_unleased(&db, recovering).await;
     receiver.always("/recovering", Reply::ok());
     db.wait_until_within(
         &format!(
