@@ -505,15 +505,7 @@ mod tests {
                 if event_id == 13 {
                     panic!("cannot sign {payload}");
                 }
-                Attempt {
-                    started_at: SystemTime::now(),
-                    duration: Duration::ZERO,
-                    result: AttemptResult::Response {
-                        status: 200,
-                        retry_after: None,
-                        excerpt: String::new(),
-                    },
-                }
+                answered_200()
             }
         }
     }
@@ -559,6 +551,19 @@ mod tests {
         (outcomes, side, metrics)
     }
 
+    /// An attempt answered 200 at once.
+    fn answered_200() -> Attempt {
+        Attempt {
+            started_at: SystemTime::now(),
+            duration: Duration::ZERO,
+            result: AttemptResult::Response {
+                status: 200,
+                retry_after: None,
+                excerpt: String::new(),
+            },
+        }
+    }
+
     /// Counts its attempts, each answered 200.
     struct Counting(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -566,15 +571,7 @@ mod tests {
         fn attempt(&self, _delivery: &Delivery) -> impl Future<Output = Attempt> + Send {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             async {
-                Attempt {
-                    started_at: SystemTime::now(),
-                    duration: Duration::ZERO,
-                    result: AttemptResult::Response {
-                        status: 200,
-                        retry_after: None,
-                        excerpt: String::new(),
-                    },
-                }
+                answered_200()
             }
         }
     }
