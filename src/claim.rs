@@ -40,7 +40,9 @@ macro_rules! claim_candidates {
     SELECT id, event_type, deliver_after, pg_column_size(payload) AS stored,
            pg_column_compression(payload) IS NOT NULL AS compressed
     FROM webhook_outbox
-    WHERE processed_at IS NULL AND deliver_after <= now()
+    -- Unordered events only (the partial index of sql/0013): ordered ones are fanned
+    -- out by the sequencer (ordering::SEQUENCE), in their commit order.
+    WHERE processed_at IS NULL AND ordering_key IS NULL AND deliver_after <= now()
     ORDER BY deliver_after, id
     LIMIT (SELECT events_limit FROM cap)
     FOR UPDATE SKIP LOCKED
@@ -664,13 +666,14 @@ SELECT setval('webhook_doorbell_gate',
 FROM bell";
 
 /// When the next piece of work becomes due: the earliest pending delivery (a retry or
-/// a lease end) or delayed event. Each side reads the first entry of its partial index.
+/// a lease end) or delayed unordered event. Each side reads the first entry of its
+/// partial index. (A delayed ordered event is the sequencer's to wait for.)
 pub const NEXT_DUE: &str = "
 SELECT extract(epoch FROM least(
     (SELECT next_attempt_at FROM webhook_deliveries
       WHERE state = 'pending' ORDER BY next_attempt_at LIMIT 1),
     (SELECT deliver_after FROM webhook_outbox
-      WHERE processed_at IS NULL ORDER BY deliver_after, id LIMIT 1)
+      WHERE processed_at IS NULL AND ordering_key IS NULL ORDER BY deliver_after, id LIMIT 1)
 ) - now())::float8";
 
 /// A claimed delivery, or one whose endpoint closed after it was made.

@@ -501,11 +501,15 @@ pub(crate) const STATS_DEPTH: &str = "SELECT
     count(*) FILTER (WHERE state = 'parked') AS parked,
     count(*) FILTER (WHERE state = 'dead') AS dead,
     count(*) FILTER (WHERE state = 'delivered') AS delivered,
-    (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL) AS unprocessed,
+    -- Ordered events wait in the sequencer's log until fanned out.
+    (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL AND ordering_key IS NULL)
+        + (SELECT count(*) FROM webhook_ordering_log) AS unprocessed,
     extract(epoch FROM now() - least(
         min(created_at) FILTER (WHERE state = 'pending'),
         (SELECT min(created_at) FROM webhook_outbox
-          WHERE processed_at IS NULL AND deliver_after <= now())))::float8
+          WHERE processed_at IS NULL AND ordering_key IS NULL AND deliver_after <= now()),
+        (SELECT o.created_at FROM webhook_ordering_log l
+          JOIN webhook_outbox o ON o.id = l.event_id ORDER BY l.seq LIMIT 1)))::float8
         AS oldest_pending_age_seconds
     FROM webhook_deliveries";
 

@@ -529,13 +529,17 @@ SELECT
       AS inflight,
     (SELECT count(*) FROM webhook_deliveries WHERE state = 'parked') AS parked,
     (SELECT count(*) FROM webhook_deliveries WHERE state = 'dead') AS dead,
-    (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL) AS unprocessed,
+    -- Ordered events wait in the sequencer's log until fanned out.
+    (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL AND ordering_key IS NULL)
+        + (SELECT count(*) FROM webhook_ordering_log) AS unprocessed,
     (SELECT count(*) FROM webhook_endpoints
       WHERE circuit_open_until IS NOT NULL AND active AND deleted_at IS NULL) AS circuits_open,
     extract(epoch FROM now() - least(
         (SELECT min(created_at) FROM webhook_deliveries WHERE state = 'pending'),
         (SELECT min(created_at) FROM webhook_outbox
-          WHERE processed_at IS NULL AND deliver_after <= now())
+          WHERE processed_at IS NULL AND ordering_key IS NULL AND deliver_after <= now()),
+        (SELECT o.created_at FROM webhook_ordering_log l
+          JOIN webhook_outbox o ON o.id = l.event_id ORDER BY l.seq LIMIT 1)
     ))::float8 AS oldest_pending_age_seconds";
 
 /// Reads one [`QueueSample`].

@@ -64,6 +64,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0012_endpoint_routing.sql",
         include_str!("../sql/0012_endpoint_routing.sql"),
     ),
+    (
+        "0013_ordered_delivery.sql",
+        include_str!("../sql/0013_ordered_delivery.sql"),
+    ),
 ];
 
 /// The SHA-256 of a migration's text as recorded in `outboxd_migrations.checksum`

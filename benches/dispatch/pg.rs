@@ -171,7 +171,9 @@ pub async fn wait_pool_ready(
 /// Waits until every event is fanned out and every delivery settled as delivered;
 /// returns the time it noticed (CLOCK_REALTIME µs).
 pub async fn wait_settled(client: &Client, timeout: Duration) -> anyhow::Result<i64> {
-    let sql = "SELECT NOT EXISTS (SELECT 1 FROM webhook_outbox WHERE processed_at IS NULL)
+    let sql = "SELECT NOT EXISTS (SELECT 1 FROM webhook_outbox
+                              WHERE processed_at IS NULL AND ordering_key IS NULL)
+                  AND NOT EXISTS (SELECT 1 FROM webhook_ordering_log)
                   AND NOT EXISTS (SELECT 1 FROM webhook_deliveries WHERE state <> 'delivered')";
     wait_until(client, sql, timeout, "every delivery to be settled").await?;
     Ok(now_us())

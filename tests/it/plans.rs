@@ -254,7 +254,7 @@ async fn claim_reads_through_indexes_on_stale_statistics() {
             }
             for index in [
                 "webhook_deliveries_due_idx",
-                "webhook_outbox_pending_idx",
+                "webhook_outbox_unordered_idx",
                 "webhook_outbox_pkey",
             ] {
                 assert!(plan.contains(index), "{mode} does not use {index}:\n{plan}");
