@@ -30,47 +30,9 @@ pub const MAX_IN_FLIGHT_RANGE: RangeInclusive<u32> = 1..=10_000;
 /// The values `rate_limit` may take: requests per second across all dispatchers.
 pub const RATE_LIMIT_RANGE: RangeInclusive<u32> = 1..=100_000;
 
-/// What happens to an ordered key whose head delivery ends dead (docs/ordering.md,
-/// section 3). Per endpoint, overriding the dispatchers' `WEBHOOK_ORDERING_DEAD_HEAD`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeadHeadPolicy {
-    /// The key stops until an operator re-drives or discards its head; the keys behind
-    /// it are untouched, and the blocked key shows in `stats`, the admin API and the
-    /// `outboxd_ordering_blocked_keys` metric.
-    Block,
-    /// The next event of the key goes out: the dead one stays dead, out of order if it
-    /// is ever re-driven.
-    Skip,
-}
-
-impl DeadHeadPolicy {
-    /// `block` or `skip`, as the column stores it.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Block => "block",
-            Self::Skip => "skip",
-        }
-    }
-}
-
-impl std::fmt::Display for DeadHeadPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for DeadHeadPolicy {
-    type Err = InvalidEndpoint;
-
-    fn from_str(s: &str) -> Result<Self, InvalidEndpoint> {
-        match s {
-            "block" => Ok(Self::Block),
-            "skip" => Ok(Self::Skip),
-            _ => Err(InvalidEndpoint::DeadHeadPolicy(s.to_owned())),
-        }
-    }
-}
+/// What happens to an ordered key whose head delivery ends dead: per endpoint, it
+/// overrides the dispatchers' `WEBHOOK_ORDERING_DEAD_HEAD` (docs/ordering.md, section 3).
+pub use crate::config::DeadHead;
 
 /// A header sent with every request to an endpoint, such as an API key the consumer
 /// demands. Its value is treated as a secret: it is stored, sent, and never shown
@@ -272,7 +234,7 @@ pub struct Endpoint {
     pub circuit_failures: u32,
     /// What a dead head of an ordered key does for this endpoint; `None`: the
     /// dispatchers' `WEBHOOK_ORDERING_DEAD_HEAD`.
-    pub ordering_dead_head: Option<DeadHeadPolicy>,
+    pub ordering_dead_head: Option<DeadHead>,
 }
 
 /// The state of an endpoint's circuit breaker. In JSON an object tagged by `state`:
@@ -336,7 +298,7 @@ pub struct EndpointUpdate {
     /// A new dead-head policy for ordered keys (`Some(None)` removes the override:
     /// `WEBHOOK_ORDERING_DEAD_HEAD` applies). It applies to heads that end dead from
     /// now on; keys already blocked stay blocked until re-driven or discarded.
-    pub ordering_dead_head: Option<Option<DeadHeadPolicy>>,
+    pub ordering_dead_head: Option<Option<DeadHead>>,
 }
 
 /// What registering an endpoint takes. Its `Debug` output leaves out the secret and
@@ -363,7 +325,7 @@ pub struct NewEndpoint {
     /// `None`: no limit.
     pub rate_limit: Option<u32>,
     /// What a dead head of an ordered key does; `None`: `WEBHOOK_ORDERING_DEAD_HEAD`.
-    pub ordering_dead_head: Option<DeadHeadPolicy>,
+    pub ordering_dead_head: Option<DeadHead>,
 }
 
 impl std::fmt::Debug for NewEndpoint {
@@ -483,10 +445,7 @@ pub async fn add(client: &impl GenericClient, new: NewEndpoint) -> Result<(Endpo
                 (&new.timeout.map(timeout_ms), Type::INT4),
                 (&new.max_in_flight.map(limit_column), Type::INT4),
                 (&new.rate_limit.map(limit_column), Type::INT4),
-                (
-                    &new.ordering_dead_head.map(DeadHeadPolicy::as_str),
-                    Type::TEXT,
-                ),
+                (&new.ordering_dead_head.map(DeadHead::as_str), Type::TEXT),
             ],
         )
         .await?;
@@ -546,8 +505,9 @@ fn from_row(row: &tokio_postgres::Row) -> Result<Endpoint> {
             .unwrap_or(0),
         ordering_dead_head: row
             .try_get::<_, Option<&str>>("ordering_dead_head")?
-            .map(str::parse)
-            .transpose()?,
+            .map(str::parse::<DeadHead>)
+            .transpose()
+            .map_err(Error::InvalidInput)?,
     })
 }
 
@@ -803,7 +763,7 @@ pub async fn update(
     let rate_limit = change.rate_limit.map(|n| n.map_or(0, limit_column));
     let dead_head = change
         .ordering_dead_head
-        .map(|p| p.map_or("default", DeadHeadPolicy::as_str));
+        .map(|p| p.map_or("default", DeadHead::as_str));
     let found = client
         .query_typed_opt(
             UPDATE_FIELDS,

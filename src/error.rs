@@ -145,9 +145,6 @@ pub enum InvalidEndpoint {
         /// Its greatest value.
         max: u32,
     },
-    /// The dead-head policy of ordered keys is neither `block` nor `skip`.
-    #[error("invalid ordering_dead_head {0:?}: use block or skip")]
-    DeadHeadPolicy(String),
 }
 
 /// tokio-postgres's own message is only "db error"; show PostgreSQL's words and code.

@@ -20,8 +20,8 @@ use super::input::{
     opt_state, opt_time, parse_id, query_value,
 };
 use crate::endpoint::{
-    self, DeadHeadPolicy, Endpoint, EndpointUpdate, MAX_IN_FLIGHT_RANGE, NewEndpoint,
-    RATE_LIMIT_RANGE, StaticHeader,
+    self, DeadHead, Endpoint, EndpointUpdate, MAX_IN_FLIGHT_RANGE, NewEndpoint, RATE_LIMIT_RANGE,
+    StaticHeader,
 };
 use crate::inspect::{self, BlockedFilter, DeliveryFilter, DeliveryId, EventFilter};
 use crate::redrive::{self, DeadFilter, KeyAction};
@@ -54,7 +54,7 @@ pub(super) struct CreateEndpoint {
     rate_limit: Option<u64>,
     // `null` is the global setting, as in an endpoint.
     #[serde(default)]
-    ordering_dead_head: Option<DeadHeadPolicy>,
+    ordering_dead_head: Option<DeadHead>,
 }
 
 #[derive(Serialize)]
@@ -152,7 +152,7 @@ pub(super) struct PatchEndpoint {
     #[serde(default, deserialize_with = "nullable")]
     rate_limit: Option<Option<u64>>,
     #[serde(default, deserialize_with = "nullable")]
-    ordering_dead_head: Option<Option<DeadHeadPolicy>>,
+    ordering_dead_head: Option<Option<DeadHead>>,
 }
 
 pub(super) async fn update_endpoint(

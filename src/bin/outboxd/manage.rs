@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
 use outboxd::endpoint::{
-    self, DeadHeadPolicy, EndpointUpdate, MAX_IN_FLIGHT_RANGE, RATE_LIMIT_RANGE, StaticHeader,
+    self, DeadHead, EndpointUpdate, MAX_IN_FLIGHT_RANGE, RATE_LIMIT_RANGE, StaticHeader,
 };
 use outboxd::inspect::{self, BlockedFilter, DeliveryFilter, DeliveryId, DeliveryView, Page};
 use outboxd::redrive::{self, DeadFilter, KeyAction};
@@ -66,7 +66,7 @@ pub enum EndpointCommand {
         rate_limit: Option<u32>,
         /// What a dead head of an ordered key does for this endpoint: block (the key waits for an operator), skip (the next goes), or default (WEBHOOK_ORDERING_DEAD_HEAD)
         #[arg(long, value_name = "POLICY", value_parser = dead_head)]
-        ordering_dead_head: Option<Option<DeadHeadPolicy>>,
+        ordering_dead_head: Option<DeadHeadArg>,
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
@@ -142,7 +142,7 @@ pub enum EndpointCommand {
         clear_rate_limit: bool,
         /// What a dead head of an ordered key does for this endpoint: block (the key waits for an operator), skip (the next goes), or default (WEBHOOK_ORDERING_DEAD_HEAD)
         #[arg(long, value_name = "POLICY", value_parser = dead_head)]
-        ordering_dead_head: Option<Option<DeadHeadPolicy>>,
+        ordering_dead_head: Option<DeadHeadArg>,
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
@@ -196,14 +196,20 @@ fn max_in_flight(text: &str) -> Result<u32, String> {
     limit(text, "max_in_flight", &MAX_IN_FLIGHT_RANGE)
 }
 
-/// `--ordering-dead-head`: `block`, `skip`, or `default` (`None`: the dispatchers'
-/// `WEBHOOK_ORDERING_DEAD_HEAD`); anything else is clap's error (exit status 2).
-fn dead_head(text: &str) -> Result<Option<DeadHeadPolicy>, String> {
+/// `--ordering-dead-head`'s value: a policy, or `None` for `default` (the dispatchers'
+/// `WEBHOOK_ORDERING_DEAD_HEAD`). A type of its own: clap reads `Option<Option<_>>` as
+/// a flag whose value may be left out.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadHeadArg(Option<DeadHead>);
+
+/// `--ordering-dead-head`: `block`, `skip`, or `default`; anything else is clap's error
+/// (exit status 2).
+fn dead_head(text: &str) -> Result<DeadHeadArg, String> {
     match text {
-        "default" => Ok(None),
+        "default" => Ok(DeadHeadArg(None)),
         _ => text
             .parse()
-            .map(Some)
+            .map(|policy| DeadHeadArg(Some(policy)))
             .map_err(|_| "ordering_dead_head must be block, skip or default".to_owned()),
     }
 }
@@ -332,7 +338,7 @@ pub async fn endpoint(client: &mut Client, command: EndpointCommand) -> anyhow::
                 timeout: timeout_ms.map(Duration::from_millis),
                 max_in_flight,
                 rate_limit,
-                ordering_dead_head: ordering_dead_head.flatten(),
+                ordering_dead_head: ordering_dead_head.and_then(|arg| arg.0),
             };
             let (endpoint, secret) = endpoint::add(&*client, new).await?;
             if json {
@@ -424,7 +430,7 @@ pub async fn endpoint(client: &mut Client, command: EndpointCommand) -> anyhow::
                 } else {
                     rate_limit.map(Some)
                 },
-                ordering_dead_head,
+                ordering_dead_head: ordering_dead_head.map(|arg| arg.0),
             };
             let e = endpoint::update(&*client, id, change).await?;
             print_endpoint(&e, json)?;
