@@ -459,7 +459,10 @@ pub async fn endpoint(client: &mut Client, command: EndpointCommand) -> anyhow::
             discard_backlog: true,
         } => {
             let discarded = endpoint::enable_discarding_backlog(client, id).await?;
-            println!("endpoint {id} enabled; {discarded} parked and queued deliveries discarded");
+            println!(
+                "endpoint {id} enabled; {discarded} parked deliveries discarded \
+                 (ordered ones queued behind them included)"
+            );
         }
         EndpointCommand::Remove { id } => {
             endpoint::remove(&*client, id).await?;
