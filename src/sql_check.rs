@@ -53,6 +53,7 @@ const STATEMENTS: &[(&str, &str, &str)] = statements![
     inspect::STATS_ENDPOINTS,
     metrics::QUEUE_SAMPLE,
     ordering::SEQUENCE,
+    ordering::STRAYS,
     outbox::INSERT_EVENT,
     pooler::BACKEND_PID,
     pooler::CURRENT_SETTINGS,
