@@ -136,6 +136,11 @@ FROM pair p"
 /// their numbers wait for a later pair instead (later, never lost).
 const MAX_PAIRS: usize = 32;
 
+/// Whether anything waits in the log: what a sequencer that found it empty asks first
+/// when poked, instead of planning and running [`SEQUENCE`] (a claim pokes it each time,
+/// and most claims of most deployments have no ordered event to wait for).
+pub(crate) const PEEK: &str = "SELECT EXISTS (SELECT 1 FROM webhook_ordering_log) AS waiting";
+
 /// Numbers the ordered events that have none: committed with a key, not fanned out, and
 /// no row in the log. The producers' trigger did not fire for them (a session with
 /// `session_replication_role = replica`, as logical replication's apply and some
@@ -298,6 +303,8 @@ impl Sequencer {
     pub(crate) async fn run(self, stop: CancellationToken) {
         let mut horizon = Horizon::default();
         let mut wait: Option<Duration> = Some(Duration::ZERO);
+        // The last run left the log empty: peek before the next.
+        let mut empty = false;
         loop {
             let limit = wait.unwrap_or(self.poll_interval);
             if !limit.is_zero() {
@@ -309,7 +316,7 @@ impl Sequencer {
             } else if stop.is_cancelled() {
                 return;
             }
-            let Some(ran) = self.run_once(&mut horizon, &stop).await else {
+            let Some(ran) = self.run_once(&mut horizon, empty, &stop).await else {
                 return;
             };
             let last = match ran {
@@ -317,6 +324,7 @@ impl Sequencer {
                     if s.heads > 0 {
                         self.claims.notify_one();
                     }
+                    empty = !s.waiting;
                     Some(s)
                 }
                 Err(e) => {
@@ -328,10 +336,12 @@ impl Sequencer {
         }
     }
 
-    /// One run; `None` once `stop` has ended it.
+    /// One run, after a [`PEEK`] if `peek` (a run that finds nothing to do then says
+    /// so without running [`SEQUENCE`]); `None` once `stop` has ended it.
     async fn run_once(
         &self,
         horizon: &mut Horizon,
+        peek: bool,
         stop: &CancellationToken,
     ) -> Option<Result<Sequenced>> {
         let client = tokio::select! {
@@ -342,7 +352,16 @@ impl Sequencer {
                 Err(e) => return Some(Err(e.into())),
             },
         };
-        let run = sequence(&*client, horizon, self.limit);
+        let run = async {
+            if peek && !client.query_typed_one(PEEK, &[]).await?.try_get("waiting")? {
+                return Ok(Sequenced {
+                    taken: 0,
+                    heads: 0,
+                    waiting: false,
+                });
+            }
+            sequence(&*client, horizon, self.limit).await
+        };
         self.connector.finish_or_cancel(&client, stop, run).await
     }
 }

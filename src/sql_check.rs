@@ -52,6 +52,7 @@ const STATEMENTS: &[(&str, &str, &str)] = statements![
     inspect::STATS_DEPTH,
     inspect::STATS_ENDPOINTS,
     metrics::QUEUE_SAMPLE,
+    ordering::PEEK,
     ordering::SEQUENCE,
     ordering::STRAYS,
     outbox::INSERT_EVENT,
