@@ -270,8 +270,8 @@ pub(crate) const KEY_LINE: &str = "SELECT k.head_event_id, k.blocked_since IS NO
     LEFT JOIN webhook_ordering_keys k ON k.endpoint_id = ep.id AND k.ordering_key = $2
     WHERE ep.id = $1 AND ep.deleted_at IS NULL";
 
-/// The head of a blocked key, if it is, as `(head, blocked)`; NotFound for a missing
-/// endpoint or a key without a line.
+/// The dead head of `key`'s line for the endpoint if the key is blocked, `None` if its
+/// line is not blocked; NotFound for a missing endpoint or a key without a line.
 async fn blocked_head(
     client: &impl GenericClient,
     endpoint_id: i64,

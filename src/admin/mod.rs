@@ -1,7 +1,6 @@
 //! The admin HTTP API: endpoints, events, deliveries, re-drive, blocked ordered keys and
-//! statistics over JSON,
-//! described by the OpenAPI 3.0 document `docs/openapi.json` (served at
-//! `GET /openapi.json`).
+//! statistics over JSON, described by the OpenAPI 3.0 document `docs/openapi.json`
+//! (served at `GET /openapi.json`).
 //!
 //! Guarantees:
 //!
@@ -13,7 +12,8 @@
 //!   Malformed input (a body, query parameter or path that does not parse or validate)
 //!   is 400 `invalid_input`, never a 500; a missing row is 404 `not_found`; a request
 //!   that does not fit the current state (retrying a delivery that is not dead, testing
-//!   a disabled endpoint, replaying an event not yet fanned out) is 409 `conflict`;
+//!   a disabled endpoint, replaying an event not yet fanned out, re-driving or
+//!   discarding the head of an ordered key that is not blocked) is 409 `conflict`;
 //!   database and pool failures are 500 `internal` with a generic message, the detail
 //!   going to the log.
 //! * Nothing is logged from request bodies, secrets or payloads. An endpoint's secret
