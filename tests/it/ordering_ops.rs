@@ -634,11 +634,85 @@ async fn discard_of_a_blocked_head_moves_the_key_on() {
     let head_event = ordered_event(&db, "busy", 1).await;
     delivery(&db, head_event, ep, "busy", 1, "parked").await;
     line(&db, ep, "busy", head_event, 1, false).await;
+    let mut client = db.connect().await;
     assert_eq!(
         redrive::discard_blocked(&mut client, ep, "busy")
             .await
             .unwrap(),
         KeyAction::NotBlocked
     );
+    db.cli(
+        &[
+            "ordering",
+            "redrive",
+            "--endpoint",
+            &ep.to_string(),
+            "--key",
+            "busy",
+        ],
+        4,
+    )
+    .await;
     assert_eq!(state(&db, head_event, ep).await, "parked");
+}
+
+/// Which of the two a re-drive and a settle ending the head take the key row first
+/// must not matter: the line keeps exactly one head and loses no delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_racing_the_settle_of_the_head_keeps_one_head() {
+    let db = TestDb::new("ordering_ops_race").await;
+    let (ep, _) = db.add_endpoint("http://127.0.0.1:9/hook", &[]).await;
+    for settle_first in [true, false] {
+        let key = if settle_first { "settle" } else { "replay" };
+        let old = ordered_event(&db, key, 1).await;
+        let current = ordered_event(&db, key, 2).await;
+        delivery(&db, old, ep, key, 1, "delivered").await;
+        delivery(&db, current, ep, key, 2, "pending").await;
+        line(&db, ep, key, current, 2, false).await;
+        let mut settler = db.connect().await;
+        let mut operator = db.connect().await;
+        let end = "UPDATE webhook_deliveries SET state = 'delivered'
+                   WHERE event_id = $1 AND endpoint_id = $2";
+        let advance =
+            "SELECT webhook_ordering_advance(ARRAY[$1::bigint], ARRAY[$2::bigint], 'block')";
+        if settle_first {
+            // The settle ends the head and, nothing being queued, deletes the line;
+            // the replay waits for it, then starts a line of its own.
+            let tx = settler.transaction().await.unwrap();
+            tx.execute(end, &[&current, &ep]).await.unwrap();
+            tx.execute(advance, &[&current, &ep]).await.unwrap();
+            let replay = tokio::spawn(async move {
+                redrive::replay(&operator, old, Some(ep)).await.unwrap();
+            });
+            db.wait_until(
+                "SELECT count(*) > 0 FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await;
+            tx.commit().await.unwrap();
+            replay.await.unwrap();
+            assert_eq!(state(&db, old, ep).await, "pending");
+            assert_eq!(head(&db, ep, key).await, Some(old));
+        } else {
+            // The replay queues behind the head; the settle waits for it, then sees it
+            // queued and makes it the head.
+            let tx = operator.transaction().await.unwrap();
+            redrive::replay(&tx, old, Some(ep)).await.unwrap();
+            let settle = tokio::spawn(async move {
+                let tx = settler.transaction().await.unwrap();
+                tx.execute(end, &[&current, &ep]).await.unwrap();
+                tx.execute(advance, &[&current, &ep]).await.unwrap();
+                tx.commit().await.unwrap();
+            });
+            db.wait_until(
+                "SELECT count(*) > 0 FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .await;
+            tx.commit().await.unwrap();
+            settle.await.unwrap();
+            assert_eq!(state(&db, old, ep).await, "pending");
+            assert_eq!(head(&db, ep, key).await, Some(old));
+        }
+    }
 }
