@@ -250,10 +250,12 @@ pub(crate) async fn sequence(
 /// How long the sequencer waits before its next run, given what the last one did (or
 /// `None` if it failed) and how long it waited last time. `None`: until poked.
 ///
-/// Progress means more may be ready at once. Rows waiting without progress are held
-/// by an open transaction or a future `deliver_after`: looked at again soon, then less
-/// often (a run costs a round trip and, while the log holds rows, an xid). A failure
-/// backs off like the claim loop's.
+/// Progress means more may be ready at once. Rows waiting without progress are not
+/// final yet (a transaction older than the last pair is still open) or are locked by
+/// another dispatcher's sequencer: looked at again at once (the usual case: the
+/// producer's commit was all that the last pair waited for), then less and less often
+/// (a run costs a round trip and, while the log holds rows, an xid). A failure backs
+/// off like the claim loop's.
 fn next_wait(last: Option<Sequenced>, waited: Option<Duration>) -> Option<Duration> {
     match last {
         Some(s) if s.taken > 0 && s.waiting => Some(Duration::ZERO),
