@@ -716,3 +716,113 @@ async fn replay_racing_the_settle_of_the_head_keeps_one_head() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_keys_page_and_take_any_key_in_the_path() {
+    let db = TestDb::new("ordering_ops_paths").await;
+    let (ep, _) = db.add_endpoint("http://127.0.0.1:9/hook", &[]).await;
+    let keys = ["a/b c", "order-42", "é?#%"];
+    for (n, key) in keys.iter().enumerate() {
+        let seq = n as i64 + 1;
+        let dead = ordered_event(&db, key, 1).await;
+        let next = ordered_event(&db, key, 2).await;
+        delivery(&db, dead, ep, key, seq, "dead").await;
+        delivery(&db, next, ep, key, seq + 10, "queued").await;
+        line(&db, ep, key, dead, seq, true).await;
+    }
+    let api = Api::start(&db).await;
+    let mut listed = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/endpoints/{ep}/ordering/blocked?limit=2");
+        if let Some(cursor) = &after {
+            path.push_str(&format!("&after={}", encode(cursor)));
+        }
+        let (status, page) = api.call(reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        for item in page["items"].as_array().unwrap() {
+            assert_eq!(item["queued"], 1);
+            listed.push(item["ordering_key"].as_str().unwrap().to_owned());
+        }
+        match page["next_cursor"].as_str() {
+            Some(cursor) => after = Some(cursor.to_owned()),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+    expected.sort();
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted, expected,
+        "every blocked key once, over pages: {listed:?}"
+    );
+
+    for key in keys {
+        let (status, answer) = api
+            .call(
+                reqwest::Method::POST,
+                &format!(
+                    "/v1/endpoints/{ep}/ordering/blocked/{}/discard",
+                    encode(key)
+                ),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{key}: {answer}");
+        assert_eq!(
+            db.scalar::<i64>(&format!(
+                "SELECT count(*) FROM webhook_deliveries
+                 WHERE endpoint_id = {ep} AND ordering_key = '{}' AND state = 'pending'",
+                key.replace('\'', "''")
+            ))
+            .await,
+            1,
+            "{key}: the next one is due"
+        );
+    }
+    for (path, expected) in [
+        (
+            format!("/v1/endpoints/{ep}/ordering/blocked/order-42/discard"),
+            409,
+        ),
+        (
+            format!("/v1/endpoints/{ep}/ordering/blocked/nothing/redrive"),
+            404,
+        ),
+        (
+            format!("/v1/endpoints/{ep}/ordering/blocked/a%00b/redrive"),
+            400,
+        ),
+        (
+            "/v1/endpoints/999/ordering/blocked/k/redrive".to_owned(),
+            404,
+        ),
+    ] {
+        let (status, answer) = api.call(reqwest::Method::POST, &path, None).await;
+        assert_eq!(status, expected, "{path}: {answer}");
+        assert!(answer["error"]["code"].is_string(), "{answer}");
+    }
+    let (status, _) = api
+        .call(
+            reqwest::Method::GET,
+            "/v1/endpoints/999/ordering/blocked",
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+}
+
+/// Percent-encodes everything but unreserved characters, as a path segment or query
+/// value needs.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
