@@ -30,6 +30,7 @@ mod migrations;
 mod noisy_neighbour;
 mod observability;
 mod operational_events;
+mod ordering;
 mod outage;
 mod payloads;
 mod plans;
