@@ -31,6 +31,7 @@ mod noisy_neighbour;
 mod observability;
 mod operational_events;
 mod ordering;
+mod ordering_basics;
 mod outage;
 mod payloads;
 mod plans;
