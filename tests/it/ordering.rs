@@ -311,8 +311,8 @@ pub type Log = Arc<Mutex<Committed>>;
 const INSERT: &str = "INSERT INTO webhook_outbox (event_type, payload, ordering_key)
      VALUES ('ordered.test', jsonb_build_object('k', $1::text), $1::text) RETURNING id";
 
-/// One producer transaction: `begin`, `business` (if any), one event per entry of `keys`
-/// in that order, a `pause` (so that transactions overlap), and the commit, timed. On an
+/// One producer transaction: `begin`, one event per entry of `keys` in that order,
+/// `business` (if any), a `pause` (so that transactions overlap), and the commit, timed. On an
 /// error the transaction is rolled back and the error returned; nothing is logged.
 async fn produce(
     client: &Client,
@@ -324,13 +324,13 @@ async fn produce(
 ) -> Result<Vec<i64>, tokio_postgres::Error> {
     let attempt = async {
         client.batch_execute(begin).await?;
-        if let Some(sql) = business {
-            client.batch_execute(sql).await?;
-        }
         let mut ids = Vec::new();
         for key in keys {
             let id: i64 = client.query_one(INSERT, &[key]).await?.get(0);
             ids.push(id);
+        }
+        if let Some(sql) = business {
+            client.batch_execute(sql).await?;
         }
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
@@ -391,6 +391,11 @@ async fn each(client: &Client, keys: &[Option<&str>], log: &Log) -> Vec<i64> {
     ids
 }
 
+/// How many events the producers committed.
+fn produced(log: &Log) -> i64 {
+    log.lock().unwrap().events.len() as i64
+}
+
 async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -423,7 +428,6 @@ async fn violations(
 ) -> Vec<String> {
     let mut bad: Vec<String> = receiver.overlaps();
     let arrivals = receiver.arrivals();
-    let log = log.lock().unwrap();
     let seqs: HashMap<(i64, i64), Option<i64>> = db
         .client
         .query(
@@ -437,6 +441,7 @@ async fn violations(
         .iter()
         .map(|r| ((r.get(0), r.get(1)), r.get(2)))
         .collect();
+    let log = log.lock().unwrap();
 
     for &(path, endpoint) in expect.endpoints {
         let here: Vec<&Arrival> = arrivals.iter().filter(|a| a.path == path).collect();
@@ -453,7 +458,7 @@ async fn violations(
             let ok = here.iter().any(|a| {
                 a.event_id == *id && a.answered.is_some_and(|(_, s)| (200..300).contains(&s))
             });
-            if !ok && !(sent && expect.may_die.contains(&slot)) {
+            if !(ok || (sent && expect.may_die.contains(&slot))) {
                 bad.push(format!(
                     "{path}: event {id} never delivered ({} requests)",
                     here.iter().filter(|a| a.event_id == *id).count()
@@ -730,7 +735,7 @@ async fn crash_failures_and_concurrent_producers_keep_each_key_in_order() {
         errors.extend(producer.await.expect("producer task"));
     }
     assert!(errors.is_empty(), "producers failed: {errors:?}");
-    let events = log.lock().unwrap().events.len() as i64;
+    let events = produced(&log);
     assert!(events >= total_events as i64);
     all_delivered(&db, events * 2, Duration::from_secs(300)).await;
     for d in others {
@@ -740,10 +745,28 @@ async fn crash_failures_and_concurrent_producers_keep_each_key_in_order() {
 
     check(&db, &receiver, &log, &everything(&endpoints)).await;
     lines_empty(&db).await;
-    let requests = receiver.arrivals().len();
+    let arrivals = receiver.arrivals();
+    let mut delivered_at: HashMap<(&str, i64), u64> = HashMap::new();
+    let mut resent = 0;
+    for a in &arrivals {
+        if delivered_at
+            .get(&(a.path.as_str(), a.event_id))
+            .is_some_and(|at| *at < a.arrived)
+        {
+            resent += 1;
+        }
+        if let Some((at, 200..=299)) = a.answered {
+            delivered_at
+                .entry((a.path.as_str(), a.event_id))
+                .or_insert(at);
+        }
+    }
+    // Re-sent after a 2xx: the at-least-once duplicates the kill caused (an outcome
+    // lost with its dispatcher), each checked above to be its key's current event.
     eprintln!(
-        "ord_crash: {events} events, {} deliveries, {requests} requests",
-        events * 2
+        "ord_crash: {events} events, {} deliveries, {} requests, {resent} re-sent after a 2xx",
+        events * 2,
+        arrivals.len()
     );
 }
 
@@ -775,7 +798,7 @@ async fn isolation_producers(
                     let keys: Vec<Option<String>> = (0..rng.random_range(1..=3))
                         .map(|_| Some(format!("key-{}", rng.random_range(0..10))))
                         .collect();
-                    let pause = Duration::from_millis(rng.random_range(0..4));
+                    let pause = Duration::ZERO;
                     if let Err(e) = produce(
                         &client,
                         begin,
@@ -807,20 +830,26 @@ async fn isolation_producers(
 /// fifth of requests, and checks that no producer failed and every key is in order.
 async fn isolation_scenario(db: &TestDb, producer_url: &str, begins: &[&'static str], label: &str) {
     db.client
-        .batch_execute("CREATE TABLE test_orders (id bigserial PRIMARY KEY, note text)")
+        .batch_execute(
+            "CREATE TABLE test_orders (id bigserial PRIMARY KEY, note text);
+             CREATE FUNCTION test_orders_check() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_sleep(0.002); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER test_orders_check AFTER INSERT ON test_orders
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION test_orders_check();",
+        )
         .await
         .expect("business table");
     let receiver = KeyReceiver::start(failing_share(0.2, 2, Duration::from_millis(2))).await;
     let (hook, _) = db.add_endpoint(&receiver.url("/hook"), &[]).await;
     let outboxd = dispatcher(db, label, &[NO_CIRCUIT]);
     let log: Log = Arc::default();
-    let errors = isolation_producers(producer_url, begins, 3, 25, &log).await;
+    let errors = isolation_producers(producer_url, begins, 4, 60, &log).await;
     assert!(
         errors.is_empty(),
         "{} producer transactions failed: {errors:#?}",
         errors.len()
     );
-    let events = log.lock().unwrap().events.len() as i64;
+    let events = produced(&log);
     all_delivered(db, events, Duration::from_secs(120)).await;
     stop(outboxd).await;
     check(db, &receiver, &log, &everything(&[("/hook", hook)])).await;
@@ -958,7 +987,7 @@ async fn the_order_is_the_commit_order_not_the_insert_order() {
         })
         .await;
     assert_eq!(arrived_of(&receiver, "K"), vec![a, b], "A committed first");
-    all_delivered(&db, log.lock().unwrap().events.len() as i64, WAIT).await;
+    all_delivered(&db, produced(&log), WAIT).await;
     stop(outboxd).await;
     check(&db, &receiver, &log, &everything(&[("/hook", hook)])).await;
     lines_empty(&db).await;
@@ -1025,7 +1054,7 @@ async fn a_writing_transaction_holds_ordered_events_back_a_reader_does_not() {
         .await;
     reader.batch_execute("COMMIT").await.unwrap();
 
-    all_delivered(&db, log.lock().unwrap().events.len() as i64, WAIT).await;
+    all_delivered(&db, produced(&log), WAIT).await;
     stop(outboxd).await;
     check(&db, &receiver, &log, &everything(&[("/hook", hook)])).await;
     lines_empty(&db).await;
@@ -1118,12 +1147,7 @@ async fn a_head_retried_for_long_holds_back_only_its_key() {
     assert_eq!(queued, later_a.len() as i64, "A's later events are queued");
 
     healed.store(true, std::sync::atomic::Ordering::SeqCst);
-    all_delivered(
-        &db,
-        log.lock().unwrap().events.len() as i64,
-        Duration::from_secs(90),
-    )
-    .await;
+    all_delivered(&db, produced(&log), Duration::from_secs(90)).await;
     stop(outboxd).await;
     check(&db, &receiver, &log, &everything(&[("/hook", hook)])).await;
     lines_empty(&db).await;
