@@ -75,3 +75,44 @@ async fn each_key_arrives_in_order_one_at_a_time_through_retries() {
         0
     );
 }
+
+/// An ordered event the producers' trigger did not number (a session replaying with
+/// `session_replication_role = replica`, a key set by a later UPDATE) is numbered by
+/// housekeeping and delivered, in order with the rest of its key, never stranded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_trigger_did_not_number_are_delivered_all_the_same() {
+    let db = TestDb::new("ordering_strays").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::ok());
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let client = db.connect().await;
+    client
+        .batch_execute(
+            "BEGIN;
+             SET LOCAL session_replication_role = replica;
+             INSERT INTO webhook_outbox (event_type, payload, ordering_key)
+             VALUES ('order.updated', '{\"n\": 0}', 'k');
+             COMMIT;
+             INSERT INTO webhook_outbox (event_type, payload)
+             VALUES ('order.updated', '{\"n\": 1}');
+             UPDATE webhook_outbox SET ordering_key = 'k' WHERE payload = '{\"n\": 1}';",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        db.scalar::<i64>("SELECT count(*) FROM webhook_ordering_log")
+            .await,
+        0,
+        "neither was numbered by the trigger"
+    );
+    // Housekeeping's first round runs as the dispatcher starts.
+    let dispatcher = RunningDispatcher::start(&db.url, test_config("ordering_strays"));
+    db.wait_all_in_state(2, "delivered").await;
+    dispatcher.stop().await;
+    let order: Vec<i64> = receiver
+        .requests()
+        .iter()
+        .map(|r| r.json()["data"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(order, [0, 1]);
+}
