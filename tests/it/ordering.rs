@@ -635,6 +635,11 @@ async fn lines_empty(db: &TestDb) {
     );
 }
 
+/// How long an ordered event may take to arrive. Longer than [`WAIT`]: a transaction
+/// with an xid open anywhere in the cluster holds every ordered event back (the horizon),
+/// and other tests running beside these hold row locks for seconds on purpose.
+const ORDERED_WAIT: Duration = Duration::from_secs(60);
+
 /// Dispatcher settings of these tests: a circuit that never opens (the failures here
 /// are injected on purpose, and a paused endpoint only slows the test), on top of
 /// `noisy_neighbour::dispatcher`'s quick polls and quick, unending retries.
@@ -978,7 +983,7 @@ async fn the_order_is_the_commit_order_not_the_insert_order() {
         );
     }
     receiver
-        .wait("K's two events arrive", WAIT, |arrivals| {
+        .wait("K's two events arrive", ORDERED_WAIT, |arrivals| {
             arrivals
                 .iter()
                 .filter(|a| a.key.as_deref() == Some("K"))
@@ -987,7 +992,7 @@ async fn the_order_is_the_commit_order_not_the_insert_order() {
         })
         .await;
     assert_eq!(arrived_of(&receiver, "K"), vec![a, b], "A committed first");
-    all_delivered(&db, produced(&log), WAIT).await;
+    all_delivered(&db, produced(&log), ORDERED_WAIT).await;
     stop(outboxd).await;
     check(&db, &receiver, &log, &everything(&[("/hook", hook)])).await;
     lines_empty(&db).await;
@@ -1026,9 +1031,11 @@ async fn a_writing_transaction_holds_ordered_events_back_a_reader_does_not() {
     );
     writer.batch_execute("COMMIT").await.unwrap();
     receiver
-        .wait("the held event goes once the writer ends", WAIT, |a| {
-            a.iter().any(|a| a.event_id == held)
-        })
+        .wait(
+            "the held event goes once the writer ends",
+            ORDERED_WAIT,
+            |a| a.iter().any(|a| a.event_id == held),
+        )
         .await;
 
     let reader = connect(&db.url).await;
@@ -1048,13 +1055,13 @@ async fn a_writing_transaction_holds_ordered_events_back_a_reader_does_not() {
     receiver
         .wait(
             "an ordered event goes while a reader is open",
-            2 * WAIT,
+            ORDERED_WAIT,
             |a| a.iter().any(|a| a.event_id == free),
         )
         .await;
     reader.batch_execute("COMMIT").await.unwrap();
 
-    all_delivered(&db, produced(&log), WAIT).await;
+    all_delivered(&db, produced(&log), ORDERED_WAIT).await;
     stop(outboxd).await;
     check(&db, &receiver, &log, &everything(&[("/hook", hook)])).await;
     lines_empty(&db).await;
@@ -1113,7 +1120,7 @@ async fn a_head_retried_for_long_holds_back_only_its_key() {
     receiver
         .wait(
             "every other key and the unordered events",
-            WAIT,
+            ORDERED_WAIT,
             |arrivals| {
                 arrivals
                     .iter()
@@ -1213,7 +1220,7 @@ async fn dead_head(global: Option<&str>, own: &str, label: &str) {
                     AND count(*) FILTER (WHERE ordering_key = 'L' AND state = 'delivered') = {l_count}
                  FROM webhook_deliveries WHERE endpoint_id = {endpoint}"
             ),
-            WAIT,
+            ORDERED_WAIT,
         )
         .await;
         if policy == "skip" {
@@ -1223,7 +1230,7 @@ async fn dead_head(global: Option<&str>, own: &str, label: &str) {
                        AND event_id IN ({}, {}) AND state = 'delivered'",
                     behind[0], behind[1]
                 ),
-                WAIT,
+                ORDERED_WAIT,
             )
             .await;
         }
@@ -1344,7 +1351,7 @@ async fn fan_out_keeps_an_independent_order_per_endpoint() {
 
     let all = ids.len();
     receiver
-        .wait("/good has every event", WAIT, |arrivals| {
+        .wait("/good has every event", ORDERED_WAIT, |arrivals| {
             arrivals
                 .iter()
                 .filter(|a| a.path == "/good" && a.answered.is_some_and(|(_, s)| s == 200))
@@ -1411,7 +1418,7 @@ async fn a_drain_with_heads_in_flight_keeps_every_key_in_order() {
     let ids = each(&db.client, &plan, &log).await;
 
     receiver
-        .wait("every key's head in flight", WAIT, |arrivals| {
+        .wait("every key's head in flight", ORDERED_WAIT, |arrivals| {
             keys.iter().all(|k| {
                 arrivals
                     .iter()
