@@ -1440,3 +1440,60 @@ async fn a_drain_with_heads_in_flight_keeps_every_key_in_order() {
     check(&db, &receiver, &log, &everything(&[("/hook", hook)])).await;
     lines_empty(&db).await;
 }
+
+// ---------------------------------------------------------------------------------------
+// A delayed head, and an event no endpoint takes
+// ---------------------------------------------------------------------------------------
+
+/// Key K: a first event delayed by `deliver_after` (3 s), a second of a type the
+/// endpoint does not take, a third it takes. The order is strict: the third waits for
+/// the delayed first (an unordered event goes meanwhile), and the one nobody takes does
+/// not leave the line without a head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_head_holds_its_key_and_an_untaken_event_leaves_no_gap() {
+    let db = TestDb::new("ord_delayed").await;
+    let receiver = KeyReceiver::start(always_ok(Duration::from_millis(5))).await;
+    db.add_endpoint(&receiver.url("/hook"), &["ordered.test"])
+        .await;
+    let outboxd = dispatcher(&db, "ord_delayed", &[]);
+    let insert = |event_type: &'static str, delay_ms: i32| {
+        let client = &db.client;
+        async move {
+            let id: i64 = client
+                .query_one(
+                    "INSERT INTO webhook_outbox (event_type, payload, ordering_key, deliver_after)
+                     VALUES ($1, '{\"k\": \"K\"}', 'K', now() + $2::int * interval '1 ms')
+                     RETURNING id",
+                    &[&event_type, &delay_ms],
+                )
+                .await
+                .expect("insert")
+                .get(0);
+            id
+        }
+    };
+    let first = insert("ordered.test", 3000).await;
+    let _untaken = insert("ignored.type", 0).await;
+    let third = insert("ordered.test", 0).await;
+    let log: Log = Arc::default();
+    unordered_arrives(&db, &receiver, "/hook", &log).await;
+    assert_eq!(
+        receiver.requests_of("/hook", third),
+        0,
+        "the third event of K went before the delayed first"
+    );
+    receiver
+        .wait("K's two events", ORDERED_WAIT, |arrivals| {
+            arrivals
+                .iter()
+                .filter(|a| a.key.as_deref() == Some("K"))
+                .count()
+                >= 2
+        })
+        .await;
+    assert_eq!(arrived_of(&receiver, "K"), vec![first, third]);
+    all_delivered(&db, 3, ORDERED_WAIT).await;
+    stop(outboxd).await;
+    assert!(receiver.overlaps().is_empty(), "{:?}", receiver.overlaps());
+    lines_empty(&db).await;
+}
