@@ -228,10 +228,13 @@ BEGIN
         WHERE s.block AND k.endpoint_id = s.endpoint_id AND k.ordering_key = s.ordering_key
           AND k.blocked_since IS NULL
     ), promoted AS (
-        -- Due now; parked instead if its endpoint is closed (enable resumes it).
+        -- Due now, or at its event's deliver_after; parked instead if its endpoint is
+        -- closed (enable resumes it).
         UPDATE webhook_deliveries d
         SET state = CASE WHEN s.open THEN 'pending' ELSE 'parked' END,
-            next_attempt_at = now(), updated_at = now()
+            next_attempt_at = greatest(now(), (SELECT o.deliver_after FROM webhook_outbox o
+                                               WHERE o.id = s.next_event)),
+            updated_at = now()
         FROM step s
         WHERE d.event_id = s.next_event AND d.endpoint_id = s.endpoint_id AND d.state = 'queued'
         RETURNING d.state

@@ -48,7 +48,8 @@ use crate::error::Result;
 ///   something: an xid costs a little, and an empty log needs no horizon).
 ///
 /// Returns one row: the pair, the snapshot's xmin (as `int8`), how many log rows it
-/// took, how many heads it made due, and whether rows are left in the log.
+/// took, how many heads it made (`pending`, due now or at their `deliver_after`), and
+/// whether rows are left in the log.
 pub(crate) const SEQUENCE: &str = concat!(
     "
 WITH snap AS (
@@ -71,15 +72,16 @@ WITH snap AS (
 ), odue AS (
     -- A probe by primary key per row (OFFSET 0 keeps the planner from turning it into
     -- a hash join over a scan of the whole outbox). An event deleted by hand is gone:
-    -- its row is consumed, nothing is fanned out.
-    -- An event already fanned out (numbered twice by STRAYS racing the trigger's row)
-    -- is gone as well: a line must never get a head that will not come back to it.
-    SELECT c.seq, c.event_id, c.ordering_key, o.event_type,
+    -- its row is consumed, nothing is fanned out. An event already fanned out
+    -- (numbered twice by STRAYS racing the trigger's row) is gone as well: a line must
+    -- never get a head that will not come back to it. A `deliver_after` in the future
+    -- is not waited for here (rows waiting in the log would fill every run's LIMIT and
+    -- hold back other keys): the event joins its line, and as its head it is due then.
+    SELECT c.seq, c.event_id, c.ordering_key, o.event_type, o.deliver_after,
            o.id IS NULL OR o.processed_at IS NOT NULL AS gone
     FROM ocand c
     LEFT JOIN LATERAL (SELECT x.id, x.event_type, x.deliver_after, x.processed_at
                        FROM webhook_outbox x WHERE x.id = c.event_id OFFSET 0) o ON true
-    WHERE o.id IS NULL OR o.processed_at IS NOT NULL OR o.deliver_after <= now()
 ), admitted AS (
     SELECT d.* FROM odue d
     WHERE NOT EXISTS (SELECT 1 FROM webhook_ordering_log l
@@ -97,7 +99,7 @@ WITH snap AS (
 ",
     crate::claim::claim_fanout_joined!(),
     "), ofan AS (
-    SELECT f.event_id, f.endpoint_id, f.open, a.seq, a.ordering_key
+    SELECT f.event_id, f.endpoint_id, f.open, a.seq, a.ordering_key, a.deliver_after
     FROM fanout f
     JOIN admitted a ON a.event_id = f.event_id
 ), keyed AS (
@@ -109,15 +111,15 @@ WITH snap AS (
     ON CONFLICT (endpoint_id, ordering_key) DO UPDATE SET head_seq = k.head_seq
     RETURNING k.endpoint_id, k.ordering_key, k.head_seq
 ), inserted AS (
-    -- A head is due now (parked if its endpoint is disabled: enable resumes it); the
-    -- claim takes it like any due delivery.
+    -- A head is due now, or at its event's `deliver_after` (parked if its endpoint is
+    -- disabled: enable resumes it); the claim takes it like any due delivery.
     INSERT INTO webhook_deliveries
         (event_id, endpoint_id, state, next_attempt_at, ordering_key, ordering_seq)
     SELECT f.event_id, f.endpoint_id,
            CASE WHEN f.seq <> k.head_seq THEN 'queued'
                 WHEN f.open THEN 'pending'
                 ELSE 'parked' END,
-           now(), f.ordering_key, f.seq
+           greatest(now(), f.deliver_after), f.ordering_key, f.seq
     FROM ofan f
     JOIN keyed k ON k.endpoint_id = f.endpoint_id AND k.ordering_key = f.ordering_key
     ON CONFLICT (event_id, endpoint_id) DO NOTHING
@@ -248,10 +250,12 @@ pub(crate) async fn sequence(
 /// How long the sequencer waits before its next run, given what the last one did (or
 /// `None` if it failed) and how long it waited last time. `None`: until poked.
 ///
-/// Progress means more may be ready at once. Rows waiting without progress are held
-/// by an open transaction or a future `deliver_after`: looked at again soon, then less
-/// often (a run costs a round trip and, while the log holds rows, an xid). A failure
-/// backs off like the claim loop's.
+/// Progress means more may be ready at once. Rows waiting without progress are not
+/// final yet (a transaction older than the last pair is still open) or are locked by
+/// another dispatcher's sequencer: looked at again at once (the usual case: the
+/// producer's commit was all that the last pair waited for), then less and less often
+/// (a run costs a round trip and, while the log holds rows, an xid). A failure backs
+/// off like the claim loop's.
 fn next_wait(last: Option<Sequenced>, waited: Option<Duration>) -> Option<Duration> {
     match last {
         Some(s) if s.taken > 0 && s.waiting => Some(Duration::ZERO),

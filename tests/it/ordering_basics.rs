@@ -116,3 +116,47 @@ async fn events_the_trigger_did_not_number_are_delivered_all_the_same() {
         .collect();
     assert_eq!(order, [0, 1]);
 }
+
+/// Events of a key delayed by `deliver_after` hold back their own key only: many of them
+/// ahead of other keys in commit order must not stop the other keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_key_holds_back_only_itself() {
+    let db = TestDb::new("ordering_delayed").await;
+    let receiver = Receiver::start().await;
+    receiver.always("/hook", Reply::ok());
+    db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let client = db.connect().await;
+    // More delayed events than a sequencer run takes (test_config's batch of 100).
+    client
+        .batch_execute(
+            "INSERT INTO webhook_outbox (event_type, payload, ordering_key, deliver_after)
+             SELECT 'order.reminder', jsonb_build_object('n', g), 'later', now() + interval '1 hour'
+             FROM generate_series(1, 250) AS g;
+             INSERT INTO webhook_outbox (event_type, payload, ordering_key)
+             SELECT 'order.updated', jsonb_build_object('n', g), 'now-' || (g % 3)
+             FROM generate_series(1, 30) AS g;",
+        )
+        .await
+        .unwrap();
+    let dispatcher = RunningDispatcher::start(&db.url, test_config("ordering_delayed"));
+    db.wait_until("SELECT count(*) = 30 FROM webhook_deliveries WHERE state = 'delivered'")
+        .await;
+    dispatcher.stop().await;
+    let late: Vec<(String, i64)> = client
+        .query(
+            "SELECT state, count(*) FROM webhook_deliveries
+             WHERE ordering_key = 'later' GROUP BY state ORDER BY state",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        late,
+        [("pending".to_owned(), 1), ("queued".to_owned(), 249)],
+        "the delayed key waits, its head due in an hour"
+    );
+    assert_eq!(receiver.count_to("/hook"), 30);
+}
