@@ -30,6 +30,7 @@ mod migrations;
 mod noisy_neighbour;
 mod observability;
 mod operational_events;
+mod ordering;
 mod ordering_basics;
 mod ordering_ops;
 mod outage;
