@@ -24,8 +24,10 @@
 //! A few keys are shared by two producers (`s<j>`, written by producers `j % P + 1` and
 //! `(j + 1) % P + 1` at once): their order is the commit order, which only the database
 //! knows (the deliveries' `ordering_seq`, drawn at commit); `n` then counts the writing
-//! producer's own events of the key, which its commits keep in order. Rolled-back and
-//! failed transactions leave gaps in `n`, nothing else.
+//! producer's own events of the key, which its commits keep in order. A transaction
+//! with a shared key stays open up to [`SHARED_HOLD_MS`] after its insert, so that the
+//! two producers' transactions overlap and one that inserted later often commits first.
+//! Rolled-back and failed transactions leave gaps in `n`, nothing else.
 //!
 //! Producers connect as `chaos-producer-N`, so faults aimed at outboxd's backends never
 //! hit them; only a PostgreSQL restart does, and they reconnect.
@@ -47,6 +49,12 @@ pub const EVENT_TYPES: [&str; 5] = [
     "invoice.sent",
     "audit.entry",
 ];
+
+/// A transaction that writes a shared key waits up to this long (uniformly drawn)
+/// between its insert and its COMMIT.
+pub const SHARED_HOLD_MS: u64 = 300;
+/// The share of a producer's ordered events that go to its shared keys.
+const SHARED_SHARE: f64 = 0.5;
 
 /// Uids of producer `k` are `k * UID_SPACE + n`.
 pub const UID_SPACE: i64 = 1_000_000_000;
@@ -234,7 +242,7 @@ impl Producer {
     }
 
     /// An event with this uid; with `ordered`, one of this producer's keys (a shared
-    /// one a fifth of the time) and that key's next `n`.
+    /// one with [`SHARED_SHARE`]) and that key's next `n`.
     fn event(&mut self, uid: i64, ordered: bool) -> Row {
         let event_type = EVENT_TYPES[self.rng.random_range(0..EVENT_TYPES.len())];
         let pad = if self.rng.random_bool(0.1) {
@@ -257,12 +265,13 @@ impl Producer {
         if !ordered {
             return None;
         }
-        let keys =
-            if !self.shared.is_empty() && (self.owned.is_empty() || self.rng.random_bool(0.2)) {
-                &self.shared
-            } else {
-                &self.owned
-            };
+        let keys = if !self.shared.is_empty()
+            && (self.owned.is_empty() || self.rng.random_bool(SHARED_SHARE))
+        {
+            &self.shared
+        } else {
+            &self.owned
+        };
         if keys.is_empty() {
             return None;
         }
@@ -363,6 +372,10 @@ impl Producer {
         if let Err(e) = work.await {
             let _ = client.batch_execute("ROLLBACK").await;
             return Err(Failure::Before(e));
+        }
+        if events.iter().any(|e| e.2.as_deref().is_some_and(is_shared)) {
+            let hold = self.rng.random_range(0..SHARED_HOLD_MS);
+            tokio::time::sleep(Duration::from_millis(hold)).await;
         }
         if matches!(action, Action::Rollback) {
             return client

@@ -492,13 +492,14 @@ pub fn judge(inputs: &Inputs) -> (String, usize, usize) {
     let shared = ordered.keys.keys().filter(|k| is_shared(k)).count();
     let _ = writeln!(
         w,
-        "  ordered events            {:>7}  ({:.0}% of the events, from {} committed transactions) over {} keys ({} owned by one producer, {} shared by two)",
+        "  ordered events            {:>7}  ({:.0}% of the events, from {} committed transactions) over {} keys ({} owned by one producer, {} shared by two); commit order differed from insert order {} times",
         ordered_events,
         100.0 * ordered_events as f64 / inputs.events.len().max(1) as f64,
         ledger.ordered_transactions,
         ordered.keys.len(),
         ordered.keys.len() - shared,
-        shared
+        shared,
+        ordered.overtaken
     );
     let _ = writeln!(
         w,
@@ -765,6 +766,10 @@ struct Ordered<'a> {
     seq: HashMap<i64, i64>,
     /// What the numbering got wrong, found while building.
     numbering: Check,
+    /// How often a key's next event in commit order had the smaller id: a transaction
+    /// that inserted later committed first (shared keys only), so insert order would
+    /// not have done.
+    overtaken: usize,
 }
 
 impl<'a> Ordered<'a> {
@@ -820,6 +825,7 @@ impl<'a> Ordered<'a> {
             }
         }
         let mut numbers: HashMap<i64, i64> = HashMap::new();
+        let mut overtaken = 0;
         for (key, list) in keys.iter_mut() {
             // A shared key's order is the commit order, which only the numbers tell;
             // an owned key's is its producer's counter, which the numbers must follow.
@@ -833,6 +839,10 @@ impl<'a> Ordered<'a> {
                 .filter_map(|e| Some((*seq.get(&e.id)?, *e)))
                 .collect();
             numbered.sort_by_key(|(s, _)| *s);
+            overtaken += numbered
+                .windows(2)
+                .filter(|w| w[1].1.id < w[0].1.id)
+                .count();
             // Each producer's last event of the key so far, in number order.
             let mut last: HashMap<Option<i64>, &Event> = HashMap::new();
             for (s, e) in numbered {
@@ -882,6 +892,7 @@ impl<'a> Ordered<'a> {
             position,
             seq,
             numbering,
+            overtaken,
         }
     }
 
