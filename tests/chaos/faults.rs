@@ -210,7 +210,7 @@ async fn kill9(
         return Ok(None);
     };
     let worker = slot.worker_id.clone();
-    let when = wait_busy(ctx, Some(&[worker.clone()]), busy).await?;
+    let when = wait_busy(ctx, Some(std::slice::from_ref(&worker)), busy).await?;
     let ports = ctx.fleet.backend_ports(&slot);
     let start_ms = ctx.clock.ms();
     ctx.fleet.kill9(&mut slot).await;
@@ -263,7 +263,7 @@ async fn sigterm(
         return Ok(None);
     };
     let worker = slot.worker_id.clone();
-    let when = wait_busy(ctx, Some(&[worker.clone()]), busy).await?;
+    let when = wait_busy(ctx, Some(std::slice::from_ref(&worker)), busy).await?;
     let start_ms = ctx.clock.ms();
     // The drain may take DRAIN_TIMEOUT, then the settler up to 10 s to write the last
     // outcomes (FINAL_SETTLE_BOUND in src/dispatcher.rs); 5 s more for a loaded machine.
@@ -287,7 +287,11 @@ async fn sigterm(
             "did not exit in time".to_owned(),
         ),
     };
-    let at_risk = dedup(ctx.observer.leased(Some(&[worker.clone()])).await?);
+    let at_risk = dedup(
+        ctx.observer
+            .leased(Some(std::slice::from_ref(&worker)))
+            .await?,
+    );
     tokio::time::sleep(pause).await;
     ctx.fleet.spawn(&mut slot)?;
     Ok(Some(Fault {
@@ -313,7 +317,7 @@ async fn terminate_one(ctx: &Ctx, index: usize, busy: bool) -> anyhow::Result<Op
         return Ok(None);
     }
     let worker = slot.worker_id.clone();
-    let when = wait_busy(ctx, Some(&[worker.clone()]), busy).await?;
+    let when = wait_busy(ctx, Some(std::slice::from_ref(&worker)), busy).await?;
     let ports = ctx.fleet.backend_ports(&slot);
     let start_ms = ctx.clock.ms();
     let rows = ctx
@@ -325,7 +329,11 @@ async fn terminate_one(ctx: &Ctx, index: usize, busy: bool) -> anyhow::Result<Op
         )
         .await?;
     let ended: i64 = rows[0].get(0);
-    let at_risk = dedup(ctx.observer.leased(Some(&[worker.clone()])).await?);
+    let at_risk = dedup(
+        ctx.observer
+            .leased(Some(std::slice::from_ref(&worker)))
+            .await?,
+    );
     Ok(Some(Fault {
         kind: Kind::TerminateOne,
         start_ms,

@@ -16,8 +16,18 @@
 //! the clock; printed, so a run can be repeated), `CHAOS_RATE` (events per second,
 //! default 60), `CHAOS_DISPATCHERS` (default 3), `CHAOS_BIN` (the outboxd binary to
 //! test; default the one cargo built), `CHAOS_HEAL_SECONDS` (how long the work may take
-//! to finish after the faults, default 180), `CHAOS_KEEP=1` (keep the cluster's
+//! to finish after the faults, default 180), `CHAOS_ORDERED` (the share of the
+//! producers' transactions whose events carry an `ordering_key`, default 0.33),
+//! `CHAOS_KEYS` (how many ordering keys, default 40: [`SHARED_KEYS`] shared by two
+//! producers, the rest owned by one), `CHAOS_KEEP=1` (keep the cluster's
 //! directory), `PG_BINDIR`. Logs and the report go to `target/chaos/seed-<seed>/`.
+//!
+//! Ordered delivery is judged like the rest, by the consumer: per (endpoint, key) the
+//! events must arrive in the order the producers committed them, one request at a time
+//! (`producers.rs` says how the order is known, `receiver.rs` how "in flight" is
+//! seen, `verdict.rs` what is allowed). The dispatchers run with the default dead-head
+//! policy (`block`): no delivery can die within a run (`fleet.rs`), so the policy never
+//! acts, and a key left blocked at the end fails the run like any dead delivery.
 //!
 //! A seed fixes the schedule of faults and the producers' choices; what the processes
 //! do in between still depends on timing, so a repeated seed repeats the faults, not
@@ -49,6 +59,9 @@ use crate::verdict::{Endpoint, Inputs, Stop};
 
 /// Producers writing at once.
 const PRODUCERS: usize = 4;
+/// Ordering keys written by two producers at once (the rest of `CHAOS_KEYS` are owned
+/// by one, spread evenly).
+const SHARED_KEYS: usize = 4;
 /// The first dispatcher polls often; the others rely on push, with a poll tick long
 /// enough that a lost push shows as lateness (and fails the push probe).
 const SHORT_POLL_MS: u64 = 500;
@@ -114,6 +127,8 @@ struct Settings {
     bin: PathBuf,
     heal_bound: Duration,
     keep: bool,
+    ordered: f64,
+    keys: usize,
 }
 
 /// A setting that cannot be used; names its variable.
@@ -169,6 +184,18 @@ impl Settings {
                 "10 to 3600 seconds",
             )?),
             keep: setting("CHAOS_KEEP", 0u8, |k| *k <= 1, "0 or 1")? == 1,
+            ordered: setting(
+                "CHAOS_ORDERED",
+                0.33,
+                |r: &f64| (0.0..=1.0).contains(r),
+                "a share from 0 to 1",
+            )?,
+            keys: setting(
+                "CHAOS_KEYS",
+                40,
+                |n| (SHARED_KEYS + PRODUCERS..=100_000).contains(n),
+                &format!("{} to 100000 keys", SHARED_KEYS + PRODUCERS),
+            )?,
         })
     }
 }
@@ -248,13 +275,23 @@ async fn run(s: Settings) -> anyhow::Result<(usize, usize)> {
     let polls: Vec<u64> = (0..s.dispatchers)
         .map(|i| if i == 0 { SHORT_POLL_MS } else { LONG_POLL_MS })
         .collect();
+    let ordering = producers::Ordering {
+        share: s.ordered,
+        owned_per_producer: (s.keys - SHARED_KEYS) / PRODUCERS,
+        shared: SHARED_KEYS,
+        producers: PRODUCERS,
+    };
     let header = format!(
-        "chaos: seed {} (repeat with CHAOS_SEED={}), {} s of faults, ~{} events/s from {PRODUCERS} producers, \
+        "chaos: seed {} (repeat with CHAOS_SEED={}), {} s of faults, ~{} events/s from {PRODUCERS} producers \
+         ({:.0}% of transactions ordered over {} keys: {} owned by one producer, {SHARED_KEYS} shared by two), \
          {} dispatchers (poll {:?} ms, lease {} ms, HTTP timeout {} ms), binary {}",
         s.seed,
         s.seed,
         s.seconds,
         s.rate,
+        s.ordered * 100.0,
+        ordering.owned_per_producer * PRODUCERS + SHARED_KEYS,
+        ordering.owned_per_producer * PRODUCERS,
         s.dispatchers,
         polls,
         fleet::LEASE.as_millis(),
@@ -332,6 +369,7 @@ async fn run(s: Settings) -> anyhow::Result<(usize, usize)> {
                 s.seed.wrapping_add(k as u64 + 1),
                 until,
                 s.rate / PRODUCERS as f64,
+                ordering,
             ))
         })
         .collect();
@@ -445,7 +483,9 @@ async fn run(s: Settings) -> anyhow::Result<(usize, usize)> {
     let events = observer
         .query(
             "SELECT id, event_type, (payload->>'uid')::bigint,
-                    (extract(epoch FROM created_at) * 1e6)::bigint
+                    (extract(epoch FROM created_at) * 1e6)::bigint,
+                    ordering_key, payload->>'key', (payload->>'n')::bigint,
+                    (payload->>'producer')::bigint
              FROM webhook_outbox WHERE event_type <> $1 ORDER BY id",
             &[&PROBE_TYPE],
         )
@@ -456,6 +496,10 @@ async fn run(s: Settings) -> anyhow::Result<(usize, usize)> {
             event_type: r.get(1),
             uid: r.get::<_, Option<i64>>(2).unwrap_or(-1),
             created_ms: clock.wall_to_ms(r.get(3)),
+            ordering_key: r.get(4),
+            payload_key: r.get(5),
+            n: r.get(6),
+            producer: r.get(7),
         })
         .collect::<Vec<_>>();
     let probe_ids: Vec<i64> = observer
@@ -469,7 +513,8 @@ async fn run(s: Settings) -> anyhow::Result<(usize, usize)> {
         .collect();
     let deliveries = observer
         .query(
-            "SELECT event_id, endpoint_id, state, attempts, locked_by, last_error
+            "SELECT event_id, endpoint_id, state, attempts, locked_by, last_error,
+                    ordering_key, ordering_seq
              FROM webhook_deliveries WHERE NOT (event_id = ANY($1)) ORDER BY 1, 2",
             &[&probe_ids],
         )
@@ -482,8 +527,29 @@ async fn run(s: Settings) -> anyhow::Result<(usize, usize)> {
             attempts: r.get(3),
             locked_by: r.get(4),
             last_error: r.get(5),
+            ordering_key: r.get(6),
+            ordering_seq: r.get(7),
         })
         .collect();
+    let key_rows = observer
+        .query(
+            "SELECT endpoint_id, ordering_key, head_event_id, blocked_since IS NOT NULL
+             FROM webhook_ordering_keys ORDER BY 1, 2",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| verdict::KeyRow {
+            endpoint_id: r.get(0),
+            ordering_key: r.get(1),
+            head_event_id: r.get(2),
+            blocked: r.get(3),
+        })
+        .collect();
+    let log_left: i64 = observer
+        .query("SELECT count(*) FROM webhook_ordering_log", &[])
+        .await?[0]
+        .get(0);
     let unprocessed: i64 = observer
         .query(
             "SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL AND event_type <> $1",
@@ -496,6 +562,7 @@ async fn run(s: Settings) -> anyhow::Result<(usize, usize)> {
         .into_iter()
         .filter(|r| !r.event_id.is_some_and(|id| probe_ids.contains(&id)))
         .collect();
+    let lines = receiver.lines();
     let panics = panics_in(&out);
     let _ = std::fs::copy(cluster.log(), out.join("postgres.log"));
     let faults = ctx.faults.lock().expect("faults").clone();
@@ -508,6 +575,9 @@ async fn run(s: Settings) -> anyhow::Result<(usize, usize)> {
         deliveries,
         unprocessed,
         records,
+        lines,
+        key_rows,
+        log_left,
         ledger,
         faults,
         exits,

@@ -15,10 +15,24 @@
 //! event delayed by `deliver_after` by up to three seconds, and now and then a burst of
 //! 50 to 200 events in one INSERT (a backlog for the faults to strike in).
 //!
+//! **Ordered events.** A share of the actions ([`Ordering::share`]) write events with an
+//! `ordering_key`, so that the order each key's events must arrive in is known without
+//! asking outboxd. Most keys belong to one producer (`p<k>-<i>`): it writes them one
+//! action at a time on one connection, so its commit order is its write order, and each
+//! event carries `key` and `n`, that key's counter, drawn in write order (several
+//! events of a key in one transaction go in insert order, which is also their order).
+//! A few keys are shared by two producers (`s<j>`, written by producers `j % P + 1` and
+//! `(j + 1) % P + 1` at once): their order is the commit order, which only the database
+//! knows (the deliveries' `ordering_seq`, drawn at commit); `n` then counts the writing
+//! producer's own events of the key, which its commits keep in order. A transaction
+//! with a shared key stays open up to [`SHARED_HOLD_MS`] after its insert, so that the
+//! two producers' transactions overlap and one that inserted later often commits first.
+//! Rolled-back and failed transactions leave gaps in `n`, nothing else.
+//!
 //! Producers connect as `chaos-producer-N`, so faults aimed at outboxd's backends never
 //! hit them; only a PostgreSQL restart does, and they reconnect.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -36,8 +50,47 @@ pub const EVENT_TYPES: [&str; 5] = [
     "audit.entry",
 ];
 
+/// A transaction that writes a shared key waits up to this long (uniformly drawn)
+/// between its insert and its COMMIT.
+pub const SHARED_HOLD_MS: u64 = 300;
+/// The share of a producer's ordered events that go to its shared keys.
+const SHARED_SHARE: f64 = 0.5;
+
 /// Uids of producer `k` are `k * UID_SPACE + n`.
 pub const UID_SPACE: i64 = 1_000_000_000;
+
+/// Which keys ordered events use, and how many events get one.
+#[derive(Debug, Clone, Copy)]
+pub struct Ordering {
+    /// The share of actions whose events carry an `ordering_key` (0 to 1).
+    pub share: f64,
+    /// Keys owned by one producer, per producer.
+    pub owned_per_producer: usize,
+    /// Keys shared by two producers, in all.
+    pub shared: usize,
+    /// Producers writing at once (who shares which key).
+    pub producers: usize,
+}
+
+impl Ordering {
+    /// The shared keys producer `k` (1-based) writes.
+    fn shared_of(&self, k: usize) -> Vec<String> {
+        (0..self.shared)
+            .filter(|j| j % self.producers + 1 == k || (j + 1) % self.producers + 1 == k)
+            .map(shared_key)
+            .collect()
+    }
+}
+
+/// The name of the `j`th shared key.
+pub fn shared_key(j: usize) -> String {
+    format!("s{j}")
+}
+
+/// Whether `key` is shared by two producers (its order is then the commit order).
+pub fn is_shared(key: &str) -> bool {
+    key.starts_with('s')
+}
 
 #[derive(Debug, Default)]
 pub struct Ledger {
@@ -53,6 +106,8 @@ pub struct Ledger {
     pub harmful: Vec<String>,
     /// Committed transactions by action.
     pub actions: BTreeMap<&'static str, u64>,
+    /// Committed transactions whose events carry an ordering key.
+    pub ordered_transactions: u64,
 }
 
 impl Ledger {
@@ -72,6 +127,7 @@ impl Ledger {
         for (k, v) in other.actions {
             *self.actions.entry(k).or_default() += v;
         }
+        self.ordered_transactions += other.ordered_transactions;
     }
 }
 
@@ -113,10 +169,26 @@ struct Producer {
     /// The last error said the connection is gone: reconnect before the next action.
     lost: bool,
     ledger: Ledger,
+    ordering: Ordering,
+    /// This producer's own keys, and the shared keys it writes.
+    owned: Vec<String>,
+    shared: Vec<String>,
+    /// The next `n` of each key (this producer's own count for a shared key).
+    counters: HashMap<String, i64>,
 }
 
+/// One event to write: type, payload, ordering key.
+type Row = (String, String, Option<String>);
+
 /// Runs producer `k` until `until`, writing about `rate` events a second.
-pub async fn run(k: usize, url: String, seed: u64, until: Instant, rate: f64) -> Ledger {
+pub async fn run(
+    k: usize,
+    url: String,
+    seed: u64,
+    until: Instant,
+    rate: f64,
+    ordering: Ordering,
+) -> Ledger {
     let mut p = Producer {
         k: k as i64,
         url,
@@ -125,6 +197,12 @@ pub async fn run(k: usize, url: String, seed: u64, until: Instant, rate: f64) ->
         client: None,
         lost: false,
         ledger: Ledger::default(),
+        ordering,
+        owned: (0..ordering.owned_per_producer)
+            .map(|i| format!("p{k}-{i}"))
+            .collect(),
+        shared: ordering.shared_of(k),
+        counters: HashMap::new(),
     };
     while Instant::now() < until {
         let Some(client) = p.client.take() else {
@@ -163,15 +241,41 @@ impl Producer {
             .collect()
     }
 
-    fn event(&mut self, uid: i64) -> (String, String) {
+    /// An event with this uid; with `ordered`, one of this producer's keys (a shared
+    /// one with [`SHARED_SHARE`]) and that key's next `n`.
+    fn event(&mut self, uid: i64, ordered: bool) -> Row {
         let event_type = EVENT_TYPES[self.rng.random_range(0..EVENT_TYPES.len())];
         let pad = if self.rng.random_bool(0.1) {
             "x".repeat(self.rng.random_range(100..4000))
         } else {
             String::new()
         };
-        let payload = serde_json::json!({"uid": uid, "producer": self.k, "pad": pad});
-        (event_type.to_owned(), payload.to_string())
+        let mut payload = serde_json::json!({"uid": uid, "producer": self.k, "pad": pad});
+        let key = self.key(ordered);
+        if let Some(key) = &key {
+            let n = self.counters.entry(key.clone()).or_insert(0);
+            *n += 1;
+            payload["key"] = serde_json::json!(key);
+            payload["n"] = serde_json::json!(*n);
+        }
+        (event_type.to_owned(), payload.to_string(), key)
+    }
+
+    fn key(&mut self, ordered: bool) -> Option<String> {
+        if !ordered {
+            return None;
+        }
+        let keys = if !self.shared.is_empty()
+            && (self.owned.is_empty() || self.rng.random_bool(SHARED_SHARE))
+        {
+            &self.shared
+        } else {
+            &self.owned
+        };
+        if keys.is_empty() {
+            return None;
+        }
+        Some(keys[self.rng.random_range(0..keys.len())].clone())
     }
 
     fn isolation(&mut self) -> IsolationLevel {
@@ -191,7 +295,8 @@ impl Producer {
             _ => 1,
         };
         let uids = self.uids(n);
-        let events: Vec<(String, String)> = uids.iter().map(|&u| self.event(u)).collect();
+        let ordered = self.rng.random_bool(self.ordering.share.clamp(0.0, 1.0));
+        let events: Vec<Row> = uids.iter().map(|&u| self.event(u, ordered)).collect();
         let delay_ms: i32 = match action {
             Action::Delayed => self.rng.random_range(200..3000),
             _ => 0,
@@ -212,6 +317,9 @@ impl Producer {
             Ok(()) => {
                 self.ledger.committed.extend(uids);
                 *self.ledger.actions.entry(action.label()).or_default() += 1;
+                if events.iter().any(|e| e.2.is_some()) {
+                    self.ledger.ordered_transactions += 1;
+                }
             }
             Err(Failure::Before(e)) => {
                 self.error(&e, action, isolation);
@@ -233,7 +341,7 @@ impl Producer {
         &mut self,
         client: &Client,
         isolation: IsolationLevel,
-        events: &[(String, String)],
+        events: &[Row],
         delay_ms: i32,
         split: bool,
         action: Action,
@@ -264,6 +372,10 @@ impl Producer {
         if let Err(e) = work.await {
             let _ = client.batch_execute("ROLLBACK").await;
             return Err(Failure::Before(e));
+        }
+        if events.iter().any(|e| e.2.as_deref().is_some_and(is_shared)) {
+            let hold = self.rng.random_range(0..SHARED_HOLD_MS);
+            tokio::time::sleep(Duration::from_millis(hold)).await;
         }
         if matches!(action, Action::Rollback) {
             return client
@@ -301,17 +413,21 @@ impl Producer {
 
 async fn insert(
     client: &Client,
-    events: &[(String, String)],
+    events: &[Row],
     delay_ms: i32,
 ) -> Result<(), tokio_postgres::Error> {
-    let (types, payloads): (Vec<&str>, Vec<&str>) =
-        events.iter().map(|(t, p)| (t.as_str(), p.as_str())).unzip();
+    let types: Vec<&str> = events.iter().map(|e| e.0.as_str()).collect();
+    let payloads: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+    let keys: Vec<Option<&str>> = events.iter().map(|e| e.2.as_deref()).collect();
+    // WITH ORDINALITY ... ORDER BY: the rows are inserted (their ids drawn, their
+    // ordering numbers queued) in the order the producer wrote them.
     client
         .execute(
-            "INSERT INTO webhook_outbox (event_type, payload, deliver_after)
-             SELECT t, p::jsonb, now() + $3::int * interval '1 millisecond'
-             FROM unnest($1::text[], $2::text[]) AS u(t, p)",
-            &[&types, &payloads, &delay_ms],
+            "INSERT INTO webhook_outbox (event_type, payload, deliver_after, ordering_key)
+             SELECT t, p::jsonb, now() + $3::int * interval '1 millisecond', k
+             FROM unnest($1::text[], $2::text[], $4::text[]) WITH ORDINALITY AS u(t, p, k, i)
+             ORDER BY i",
+            &[&types, &payloads, &delay_ms, &keys],
         )
         .await?;
     Ok(())

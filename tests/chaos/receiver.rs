@@ -13,7 +13,24 @@
 //!   HTTP timeout has passed. It counts as accepted, and since the dispatcher saw a
 //!   timeout it will send it again: a **stalled** webhook is a duplicate the consumer
 //!   is allowed to see (docs/webhooks.md, "When a duplicate can happen").
+//!
+//! **Ordered lines.** For an event with an ordering key (the producers put it in the
+//! payload as `data.key`), the consumer also keeps, live, which requests of each
+//! (endpoint, key) are in flight: from the moment the body has been read until the
+//! handler has its answer (before hyper writes it, so before the dispatcher can learn
+//! the outcome) or is dropped. hyper drops it when the sender closes the connection
+//! under it: a dispatcher that gives up on a stalled answer at its HTTP timeout, or
+//! dies. Such a request has ended for the dispatcher, which then retries (or leaves
+//! it to the lease's expiry) with a new request; the consumer's handler of the old one
+//! has nothing left to do for it (it processed the webhook on arrival), so it is not in
+//! flight any more either. A request for an (endpoint, key) that begins while another
+//! one is in flight is an **overlap**: outboxd promised one at a time per (endpoint,
+//! key). Its drop is what tells "the sender gave up" from "the consumer is still
+//! working": were hyper not to notice the closed connection, every stall followed by
+//! the retry would show as an overlap, and the run would say so.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,6 +78,8 @@ pub struct Rec {
     pub event_id: Option<i64>,
     /// `data.uid` of the body; `None` if absent.
     pub uid: Option<i64>,
+    /// `data.key` of the body: the event's ordering key, as its producer wrote it.
+    pub key: Option<String>,
     /// Whether the signature verified against the endpoint's secret.
     pub signed: bool,
     /// When it was read whole, in ms since the run began.
@@ -89,12 +108,102 @@ struct Active {
     until: Instant,
 }
 
+/// A request that began while another one of its (endpoint, key) was in flight.
+#[derive(Debug, Clone)]
+pub struct Overlap {
+    pub ep: usize,
+    pub key: String,
+    /// The request that began, and when (ms).
+    pub event_id: Option<i64>,
+    pub at_ms: u64,
+    /// The requests already in flight: event id and since when (ms).
+    pub others: Vec<(Option<i64>, u64)>,
+}
+
+/// What the consumer saw of the ordered lines.
+#[derive(Debug, Clone, Default)]
+pub struct Lines {
+    /// Requests of ordered events (body read whole).
+    pub requests: u64,
+    /// Of those, requests whose sender closed the connection before the answer.
+    pub abandoned: u64,
+    pub overlaps: Vec<Overlap>,
+}
+
+/// A request in flight on an (endpoint, key): its token, event id, since when (ms).
+type InFlight = (u64, Option<i64>, u64);
+
+#[derive(Default)]
+struct Tracker {
+    in_flight: HashMap<(usize, String), Vec<InFlight>>,
+    overlaps: Vec<Overlap>,
+}
+
 struct State {
     verifiers: Vec<standardwebhooks::Webhook>,
     faults: Mutex<Vec<Option<Active>>>,
     records: Mutex<Vec<Rec>>,
     rng: Mutex<StdRng>,
     clock: Clock,
+    tracker: Mutex<Tracker>,
+    next_token: AtomicU64,
+    ordered_requests: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+/// A request counted in flight on its (endpoint, key) until dropped: when the handler
+/// returns its answer, or when hyper drops the handler because the sender left.
+struct Flight {
+    state: Arc<State>,
+    line: (usize, String),
+    token: u64,
+    answered: bool,
+}
+
+impl Flight {
+    fn begin(state: &Arc<State>, ep: usize, key: String, event_id: Option<i64>) -> Self {
+        let token = state.next_token.fetch_add(1, Ordering::Relaxed);
+        let now = state.clock.ms();
+        let line = (ep, key);
+        state.ordered_requests.fetch_add(1, Ordering::Relaxed);
+        let mut tracker = state.tracker.lock().expect("tracker");
+        let flying = tracker.in_flight.entry(line.clone()).or_default();
+        if !flying.is_empty() {
+            let others = flying.iter().map(|&(_, id, since)| (id, since)).collect();
+            flying.push((token, event_id, now));
+            tracker.overlaps.push(Overlap {
+                ep: line.0,
+                key: line.1.clone(),
+                event_id,
+                at_ms: now,
+                others,
+            });
+        } else {
+            flying.push((token, event_id, now));
+        }
+        drop(tracker);
+        Self {
+            state: Arc::clone(state),
+            line,
+            token,
+            answered: false,
+        }
+    }
+}
+
+impl std::ops::Drop for Flight {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.state.abandoned.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut tracker = self.state.tracker.lock().expect("tracker");
+        if let Some(flying) = tracker.in_flight.get_mut(&self.line) {
+            flying.retain(|&(token, _, _)| token != self.token);
+            if flying.is_empty() {
+                tracker.in_flight.remove(&self.line);
+            }
+        }
+    }
 }
 
 pub struct Receiver {
@@ -147,6 +256,10 @@ impl Bound {
             records: Mutex::new(Vec::new()),
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             clock,
+            tracker: Mutex::new(Tracker::default()),
+            next_token: AtomicU64::new(0),
+            ordered_requests: AtomicU64::new(0),
+            abandoned: AtomicU64::new(0),
         });
         Ok(Receiver {
             server: tokio::spawn(serve(self.listener, Arc::clone(&state))),
@@ -186,9 +299,18 @@ impl Receiver {
             .min()
     }
 
-    /// Everything received so far.
+    /// Everything received so far, in the order it was read.
     pub fn records(&self) -> Vec<Rec> {
         self.state.records.lock().expect("records").clone()
+    }
+
+    /// What the ordered lines saw so far.
+    pub fn lines(&self) -> Lines {
+        Lines {
+            requests: self.state.ordered_requests.load(Ordering::Relaxed),
+            abandoned: self.state.abandoned.load(Ordering::Relaxed),
+            overlaps: self.state.tracker.lock().expect("tracker").overlaps.clone(),
+        }
     }
 }
 
@@ -233,6 +355,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         ep,
         event_id,
         uid: None,
+        key: None,
         signed: false,
         at_ms: 0,
         fate: Fate::Incomplete,
@@ -247,9 +370,18 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
     };
     rec.at_ms = state.clock.ms();
     rec.signed = ep.is_some_and(|ep| state.verifiers[ep].verify(&body, &parts.headers).is_ok());
-    rec.uid = serde_json::from_slice::<serde_json::Value>(&body)
+    let data = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
-        .and_then(|v| v["data"]["uid"].as_i64());
+        .map(|mut v| v["data"].take());
+    rec.uid = data.as_ref().and_then(|d| d["uid"].as_i64());
+    rec.key = data
+        .as_ref()
+        .and_then(|d| d["key"].as_str())
+        .map(str::to_owned);
+    let mut flight = match (ep, &rec.key) {
+        (Some(ep), Some(key)) => Some(Flight::begin(&state, ep, key.clone(), event_id)),
+        _ => None,
+    };
 
     let fault = ep.and_then(|ep| {
         let mut faults = state.faults.lock().expect("faults");
@@ -305,7 +437,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
                 );
             }
         }
-        Answer::Close => return Err(Drop),
+        Answer::Close => {
+            if let Some(flight) = &mut flight {
+                flight.answered = true;
+            }
+            return Err(Drop);
+        }
+    }
+    if let Some(flight) = &mut flight {
+        flight.answered = true;
     }
     Ok(response)
 }

@@ -12,6 +12,20 @@
 //! nothing in flight at any fault explains. The total is therefore bounded by the
 //! number of exposures, per delivery and in all, and each duplicate is attributed to the
 //! kind of fault that explains it.
+//!
+//! **Ordered lines.** Each (endpoint, key) is a line: the key's events that the
+//! endpoint's filter takes, in the order their producers committed them (by the
+//! producer's counter `n` for a key one producer owns, by `ordering_seq` for a shared
+//! one; `producers.rs`). Reading the consumer's requests in the order it read them, an
+//! event may be sent only once every earlier event of its line has been processed
+//! (what outboxd promises: the next goes out once the previous ended, and with no
+//! delivery able to die in a run, ended means delivered, which needs the consumer's
+//! 2xx). A request for an event already processed is a re-send, a duplicate like any
+//! other (judged above, against the faults): so after a crash took back a head's
+//! outcome and the next event's sending with it, `A B A B` passes, while `A(500) B`
+//! does not, nor does `B A` (going back to an earlier event first received after a
+//! later one). The consumer also says whether a line ever had two requests in flight
+//! (`receiver.rs`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -20,8 +34,8 @@ use std::time::Duration;
 use crate::faults::{Fault, Kind};
 use crate::fleet::Exit;
 use crate::probe::Probe;
-use crate::producers::Ledger;
-use crate::receiver::{Fate, Rec};
+use crate::producers::{Ledger, is_shared};
+use crate::receiver::{Fate, Lines, Rec};
 
 /// A registered endpoint: its index (the receiver's `/ep/N`), its id and its filters.
 #[derive(Debug, Clone)]
@@ -60,6 +74,21 @@ pub struct Event {
     pub uid: i64,
     /// `created_at`, in ms since the run began.
     pub created_ms: i64,
+    /// Its `ordering_key` column, and the key, counter and producer its producer put
+    /// in the payload.
+    pub ordering_key: Option<String>,
+    pub payload_key: Option<String>,
+    pub n: Option<i64>,
+    pub producer: Option<i64>,
+}
+
+/// A row of `webhook_ordering_keys` at the end.
+#[derive(Debug, Clone)]
+pub struct KeyRow {
+    pub endpoint_id: i64,
+    pub ordering_key: String,
+    pub head_event_id: i64,
+    pub blocked: bool,
 }
 
 /// A delivery row at the end.
@@ -71,6 +100,8 @@ pub struct Delivery {
     pub attempts: i32,
     pub locked_by: Option<String>,
     pub last_error: Option<String>,
+    pub ordering_key: Option<String>,
+    pub ordering_seq: Option<i64>,
 }
 
 /// How a dispatcher's final SIGTERM went.
@@ -86,7 +117,12 @@ pub struct Inputs {
     pub events: Vec<Event>,
     pub deliveries: Vec<Delivery>,
     pub unprocessed: i64,
+    /// In the order the consumer read them.
     pub records: Vec<Rec>,
+    pub lines: Lines,
+    pub key_rows: Vec<KeyRow>,
+    /// Rows left in `webhook_ordering_log` (ordered events not fanned out).
+    pub log_left: i64,
     pub ledger: Ledger,
     pub faults: Vec<Fault>,
     pub exits: Vec<Exit>,
@@ -367,25 +403,36 @@ pub fn judge(inputs: &Inputs) -> (String, usize, usize) {
     }
 
     // ---- latency ----
-    let mut latencies: Vec<i64> = expected
-        .iter()
-        .filter_map(|p| {
-            let first = *processed.get(p)?.first()?;
-            Some(first as i64 - events.get(&p.0)?.created_ms)
-        })
-        .collect();
-    latencies.sort_unstable();
-    let pct = |q: f64| {
-        latencies
-            .get(((latencies.len() as f64 - 1.0) * q).round().max(0.0) as usize)
-            .map_or("-".to_owned(), |ms| format!("{:.2} s", *ms as f64 / 1000.0))
+    let latency = |ordered: Option<bool>| {
+        let mut latencies: Vec<i64> = expected
+            .iter()
+            .filter_map(|p| {
+                let event = events.get(&p.0)?;
+                if ordered.is_some_and(|o| o != event.ordering_key.is_some()) {
+                    return None;
+                }
+                let first = *processed.get(p)?.first()?;
+                Some(first as i64 - event.created_ms)
+            })
+            .collect();
+        latencies.sort_unstable();
+        let pct = |q: f64| {
+            latencies
+                .get(((latencies.len() as f64 - 1.0) * q).round().max(0.0) as usize)
+                .map_or("-".to_owned(), |ms| format!("{:.2} s", *ms as f64 / 1000.0))
+        };
+        format!("p50 {}, p99 {}, max {}", pct(0.5), pct(0.99), pct(1.0))
     };
+    let _ = writeln!(w, "  commit to first arrival   {}", latency(None));
     let _ = writeln!(
         w,
-        "  commit to first arrival   p50 {}, p99 {}, max {}",
-        pct(0.5),
-        pct(0.99),
-        pct(1.0)
+        "      without a key                      {}",
+        latency(Some(false))
+    );
+    let _ = writeln!(
+        w,
+        "      ordered                            {}",
+        latency(Some(true))
     );
     let last_first = expected
         .iter()
@@ -432,6 +479,36 @@ pub fn judge(inputs: &Inputs) -> (String, usize, usize) {
         "  dispatcher exits of their own: {} before starting (restarted), {} while running",
         startup_exits,
         inputs.exits.len() - startup_exits
+    );
+
+    // ---- ordered lines ----
+    let ordered = Ordered::build(inputs, &index_of);
+    let longest = ordered.lines.values().map(Vec::len).max().unwrap_or(0);
+    let ordered_events = inputs
+        .events
+        .iter()
+        .filter(|e| e.ordering_key.is_some())
+        .count();
+    let shared = ordered.keys.keys().filter(|k| is_shared(k)).count();
+    let _ = writeln!(
+        w,
+        "  ordered events            {:>7}  ({:.0}% of the events, from {} committed transactions) over {} keys ({} owned by one producer, {} shared by two); commit order differed from insert order {} times",
+        ordered_events,
+        100.0 * ordered_events as f64 / inputs.events.len().max(1) as f64,
+        ledger.ordered_transactions,
+        ordered.keys.len(),
+        ordered.keys.len() - shared,
+        shared,
+        ordered.overtaken
+    );
+    let _ = writeln!(
+        w,
+        "  ordered lines             {:>7}  (endpoint, key); longest {} events; {} requests, {} of them abandoned by their sender before the answer; overlaps {}",
+        ordered.lines.len(),
+        longest,
+        inputs.lines.requests,
+        inputs.lines.abandoned,
+        inputs.lines.overlaps.len()
     );
 
     // ---- checks ----
@@ -652,6 +729,8 @@ pub fn judge(inputs: &Inputs) -> (String, usize, usize) {
     }
     checks.push(c);
 
+    checks.extend(ordered.checks(inputs, &processed));
+
     let _ = writeln!(w, "\nchecks");
     let mut passed = 0;
     let mut failed = 0;
@@ -671,4 +750,294 @@ pub fn judge(inputs: &Inputs) -> (String, usize, usize) {
         }
     }
     (out, passed, failed)
+}
+
+/// The ordered lines of a run: each key's events in commit order, and each (endpoint,
+/// key)'s part of them.
+struct Ordered<'a> {
+    by_id: HashMap<i64, &'a Event>,
+    /// Each key's events, in commit order.
+    keys: BTreeMap<String, Vec<&'a Event>>,
+    /// Each (endpoint index, key)'s event ids, in commit order.
+    lines: BTreeMap<(usize, String), Vec<i64>>,
+    /// The place of each (event, endpoint index) in its line.
+    position: HashMap<(i64, usize), usize>,
+    /// `ordering_seq` of each ordered event, as its deliveries have it.
+    seq: HashMap<i64, i64>,
+    /// What the numbering got wrong, found while building.
+    numbering: Check,
+    /// How often a key's next event in commit order had the smaller id: a transaction
+    /// that inserted later committed first (shared keys only), so insert order would
+    /// not have done.
+    overtaken: usize,
+}
+
+impl<'a> Ordered<'a> {
+    fn build(inputs: &'a Inputs, index_of: &HashMap<i64, usize>) -> Self {
+        let mut numbering = Check::new(
+            "outboxd numbered every ordered event (ordering_seq), each key's in its producers' commit order",
+        );
+        let by_id: HashMap<i64, &Event> = inputs.events.iter().map(|e| (e.id, e)).collect();
+        let mut seq: HashMap<i64, i64> = HashMap::new();
+        for d in &inputs.deliveries {
+            let Some(e) = by_id.get(&d.event_id) else {
+                continue;
+            };
+            if !index_of.contains_key(&d.endpoint_id) {
+                continue;
+            }
+            if d.ordering_key != e.ordering_key {
+                numbering.fail(format!(
+                    "delivery ({}, endpoint id {}) has ordering_key {:?}, its event {:?}",
+                    d.event_id, d.endpoint_id, d.ordering_key, e.ordering_key
+                ));
+            }
+            match (e.ordering_key.is_some(), d.ordering_seq) {
+                (true, None) => numbering.fail(format!(
+                    "delivery ({}, endpoint id {}) of an ordered event has no ordering_seq",
+                    d.event_id, d.endpoint_id
+                )),
+                (false, Some(s)) => numbering.fail(format!(
+                    "delivery ({}, endpoint id {}) of an event without a key has ordering_seq {s}",
+                    d.event_id, d.endpoint_id
+                )),
+                (true, Some(s)) => {
+                    if let Some(other) = seq.insert(d.event_id, s).filter(|&o| o != s) {
+                        numbering.fail(format!(
+                            "the deliveries of event {} have ordering_seq {other} and {s}",
+                            d.event_id
+                        ));
+                    }
+                }
+                (false, None) => {}
+            }
+        }
+        let mut keys: BTreeMap<String, Vec<&Event>> = BTreeMap::new();
+        for e in &inputs.events {
+            if e.ordering_key != e.payload_key {
+                numbering.fail(format!(
+                    "event {} has ordering_key {:?}, its producer wrote {:?}",
+                    e.id, e.ordering_key, e.payload_key
+                ));
+            }
+            if let Some(key) = &e.ordering_key {
+                keys.entry(key.clone()).or_default().push(e);
+            }
+        }
+        let mut numbers: HashMap<i64, i64> = HashMap::new();
+        let mut overtaken = 0;
+        for (key, list) in keys.iter_mut() {
+            // A shared key's order is the commit order, which only the numbers tell;
+            // an owned key's is its producer's counter, which the numbers must follow.
+            if is_shared(key) {
+                list.sort_by_key(|e| (seq.get(&e.id).copied().unwrap_or(i64::MAX), e.id));
+            } else {
+                list.sort_by_key(|e| (e.n.unwrap_or(i64::MAX), e.id));
+            }
+            let mut numbered: Vec<(i64, &Event)> = list
+                .iter()
+                .filter_map(|e| Some((*seq.get(&e.id)?, *e)))
+                .collect();
+            numbered.sort_by_key(|(s, _)| *s);
+            overtaken += numbered
+                .windows(2)
+                .filter(|w| w[1].1.id < w[0].1.id)
+                .count();
+            // Each producer's last event of the key so far, in number order.
+            let mut last: HashMap<Option<i64>, &Event> = HashMap::new();
+            for (s, e) in numbered {
+                if let Some(other) = numbers.insert(s, e.id) {
+                    numbering.fail(format!(
+                        "events {other} and {} have the same ordering_seq {s}",
+                        e.id
+                    ));
+                }
+                if e.n.is_none() {
+                    numbering.fail(format!("ordered event {} has no n in its payload", e.id));
+                }
+                if let Some(before) = last.get(&e.producer)
+                    && e.n <= before.n
+                {
+                    numbering.fail(format!(
+                        "key {key}: producer {:?} committed event {} (n {:?}) before event {} (n {:?}), \
+                         but they are numbered {} and {s}",
+                        e.producer, e.id, e.n, before.id, before.n, seq[&before.id]
+                    ));
+                }
+                last.insert(e.producer, e);
+            }
+        }
+        let mut lines = BTreeMap::new();
+        let mut position = HashMap::new();
+        for (key, list) in &keys {
+            for ep in &inputs.endpoints {
+                let line: Vec<i64> = list
+                    .iter()
+                    .filter(|e| ep.matches(&e.event_type))
+                    .map(|e| e.id)
+                    .collect();
+                if line.is_empty() {
+                    continue;
+                }
+                for (i, id) in line.iter().enumerate() {
+                    position.insert((*id, ep.index), i);
+                }
+                lines.insert((ep.index, key.clone()), line);
+            }
+        }
+        Self {
+            by_id,
+            keys,
+            lines,
+            position,
+            seq,
+            numbering,
+            overtaken,
+        }
+    }
+
+    /// "event 123 (n 5 of producer 2, seq 77)".
+    fn describe(&self, id: i64) -> String {
+        let Some(e) = self.by_id.get(&id) else {
+            return format!("event {id}");
+        };
+        format!(
+            "event {id} (n {} of producer {}, seq {})",
+            e.n.map_or("-".to_owned(), |n| n.to_string()),
+            e.producer.map_or("-".to_owned(), |p| p.to_string()),
+            self.seq.get(&id).map_or("-".to_owned(), |s| s.to_string())
+        )
+    }
+
+    /// The checks of ordered delivery; `processed` is when the consumer processed each
+    /// (event, endpoint index).
+    fn checks(self, inputs: &Inputs, processed: &HashMap<(i64, usize), Vec<u64>>) -> Vec<Check> {
+        let mut arrived =
+            Check::new("every ordered event arrived at every endpoint its filter matches");
+        for ((ep, key), line) in &self.lines {
+            let missing: Vec<usize> = (0..line.len())
+                .filter(|&i| !processed.contains_key(&(line[i], *ep)))
+                .collect();
+            if let Some(&first) = missing.first() {
+                arrived.fail(format!(
+                    "endpoint {ep}, key {key}: {} of its {} events never processed, the first {} at position {first}",
+                    missing.len(),
+                    line.len(),
+                    self.describe(line[first])
+                ));
+            }
+        }
+
+        // Each line's requests, in the order the consumer read them.
+        let mut first_order = Check::new(
+            "per (endpoint, key), first arrivals follow the commit order (re-sends of a processed event are duplicates)",
+        );
+        let mut ahead = Check::new(
+            "per (endpoint, key), no event was sent before every earlier one in its line had been processed",
+        );
+        struct Walk {
+            done: Vec<bool>,
+            /// How many events from the line's start have all been processed.
+            prefix: usize,
+            /// The furthest position first processed so far.
+            furthest: Option<usize>,
+        }
+        let mut walks: HashMap<(usize, &str), Walk> = HashMap::new();
+        for (i, r) in inputs.records.iter().enumerate() {
+            let (Some(ep), Some(id)) = (r.ep, r.event_id) else {
+                continue;
+            };
+            let Some(key) = self.by_id.get(&id).and_then(|e| e.ordering_key.as_deref()) else {
+                continue;
+            };
+            // Not in a line: an endpoint the event's filter does not match, judged above.
+            let Some(&pos) = self.position.get(&(id, ep)) else {
+                continue;
+            };
+            let line = &self.lines[&(ep, key.to_owned())];
+            let walk = walks.entry((ep, key)).or_insert_with(|| Walk {
+                done: vec![false; line.len()],
+                prefix: 0,
+                furthest: None,
+            });
+            if walk.prefix < pos {
+                ahead.fail(format!(
+                    "endpoint {ep}, key {key}: request #{i} at {} ms ({:?}) for {} at position {pos}, while {} at position {} had not been processed",
+                    r.at_ms,
+                    r.fate,
+                    self.describe(id),
+                    self.describe(line[walk.prefix]),
+                    walk.prefix
+                ));
+            }
+            if r.fate.processed() && !walk.done[pos] {
+                walk.done[pos] = true;
+                if let Some(furthest) = walk.furthest.filter(|&f| pos < f) {
+                    first_order.fail(format!(
+                        "endpoint {ep}, key {key}: {} at position {pos} first processed at {} ms (request #{i}), after {} at position {furthest}",
+                        self.describe(id),
+                        r.at_ms,
+                        self.describe(line[furthest])
+                    ));
+                }
+                walk.furthest = Some(walk.furthest.map_or(pos, |f| f.max(pos)));
+                while walk.prefix < walk.done.len() && walk.done[walk.prefix] {
+                    walk.prefix += 1;
+                }
+            }
+        }
+
+        let mut overlap = Check::new("no (endpoint, key) ever had two requests in flight at once");
+        for o in &inputs.lines.overlaps {
+            let others: Vec<String> = o
+                .others
+                .iter()
+                .map(|(id, since)| {
+                    format!(
+                        "{} since {since} ms",
+                        id.map_or("an unknown event".to_owned(), |id| self.describe(id))
+                    )
+                })
+                .collect();
+            overlap.fail(format!(
+                "endpoint {}, key {}: a request for {} began at {} ms while in flight: {}",
+                o.ep,
+                o.key,
+                o.event_id
+                    .map_or("an unknown event".to_owned(), |id| self.describe(id)),
+                o.at_ms,
+                others.join(", ")
+            ));
+        }
+
+        let mut left = Check::new(
+            "no ordered line left at the end: nothing queued, no row in webhook_ordering_keys (none blocked), the ordering log empty",
+        );
+        for d in inputs.deliveries.iter().filter(|d| d.state == "queued") {
+            left.fail(format!(
+                "delivery ({}, endpoint id {}) of key {:?} is still queued",
+                d.event_id, d.endpoint_id, d.ordering_key
+            ));
+        }
+        for k in &inputs.key_rows {
+            left.fail(format!(
+                "(endpoint id {}, key {}) still has a row, head {}{}",
+                k.endpoint_id,
+                k.ordering_key,
+                self.describe(k.head_event_id),
+                if k.blocked {
+                    ", blocked: its head ended dead"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if inputs.log_left > 0 {
+            left.fail(format!(
+                "{} rows left in webhook_ordering_log (ordered events never fanned out)",
+                inputs.log_left
+            ));
+        }
+        vec![self.numbering, arrived, first_order, ahead, overlap, left]
+    }
 }
