@@ -105,6 +105,9 @@ macro_rules! claim_fanout_joined {
     };
 }
 
+// The sequencer fans ordered events out with the same filters.
+pub(crate) use claim_fanout_joined;
+
 /// `inserted` of [`CLAIM`] and [`CLAIM_FAST`]: the fresh deliveries (`placed`).
 macro_rules! claim_inserted {
     () => {
@@ -143,7 +146,9 @@ SELECT c.event_id, c.endpoint_id, c.attempts AS attempt,
        -- Most endpoints have none: NULL then, nothing to decode.
        CASE WHEN ep.headers <> '[]'::jsonb THEN ep.headers END AS headers,
        ep.timeout_ms,
-       (SELECT fast_ok FROM verdict) AS fast_ok
+       (SELECT fast_ok FROM verdict) AS fast_ok,
+       -- A key's head (sql/0013): its outcome moves its line on.
+       c.ordered
 FROM (SELECT claimed.*, row_number() OVER (PARTITION BY event_id) AS nth FROM claimed) c
 "
     };
@@ -424,7 +429,8 @@ pub const CLAIM: &str = concat!(
     FROM ranked r
     JOIN allowance a ON a.endpoint_id = r.endpoint_id
     WHERE d.event_id = r.event_id AND d.endpoint_id = r.endpoint_id AND r.nth <= a.allowed
-    RETURNING d.event_id, d.endpoint_id, d.attempts, d.attempt_base
+    RETURNING d.event_id, d.endpoint_id, d.attempts, d.attempt_base,
+              d.ordering_key IS NOT NULL AS ordered
 ), deferred AS (
     -- Held back by its endpoint (an open circuit, its in-flight cap, its rate): moved to
     -- when its turn may come, its attempts untouched, so that it leaves the head of the
@@ -465,9 +471,9 @@ pub const CLAIM: &str = concat!(
 ",
     claim_inserted!(),
     "), claimed AS (
-    SELECT event_id, endpoint_id, attempts, attempt_base FROM reclaimed
+    SELECT event_id, endpoint_id, attempts, attempt_base, ordered FROM reclaimed
     UNION ALL
-    SELECT event_id, endpoint_id, attempts, attempt_base FROM inserted WHERE attempts > 0
+    SELECT event_id, endpoint_id, attempts, attempt_base, false FROM inserted WHERE attempts > 0
 ), more AS (
     SELECT (SELECT count(*) FROM candidates) = (SELECT events_limit FROM cap)
         OR (SELECT count(*) FROM reclaimed) + (SELECT count(*) FROM deferred)
@@ -540,7 +546,8 @@ pub const CLAIM_FAST: &str = concat!(
     FROM due
     WHERE d.event_id = due.event_id AND d.endpoint_id = due.endpoint_id
       AND (SELECT ok FROM guard)
-    RETURNING d.event_id, d.endpoint_id, d.attempts, d.attempt_base
+    RETURNING d.event_id, d.endpoint_id, d.attempts, d.attempt_base,
+              d.ordering_key IS NOT NULL AS ordered
 ), events AS (
     SELECT id, event_type FROM candidates WHERE (SELECT ok FROM guard)",
     claim_processed!(),
@@ -556,12 +563,12 @@ pub const CLAIM_FAST: &str = concat!(
 ",
     claim_inserted!(),
     "), claimed AS (
-    SELECT event_id, endpoint_id, attempts, attempt_base FROM reclaimed
+    SELECT event_id, endpoint_id, attempts, attempt_base, ordered FROM reclaimed
     UNION ALL
-    SELECT event_id, endpoint_id, attempts, attempt_base FROM inserted WHERE attempts > 0
+    SELECT event_id, endpoint_id, attempts, attempt_base, false FROM inserted WHERE attempts > 0
     UNION ALL
     -- Refused: a row with no delivery says so.
-    SELECT NULL, NULL, NULL, NULL WHERE NOT (SELECT ok FROM guard)
+    SELECT NULL, NULL, NULL, NULL, NULL WHERE NOT (SELECT ok FROM guard)
 ), more AS (
     SELECT (SELECT count(*) FROM candidates) = (SELECT events_limit FROM cap) AS more
 ), verdict AS (
@@ -701,7 +708,7 @@ pub enum Claimed {
 /// claim is the hot path: a name lookup per column per row costs more than the read),
 /// so the columns are checked against this list once per claim ([`check_columns`]),
 /// and `make test` checks the prepared statement's (`src/sql_check.rs`).
-pub(crate) const CLAIM_COLUMNS: [(&str, Type); 18] = [
+pub(crate) const CLAIM_COLUMNS: [(&str, Type); 19] = [
     ("event_id", Type::INT8),
     ("endpoint_id", Type::INT8),
     ("attempt", Type::INT4),
@@ -720,6 +727,7 @@ pub(crate) const CLAIM_COLUMNS: [(&str, Type); 18] = [
     ("headers", Type::JSONB),
     ("timeout_ms", Type::INT4),
     ("fast_ok", Type::BOOL),
+    ("ordered", Type::BOOL),
 ];
 
 /// Fails unless `columns` are [`CLAIM_COLUMNS`], names and types, in order.
@@ -1047,6 +1055,7 @@ struct DeliveryRow {
     previous_secret: Option<String>,
     endpoint_present: bool,
     timeout_ms: Option<i32>,
+    ordered: bool,
 }
 
 /// The claim's rows, as they arrive. The first row of each event carries its payload:
@@ -1083,6 +1092,7 @@ async fn parse(rows: RowStream, budget: &Arc<PayloadBudget>) -> Result<Batch> {
             previous_secret: row.try_get(7)?,
             endpoint_present: row.try_get(8)?,
             timeout_ms: row.try_get(16)?,
+            ordered: row.try_get(18)?,
         };
         if let std::collections::hash_map::Entry::Vacant(entry) =
             headers.entry(delivery.endpoint_id)
@@ -1184,6 +1194,7 @@ fn delivery(
         secret: row.secret.unwrap_or_default(),
         previous_secret: row.previous_secret,
         tries: row.tries,
+        ordered: row.ordered,
         headers,
         timeout: row
             .timeout_ms

@@ -86,6 +86,51 @@ pub struct Config {
     /// How long `outboxd run` waits for PostgreSQL to accept connections at start
     /// before giving up; zero gives up at the first refusal.
     pub database_wait: Duration,
+    /// What becomes of an ordering key whose head delivery ends dead, for endpoints
+    /// that do not say (their `ordering_dead_head`).
+    pub ordering_dead_head: DeadHead,
+}
+
+/// `WEBHOOK_ORDERING_DEAD_HEAD`: what happens to the events of an ordering key behind a
+/// delivery that ended dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeadHead {
+    /// The key stops for that endpoint until an operator re-drives or discards the dead
+    /// delivery: a consumer that asked for order never gets an event after a lost one.
+    /// Only that key waits; it shows in `stats`, the admin API and a metric.
+    #[default]
+    Block,
+    /// The next event of the key proceeds: for consumers that only want the newest
+    /// state to win.
+    Skip,
+}
+
+impl DeadHead {
+    /// As stored in `webhook_endpoints.ordering_dead_head` and passed to the settle.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Block => "block",
+            Self::Skip => "skip",
+        }
+    }
+}
+
+impl std::str::FromStr for DeadHead {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "block" => Ok(Self::Block),
+            "skip" => Ok(Self::Skip),
+            other => Err(format!("expected block or skip, got {other:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeadHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `WEBHOOK_PREPARED_STATEMENTS`: whether the claim statement may be a named prepared
@@ -141,7 +186,7 @@ const MAX_VALUE_BYTES: u64 = (1 << 30) - 1;
 /// defined here and nowhere else: [`Config::default`] is made of them, and the `outboxd`
 /// command line shows them as its flags' defaults (`outboxd run --help`).
 pub mod defaults {
-    use super::PreparedStatements;
+    use super::{DeadHead, PreparedStatements};
 
     /// `WEBHOOK_LISTEN`.
     pub const LISTEN: bool = true;
@@ -194,6 +239,8 @@ pub mod defaults {
     pub const DB_LOCK_TIMEOUT_MS: u64 = 5_000;
     /// `WEBHOOK_DB_STATEMENT_TIMEOUT_MS`.
     pub const DB_STATEMENT_TIMEOUT_MS: u64 = 30_000;
+    /// `WEBHOOK_ORDERING_DEAD_HEAD`.
+    pub const ORDERING_DEAD_HEAD: DeadHead = DeadHead::Block;
 }
 
 /// `hours` as a `Duration`.
@@ -231,6 +278,7 @@ impl Default for Config {
             database_wait: Duration::from_millis(DATABASE_WAIT_MS),
             db_lock_timeout: Duration::from_millis(DB_LOCK_TIMEOUT_MS),
             db_statement_timeout: Duration::from_millis(DB_STATEMENT_TIMEOUT_MS),
+            ordering_dead_head: ORDERING_DEAD_HEAD,
         }
     }
 }

@@ -78,6 +78,10 @@ pub struct Delivery {
     /// The endpoint's timeout override; the dispatcher's `WEBHOOK_HTTP_TIMEOUT_MS`
     /// when `None`. Capped below the lease by the [`Sender`].
     pub timeout: Option<Duration>,
+    /// The head of an ordered line (an event with an `ordering_key`): when it ends, the
+    /// next delivery of its key for this endpoint is made due, so its outcome is
+    /// written at once.
+    pub ordered: bool,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -508,6 +512,7 @@ mod tests {
             tries: 1,
             headers: Arc::from([]),
             timeout: None,
+            ordered: false,
         };
         let shown = format!("{delivery:?}");
         for hidden in ["payload-text", "url-token", "c2VjcmV0", "b2xk"] {
@@ -532,6 +537,7 @@ mod tests {
             tries: 1,
             headers: Arc::from([]),
             timeout: None,
+            ordered: false,
         };
         let attempt = sender.send(&delivery).await;
         assert_eq!(

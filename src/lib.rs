@@ -131,6 +131,7 @@ internal!(
     housekeeping,
     listener,
     metrics,
+    ordering,
     outbox,
     pooler,
     retention,

@@ -19,6 +19,10 @@ pub struct NewEvent<'a> {
     pub idempotency_key: Option<&'a str>,
     /// Not delivered before this time.
     pub deliver_after: Option<SystemTime>,
+    /// Events with the same key are delivered to each endpoint one at a time, in the
+    /// order their transactions committed (see the README, "Ordered delivery"). `None`:
+    /// no order, delivered as soon as possible.
+    pub ordering_key: Option<&'a str>,
 }
 
 impl std::fmt::Debug for NewEvent<'_> {
@@ -28,6 +32,7 @@ impl std::fmt::Debug for NewEvent<'_> {
             .field("payload", &"<redacted>")
             .field("idempotency_key", &self.idempotency_key)
             .field("deliver_after", &self.deliver_after)
+            .field("ordering_key", &self.ordering_key)
             .finish()
     }
 }
@@ -40,15 +45,22 @@ impl<'a> NewEvent<'a> {
             payload,
             idempotency_key: None,
             deliver_after: None,
+            ordering_key: None,
         }
+    }
+
+    /// The same event, delivered in order with the other events of `key`.
+    pub fn with_ordering_key(mut self, key: &'a str) -> Self {
+        self.ordering_key = Some(key);
+        self
     }
 }
 
 // The same statement the README shows producers; ON CONFLICT DO NOTHING makes an
 // idempotency key's second insert a silent no-op.
 pub(crate) const INSERT_EVENT: &str =
-    "INSERT INTO webhook_outbox (event_type, payload, idempotency_key, deliver_after)
-     VALUES ($1, $2, $3, coalesce($4, now()))
+    "INSERT INTO webhook_outbox (event_type, payload, idempotency_key, deliver_after, ordering_key)
+     VALUES ($1, $2, $3, coalesce($4, now()), $5)
      ON CONFLICT DO NOTHING
      RETURNING id";
 
@@ -71,6 +83,14 @@ pub async fn enqueue(client: &impl GenericClient, event: &NewEvent<'_>) -> Resul
             "event_type must be 1 to 255 bytes".to_owned(),
         ));
     }
+    if event
+        .ordering_key
+        .is_some_and(|key| key.is_empty() || key.chars().count() > 255)
+    {
+        return Err(Error::InvalidEvent(
+            "ordering_key must be 1 to 255 characters".to_owned(),
+        ));
+    }
     let row = client
         .query_typed_opt(
             INSERT_EVENT,
@@ -79,6 +99,7 @@ pub async fn enqueue(client: &impl GenericClient, event: &NewEvent<'_>) -> Resul
                 (event.payload, Type::JSONB),
                 (&event.idempotency_key, Type::TEXT),
                 (&event.deliver_after, Type::TIMESTAMPTZ),
+                (&event.ordering_key, Type::TEXT),
             ],
         )
         .await?;

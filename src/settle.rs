@@ -11,6 +11,7 @@ use tokio_postgres::GenericClient;
 use tokio_postgres::types::{ToSql, Type};
 
 use crate::circuit::{self, CircuitPolicy, Runs, Tally, Transitions};
+use crate::config::DeadHead;
 use crate::db::Pool;
 use crate::deliver::{Attempt, AttemptResult, ErrorKind};
 use crate::error::{Error, Result};
@@ -59,6 +60,16 @@ FROM webhook_settle_outcomes($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
     $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
     $21, $22, $23, $24, $25, $26, $27, $28)";
 
+/// [`SETTLE`] for a batch with ordered deliveries in it: `webhook_settle_ordered`
+/// (`sql/0013_ordered_delivery.sql`) settles them alike, then moves on the lines whose
+/// heads ended (`$29`/`$30`, the ordered outcomes; `$31`, the global dead-head policy,
+/// which an endpoint's `ordering_dead_head` overrides), in the same transaction.
+/// `promoted`: how many deliveries became due.
+pub const SETTLE_ORDERED: &str = "SELECT settled, opened, closed, promoted
+FROM webhook_settle_ordered($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,
+    $11, $12, $13, $14, $15, $16, $17, $18, $19, $20,
+    $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31)";
+
 /// What to write for one delivery.
 #[derive(Debug, Clone)]
 pub struct Outcome {
@@ -72,6 +83,9 @@ pub struct Outcome {
     pub next: Next,
     /// The HTTP attempt to record, if one was made.
     pub record: Option<Attempt>,
+    /// The head of an ordered line ([`crate::deliver::Delivery::ordered`]): written at
+    /// once, and its line moved on in the same transaction if it ended.
+    pub ordered: bool,
 }
 
 /// The state a delivery moves to.
@@ -243,21 +257,42 @@ impl Columns {
 pub async fn flush(pool: &Pool, worker_id: &str, outcomes: &[Outcome]) -> Result<u64> {
     let circuit = CircuitPolicy::default();
     let signals = Runs::default().add(tally(outcomes), circuit.failures);
-    let (settled, _) = flush_with(pool, worker_id, outcomes, &circuit, &signals).await?;
-    Ok(settled)
+    let policy = Policy {
+        circuit: &circuit,
+        dead_head: DeadHead::default(),
+    };
+    let flushed = flush_with(pool, worker_id, outcomes, policy, &signals).await?;
+    Ok(flushed.settled)
 }
 
-/// [`flush`] under `circuit`, with the `signals` of [`Columns::from_outcomes`]; returns
-/// the circuit transitions the flush made too.
+/// What a flush decides by besides its outcomes.
+#[derive(Debug, Clone, Copy)]
+struct Policy<'a> {
+    circuit: &'a CircuitPolicy,
+    dead_head: DeadHead,
+}
+
+/// What one flush wrote.
+#[derive(Debug, Default)]
+struct Written {
+    /// Deliveries settled (fewer than the outcomes when a lease was lost).
+    settled: u64,
+    /// Circuits opened and closed.
+    transitions: Transitions,
+    /// Ordered deliveries made due by their heads' end.
+    promoted: u64,
+}
+
+/// [`flush`] under `policy`, with the `signals` of [`Columns::from_outcomes`].
 async fn flush_with(
     pool: &Pool,
     worker_id: &str,
     outcomes: &[Outcome],
-    circuit: &CircuitPolicy,
+    policy: Policy<'_>,
     signals: &Tally,
-) -> Result<(u64, Transitions)> {
+) -> Result<Written> {
     let mut client = pool.get().await?;
-    let flushed = flush_on(&*client, worker_id, outcomes, circuit, signals).await;
+    let flushed = flush_on(&*client, worker_id, outcomes, policy, signals).await;
     if let Err(e) = &flushed {
         crate::pooler::discard_if_read_only(&mut client, e);
     }
@@ -269,9 +304,10 @@ async fn flush_on(
     client: &impl GenericClient,
     worker_id: &str,
     outcomes: &[Outcome],
-    circuit: &CircuitPolicy,
+    policy: Policy<'_>,
     signals: &Tally,
-) -> Result<(u64, Transitions)> {
+) -> Result<Written> {
+    let circuit = policy.circuit;
     let c = Columns::from_outcomes(outcomes, signals);
     let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
     let (failures, open_ms, max_open_ms) = (
@@ -309,13 +345,37 @@ async fn flush_on(
         (&max_open_ms, Type::INT8),
         (&c.answered, Type::INT8_ARRAY),
     ];
-    let row = client.query_typed_one(SETTLE, &params).await?;
-    let settled: i64 = row.try_get("settled")?;
-    let transitions = Transitions {
-        opened: row.try_get("opened")?,
-        closed: row.try_get("closed")?,
+    let (ordered_event, ordered_endpoint): (Vec<i64>, Vec<i64>) = outcomes
+        .iter()
+        .filter(|o| o.ordered)
+        .map(|o| (o.event_id, o.endpoint_id))
+        .unzip();
+    let row = if ordered_event.is_empty() {
+        client.query_typed_one(SETTLE, &params).await?
+    } else {
+        let dead_head = policy.dead_head.as_str();
+        let mut all = params.to_vec();
+        all.extend([
+            (&ordered_event as &(dyn ToSql + Sync), Type::INT8_ARRAY),
+            (&ordered_endpoint, Type::INT8_ARRAY),
+            (&dead_head, Type::TEXT),
+        ]);
+        client.query_typed_one(SETTLE_ORDERED, &all).await?
     };
-    Ok((settled as u64, transitions))
+    let settled: i64 = row.try_get("settled")?;
+    let promoted: i64 = if ordered_event.is_empty() {
+        0
+    } else {
+        row.try_get("promoted")?
+    };
+    Ok(Written {
+        settled: settled as u64,
+        transitions: Transitions {
+            opened: row.try_get("opened")?,
+            closed: row.try_get("closed")?,
+        },
+        promoted: promoted as u64,
+    })
 }
 
 /// Checks that outcomes can be recorded through `client`: `webhook_settle` resolves
@@ -340,7 +400,11 @@ pub async fn probe(client: &impl GenericClient) -> Result<()> {
             "its sessions are read-only (default_transaction_read_only is on)".to_owned(),
         ));
     }
-    match flush_on(client, "", &[], &CircuitPolicy::default(), &Tally::default()).await {
+    let policy = Policy {
+        circuit: &CircuitPolicy::default(),
+        dead_head: DeadHead::default(),
+    };
+    match flush_on(client, "", &[], policy, &Tally::default()).await {
         Err(Error::Db(e)) if e.as_db_error().is_some_and(|db| refuses_setup(db.code())) => {
             Err(Error::CannotSettle(e))
         }
@@ -378,6 +442,8 @@ pub struct Settler {
     pub give_up: tokio_util::sync::CancellationToken,
     /// When endpoints' circuits open, and for how long.
     pub circuit: CircuitPolicy,
+    /// What a dead head does to its ordering key, where its endpoint does not say.
+    pub dead_head: DeadHead,
     /// `true` from a failed flush until every outcome queued by then is written: the
     /// claim loop stops claiming meanwhile, since what it delivered could not be
     /// recorded, and a lease that ran out during the stall would let it claim again a
@@ -387,8 +453,8 @@ pub struct Settler {
 
 /// How one flush ended.
 enum Flushed {
-    /// Written; this many deliveries were settled.
-    Settled(u64),
+    /// Written.
+    Settled(Written),
     /// Refused for the values it carried (see [`Error::is_bad_data`]).
     BadData(Error),
     /// Still failing when `give_up` fired.
@@ -412,10 +478,11 @@ impl Settler {
             if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
                 return totals;
             }
-            // Catching up after a stall, the backlog is flushed without waiting.
+            // Catching up after a stall, the backlog is flushed without waiting; so is a
+            // batch with an ordered head in it: the rest of its key's line waits for it.
             if !*self.stalled.borrow() {
                 let deadline = tokio::time::Instant::now() + LINGER;
-                while batch.len() < FLUSH_AT {
+                while batch.len() < FLUSH_AT && !batch.iter().any(|o| o.ordered) {
                     let room = MAX_BATCH - batch.len();
                     tokio::select! {
                         n = rx.recv_many(&mut batch, room) => if n == 0 { break },
@@ -434,8 +501,12 @@ impl Settler {
     /// Writes `batch`; returns `false` if it gave up.
     async fn write(&self, batch: &[Outcome], totals: &mut SettleTotals, runs: &mut Runs) -> bool {
         let signals = runs.add(tally(batch), self.circuit.failures);
+        let mut promoted = 0;
         match self.flush_retrying(batch, &signals).await {
-            Flushed::Settled(settled) => totals.record(batch, settled),
+            Flushed::Settled(written) => {
+                totals.record(batch, written.settled);
+                promoted += written.promoted;
+            }
             Flushed::GaveUp => return false,
             Flushed::BadData(e) => {
                 tracing::warn!(error = %e, outcomes = batch.len(), "a batch of outcomes was refused for its values; writing them one by one");
@@ -443,7 +514,10 @@ impl Settler {
                     let one = std::slice::from_ref(outcome);
                     let signal = signals.only(outcome.endpoint_id);
                     match self.flush_retrying(one, &signal).await {
-                        Flushed::Settled(settled) => totals.record(one, settled),
+                        Flushed::Settled(written) => {
+                            totals.record(one, written.settled);
+                            promoted += written.promoted;
+                        }
                         Flushed::BadData(e) => tracing::error!(
                             event_id = outcome.event_id,
                             endpoint_id = outcome.endpoint_id,
@@ -456,11 +530,12 @@ impl Settler {
             }
         }
         report_gone(batch, &self.metrics);
-        // Work due again (a retry, or a delivery handed back unsent) may be due before
-        // the claim loop's next look.
-        if batch
-            .iter()
-            .any(|o| matches!(o.next, Next::Verdict(Verdict::Retry(_)) | Next::Release))
+        // Work due again (a retry, a delivery handed back unsent, the next of an
+        // ordered line) may be due before the claim loop's next look.
+        if promoted > 0
+            || batch
+                .iter()
+                .any(|o| matches!(o.next, Next::Verdict(Verdict::Retry(_)) | Next::Release))
         {
             self.wake.notify_one();
         }
@@ -472,14 +547,18 @@ impl Settler {
     async fn flush_retrying(&self, outcomes: &[Outcome], signals: &Tally) -> Flushed {
         let mut delay = Duration::from_millis(50);
         loop {
+            let policy = Policy {
+                circuit: &self.circuit,
+                dead_head: self.dead_head,
+            };
             let flushed = tokio::select! {
-                flushed = flush_with(&self.pool, &self.worker_id, outcomes, &self.circuit, signals) => flushed,
+                flushed = flush_with(&self.pool, &self.worker_id, outcomes, policy, signals) => flushed,
                 _ = self.give_up.cancelled() => return self.gave_up(outcomes),
             };
             let e = match flushed {
-                Ok((settled, transitions)) => {
-                    transitions.report(&self.metrics);
-                    return Flushed::Settled(settled);
+                Ok(written) => {
+                    written.transitions.report(&self.metrics);
+                    return Flushed::Settled(written);
                 }
                 Err(e) if e.is_bad_data() => return Flushed::BadData(e),
                 Err(e) => e,
@@ -586,6 +665,7 @@ mod tests {
             attempt: 1,
             next,
             record: None,
+            ordered: false,
         }
     }
 

@@ -14,7 +14,8 @@
 use tokio_postgres::Client;
 
 use crate::{
-    claim, endpoint, health, inspect, metrics, outbox, pooler, redrive, retention, schema, settle,
+    claim, endpoint, health, inspect, metrics, ordering, outbox, pooler, redrive, retention,
+    schema, settle,
 };
 
 /// `(module path, constant name, SQL)` of every statement, as the scan names them.
@@ -51,6 +52,7 @@ const STATEMENTS: &[(&str, &str, &str)] = statements![
     inspect::STATS_DEPTH,
     inspect::STATS_ENDPOINTS,
     metrics::QUEUE_SAMPLE,
+    ordering::SEQUENCE,
     outbox::INSERT_EVENT,
     pooler::BACKEND_PID,
     pooler::CURRENT_SETTINGS,
@@ -79,6 +81,7 @@ const STATEMENTS: &[(&str, &str, &str)] = statements![
     schema::MIGRATIONS_TABLE_EXISTS,
     schema::APPLIED_MIGRATIONS,
     settle::SETTLE,
+    settle::SETTLE_ORDERED,
     settle::READ_ONLY,
 ];
 

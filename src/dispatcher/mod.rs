@@ -32,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::housekeeping::{self, Housekeeping};
 use crate::listener;
 use crate::metrics::Metrics;
+use crate::ordering::Sequencer;
 use crate::pooler;
 use crate::retention::RetentionPolicy;
 use crate::settle::{self, SettleTotals};
@@ -199,6 +200,20 @@ impl Dispatcher {
             housekeeping_stop.clone(),
         ));
 
+        // Ordered events: fanned out in commit order, poked by every claim.
+        let sequencer_poke = Arc::new(Notify::new());
+        let sequencer_stop = CancellationToken::new();
+        let sequencer = tokio::spawn(
+            Sequencer {
+                pool: pool.clone(),
+                poke: Arc::clone(&sequencer_poke),
+                claims: Arc::clone(&wake),
+                limit: i64::from(cfg.batch_size),
+                poll_interval: cfg.poll_interval,
+            }
+            .run(sequencer_stop.clone()),
+        );
+
         let (settle_tx, settle_rx) = mpsc::channel(cfg.concurrency as usize + settle::MAX_BATCH);
         let settle_give_up = CancellationToken::new();
         let (settle_stalled, settle_stalled_rx) = tokio::sync::watch::channel(false);
@@ -211,6 +226,7 @@ impl Dispatcher {
                 give_up: settle_give_up.clone(),
                 stalled: settle_stalled,
                 circuit: cfg.circuit,
+                dead_head: cfg.ordering_dead_head,
             }
             .run(settle_rx),
         );
@@ -236,6 +252,7 @@ impl Dispatcher {
                 Arc::clone(&self.metrics),
             ),
             wake,
+            sequencer: sequencer_poke,
             metrics: Arc::clone(&self.metrics),
             cfg,
         };
@@ -243,6 +260,7 @@ impl Dispatcher {
         // Nothing is woken or kept any more; both stop while the drain runs.
         listener_stop.cancel();
         housekeeping_stop.cancel();
+        sequencer_stop.cancel();
         let ClaimLoop {
             mut session,
             send,
@@ -275,6 +293,7 @@ impl Dispatcher {
         // behind it.
         drop(session);
         stop_task(housekeeping, "housekeeping").await;
+        stop_task(sequencer, "sequencer").await;
         if let Some(listener) = listener {
             stop_task(listener, "listener").await;
         }
@@ -330,6 +349,9 @@ struct ClaimLoop {
     /// (see [`claim::CLAIM_FAST`]); until a claim says otherwise, assumed.
     fast_ok: bool,
     wake: Arc<Notify>,
+    /// The sequencer's wake-up ([`crate::ordering`]): poked at every claim, since the
+    /// loop is what notifications and the poll tick wake.
+    sequencer: Arc<Notify>,
     metrics: Arc<Metrics>,
 }
 
@@ -387,6 +409,7 @@ impl ClaimLoop {
     /// Claims as many deliveries as the send slots can take and hands them to the send
     /// side; returns what to do next, or `None` on shutdown.
     async fn claim(&mut self, wakeup: &mut Wakeup, shutdown: &CancellationToken) -> Option<Action> {
+        self.sequencer.notify_one();
         let free = self.send.wait_for_capacity(shutdown).await?;
         if !self.send.wait_while_settle_stalled(shutdown).await {
             return None;

@@ -216,6 +216,8 @@ impl<A: Attempter> SendSide<A> {
                         attempt,
                         next: Next::Park,
                         record: None,
+                        // A parked head is still its line's head.
+                        ordered: false,
                     };
                     // Like a send task's outcome, but the claim loop must notice a
                     // shutdown; the queue's slot is reserved first, so that the
@@ -334,6 +336,8 @@ fn unsent_outcome(item: Claimed) -> Outcome {
         attempt,
         next,
         record: None,
+        // Not sent: a head stays its line's head.
+        ordered: false,
     }
 }
 
@@ -393,6 +397,7 @@ impl<A: Attempter> SendTask<A> {
             attempt: delivery.attempt,
             next,
             record,
+            ordered: delivery.ordered,
         };
         // Fails only if the settler is gone, i.e. the process is going down. The queue
         // can be full only while the settler cannot write (a stall), and then the drain
@@ -525,6 +530,7 @@ mod tests {
             tries: 1,
             headers: std::sync::Arc::from([]),
             timeout: None,
+            ordered: false,
         })
     }
 

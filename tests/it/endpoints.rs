@@ -213,6 +213,7 @@ async fn enable_racing_a_park_does_not_strand_the_delivery() {
         attempt,
         next,
         record: None,
+        ordered: false,
     };
 
     // Attempt 1 is in flight when the endpoint is disabled (so the row is not parked by

@@ -86,6 +86,7 @@ async fn expired_lease_is_reclaimed() {
                         excerpt: "stale".into(),
                     },
                 }),
+                ordered: false,
             },
             Claimed::Park { .. } => unreachable!(),
         })
@@ -212,6 +213,7 @@ async fn late_outcome_after_own_reclaim_changes_nothing() {
         attempt,
         next: Next::Verdict(Verdict::Delivered),
         record: None,
+        ordered: false,
     };
     let pool = db.pool().await;
     let late = settle::flush(&pool, worker, &[delivered(1)]).await.unwrap();

@@ -30,6 +30,7 @@ mod migrations;
 mod noisy_neighbour;
 mod observability;
 mod operational_events;
+mod ordering_basics;
 mod outage;
 mod payloads;
 mod plans;

@@ -188,6 +188,7 @@ async fn debug_output_shows_no_secret_payload_or_answer() {
         attempt: delivery.attempt,
         next: outboxd::settle::Next::Verdict(outboxd::retry::Verdict::Delivered),
         record: Some(attempt.clone()),
+        ordered: false,
     };
     let event = outboxd::inspect::get_event(&client, event_id)
         .await

@@ -104,6 +104,9 @@ enum Command {
         /// Not delivered before this RFC 3339 time, e.g. 2030-01-01T00:00:00Z
         #[arg(long, value_parser = parse_time)]
         deliver_after: Option<SystemTime>,
+        /// Delivered to each endpoint after the earlier events of this key, one at a time
+        #[arg(long)]
+        ordering_key: Option<String>,
     },
 }
 
@@ -311,6 +314,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             payload,
             idempotency_key,
             deliver_after,
+            ordering_key,
         } => {
             let payload: serde_json::Value = serde_json::from_str(&payload)
                 .map_err(|e| Error::InvalidEvent(format!("--payload is not valid JSON: {e}")))?;
@@ -320,6 +324,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 payload: &payload,
                 idempotency_key: idempotency_key.as_deref(),
                 deliver_after,
+                ordering_key: ordering_key.as_deref(),
             };
             match outboxd::enqueue(&client, &event).await? {
                 Some(id) => println!("id: {id}"),

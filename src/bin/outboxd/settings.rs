@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use outboxd::ConfigError;
-use outboxd::config::{Config, PreparedStatements, default_worker_id, defaults};
+use outboxd::config::{Config, DeadHead, PreparedStatements, default_worker_id, defaults};
 
 /// `WEBHOOK_SECRET_ROTATION_GRACE`'s default, also `endpoint rotate-secret --grace`'s.
 pub const DEFAULT_ROTATION_GRACE: &str = "24h";
@@ -212,6 +212,9 @@ pub struct RunArgs {
         default_value_t = defaults::DB_STATEMENT_TIMEOUT_MS
     )]
     pub db_statement_timeout_ms: u64,
+    /// When an ordering key's head delivery ends dead: block the key until an operator re-drives or discards it, or skip to the next event (an endpoint's own setting wins)
+    #[arg(long, env = "WEBHOOK_ORDERING_DEAD_HEAD", value_name = "WEBHOOK_ORDERING_DEAD_HEAD", default_value_t = defaults::ORDERING_DEAD_HEAD, value_parser = clap::value_parser!(DeadHead))]
+    pub ordering_dead_head: DeadHead,
 }
 
 /// Hours as a `Duration`, saturating so that absurd values fail validation instead of
@@ -258,6 +261,7 @@ impl RunArgs {
             payload_budget_bytes: self.payload_budget_bytes,
             prepared_statements: self.prepared_statements,
             database_wait: Duration::from_millis(self.database_wait_ms),
+            ordering_dead_head: self.ordering_dead_head,
             db_lock_timeout: Duration::from_millis(self.db_lock_timeout_ms),
             db_statement_timeout: Duration::from_millis(self.db_statement_timeout_ms),
         };
