@@ -45,7 +45,7 @@ impl Checked {
         self.receiver.overlaps + self.receiver.out_of_order + self.sent_early
     }
 
-    /// "0 (3 checks over 20,000 events of 1,000 keys)" and the like, for the table.
+    /// The violations and what each check counted, for the table.
     pub fn summary(&self) -> String {
         format!(
             "{} (in flight together: {} at the receiver, {} sent before the previous answer; out of order: {}; repeated: {})",

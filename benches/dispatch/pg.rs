@@ -417,9 +417,9 @@ pub async fn insert_keyed_burst(
     Ok((started.elapsed(), commit_us))
 }
 
-/// Commits one event in its own transaction with `ordering_key` = `key` (none if
-/// `None`): the INSERT of `outboxd::enqueue`, with the key. Returns the event id and
-/// the time COMMIT returned.
+/// Enqueues one event in its own transaction through the library, as an application
+/// does, with `ordering_key` = `key` (none if `None`); returns the event id and the time
+/// COMMIT returned.
 pub async fn produce_keyed(
     client: &mut Client,
     payload: &Value,
@@ -427,14 +427,13 @@ pub async fn produce_keyed(
     key: Option<&str>,
 ) -> anyhow::Result<(i64, i64)> {
     let tx = client.transaction().await?;
-    let id: i64 = tx
-        .query_one(
-            "INSERT INTO webhook_outbox (event_type, payload, ordering_key)
-             VALUES ($1, $2, $3) RETURNING id",
-            &[&event_type, payload, &key],
-        )
+    let mut event = outboxd::NewEvent::new(event_type, payload);
+    if let Some(key) = key {
+        event = event.with_ordering_key(key);
+    }
+    let id = outboxd::enqueue(&tx, &event)
         .await?
-        .get(0);
+        .context("enqueue returned no id")?;
     tx.commit().await?;
     Ok((id, now_us()))
 }
