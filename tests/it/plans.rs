@@ -505,12 +505,7 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
                     .unwrap();
                 db.client.batch_execute("ROLLBACK").await.unwrap();
                 let text = plan(lines.iter().map(|r| r.get(0)));
-                let ms: f64 = text
-                    .lines()
-                    .find_map(|l| l.trim().strip_prefix("Execution Time: "))
-                    .and_then(|t| t.trim_end_matches(" ms").parse().ok())
-                    .unwrap_or(f64::NAN);
-                times.push(ms);
+                times.push(execution_ms(&text));
                 if run == 0 {
                     plan_text = text;
                 }
@@ -531,14 +526,7 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
             // Every node on the deliveries (or their indexes) reads about a batch: the
             // heads it takes, each probed by primary key. The line is 999,000 rows.
             for line in plan.lines().filter(|l| l.contains("on webhook_deliveries")) {
-                let field = |name: &str| -> u64 {
-                    line.split(name)
-                        .nth(1)
-                        .and_then(|r| r.split([' ', ')']).next())
-                        .and_then(|r| r.parse().ok())
-                        .unwrap_or(0)
-                };
-                let read = field("rows=") * field("loops=").max(1);
+                let read = rows_read(line);
                 assert!(
                     read <= 1_000,
                     "{stats} {form} {mode} reads {read} rows of the deliveries: {line}\n{plan}"
@@ -559,4 +547,151 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
             );
         }
     }
+}
+
+/// The sequencer fans fresh ordered events out beside a line of 1,000,000 through
+/// indexes: the log by its primary key and the per-key probe, each event by primary
+/// key, the key rows through their primary key (the arbiter of `ON CONFLICT`); it scans
+/// no table whole, and no node reads more than a few runs' worth of rows. Half the fresh
+/// events join lines that exist (queued behind their heads), half start lines. Generic
+/// and custom plans, on statistics taken while the tables were nearly empty, then on
+/// fresh ones. Its time is printed, not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
+    let db = TestDb::new("sequenceplan").await;
+    db.add_endpoint("https://example.com/hook", &[]).await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = off);
+             ALTER TABLE webhook_outbox SET (autovacuum_enabled = off);
+             ALTER TABLE webhook_ordering_keys SET (autovacuum_enabled = off);
+             ALTER TABLE webhook_ordering_log SET (autovacuum_enabled = off);
+             ANALYZE webhook_outbox, webhook_deliveries, webhook_ordering_keys,
+                     webhook_ordering_log;",
+        )
+        .await
+        .unwrap();
+    let line = ordered_line();
+    fill_ordered_line(&db, line).await;
+    // 2,000 fresh ordered events, numbered by the trigger at commit: keys 500-1499, so
+    // half join existing lines.
+    db.client
+        .batch_execute(
+            "INSERT INTO webhook_outbox (event_type, payload, ordering_key)
+             SELECT 'order.paid', jsonb_build_object('order_id', i),
+                    'order-' || (500 + i % 1000)
+             FROM generate_series(0, 1999) AS i",
+        )
+        .await
+        .unwrap();
+    let seen: i64 = db.scalar("SELECT max(seq) FROM webhook_ordering_log").await;
+    let limit = 200_i64;
+    let execute = format!("EXECUTE sequence(ARRAY[{seen}]::int8[], ARRAY[0]::int8[], {limit})");
+    for stats in ["stale", "fresh"] {
+        if stats == "fresh" {
+            db.client
+                .batch_execute(
+                    "ANALYZE webhook_outbox, webhook_deliveries, webhook_ordering_keys,
+                             webhook_ordering_log",
+                )
+                .await
+                .unwrap();
+        }
+        for mode in ["force_generic_plan", "force_custom_plan"] {
+            db.client
+                .batch_execute(&format!(
+                    "DEALLOCATE ALL; SET jit = off; SET plan_cache_mode = {mode};
+                     PREPARE sequence(int8[], int8[], int8) AS {}",
+                    outboxd::ordering::SEQUENCE
+                ))
+                .await
+                .unwrap();
+            let mut times = Vec::new();
+            let mut plan_text = String::new();
+            for run in 0..10 {
+                db.client.batch_execute("BEGIN").await.unwrap();
+                let lines = db
+                    .client
+                    .query(
+                        &format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {execute}"),
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                db.client.batch_execute("ROLLBACK").await.unwrap();
+                let text = plan(lines.iter().map(|r| r.get(0)));
+                times.push(execution_ms(&text));
+                if run == 0 {
+                    plan_text = text;
+                }
+            }
+            let plan = plan_text;
+            for table in [
+                "webhook_outbox",
+                "webhook_deliveries",
+                "webhook_ordering_keys",
+                "webhook_ordering_log",
+            ] {
+                assert!(
+                    !plan.contains(&format!("Seq Scan on {table}")),
+                    "{stats} {mode} scans {table} whole:\n{plan}"
+                );
+            }
+            for index in [
+                "webhook_ordering_log_pkey",
+                "webhook_ordering_log_key_idx",
+                "webhook_ordering_keys_pkey",
+                "webhook_outbox_pkey",
+            ] {
+                assert!(
+                    plan.contains(index),
+                    "{stats} {mode} does not use {index}:\n{plan}"
+                );
+            }
+            for node in plan.lines().filter(|l| {
+                [
+                    "on webhook_deliveries",
+                    "on webhook_outbox",
+                    "on webhook_ordering",
+                ]
+                .iter()
+                .any(|t| l.contains(t))
+            }) {
+                let read = rows_read(node);
+                assert!(
+                    read <= 10 * limit as u64,
+                    "{stats} {mode} reads {read} rows: {node}\n{plan}"
+                );
+            }
+            let top = plan.lines().next().unwrap_or_default();
+            assert!(top.contains("rows=1 "), "{stats} {mode}: {top}\n{plan}");
+            times.sort_by(f64::total_cmp);
+            eprintln!(
+                "sequencer beside a line of {line}, 2,000 in the log, {stats} statistics, {mode}: a run of {limit}, EXPLAIN ANALYZE over 10 runs: min {:.2} ms, median {:.2} ms, max {:.2} ms",
+                times[0],
+                times[times.len() / 2],
+                times[times.len() - 1]
+            );
+        }
+    }
+}
+
+/// The `Execution Time` of an `EXPLAIN ANALYZE`, in ms.
+fn execution_ms(plan: &str) -> f64 {
+    plan.lines()
+        .find_map(|l| l.trim().strip_prefix("Execution Time: "))
+        .and_then(|t| t.trim_end_matches(" ms").parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+/// Rows an `EXPLAIN ANALYZE` node read in all: its rows per loop times its loops.
+fn rows_read(node: &str) -> u64 {
+    let field = |name: &str| -> u64 {
+        node.split(name)
+            .nth(1)
+            .and_then(|r| r.split([' ', ')']).next())
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0)
+    };
+    field("rows=") * field("loops=").max(1)
 }
