@@ -30,6 +30,14 @@ CREATE INDEX IF NOT EXISTS webhook_outbox_unordered_idx
     WHERE processed_at IS NULL AND ordering_key IS NULL;
 DROP INDEX IF EXISTS webhook_outbox_pending_idx;
 
+-- Ordered events not fanned out yet, for housekeeping to find the strays among them
+-- (ordering::STRAYS: an event that has a key but no number, because the trigger did not
+-- fire or the key was set by an UPDATE). Nearly empty: the sequencer marks ordered
+-- events processed within milliseconds of their commit.
+CREATE INDEX IF NOT EXISTS webhook_outbox_ordered_idx
+    ON webhook_outbox (id)
+    WHERE processed_at IS NULL AND ordering_key IS NOT NULL;
+
 -- Ordered events not fanned out yet, numbered in the producers' commit order; the
 -- sequencer fans them out from here in number order and deletes their rows. A table of
 -- its own, written only by inserts: the trigger below reads no row. (Numbering the
@@ -74,7 +82,8 @@ $migrate$;
 -- that runs SET CONSTRAINTS ALL IMMEDIATE numbers its events at that point instead:
 -- still safe, the order is then that point's). WHEN keeps it off unordered inserts
 -- entirely. With session_replication_role = replica (logical replication's apply, some
--- restores) it does not fire: housekeeping numbers such events late (ordering::STRAYS).
+-- restores) it does not fire, nor does it for a key set later by an UPDATE:
+-- housekeeping numbers such events late (ordering::STRAYS), never loses them.
 DROP TRIGGER IF EXISTS webhook_outbox_ordering_seq ON webhook_outbox;
 CREATE CONSTRAINT TRIGGER webhook_outbox_ordering_seq
     AFTER INSERT ON webhook_outbox
@@ -219,10 +228,13 @@ BEGIN
         WHERE s.block AND k.endpoint_id = s.endpoint_id AND k.ordering_key = s.ordering_key
           AND k.blocked_since IS NULL
     ), promoted AS (
-        -- Due now; parked instead if its endpoint is closed (enable resumes it).
+        -- Due now, or at its event's deliver_after; parked instead if its endpoint is
+        -- closed (enable resumes it).
         UPDATE webhook_deliveries d
         SET state = CASE WHEN s.open THEN 'pending' ELSE 'parked' END,
-            next_attempt_at = now(), updated_at = now()
+            next_attempt_at = greatest(now(), (SELECT o.deliver_after FROM webhook_outbox o
+                                               WHERE o.id = s.next_event)),
+            updated_at = now()
         FROM step s
         WHERE d.event_id = s.next_event AND d.endpoint_id = s.endpoint_id AND d.state = 'queued'
         RETURNING d.state

@@ -1,5 +1,6 @@
 //! Periodic work beside the claim loop: sampling the queue for metrics, disabling
-//! endpoints that fail for too long, and pruning finished history. Every dispatcher
+//! endpoints that fail for too long, numbering ordered events that missed their number,
+//! and pruning finished history. Every dispatcher
 //! runs it; each step is safe to run concurrently with itself.
 
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db::{Connector, Pool};
 use crate::error::Result;
 use crate::metrics::{self, Metrics};
+use crate::ordering;
 use crate::retention::{self, RetentionPolicy};
 use crate::{health, retention::Pruned};
 
@@ -81,6 +83,12 @@ pub async fn run(
                         }
                     }
                     Some(Err(e)) => tracing::warn!(error = %e, "checking endpoint health failed"),
+                    None => return,
+                }
+                match steps.run(|c| Box::pin(async move { ordering::number_strays(&*c).await })).await {
+                    Some(Ok(0)) => {}
+                    Some(Ok(n)) => tracing::warn!(numbered = n, "numbered ordered events the producers' trigger had not (see ordering::STRAYS)"),
+                    Some(Err(e)) => tracing::warn!(error = %e, "numbering stray ordered events failed"),
                     None => return,
                 }
             }

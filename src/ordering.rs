@@ -26,7 +26,7 @@ use tokio_postgres::GenericClient;
 use tokio_postgres::types::Type;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::Pool;
+use crate::db::{Connector, Pool};
 use crate::error::Result;
 
 /// Fans out, in number order, the ordered events whose numbers are final. Parameters:
@@ -48,7 +48,8 @@ use crate::error::Result;
 ///   something: an xid costs a little, and an empty log needs no horizon).
 ///
 /// Returns one row: the pair, the snapshot's xmin (as `int8`), how many log rows it
-/// took, how many heads it made due, and whether rows are left in the log.
+/// took, how many heads it made (`pending`, due now or at their `deliver_after`), and
+/// whether rows are left in the log.
 pub const SEQUENCE: &str = concat!(
     "
 WITH snap AS (
@@ -71,12 +72,16 @@ WITH snap AS (
 ), odue AS (
     -- A probe by primary key per row (OFFSET 0 keeps the planner from turning it into
     -- a hash join over a scan of the whole outbox). An event deleted by hand is gone:
-    -- its row is consumed, nothing is fanned out.
-    SELECT c.seq, c.event_id, c.ordering_key, o.event_type, o.id IS NULL AS gone
+    -- its row is consumed, nothing is fanned out. An event already fanned out
+    -- (numbered twice by STRAYS racing the trigger's row) is gone as well: a line must
+    -- never get a head that will not come back to it. A `deliver_after` in the future
+    -- is not waited for here (rows waiting in the log would fill every run's LIMIT and
+    -- hold back other keys): the event joins its line, and as its head it is due then.
+    SELECT c.seq, c.event_id, c.ordering_key, o.event_type, o.deliver_after,
+           o.id IS NULL OR o.processed_at IS NOT NULL AS gone
     FROM ocand c
-    LEFT JOIN LATERAL (SELECT x.id, x.event_type, x.deliver_after
+    LEFT JOIN LATERAL (SELECT x.id, x.event_type, x.deliver_after, x.processed_at
                        FROM webhook_outbox x WHERE x.id = c.event_id OFFSET 0) o ON true
-    WHERE o.id IS NULL OR o.deliver_after <= now()
 ), admitted AS (
     SELECT d.* FROM odue d
     WHERE NOT EXISTS (SELECT 1 FROM webhook_ordering_log l
@@ -94,7 +99,7 @@ WITH snap AS (
 ",
     crate::claim::claim_fanout_joined!(),
     "), ofan AS (
-    SELECT f.event_id, f.endpoint_id, f.open, a.seq, a.ordering_key
+    SELECT f.event_id, f.endpoint_id, f.open, a.seq, a.ordering_key, a.deliver_after
     FROM fanout f
     JOIN admitted a ON a.event_id = f.event_id
 ), keyed AS (
@@ -106,15 +111,15 @@ WITH snap AS (
     ON CONFLICT (endpoint_id, ordering_key) DO UPDATE SET head_seq = k.head_seq
     RETURNING k.endpoint_id, k.ordering_key, k.head_seq
 ), inserted AS (
-    -- A head is due now (parked if its endpoint is disabled: enable resumes it); the
-    -- claim takes it like any due delivery.
+    -- A head is due now, or at its event's `deliver_after` (parked if its endpoint is
+    -- disabled: enable resumes it); the claim takes it like any due delivery.
     INSERT INTO webhook_deliveries
         (event_id, endpoint_id, state, next_attempt_at, ordering_key, ordering_seq)
     SELECT f.event_id, f.endpoint_id,
            CASE WHEN f.seq <> k.head_seq THEN 'queued'
                 WHEN f.open THEN 'pending'
                 ELSE 'parked' END,
-           now(), f.ordering_key, f.seq
+           greatest(now(), f.deliver_after), f.ordering_key, f.seq
     FROM ofan f
     JOIN keyed k ON k.endpoint_id = f.endpoint_id AND k.ordering_key = f.ordering_key
     ON CONFLICT (event_id, endpoint_id) DO NOTHING
@@ -132,6 +137,30 @@ FROM pair p"
 /// older than its run is open; past this many, the oldest waiting pairs are dropped:
 /// their numbers wait for a later pair instead (later, never lost).
 const MAX_PAIRS: usize = 32;
+
+/// Whether anything waits in the log: what a sequencer that found it empty asks first
+/// when poked, instead of planning and running [`SEQUENCE`] (a claim pokes it each time,
+/// and most claims of most deployments have no ordered event to wait for).
+pub(crate) const PEEK: &str = "SELECT EXISTS (SELECT 1 FROM webhook_ordering_log) AS waiting";
+
+/// Numbers the ordered events that have none: committed with a key, not fanned out, and
+/// no row in the log. The producers' trigger did not fire for them (a session with
+/// `session_replication_role = replica`, as logical replication's apply and some
+/// restores run) or the key was set by a later `UPDATE`. Late, in the order found, but
+/// never lost. Safe beside the sequencer and itself: an event numbered twice is fanned
+/// out once ([`SEQUENCE`] consumes a number whose event is already processed).
+pub(crate) const STRAYS: &str = "
+INSERT INTO webhook_ordering_log (seq, event_id, ordering_key)
+SELECT nextval('webhook_ordering_seq'), o.id, o.ordering_key
+FROM (SELECT id, ordering_key FROM webhook_outbox
+      WHERE processed_at IS NULL AND ordering_key IS NOT NULL
+      ORDER BY id) AS o
+WHERE NOT EXISTS (SELECT 1 FROM webhook_ordering_log l WHERE l.event_id = o.id)";
+
+/// Numbers the strays ([`STRAYS`]); returns how many.
+pub(crate) async fn number_strays(client: &impl GenericClient) -> Result<u64> {
+    Ok(client.execute_typed(STRAYS, &[]).await?)
+}
 
 /// What the sequencer knows of which numbers are final: pairs (largest number a run
 /// saw, that run's xid), oldest first. A pair whose xid is older than a snapshot's xmin
@@ -221,10 +250,12 @@ pub(crate) async fn sequence(
 /// How long the sequencer waits before its next run, given what the last one did (or
 /// `None` if it failed) and how long it waited last time. `None`: until poked.
 ///
-/// Progress means more may be ready at once. Rows waiting without progress are held
-/// by an open transaction or a future `deliver_after`: looked at again soon, then less
-/// often (a run costs a round trip and, while the log holds rows, an xid). A failure
-/// backs off like the claim loop's.
+/// Progress means more may be ready at once. Rows waiting without progress are not
+/// final yet (a transaction older than the last pair is still open) or are locked by
+/// another dispatcher's sequencer: looked at again at once (the usual case: the
+/// producer's commit was all that the last pair waited for), then less and less often
+/// (a run costs a round trip and, while the log holds rows, an xid). A failure backs
+/// off like the claim loop's.
 fn next_wait(last: Option<Sequenced>, waited: Option<Duration>) -> Option<Duration> {
     match last {
         Some(s) if s.taken > 0 && s.waiting => Some(Duration::ZERO),
@@ -255,6 +286,9 @@ const MAX_ERROR_DELAY: Duration = Duration::from_secs(5);
 pub(crate) struct Sequencer {
     /// Where it runs [`SEQUENCE`], one pooled connection per run.
     pub pool: Pool,
+    /// The pool's connector: a run still waiting (on a lock) at shutdown is cancelled
+    /// in the server, so that no session of a stopped dispatcher is left behind.
+    pub connector: Connector,
     /// Woken by the claim loop whenever it claims (new ordered events may have
     /// committed; the claim loop wakes on notifications and its poll tick).
     pub poke: Arc<Notify>,
@@ -268,11 +302,13 @@ pub(crate) struct Sequencer {
 
 impl Sequencer {
     /// Runs until `stop`. Errors are logged and retried with backoff; a run cut short
-    /// by `stop` is rolled back or committed whole (it is one statement), and anything
-    /// it left is taken by the next run of any dispatcher.
+    /// by `stop` is cancelled in the server (it is one statement: all or nothing), and
+    /// anything it left is taken by the next run of any dispatcher.
     pub(crate) async fn run(self, stop: CancellationToken) {
         let mut horizon = Horizon::default();
         let mut wait: Option<Duration> = Some(Duration::ZERO);
+        // The last run left the log empty: peek before the next.
+        let mut empty = false;
         loop {
             let limit = wait.unwrap_or(self.poll_interval);
             if !limit.is_zero() {
@@ -284,15 +320,15 @@ impl Sequencer {
             } else if stop.is_cancelled() {
                 return;
             }
-            let ran = tokio::select! {
-                _ = stop.cancelled() => return,
-                ran = self.run_once(&mut horizon) => ran,
+            let Some(ran) = self.run_once(&mut horizon, empty, &stop).await else {
+                return;
             };
             let last = match ran {
                 Ok(s) => {
                     if s.heads > 0 {
                         self.claims.notify_one();
                     }
+                    empty = !s.waiting;
                     Some(s)
                 }
                 Err(e) => {
@@ -304,9 +340,33 @@ impl Sequencer {
         }
     }
 
-    async fn run_once(&self, horizon: &mut Horizon) -> Result<Sequenced> {
-        let client = self.pool.get().await?;
-        sequence(&*client, horizon, self.limit).await
+    /// One run, after a [`PEEK`] if `peek` (a run that finds nothing to do then says
+    /// so without running [`SEQUENCE`]); `None` once `stop` has ended it.
+    async fn run_once(
+        &self,
+        horizon: &mut Horizon,
+        peek: bool,
+        stop: &CancellationToken,
+    ) -> Option<Result<Sequenced>> {
+        let client = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return None,
+            client = self.pool.get() => match client {
+                Ok(client) => client,
+                Err(e) => return Some(Err(e.into())),
+            },
+        };
+        let run = async {
+            if peek && !client.query_typed_one(PEEK, &[]).await?.try_get("waiting")? {
+                return Ok(Sequenced {
+                    taken: 0,
+                    heads: 0,
+                    waiting: false,
+                });
+            }
+            sequence(&*client, horizon, self.limit).await
+        };
+        self.connector.finish_or_cancel(&client, stop, run).await
     }
 }
 

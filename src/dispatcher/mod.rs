@@ -206,6 +206,7 @@ impl Dispatcher {
         let sequencer = tokio::spawn(
             Sequencer {
                 pool: pool.clone(),
+                connector: sessions.clone(),
                 poke: Arc::clone(&sequencer_poke),
                 claims: Arc::clone(&wake),
                 limit: i64::from(cfg.batch_size),
