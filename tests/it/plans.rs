@@ -549,14 +549,20 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
     }
 }
 
-/// The sequencer fans fresh ordered events out beside a line of 1,000,000 through
-/// indexes: the log by its primary key and the per-key probe, each event by primary
-/// key, the key rows through their primary key (the arbiter of `ON CONFLICT`); it scans
-/// no table whole, and no node reads more than a few runs' worth of rows. Half the fresh
-/// events join lines that exist (queued behind their heads), half start lines. Generic
-/// and custom plans, on statistics taken while the tables were nearly empty, then on
-/// fresh ones. Its time is printed, not asserted.
+/// The sequencer fans a burst of 20,000 fresh ordered events out beside a line of
+/// 1,000,000 through indexes: the log by its primary key and the per-key probe, each
+/// event by primary key, the key rows through their primary key (the arbiter of `ON
+/// CONFLICT`); it scans no table whole, and no node reads more than a few runs' worth of
+/// rows (a run takes 200 of the 20,000). Half the fresh events join lines that exist
+/// (queued behind their heads), half start lines. Generic and custom plans, on
+/// statistics taken while the tables were nearly empty, then on fresh ones. Its time is
+/// printed, not asserted.
+///
+/// Fails on 8fcf010-f2dab86: in all four plans `admitted` is a hash anti join over a
+/// sequential scan of the whole log (20,000 rows for each run of 200), never the per-key
+/// index; the lead decides the fix (see the obench report), then removes the `ignore`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the sequencer's prefix test scans the whole log (obench finding, issue 15)"]
 async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
     let db = TestDb::new("sequenceplan").await;
     db.add_endpoint("https://example.com/hook", &[]).await;
@@ -573,20 +579,22 @@ async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
         .unwrap();
     let line = ordered_line();
     fill_ordered_line(&db, line).await;
-    // 2,000 fresh ordered events, numbered by the trigger at commit: keys 500-1499, so
-    // half join existing lines.
+    // A burst of 20,000 fresh ordered events, numbered by the trigger at commit: keys
+    // 500-1499, so half join existing lines.
     db.client
         .batch_execute(
             "INSERT INTO webhook_outbox (event_type, payload, ordering_key)
              SELECT 'order.paid', jsonb_build_object('order_id', i),
                     'order-' || (500 + i % 1000)
-             FROM generate_series(0, 1999) AS i",
+             FROM generate_series(0, 19999) AS i",
         )
         .await
         .unwrap();
     let seen: i64 = db.scalar("SELECT max(seq) FROM webhook_ordering_log").await;
     let limit = 200_i64;
     let execute = format!("EXECUTE sequence(ARRAY[{seen}]::int8[], ARRAY[0]::int8[], {limit})");
+    // Every plan is checked before the test fails, so that its message says which fail.
+    let mut problems = Vec::new();
     for stats in ["stale", "fresh"] {
         if stats == "fresh" {
             db.client
@@ -626,16 +634,16 @@ async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
                 }
             }
             let plan = plan_text;
+            // The log may be read by a bounded scan (whether rows are left: `LIMIT`); the
+            // bound on rows below keeps any read of it to about a run's share.
             for table in [
                 "webhook_outbox",
                 "webhook_deliveries",
                 "webhook_ordering_keys",
-                "webhook_ordering_log",
             ] {
-                assert!(
-                    !plan.contains(&format!("Seq Scan on {table}")),
-                    "{stats} {mode} scans {table} whole:\n{plan}"
-                );
+                if plan.contains(&format!("Seq Scan on {table}")) {
+                    problems.push(format!("{stats} {mode} scans {table} whole"));
+                }
             }
             for index in [
                 "webhook_ordering_log_pkey",
@@ -643,10 +651,9 @@ async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
                 "webhook_ordering_keys_pkey",
                 "webhook_outbox_pkey",
             ] {
-                assert!(
-                    plan.contains(index),
-                    "{stats} {mode} does not use {index}:\n{plan}"
-                );
+                if !plan.contains(index) {
+                    problems.push(format!("{stats} {mode} does not use {index}"));
+                }
             }
             for node in plan.lines().filter(|l| {
                 [
@@ -658,22 +665,28 @@ async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
                 .any(|t| l.contains(t))
             }) {
                 let read = rows_read(node);
-                assert!(
-                    read <= 10 * limit as u64,
-                    "{stats} {mode} reads {read} rows: {node}\n{plan}"
-                );
+                if read > 10 * limit as u64 {
+                    problems.push(format!("{stats} {mode} reads {read} rows: {}", node.trim()));
+                }
             }
             let top = plan.lines().next().unwrap_or_default();
             assert!(top.contains("rows=1 "), "{stats} {mode}: {top}\n{plan}");
+            if problems
+                .iter()
+                .any(|p| p.starts_with(&format!("{stats} {mode} ")))
+            {
+                eprintln!("{stats} {mode}:\n{plan}");
+            }
             times.sort_by(f64::total_cmp);
             eprintln!(
-                "sequencer beside a line of {line}, 2,000 in the log, {stats} statistics, {mode}: a run of {limit}, EXPLAIN ANALYZE over 10 runs: min {:.2} ms, median {:.2} ms, max {:.2} ms",
+                "sequencer beside a line of {line}, 20,000 in the log, {stats} statistics, {mode}: a run of {limit}, EXPLAIN ANALYZE over 10 runs: min {:.2} ms, median {:.2} ms, max {:.2} ms",
                 times[0],
                 times[times.len() / 2],
                 times[times.len() - 1]
             );
         }
     }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 /// The `Execution Time` of an `EXPLAIN ANALYZE`, in ms.
