@@ -92,8 +92,10 @@ pub struct Config {
 }
 
 /// `WEBHOOK_ORDERING_DEAD_HEAD`: what happens to the events of an ordering key behind a
-/// delivery that ended dead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// delivery that ended dead. In JSON (an endpoint's `ordering_dead_head`): `"block"`,
+/// `"skip"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeadHead {
     /// The key stops for that endpoint until an operator re-drives or discards the dead
     /// delivery: a consumer that asked for order never gets an event after a lost one.

@@ -30,6 +30,10 @@ pub const MAX_IN_FLIGHT_RANGE: RangeInclusive<u32> = 1..=10_000;
 /// The values `rate_limit` may take: requests per second across all dispatchers.
 pub const RATE_LIMIT_RANGE: RangeInclusive<u32> = 1..=100_000;
 
+/// What happens to an ordered key whose head delivery ends dead: per endpoint, it
+/// overrides the dispatchers' `WEBHOOK_ORDERING_DEAD_HEAD` (docs/ordering.md, section 3).
+pub use crate::config::DeadHead;
+
 /// A header sent with every request to an endpoint, such as an API key the consumer
 /// demands. Its value is treated as a secret: it is stored, sent, and never shown
 /// ([`Endpoint`] carries only the names; `Debug` leaves the value out).
@@ -228,6 +232,9 @@ pub struct Endpoint {
     /// Consecutive failures of the kinds that open the circuit (timeouts, connection
     /// errors, 5xx); a success resets it.
     pub circuit_failures: u32,
+    /// What a dead head of an ordered key does for this endpoint; `None`: the
+    /// dispatchers' `WEBHOOK_ORDERING_DEAD_HEAD`.
+    pub ordering_dead_head: Option<DeadHead>,
 }
 
 /// The state of an endpoint's circuit breaker. In JSON an object tagged by `state`:
@@ -288,6 +295,10 @@ pub struct EndpointUpdate {
     pub max_in_flight: Option<Option<u32>>,
     /// A new rate limit in requests per second (`Some(None)` removes it).
     pub rate_limit: Option<Option<u32>>,
+    /// A new dead-head policy for ordered keys (`Some(None)` removes the override:
+    /// `WEBHOOK_ORDERING_DEAD_HEAD` applies). It applies to heads that end dead from
+    /// now on; keys already blocked stay blocked until re-driven or discarded.
+    pub ordering_dead_head: Option<Option<DeadHead>>,
 }
 
 /// What registering an endpoint takes. Its `Debug` output leaves out the secret and
@@ -313,6 +324,8 @@ pub struct NewEndpoint {
     /// Most requests per second to it across all dispatchers, in [`RATE_LIMIT_RANGE`];
     /// `None`: no limit.
     pub rate_limit: Option<u32>,
+    /// What a dead head of an ordered key does; `None`: `WEBHOOK_ORDERING_DEAD_HEAD`.
+    pub ordering_dead_head: Option<DeadHead>,
 }
 
 impl std::fmt::Debug for NewEndpoint {
@@ -326,6 +339,7 @@ impl std::fmt::Debug for NewEndpoint {
             .field("timeout", &self.timeout)
             .field("max_in_flight", &self.max_in_flight)
             .field("rate_limit", &self.rate_limit)
+            .field("ordering_dead_head", &self.ordering_dead_head)
             .finish()
     }
 }
@@ -375,8 +389,9 @@ pub(crate) fn validate_filter(filter: &str) -> Result<(), InvalidEndpoint> {
 }
 
 pub(crate) const INSERT_ENDPOINT: &str = "INSERT INTO webhook_endpoints
-         (url, secret, event_types, description, headers, timeout_ms, max_in_flight, rate_limit)
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         (url, secret, event_types, description, headers, timeout_ms, max_in_flight, rate_limit,
+          ordering_dead_head)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
      RETURNING id";
 
 /// A secret the caller gave, once it is known to parse, or a fresh one.
@@ -398,6 +413,7 @@ pub(crate) const SELECT_ENDPOINTS: &str =
             -- The names only: a header's value is never read back.
             ARRAY(SELECT h->>'name' FROM jsonb_array_elements(headers) h) AS header_names,
             timeout_ms, max_in_flight, rate_limit, circuit_failures, circuit_open_until,
+            ordering_dead_head,
             -- Open or half-open by the database's clock, the one the claims go by;
             -- NULL while closed.
             circuit_open_until > now() AS circuit_open
@@ -429,6 +445,7 @@ pub async fn add(client: &impl GenericClient, new: NewEndpoint) -> Result<(Endpo
                 (&new.timeout.map(timeout_ms), Type::INT4),
                 (&new.max_in_flight.map(limit_column), Type::INT4),
                 (&new.rate_limit.map(limit_column), Type::INT4),
+                (&new.ordering_dead_head.map(DeadHead::as_str), Type::TEXT),
             ],
         )
         .await?;
@@ -486,6 +503,11 @@ fn from_row(row: &tokio_postgres::Row) -> Result<Endpoint> {
             .try_get::<_, i32>("circuit_failures")?
             .try_into()
             .unwrap_or(0),
+        ordering_dead_head: row
+            .try_get::<_, Option<&str>>("ordering_dead_head")?
+            .map(str::parse::<DeadHead>)
+            .transpose()
+            .map_err(Error::InvalidInput)?,
     })
 }
 
@@ -531,7 +553,26 @@ pub(crate) const ENABLE: &str = "WITH ep AS (
 // Enabling without the backlog: the endpoint's parked deliveries become `discarded`
 // (final, kept apart from `dead` so that re-driving dead deliveries, the dead-letter
 // gauge and its alerts never pick them up) in the statement that enables it, so none
-// of them is sent, and every event fanned out after it is.
+// of them is sent, and every event fanned out after it is. The ordered deliveries
+// waiting behind their key's head (`queued`) are discarded with them, and the lines'
+// key rows deleted, or they would strand: a key row whose head is discarded is never
+// moved on. A key row whose head is still pending (in flight when the endpoint was
+// disabled, or re-driven) is kept: that head still goes out, and its settle ends the
+// line. A blocked key's row goes too: its dead head stays dead (a re-drive makes it the
+// head of a new line) and the key's next events flow.
+//
+// Two statements in one transaction, as the settle's advance: the first locks the
+// endpoint's key rows in key order (the order the sequencer takes them, so the two
+// cannot deadlock), waiting for a sequencer that is queueing behind one; the second,
+// whose snapshot is taken after the wait, then sees every delivery that sequencer
+// queued. One statement would miss them and leave them `queued` without a line.
+pub(crate) const LOCK_ENDPOINT_KEYS: &str = "SELECT 1 FROM webhook_ordering_keys
+    WHERE endpoint_id = $1
+    ORDER BY ordering_key
+    FOR UPDATE";
+
+// The parked and the queued deliveries in two parts, each through its own partial
+// index (parked, queued): one condition on both states would read neither index.
 pub(crate) const ENABLE_DISCARDING_BACKLOG: &str = "WITH ep AS (
         UPDATE webhook_endpoints
         SET active = true, disabled_reason = NULL, failing_since = NULL,
@@ -544,8 +585,24 @@ pub(crate) const ENABLE_DISCARDING_BACKLOG: &str = "WITH ep AS (
         FROM ep
         WHERE d.endpoint_id = ep.id AND d.state = 'parked'
         RETURNING 1
+    ), dropped AS (
+        UPDATE webhook_deliveries d
+        SET state = 'discarded', updated_at = now()
+        FROM ep
+        WHERE d.endpoint_id = ep.id AND d.state = 'queued'
+        RETURNING 1
+    ), freed AS (
+        DELETE FROM webhook_ordering_keys k
+        USING ep
+        WHERE k.endpoint_id = ep.id
+          AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d
+                          WHERE d.event_id = k.head_event_id AND d.endpoint_id = k.endpoint_id
+                            AND d.state = 'pending')
+        RETURNING 1
     )
-    SELECT (SELECT count(*) FROM ep) AS endpoints, (SELECT count(*) FROM discarded) AS deliveries";
+    SELECT (SELECT count(*) FROM ep) AS endpoints,
+           (SELECT count(*) FROM discarded) + (SELECT count(*) FROM dropped) AS deliveries,
+           (SELECT count(*) FROM freed) AS keys";
 
 pub(crate) const REMOVE: &str = "UPDATE webhook_endpoints
     SET active = false, deleted_at = now(), disabled_reason = 'removed', updated_at = now()
@@ -573,14 +630,21 @@ pub async fn enable(client: &impl GenericClient, id: i64) -> Result<u64> {
     counted(row, id)
 }
 
-/// Resumes an endpoint without its backlog: its parked deliveries become `discarded`
-/// and are never sent (unless replayed one by one); events fanned out from now on are
-/// delivered. Returns how many deliveries were discarded.
-pub async fn enable_discarding_backlog(client: &impl GenericClient, id: i64) -> Result<u64> {
-    let row = client
+/// Resumes an endpoint without its backlog: its parked deliveries, and the ordered
+/// deliveries queued behind their keys' heads, become `discarded` and are never sent
+/// (unless replayed one by one); events fanned out from now on are delivered, ordered
+/// keys starting new lines. Returns how many deliveries were discarded. Runs in a
+/// transaction of its own (a savepoint when `client` is a transaction).
+pub async fn enable_discarding_backlog(client: &mut impl GenericClient, id: i64) -> Result<u64> {
+    let tx = client.transaction().await?;
+    tx.execute_typed(LOCK_ENDPOINT_KEYS, &[(&id, Type::INT8)])
+        .await?;
+    let row = tx
         .query_typed_one(ENABLE_DISCARDING_BACKLOG, &[(&id, Type::INT8)])
         .await?;
-    counted(row, id)
+    let discarded = counted(row, id)?;
+    tx.commit().await?;
+    Ok(discarded)
 }
 
 // Closing a circuit by hand: the state a success would leave (no failures counted, no
@@ -667,6 +731,9 @@ pub(crate) const UPDATE_FIELDS: &str = "UPDATE webhook_endpoints
         max_in_flight = CASE WHEN $7::int4 IS NULL THEN max_in_flight
                              ELSE nullif($7::int4, 0) END,
         rate_limit = CASE WHEN $8::int4 IS NULL THEN rate_limit ELSE nullif($8::int4, 0) END,
+        -- NULL leaves the policy; 'default' removes the override.
+        ordering_dead_head = CASE WHEN $9::text IS NULL THEN ordering_dead_head
+                                  ELSE nullif($9::text, 'default') END,
         updated_at = now()
     WHERE id = $1 AND deleted_at IS NULL
     RETURNING id";
@@ -694,6 +761,9 @@ pub async fn update(
     let timeout = change.timeout.map(|t| t.map_or(0, timeout_ms));
     let max_in_flight = change.max_in_flight.map(|n| n.map_or(0, limit_column));
     let rate_limit = change.rate_limit.map(|n| n.map_or(0, limit_column));
+    let dead_head = change
+        .ordering_dead_head
+        .map(|p| p.map_or("default", DeadHead::as_str));
     let found = client
         .query_typed_opt(
             UPDATE_FIELDS,
@@ -706,6 +776,7 @@ pub async fn update(
                 (&timeout, Type::INT4),
                 (&max_in_flight, Type::INT4),
                 (&rate_limit, Type::INT4),
+                (&dead_head, Type::TEXT),
             ],
         )
         .await?;

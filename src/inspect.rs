@@ -53,7 +53,7 @@ impl Serialize for DeliveryId {
 }
 
 /// The states a delivery can be in, as filters accept them. `inflight` is `pending`
-/// with a live lease.
+/// with a live lease; `queued` is an ordered delivery waiting behind its key's head.
 pub const DELIVERY_STATES: &[&str] = &[
     "pending",
     "inflight",
@@ -61,6 +61,7 @@ pub const DELIVERY_STATES: &[&str] = &[
     "dead",
     "parked",
     "discarded",
+    "queued",
 ];
 
 /// Reads a time as the filters' `since` and `until` are written in the admin API's
@@ -142,8 +143,13 @@ pub struct DeliveryView {
     pub endpoint_id: i64,
     /// The event's type.
     pub event_type: String,
-    /// pending, inflight, delivered, dead, parked or discarded.
+    /// pending, inflight, delivered, dead, parked, discarded or queued.
     pub state: String,
+    /// The event's ordering key, if it has one.
+    pub ordering_key: Option<String>,
+    /// Its number in its key's order (the producers' commit order); ordered deliveries
+    /// only.
+    pub ordering_seq: Option<i64>,
     /// Attempts made so far.
     pub attempts: i32,
     /// When the next attempt is due (pending only).
@@ -219,7 +225,8 @@ pub(crate) const DELIVERY_COLUMNS: &str = "d.event_id, d.endpoint_id, o.event_ty
          THEN 'inflight' ELSE d.state END AS state,
     d.attempts,
     CASE WHEN d.state = 'pending' THEN d.next_attempt_at END AS next_attempt_at,
-    d.last_status, d.last_error, d.created_at, d.updated_at, d.delivered_at";
+    d.last_status, d.last_error, d.created_at, d.updated_at, d.delivered_at,
+    d.ordering_key, d.ordering_seq";
 
 /// Newest first by (event, endpoint), which the primary key serves; each filter is
 /// skipped when its parameter is NULL.
@@ -249,6 +256,8 @@ fn delivery_from_row(row: &tokio_postgres::Row) -> Result<DeliveryView> {
         endpoint_id: id.endpoint_id,
         event_type: row.try_get("event_type")?,
         state: row.try_get("state")?,
+        ordering_key: row.try_get("ordering_key")?,
+        ordering_seq: row.try_get("ordering_seq")?,
         attempts: row.try_get("attempts")?,
         next_attempt_at: row.try_get("next_attempt_at")?,
         last_status: row.try_get("last_status")?,
@@ -459,8 +468,8 @@ pub async fn get_event(client: &impl GenericClient, id: i64) -> Result<EventView
 /// Queue statistics, as `outboxd stats` shows them.
 #[derive(Debug, Clone, Serialize)]
 pub struct Stats {
-    /// Deliveries by state (`pending`, `inflight`, `parked`, `dead`, `delivered`) and
-    /// `unprocessed` outbox rows not yet fanned out.
+    /// Deliveries by state (`pending`, `inflight`, `parked`, `dead`, `delivered`,
+    /// `queued`) and `unprocessed` outbox rows not yet fanned out.
     pub depth: std::collections::BTreeMap<String, i64>,
     /// Age of the oldest event still waiting for fan-out or delivery, in seconds.
     pub oldest_pending_age_seconds: f64,
@@ -491,6 +500,16 @@ pub struct EndpointStats {
     pub delivered_last_hour: i64,
     /// Failed attempts in the last hour.
     pub failed_last_hour: i64,
+    /// Ordered deliveries waiting behind their key's head.
+    pub queued: i64,
+    /// Ordered keys with a line for it (a head pending, in flight, parked or blocked).
+    pub ordering_keys: i64,
+    /// Ordered keys blocked behind a dead head (the `block` policy), waiting for an
+    /// operator to re-drive or discard it.
+    pub blocked_keys: i64,
+    /// When the longest-blocked of them was blocked.
+    #[serde(with = "crate::time_format::option")]
+    pub oldest_blocked_since: Option<SystemTime>,
 }
 
 pub(crate) const STATS_DEPTH: &str = "SELECT
@@ -501,6 +520,7 @@ pub(crate) const STATS_DEPTH: &str = "SELECT
     count(*) FILTER (WHERE state = 'parked') AS parked,
     count(*) FILTER (WHERE state = 'dead') AS dead,
     count(*) FILTER (WHERE state = 'delivered') AS delivered,
+    count(*) FILTER (WHERE state = 'queued') AS queued,
     -- Ordered events wait in the sequencer's log until fanned out.
     (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL AND ordering_key IS NULL)
         + (SELECT count(*) FROM webhook_ordering_log) AS unprocessed,
@@ -526,19 +546,30 @@ pub(crate) const STATS_ENDPOINTS: &str = "WITH recent AS (
         SELECT endpoint_id,
                count(*) FILTER (WHERE state = 'pending') AS pending,
                count(*) FILTER (WHERE state = 'parked') AS parked,
-               count(*) FILTER (WHERE state = 'dead') AS dead
+               count(*) FILTER (WHERE state = 'dead') AS dead,
+               count(*) FILTER (WHERE state = 'queued') AS queued
         FROM webhook_deliveries
-        WHERE state IN ('pending', 'parked', 'dead')
+        WHERE state IN ('pending', 'parked', 'dead', 'queued')
+        GROUP BY endpoint_id
+    ), lines AS (
+        -- A row per key with a line; the blocked ones are few and indexed apart.
+        SELECT endpoint_id, count(*) AS keys,
+               count(*) FILTER (WHERE blocked_since IS NOT NULL) AS blocked,
+               min(blocked_since) AS oldest_blocked_since
+        FROM webhook_ordering_keys
         GROUP BY endpoint_id
     )
     SELECT e.id, e.url, e.active,
            coalesce(open.pending, 0) AS pending, coalesce(open.dead, 0) AS dead,
-           coalesce(open.parked, 0) AS parked,
+           coalesce(open.parked, 0) AS parked, coalesce(open.queued, 0) AS queued,
            coalesce(recent.ok, 0) AS delivered_last_hour,
-           coalesce(recent.failed, 0) AS failed_last_hour
+           coalesce(recent.failed, 0) AS failed_last_hour,
+           coalesce(lines.keys, 0) AS ordering_keys, coalesce(lines.blocked, 0) AS blocked_keys,
+           lines.oldest_blocked_since
     FROM webhook_endpoints e
     LEFT JOIN open ON open.endpoint_id = e.id
     LEFT JOIN recent ON recent.endpoint_id = e.id
+    LEFT JOIN lines ON lines.endpoint_id = e.id
     WHERE e.deleted_at IS NULL
     ORDER BY e.id";
 
@@ -553,6 +584,7 @@ pub async fn stats(client: &impl GenericClient) -> Result<Stats> {
         "parked",
         "dead",
         "delivered",
+        "queued",
         "unprocessed",
     ] {
         depth.insert(state.to_owned(), row.try_get::<_, i64>(state)?);
@@ -573,6 +605,10 @@ pub async fn stats(client: &impl GenericClient) -> Result<Stats> {
                 parked: r.try_get("parked")?,
                 delivered_last_hour: r.try_get("delivered_last_hour")?,
                 failed_last_hour: r.try_get("failed_last_hour")?,
+                queued: r.try_get("queued")?,
+                ordering_keys: r.try_get("ordering_keys")?,
+                blocked_keys: r.try_get("blocked_keys")?,
+                oldest_blocked_since: r.try_get("oldest_blocked_since")?,
             })
         })
         .collect::<Result<Vec<EndpointStats>>>()?;
@@ -583,6 +619,86 @@ pub async fn stats(client: &impl GenericClient) -> Result<Stats> {
         failed_last_hour: endpoints.iter().map(|e| e.failed_last_hour).sum(),
         endpoints,
     })
+}
+
+/// Which blocked keys [`list_blocked`] lists.
+#[derive(Debug, Clone, Default)]
+pub struct BlockedFilter {
+    /// The endpoint.
+    pub endpoint_id: i64,
+    /// Continue after this key (the previous page's `next_cursor`).
+    pub after: Option<String>,
+    /// Page size: 1 to [`MAX_PAGE`], [`DEFAULT_PAGE`] when `None`.
+    pub limit: Option<u32>,
+}
+
+/// An ordered key blocked behind a dead head, for one endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockedKey {
+    /// The key.
+    pub ordering_key: String,
+    /// Its dead head: re-drive it or discard it to move the key on.
+    pub head: DeliveryId,
+    /// The head's event.
+    pub head_event_id: i64,
+    /// The head's number in the key's order.
+    pub head_seq: i64,
+    /// When the head ended dead and the key stopped.
+    #[serde(with = "crate::time_format")]
+    pub blocked_since: SystemTime,
+    /// Deliveries of the key waiting behind the head.
+    pub queued: i64,
+}
+
+/// By key, from the key table's primary key (endpoint, key); the queued count through the
+/// queued index, one range per key listed.
+pub(crate) const LIST_BLOCKED: &str = "SELECT k.ordering_key, k.head_event_id, k.head_seq,
+           k.blocked_since,
+           (SELECT count(*) FROM webhook_deliveries d
+            WHERE d.state = 'queued' AND d.endpoint_id = k.endpoint_id
+              AND d.ordering_key = k.ordering_key) AS queued
+    FROM webhook_ordering_keys k
+    WHERE k.endpoint_id = $1 AND k.blocked_since IS NOT NULL
+      AND ($2::text IS NULL OR k.ordering_key > $2)
+    ORDER BY k.ordering_key
+    LIMIT $3";
+
+/// An endpoint's blocked keys, by key. NotFound if the endpoint does not exist.
+pub async fn list_blocked(
+    client: &impl GenericClient,
+    filter: &BlockedFilter,
+) -> Result<Page<BlockedKey>> {
+    let limit = page_size(filter.limit)?;
+    crate::endpoint::get(client, filter.endpoint_id).await?;
+    let fetch = i64::from(limit) + 1;
+    let rows = client
+        .query_typed(
+            LIST_BLOCKED,
+            &[
+                (&filter.endpoint_id, Type::INT8),
+                (&filter.after, Type::TEXT),
+                (&fetch, Type::INT8),
+            ],
+        )
+        .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let head_event_id: i64 = r.try_get("head_event_id")?;
+            Ok(BlockedKey {
+                ordering_key: r.try_get("ordering_key")?,
+                head: DeliveryId {
+                    event_id: head_event_id,
+                    endpoint_id: filter.endpoint_id,
+                },
+                head_event_id,
+                head_seq: r.try_get("head_seq")?,
+                blocked_since: r.try_get("blocked_since")?,
+                queued: r.try_get("queued")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Page::cut(items, limit, |k| k.ordering_key.clone()))
 }
 
 #[cfg(test)]

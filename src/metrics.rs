@@ -127,13 +127,19 @@ const BATCH: &[f64] = &[
 /// Sampled queue state.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct QueueSample {
-    /// Deliveries by state: `pending`, `inflight`, `parked`, `dead`, plus `unprocessed`
-    /// for outbox rows not yet fanned out.
+    /// Deliveries by state: `pending`, `inflight`, `parked`, `dead`, `queued`, plus
+    /// `unprocessed` for outbox rows not yet fanned out.
     pub depth: BTreeMap<&'static str, i64>,
     /// Age of the oldest event still waiting for fan-out or delivery, in seconds.
     pub oldest_pending_age_seconds: f64,
     /// Endpoints (enabled) whose circuit is open or half-open.
     pub circuits_open: i64,
+    /// `(endpoint, keys)`: ordered keys blocked behind a dead head, for the endpoints
+    /// that have any (at most [`MAX_LABELLED_ENDPOINTS`], those with the most first).
+    pub blocked_keys: Vec<(i64, i64)>,
+    /// Age of the oldest ordered event not fanned out yet (0 when none waits): what a
+    /// long writing transaction anywhere in the cluster holds back.
+    pub ordering_horizon_wait_seconds: f64,
 }
 
 /// Every metric a [`Dispatcher`](crate::Dispatcher) records ([`Dispatcher::metrics`]):
@@ -512,14 +518,40 @@ impl Collector for Snapshot {
                 "Age of the oldest event still waiting for fan-out or delivery (sampled).",
                 queue.oldest_pending_age_seconds,
             )?;
+            let mut family = e.encode_descriptor(
+                "outboxd_ordering_blocked_keys",
+                "Ordered keys blocked behind a dead head, by endpoint; endpoints without any are left out (sampled).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (endpoint, keys) in &queue.blocked_keys {
+                family
+                    .encode_family(&[("endpoint", *endpoint)])?
+                    .encode_gauge(keys)?;
+            }
+            gauge(
+                e,
+                "outboxd_ordering_horizon_wait_seconds",
+                "Age of the oldest ordered event not fanned out yet: a writing transaction still open holds every ordered event back (sampled).",
+                queue.ordering_horizon_wait_seconds,
+            )?;
         }
         Ok(())
     }
 }
 
 /// Counts the queue by state. Reads the pending and parked sets through their partial
-/// indexes; `dead` through its own partial index.
+/// indexes; `dead` and `queued` through their own partial indexes, the blocked keys
+/// through the key table's partial index on them.
 pub const QUEUE_SAMPLE: &str = "
+WITH blocked AS (
+    SELECT endpoint_id, count(*) AS keys
+    FROM webhook_ordering_keys
+    WHERE blocked_since IS NOT NULL
+    GROUP BY endpoint_id
+    ORDER BY count(*) DESC, endpoint_id
+    LIMIT 200
+)
 SELECT
     (SELECT count(*) FROM webhook_deliveries
       WHERE state = 'pending' AND NOT (locked_by IS NOT NULL AND locked_until > now()))
@@ -529,6 +561,14 @@ SELECT
       AS inflight,
     (SELECT count(*) FROM webhook_deliveries WHERE state = 'parked') AS parked,
     (SELECT count(*) FROM webhook_deliveries WHERE state = 'dead') AS dead,
+    (SELECT count(*) FROM webhook_deliveries WHERE state = 'queued') AS queued,
+    ARRAY(SELECT endpoint_id FROM blocked ORDER BY endpoint_id) AS blocked_endpoints,
+    ARRAY(SELECT keys FROM blocked ORDER BY endpoint_id) AS blocked_keys,
+    -- The log has no time of its own: its oldest event's creation (the producer's
+    -- transaction's start) stands for it.
+    extract(epoch FROM now() - (SELECT o.created_at FROM webhook_ordering_log l
+                                JOIN webhook_outbox o ON o.id = l.event_id
+                                ORDER BY l.seq LIMIT 1))::float8 AS ordering_horizon_wait_seconds,
     -- Ordered events wait in the sequencer's log until fanned out.
     (SELECT count(*) FROM webhook_outbox WHERE processed_at IS NULL AND ordering_key IS NULL)
         + (SELECT count(*) FROM webhook_ordering_log) AS unprocessed,
@@ -546,14 +586,19 @@ SELECT
 pub async fn sample_queue(client: &impl tokio_postgres::GenericClient) -> Result<QueueSample> {
     let row = client.query_typed_one(QUEUE_SAMPLE, &[]).await?;
     let mut depth = BTreeMap::new();
-    for state in ["pending", "inflight", "parked", "dead", "unprocessed"] {
+    for state in ["pending", "inflight", "parked", "dead", "queued", "unprocessed"] {
         depth.insert(state, row.try_get::<_, i64>(state)?);
     }
     let age: Option<f64> = row.try_get("oldest_pending_age_seconds")?;
+    let horizon: Option<f64> = row.try_get("ordering_horizon_wait_seconds")?;
+    let endpoints: Vec<i64> = row.try_get("blocked_endpoints")?;
+    let keys: Vec<i64> = row.try_get("blocked_keys")?;
     Ok(QueueSample {
         depth,
         circuits_open: row.try_get("circuits_open")?,
         oldest_pending_age_seconds: age.unwrap_or(0.0).max(0.0),
+        blocked_keys: endpoints.into_iter().zip(keys).collect(),
+        ordering_horizon_wait_seconds: horizon.unwrap_or(0.0).max(0.0),
     })
 }
 
@@ -770,6 +815,8 @@ mod tests {
             depth: [("pending", 3), ("dead", 1)].into_iter().collect(),
             oldest_pending_age_seconds: 1.5,
             circuits_open: 1,
+            blocked_keys: vec![(7, 2)],
+            ordering_horizon_wait_seconds: 0.25,
         });
         m.inflight_add(2);
         m.circuit_transition(true);
@@ -792,6 +839,8 @@ mod tests {
             ("outboxd_queue_depth", "gauge"),
             ("outboxd_endpoints_circuit_open", "gauge"),
             ("outboxd_oldest_pending_age_seconds", "gauge"),
+            ("outboxd_ordering_blocked_keys", "gauge"),
+            ("outboxd_ordering_horizon_wait_seconds", "gauge"),
         ]
         .into_iter()
         .map(|(n, t)| (n.to_owned(), t.to_owned()))
@@ -802,6 +851,11 @@ mod tests {
         assert_eq!(p.value("outboxd_queue_depth", &[("state", "pending")]), 3.0);
         assert_eq!(p.value("outboxd_oldest_pending_age_seconds", &[]), 1.5);
         assert_eq!(p.value("outboxd_endpoints_circuit_open", &[]), 1.0);
+        assert_eq!(
+            p.value("outboxd_ordering_blocked_keys", &[("endpoint", "7")]),
+            2.0
+        );
+        assert_eq!(p.value("outboxd_ordering_horizon_wait_seconds", &[]), 0.25);
         assert_eq!(
             p.value("outboxd_circuit_transitions_total", &[("transition", "opened")]),
             1.0
@@ -850,6 +904,7 @@ mod tests {
             depth: [(odd, 5)].into_iter().collect(),
             oldest_pending_age_seconds: 0.0,
             circuits_open: 0,
+            ..QueueSample::default()
         });
         let text = m.render();
         assert!(

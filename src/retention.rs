@@ -2,8 +2,9 @@
 //! after `WEBHOOK_RETENTION_HOURS`, dead ones after `WEBHOOK_DEAD_RETENTION_HOURS` (unless
 //! re-driven first), the parked deliveries of a removed endpoint that long after its
 //! removal (they can never be sent), and an event once none of its deliveries remain.
-//! Pending, in-flight and parked work (of an endpoint that can be enabled again) is
-//! never touched, nor an event that has not been fanned out.
+//! Pending, in-flight, parked and queued work (of an endpoint that can be enabled again)
+//! is never touched, nor an event that has not been fanned out, nor a dead delivery that
+//! a blocked ordered key still has as its head.
 //!
 //! A pass costs what it prunes, not what it keeps. Each is a series of short
 //! transactions (batches of [`BATCH`] events), so it never holds long locks or pins
@@ -18,8 +19,9 @@
 //! 2. Expired dead deliveries, wherever they are, through the dead index (endpoint by
 //!    endpoint, oldest first): dead deliveries kept for their longer retention are the
 //!    bulk of what the walk passes.
-//! 3. Parked deliveries of endpoints removed longer ago than the dead retention,
-//!    through the parked index.
+//! 3. Parked and queued deliveries of endpoints removed longer ago than the dead
+//!    retention, through the parked and queued indexes, then their ordered lines' key
+//!    rows.
 //! 4. The sweep: [`SWEEP_BATCHES`] batches of events below the frontier per pass,
 //!    round and round, for what finished after the walk passed it (a delivery retried
 //!    for hours, resumed from a park or re-driven, a parked backlog discarded; an event
@@ -92,14 +94,21 @@ pub(crate) const NEXT_EVENTS: &str =
 
 /// Deletes the batch's final deliveries that are past retention, then their attempts.
 /// `$2`/`$3` are the delivered/dead retentions in milliseconds; a discarded delivery is
-/// kept as long as a delivered one.
+/// kept as long as a delivered one. A dead delivery that is still the head of its
+/// ordered key's line (the key blocked behind it, waiting for an operator) is kept
+/// whatever its age: deleting it would leave the line with a head that no longer
+/// exists, and the key blocked for good. `queued` deliveries are never final.
 pub(crate) const DELETE_DELIVERIES: &str = "
 WITH gone AS (
-    DELETE FROM webhook_deliveries
-    WHERE event_id = ANY ($1::bigint[])
-      AND ((state IN ('delivered', 'discarded') AND updated_at < now() - $2 * interval '1 millisecond')
-        OR (state = 'dead' AND updated_at < now() - $3 * interval '1 millisecond'))
-    RETURNING event_id, endpoint_id
+    DELETE FROM webhook_deliveries d
+    WHERE d.event_id = ANY ($1::bigint[])
+      AND ((d.state IN ('delivered', 'discarded')
+            AND d.updated_at < now() - $2 * interval '1 millisecond')
+        OR (d.state = 'dead' AND d.updated_at < now() - $3 * interval '1 millisecond'
+            AND NOT EXISTS (SELECT 1 FROM webhook_ordering_keys k
+                            WHERE k.endpoint_id = d.endpoint_id AND k.ordering_key = d.ordering_key
+                              AND k.head_event_id = d.event_id)))
+    RETURNING d.event_id, d.endpoint_id
 ), attempts AS (
     DELETE FROM webhook_attempts a
     USING gone
@@ -124,7 +133,9 @@ pub(crate) const DELETE_EVENTS: &str = "DELETE FROM webhook_outbox o
 /// index one probe each (a loose index scan: the recursive step asks for the next
 /// endpoint id after the last). Dead deliveries within their retention are never read.
 /// The delete repeats the conditions: a re-drive that committed since the read made the
-/// row pending, and it stays.
+/// row pending, and it stays. A blocked key's dead head is skipped (see
+/// [`DELETE_DELIVERIES`]) in the read, so that a few of them, oldest of an endpoint,
+/// cannot hide the expired deliveries behind them from every batch.
 pub const DELETE_EXPIRED_DEAD: &str = "
 WITH RECURSIVE endpoints(id) AS (
     (SELECT endpoint_id FROM webhook_deliveries
@@ -143,6 +154,9 @@ WITH RECURSIVE endpoints(id) AS (
         FROM webhook_deliveries d
         WHERE d.state = 'dead' AND d.endpoint_id = e.id
           AND d.updated_at < now() - $1 * interval '1 millisecond'
+          AND NOT EXISTS (SELECT 1 FROM webhook_ordering_keys k
+                          WHERE k.endpoint_id = d.endpoint_id AND k.ordering_key = d.ordering_key
+                            AND k.head_event_id = d.event_id)
         ORDER BY d.updated_at
         LIMIT $2
     ) x
@@ -152,6 +166,9 @@ WITH RECURSIVE endpoints(id) AS (
     USING expired x
     WHERE d.event_id = x.event_id AND d.endpoint_id = x.endpoint_id
       AND d.state = 'dead' AND d.updated_at < now() - $1 * interval '1 millisecond'
+      AND NOT EXISTS (SELECT 1 FROM webhook_ordering_keys k
+                      WHERE k.endpoint_id = d.endpoint_id AND k.ordering_key = d.ordering_key
+                        AND k.head_event_id = d.event_id)
     RETURNING d.event_id, d.endpoint_id
 ), attempts AS (
     DELETE FROM webhook_attempts a
@@ -189,6 +206,47 @@ WITH expired AS (
 )
 SELECT (SELECT count(*) FROM gone) AS deliveries, (SELECT count(*) FROM attempts) AS attempts,
        ARRAY(SELECT DISTINCT event_id FROM gone) AS events";
+
+/// [`DELETE_REMOVED_PARKED`] for the ordered deliveries `queued` behind their keys'
+/// heads, through the queued index: a removed endpoint's lines never move again.
+pub const DELETE_REMOVED_QUEUED: &str = "
+WITH expired AS (
+    SELECT d.event_id, d.endpoint_id
+    FROM webhook_endpoints ep
+    JOIN webhook_deliveries d ON d.endpoint_id = ep.id AND d.state = 'queued'
+    WHERE ep.deleted_at < now() - $1 * interval '1 millisecond'
+    LIMIT $2
+), gone AS (
+    DELETE FROM webhook_deliveries d
+    USING expired x
+    WHERE d.event_id = x.event_id AND d.endpoint_id = x.endpoint_id AND d.state = 'queued'
+    RETURNING d.event_id, d.endpoint_id
+), attempts AS (
+    DELETE FROM webhook_attempts a
+    USING gone
+    WHERE a.event_id = gone.event_id AND a.endpoint_id = gone.endpoint_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) AS deliveries, (SELECT count(*) FROM attempts) AS attempts,
+       ARRAY(SELECT DISTINCT event_id FROM gone) AS events";
+
+/// Deletes up to `$2` key rows (ordered lines) of endpoints removed more than `$1`
+/// milliseconds ago, along with their parked and queued deliveries; a blocked line's
+/// dead head is then an ordinary dead delivery, pruned by its own retention.
+pub const DELETE_REMOVED_KEYS: &str = "
+WITH expired AS (
+    SELECT k.endpoint_id, k.ordering_key
+    FROM webhook_endpoints ep
+    JOIN webhook_ordering_keys k ON k.endpoint_id = ep.id
+    WHERE ep.deleted_at < now() - $1 * interval '1 millisecond'
+    LIMIT $2
+), gone AS (
+    DELETE FROM webhook_ordering_keys k
+    USING expired x
+    WHERE k.endpoint_id = x.endpoint_id AND k.ordering_key = x.ordering_key
+    RETURNING 1
+)
+SELECT count(*) AS keys FROM gone";
 
 /// What one pruning pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -237,6 +295,9 @@ pub(crate) async fn prune_on(
         .await?;
     pass.delete_directly(client, DELETE_REMOVED_PARKED, dead_ms)
         .await?;
+    pass.delete_directly(client, DELETE_REMOVED_QUEUED, dead_ms)
+        .await?;
+    pass.delete_removed_keys(client, dead_ms).await?;
     pass.sweep(client).await?;
     Ok(pass.pruned)
 }
@@ -394,6 +455,28 @@ impl Pass {
             self.delete_empty_events(&tx, &events).await?;
             tx.commit().await?;
             if deliveries < BATCH {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the key rows of removed endpoints, batch by batch.
+    async fn delete_removed_keys(&mut self, client: &mut Client, older_than_ms: i64) -> Result<()> {
+        while self.may_go_on() {
+            let tx = client.transaction().await?;
+            if self.lock(&tx).await?.is_none() {
+                return Ok(tx.commit().await?);
+            }
+            let keys: i64 = tx
+                .query_typed_one(
+                    DELETE_REMOVED_KEYS,
+                    &[(&older_than_ms, Type::INT8), (&BATCH, Type::INT8)],
+                )
+                .await?
+                .try_get("keys")?;
+            tx.commit().await?;
+            if keys < BATCH {
                 break;
             }
         }

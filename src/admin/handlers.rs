@@ -13,17 +13,18 @@ use serde::{Deserialize, Serialize};
 use super::AdminState;
 use super::error::ApiError;
 use super::input::{
-    JsonBody, NoQuery, OptionalJsonBody, Params, PathParam, check_body_id, check_description,
-    check_event_type, check_filters, check_headers, check_limit, check_secret, check_timeout,
-    check_url, delivery_cursor, delivery_in_path, non_null, nullable, opt_event_type, opt_id,
-    opt_limit, opt_query_time, opt_state, opt_time, parse_id, query_value,
+    JsonBody, KeyPath, NoQuery, OptionalJsonBody, Params, PathParam, check_body_id,
+    check_description, check_event_type, check_filters, check_headers, check_limit,
+    check_ordering_key, check_secret, check_timeout, check_url, delivery_cursor, delivery_in_path,
+    non_null, nullable, opt_event_type, opt_id, opt_limit, opt_ordering_key, opt_query_time,
+    opt_state, opt_time, parse_id, query_value,
 };
 use crate::endpoint::{
-    self, Endpoint, EndpointUpdate, MAX_IN_FLIGHT_RANGE, NewEndpoint, RATE_LIMIT_RANGE,
+    self, DeadHead, Endpoint, EndpointUpdate, MAX_IN_FLIGHT_RANGE, NewEndpoint, RATE_LIMIT_RANGE,
     StaticHeader,
 };
-use crate::inspect::{self, DeliveryFilter, DeliveryId, EventFilter};
-use crate::redrive::{self, DeadFilter};
+use crate::inspect::{self, BlockedFilter, DeliveryFilter, DeliveryId, EventFilter};
+use crate::redrive::{self, DeadFilter, KeyAction};
 
 type Handled = Result<Response, ApiError>;
 
@@ -51,6 +52,9 @@ pub(super) struct CreateEndpoint {
     max_in_flight: Option<u64>,
     #[serde(default)]
     rate_limit: Option<u64>,
+    // `null` is the global setting, as in an endpoint.
+    #[serde(default)]
+    ordering_dead_head: Option<DeadHead>,
 }
 
 #[derive(Serialize)]
@@ -82,6 +86,7 @@ pub(super) async fn create_endpoint(
         timeout,
         max_in_flight: check_limit("max_in_flight", body.max_in_flight, &MAX_IN_FLIGHT_RANGE)?,
         rate_limit: check_limit("rate_limit", body.rate_limit, &RATE_LIMIT_RANGE)?,
+        ordering_dead_head: body.ordering_dead_head,
     };
     // Validate before taking a connection, so bad input never waits on the pool.
     check_url(&new.url)?;
@@ -146,6 +151,8 @@ pub(super) struct PatchEndpoint {
     max_in_flight: Option<Option<u64>>,
     #[serde(default, deserialize_with = "nullable")]
     rate_limit: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    ordering_dead_head: Option<Option<DeadHead>>,
 }
 
 pub(super) async fn update_endpoint(
@@ -186,6 +193,7 @@ pub(super) async fn update_endpoint(
             .rate_limit
             .map(|n| check_limit("rate_limit", n, &RATE_LIMIT_RANGE))
             .transpose()?,
+        ordering_dead_head: body.ordering_dead_head,
     };
     // One transaction: the fields and the parking or resuming land together or not at all.
     let mut conn = state.pool.get().await?;
@@ -265,9 +273,9 @@ pub(super) async fn enable_endpoint(
     OptionalJsonBody(body): OptionalJsonBody<EnableEndpoint>,
 ) -> Handled {
     let id = parse_id("endpoint id", &id)?;
-    let conn = state.pool.get().await?;
+    let mut conn = state.pool.get().await?;
     let enabled = if body.discard_backlog {
-        let discarded = endpoint::enable_discarding_backlog(&*conn, id).await?;
+        let discarded = endpoint::enable_discarding_backlog(&mut *conn, id).await?;
         Enabled {
             resumed: 0,
             discarded,
@@ -465,6 +473,75 @@ pub(super) async fn retry_delivery(
         )));
     }
     Ok((StatusCode::ACCEPTED, Json(OneDelivery { delivery_id: id })).into_response())
+}
+
+// ---------------------------------------------------------------------------------------
+// Ordered keys
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BlockedQuery {
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// An endpoint's blocked keys, by key, paged.
+pub(super) async fn list_blocked(
+    State(state): State<AdminState>,
+    PathParam(id): PathParam,
+    Params(query): Params<BlockedQuery>,
+) -> Handled {
+    let endpoint_id = parse_id("endpoint id", &id)?;
+    let filter = BlockedFilter {
+        endpoint_id,
+        after: opt_ordering_key("after", query.after)?,
+        limit: opt_limit(query.limit)?,
+    };
+    let conn = state.pool.get().await?;
+    Ok(Json(inspect::list_blocked(&*conn, &filter).await?).into_response())
+}
+
+/// The answer to a re-drive or discard that changed nothing: 409, saying why.
+fn not_blocked(endpoint_id: i64, key: &str) -> ApiError {
+    ApiError::conflict(format!(
+        "ordering key {key:?} of endpoint {endpoint_id} is not blocked: its head is \
+         pending, in flight or parked"
+    ))
+}
+
+/// Re-drives a blocked key's dead head; the key resumes in order.
+pub(super) async fn redrive_blocked(
+    State(state): State<AdminState>,
+    KeyPath(id, key): KeyPath,
+    Params(NoQuery {}): Params<NoQuery>,
+) -> Handled {
+    let endpoint_id = parse_id("endpoint id", &id)?;
+    let key = check_ordering_key("ordering key", key)?;
+    let conn = state.pool.get().await?;
+    match redrive::redrive_blocked(&*conn, endpoint_id, &key).await? {
+        KeyAction::Done(delivery_id) => {
+            Ok((StatusCode::ACCEPTED, Json(OneDelivery { delivery_id })).into_response())
+        }
+        KeyAction::NotBlocked => Err(not_blocked(endpoint_id, &key)),
+    }
+}
+
+/// Discards a blocked key's dead head; the key's next delivery goes.
+pub(super) async fn discard_blocked(
+    State(state): State<AdminState>,
+    KeyPath(id, key): KeyPath,
+    Params(NoQuery {}): Params<NoQuery>,
+) -> Handled {
+    let endpoint_id = parse_id("endpoint id", &id)?;
+    let key = check_ordering_key("ordering key", key)?;
+    let mut conn = state.pool.get().await?;
+    match redrive::discard_blocked(&mut *conn, endpoint_id, &key).await? {
+        KeyAction::Done(delivery_id) => {
+            Ok((StatusCode::OK, Json(OneDelivery { delivery_id })).into_response())
+        }
+        KeyAction::NotBlocked => Err(not_blocked(endpoint_id, &key)),
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -172,6 +172,46 @@ impl<S: Send + Sync> FromRequestParts<S> for PathParam {
     }
 }
 
+/// The two path parameters of a route on one ordered key: the endpoint id and the key,
+/// as text (percent-decoded); parsed by the handler.
+#[derive(Debug)]
+pub(super) struct KeyPath(pub String, pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for KeyPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<(String, String)>::from_request_parts(parts, state).await {
+            Ok(Path((id, key))) => Ok(Self(id, key)),
+            Err(rejection) => Err(ApiError::invalid_input(rejection.body_text())),
+        }
+    }
+}
+
+/// Most characters in an ordering key (as the outbox's check constraint counts them).
+pub(super) const MAX_ORDERING_KEY_CHARS: usize = 255;
+
+/// An ordering key named `what`: 1 to 255 characters without NUL, as keys are stored
+/// (PostgreSQL text cannot hold NUL).
+pub(super) fn check_ordering_key(what: &str, key: String) -> Result<String, ApiError> {
+    if key.is_empty() || key.chars().count() > MAX_ORDERING_KEY_CHARS || key.contains('\0') {
+        return Err(ApiError::invalid_input(format!(
+            "{what} must be 1 to {MAX_ORDERING_KEY_CHARS} characters, without NUL"
+        )));
+    }
+    Ok(key)
+}
+
+/// An optional ordering-key query parameter (a cursor).
+pub(super) fn opt_ordering_key(
+    what: &str,
+    value: Option<String>,
+) -> Result<Option<String>, ApiError> {
+    query_value(what, value)?
+        .map(|key| check_ordering_key(what, key))
+        .transpose()
+}
+
 /// The largest id: ids are `bigint`.
 const MAX_ID: u64 = i64::MAX as u64;
 
@@ -844,6 +884,11 @@ mod tests {
                 "^[^\\u0000]*$",
             ),
             ("/components/parameters/EventType/schema", "^[^\\u0000]*$"),
+            ("/components/parameters/OrderingKey/schema", "^[^\\u0000]*$"),
+            (
+                "/components/parameters/BlockedAfter/schema",
+                "^[^\\u0000]*$",
+            ),
             (
                 "/components/parameters/DeliveryId/schema",
                 "^[0-9]+:[0-9]+$",

@@ -1,6 +1,6 @@
-//! The admin HTTP API: endpoints, events, deliveries, re-drive and statistics over JSON,
-//! described by the OpenAPI 3.0 document `docs/openapi.json` (served at
-//! `GET /openapi.json`).
+//! The admin HTTP API: endpoints, events, deliveries, re-drive, blocked ordered keys and
+//! statistics over JSON, described by the OpenAPI 3.0 document `docs/openapi.json`
+//! (served at `GET /openapi.json`).
 //!
 //! Guarantees:
 //!
@@ -12,7 +12,8 @@
 //!   Malformed input (a body, query parameter or path that does not parse or validate)
 //!   is 400 `invalid_input`, never a 500; a missing row is 404 `not_found`; a request
 //!   that does not fit the current state (retrying a delivery that is not dead, testing
-//!   a disabled endpoint, replaying an event not yet fanned out) is 409 `conflict`;
+//!   a disabled endpoint, replaying an event not yet fanned out, re-driving or
+//!   discarding the head of an ordered key that is not blocked) is 409 `conflict`;
 //!   database and pool failures are 500 `internal` with a generic message, the detail
 //!   going to the log.
 //! * Nothing is logged from request bodies, secrets or payloads. An endpoint's secret
@@ -103,6 +104,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/endpoints/{id}/enable"),
     ("POST", "/v1/endpoints/{id}/test"),
     ("POST", "/v1/endpoints/{id}/circuit/close"),
+    ("GET", "/v1/endpoints/{id}/ordering/blocked"),
+    ("POST", "/v1/endpoints/{id}/ordering/blocked/{key}/redrive"),
+    ("POST", "/v1/endpoints/{id}/ordering/blocked/{key}/discard"),
     ("GET", "/v1/events"),
     ("GET", "/v1/events/{id}"),
     ("POST", "/v1/events/{id}/replay"),
@@ -142,6 +146,13 @@ fn method_router(method: &str, path: &str) -> Option<MethodRouter<AdminState>> {
         ("POST", "/v1/endpoints/{id}/enable") => on(filter, h::enable_endpoint),
         ("POST", "/v1/endpoints/{id}/test") => on(filter, h::send_test),
         ("POST", "/v1/endpoints/{id}/circuit/close") => on(filter, h::close_circuit),
+        ("GET", "/v1/endpoints/{id}/ordering/blocked") => on(filter, h::list_blocked),
+        ("POST", "/v1/endpoints/{id}/ordering/blocked/{key}/redrive") => {
+            on(filter, h::redrive_blocked)
+        }
+        ("POST", "/v1/endpoints/{id}/ordering/blocked/{key}/discard") => {
+            on(filter, h::discard_blocked)
+        }
         ("GET", "/v1/events") => on(filter, h::list_events),
         ("GET", "/v1/events/{id}") => on(filter, h::get_event),
         ("POST", "/v1/events/{id}/replay") => on(filter, h::replay_event),

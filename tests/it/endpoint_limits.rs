@@ -142,6 +142,8 @@ async fn limits_round_trip_through_the_cli() {
             "*",
             "8",
             "50",
+            // No dead-head policy of its own.
+            "-",
             "closed",
             "https://example.com/hook"
         ],

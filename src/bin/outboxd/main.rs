@@ -73,6 +73,9 @@ enum Command {
     /// List and re-drive dead deliveries
     #[command(subcommand)]
     Dead(manage::DeadCommand),
+    /// Ordered keys blocked behind a dead head: list them, re-drive or discard the head
+    #[command(subcommand)]
+    Ordering(manage::OrderingCommand),
     /// Deliver an event again (same webhook-id) to one or all of its endpoints
     Replay {
         /// The event id
@@ -286,8 +289,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Endpoint(command) => {
-            let client = outboxd::db::connect(&database_url()?).await?;
-            manage::endpoint(&client, command).await
+            let mut client = outboxd::db::connect(&database_url()?).await?;
+            manage::endpoint(&mut client, command).await
         }
         Command::Deliveries(command) => {
             let client = outboxd::db::connect(&database_url()?).await?;
@@ -296,6 +299,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dead(command) => {
             let client = outboxd::db::connect(&database_url()?).await?;
             manage::dead(&client, command).await
+        }
+        Command::Ordering(command) => {
+            let mut client = outboxd::db::connect(&database_url()?).await?;
+            manage::ordering(&mut client, command).await
         }
         Command::Replay {
             event_id,

@@ -6,10 +6,10 @@ use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
 use outboxd::endpoint::{
-    self, EndpointUpdate, MAX_IN_FLIGHT_RANGE, RATE_LIMIT_RANGE, StaticHeader,
+    self, DeadHead, EndpointUpdate, MAX_IN_FLIGHT_RANGE, RATE_LIMIT_RANGE, StaticHeader,
 };
-use outboxd::inspect::{self, DeliveryFilter, DeliveryId, DeliveryView, Page};
-use outboxd::redrive::{self, DeadFilter};
+use outboxd::inspect::{self, BlockedFilter, DeliveryFilter, DeliveryId, DeliveryView, Page};
+use outboxd::redrive::{self, DeadFilter, KeyAction};
 use outboxd::{Error, NewEndpoint};
 use tokio_postgres::Client;
 
@@ -64,6 +64,9 @@ pub enum EndpointCommand {
             value_parser = rate_limit
         )]
         rate_limit: Option<u32>,
+        /// What a dead head of an ordered key does for this endpoint: block (the key waits for an operator), skip (the next goes), or default (WEBHOOK_ORDERING_DEAD_HEAD)
+        #[arg(long, value_name = "POLICY", value_parser = dead_head)]
+        ordering_dead_head: Option<DeadHeadArg>,
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
@@ -137,6 +140,9 @@ pub enum EndpointCommand {
         /// Remove the rate limit
         #[arg(long)]
         clear_rate_limit: bool,
+        /// What a dead head of an ordered key does for this endpoint: block (the key waits for an operator), skip (the next goes), or default (WEBHOOK_ORDERING_DEAD_HEAD)
+        #[arg(long, value_name = "POLICY", value_parser = dead_head)]
+        ordering_dead_head: Option<DeadHeadArg>,
         /// Print JSON instead of text
         #[arg(long)]
         json: bool,
@@ -190,6 +196,24 @@ fn max_in_flight(text: &str) -> Result<u32, String> {
     limit(text, "max_in_flight", &MAX_IN_FLIGHT_RANGE)
 }
 
+/// `--ordering-dead-head`'s value: a policy, or `None` for `default` (the dispatchers'
+/// `WEBHOOK_ORDERING_DEAD_HEAD`). A type of its own: clap reads `Option<Option<_>>` as
+/// a flag whose value may be left out.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadHeadArg(Option<DeadHead>);
+
+/// `--ordering-dead-head`: `block`, `skip`, or `default`; anything else is clap's error
+/// (exit status 2).
+fn dead_head(text: &str) -> Result<DeadHeadArg, String> {
+    match text {
+        "default" => Ok(DeadHeadArg(None)),
+        _ => text
+            .parse()
+            .map(|policy| DeadHeadArg(Some(policy)))
+            .map_err(|_| "ordering_dead_head must be block, skip or default".to_owned()),
+    }
+}
+
 /// `--rate-limit`: in range, or clap's error naming the option (exit status 2).
 fn rate_limit(text: &str) -> Result<u32, String> {
     limit(text, "rate_limit", &RATE_LIMIT_RANGE)
@@ -241,7 +265,7 @@ pub struct ListArgs {
 pub enum DeliveriesCommand {
     /// List deliveries, newest first
     List {
-        /// pending, inflight, delivered, dead, parked or discarded
+        /// pending, inflight, delivered, dead, parked, discarded or queued
         #[arg(long)]
         state: Option<String>,
         #[command(flatten)]
@@ -290,7 +314,8 @@ pub enum DeadCommand {
     },
 }
 
-pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Result<ExitCode> {
+pub async fn endpoint(client: &mut Client, command: EndpointCommand) -> anyhow::Result<ExitCode> {
+    let client = &mut *client;
     match command {
         EndpointCommand::Add {
             url,
@@ -301,6 +326,7 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             timeout_ms,
             max_in_flight,
             rate_limit,
+            ordering_dead_head,
             json,
         } => {
             let new = NewEndpoint {
@@ -312,8 +338,9 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
                 timeout: timeout_ms.map(Duration::from_millis),
                 max_in_flight,
                 rate_limit,
+                ordering_dead_head: ordering_dead_head.and_then(|arg| arg.0),
             };
-            let (endpoint, secret) = endpoint::add(client, new).await?;
+            let (endpoint, secret) = endpoint::add(&*client, new).await?;
             if json {
                 let mut value = serde_json::to_value(&endpoint)?;
                 value["secret"] = serde_json::Value::String(secret);
@@ -327,7 +354,7 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             }
         }
         EndpointCommand::List { json } => {
-            let endpoints = endpoint::list(client).await?;
+            let endpoints = endpoint::list(&*client).await?;
             if json {
                 println!("{}", serde_json::to_string(&endpoints)?);
             } else {
@@ -335,17 +362,18 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
                     endpoints.iter().map(|e| e.circuit.to_string()).collect();
                 let width = circuits.iter().map(String::len).max().unwrap_or(0);
                 println!(
-                    "{:>6}  {:<8}  {:<24}  {:>9}  {:>6}  {:<width$}  URL",
-                    "ID", "STATE", "EVENT TYPES", "IN FLIGHT", "RATE/S", "CIRCUIT"
+                    "{:>6}  {:<8}  {:<24}  {:>9}  {:>6}  {:<9}  {:<width$}  URL",
+                    "ID", "STATE", "EVENT TYPES", "IN FLIGHT", "RATE/S", "DEAD HEAD", "CIRCUIT"
                 );
                 for (e, circuit) in endpoints.iter().zip(&circuits) {
                     println!(
-                        "{:>6}  {:<8}  {:<24}  {:>9}  {:>6}  {:<width$}  {}",
+                        "{:>6}  {:<8}  {:<24}  {:>9}  {:>6}  {:<9}  {:<width$}  {}",
                         e.id,
                         if e.active { "active" } else { "disabled" },
                         filters(&e.event_types),
                         or_dash(e.max_in_flight),
                         or_dash(e.rate_limit),
+                        or_dash(e.ordering_dead_head),
                         circuit,
                         e.url
                     );
@@ -353,7 +381,7 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             }
         }
         EndpointCommand::Show { id, json } => {
-            let e = endpoint::get(client, id).await?;
+            let e = endpoint::get(&*client, id).await?;
             print_endpoint(&e, json)?;
         }
         EndpointCommand::Update {
@@ -369,6 +397,7 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             clear_max_in_flight,
             rate_limit,
             clear_rate_limit,
+            ordering_dead_head,
             json,
         } => {
             let event_types = if all_event_types {
@@ -401,12 +430,13 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
                 } else {
                     rate_limit.map(Some)
                 },
+                ordering_dead_head: ordering_dead_head.map(|arg| arg.0),
             };
-            let e = endpoint::update(client, id, change).await?;
+            let e = endpoint::update(&*client, id, change).await?;
             print_endpoint(&e, json)?;
         }
         EndpointCommand::RotateSecret { id, secret, grace } => {
-            let secret = endpoint::rotate_secret(client, id, secret, grace).await?;
+            let secret = endpoint::rotate_secret(&*client, id, secret, grace).await?;
             println!("secret: {secret}");
             println!(
                 "the previous secret keeps signing for {}",
@@ -414,14 +444,14 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             );
         }
         EndpointCommand::Disable { id, reason } => {
-            let parked = endpoint::disable(client, id, &reason).await?;
+            let parked = endpoint::disable(&*client, id, &reason).await?;
             println!("endpoint {id} disabled; {parked} pending deliveries parked");
         }
         EndpointCommand::Enable {
             id,
             discard_backlog: false,
         } => {
-            let resumed = endpoint::enable(client, id).await?;
+            let resumed = endpoint::enable(&*client, id).await?;
             println!("endpoint {id} enabled; {resumed} parked deliveries resumed");
         }
         EndpointCommand::Enable {
@@ -429,18 +459,21 @@ pub async fn endpoint(client: &Client, command: EndpointCommand) -> anyhow::Resu
             discard_backlog: true,
         } => {
             let discarded = endpoint::enable_discarding_backlog(client, id).await?;
-            println!("endpoint {id} enabled; {discarded} parked deliveries discarded");
+            println!(
+                "endpoint {id} enabled; {discarded} parked deliveries discarded \
+                 (ordered ones queued behind them included)"
+            );
         }
         EndpointCommand::Remove { id } => {
-            endpoint::remove(client, id).await?;
+            endpoint::remove(&*client, id).await?;
             println!("endpoint {id} removed");
         }
         EndpointCommand::Test { id } => {
-            let delivery = redrive::send_test(client, id).await?;
+            let delivery = redrive::send_test(&*client, id).await?;
             println!("test delivery {delivery} queued");
         }
         EndpointCommand::CloseCircuit { id } => {
-            if endpoint::close_circuit(client, id).await? {
+            if endpoint::close_circuit(&*client, id).await? {
                 println!("endpoint {id}: circuit closed; its due deliveries go out now");
             } else {
                 println!("endpoint {id}: circuit was already closed; failures count from 0");
@@ -467,6 +500,9 @@ fn print_endpoint(e: &outboxd::Endpoint, json: bool) -> anyhow::Result<()> {
         println!("timeout_ms: {ms}");
     }
     print_limits(e);
+    if let Some(policy) = e.ordering_dead_head {
+        println!("ordering_dead_head: {policy}");
+    }
     println!("circuit: {}", e.circuit);
     if e.circuit_failures > 0 {
         println!("circuit_failures: {}", e.circuit_failures);
@@ -500,8 +536,8 @@ fn print_limits(e: &outboxd::Endpoint) {
     }
 }
 
-/// A limit in a table: `-` when unset.
-fn or_dash(limit: Option<u32>) -> String {
+/// A setting in a table: `-` when unset.
+fn or_dash(limit: Option<impl ToString>) -> String {
     limit.map_or_else(|| "-".to_owned(), |n| n.to_string())
 }
 
@@ -597,6 +633,9 @@ pub async fn deliveries(client: &Client, command: DeliveriesCommand) -> anyhow::
             } else {
                 let d = &detail.delivery;
                 println!("delivery {}  ({}, {})", d.id, d.event_type, d.state);
+                if let (Some(key), Some(seq)) = (&d.ordering_key, d.ordering_seq) {
+                    println!("ordering key: {key:?}, number {seq}");
+                }
                 println!("attempts: {}", d.attempts);
                 if let Some(at) = d.next_attempt_at {
                     println!("next attempt: {}", humantime::format_rfc3339_seconds(at));
@@ -711,21 +750,144 @@ pub async fn stats(client: &Client, json: bool) -> anyhow::Result<ExitCode> {
         stats.delivered_last_hour, stats.failed_last_hour
     );
     println!(
-        "\n{:>6}  {:<8}  {:>8}  {:>6}  {:>6}  {:>9}  {:>9}  URL",
-        "ID", "STATE", "PENDING", "DEAD", "PARKED", "OK/1H", "FAILED/1H"
+        "\n{:>6}  {:<8}  {:>8}  {:>6}  {:>6}  {:>8}  {:>6}  {:>7}  {:>9}  {:>9}  URL",
+        "ID",
+        "STATE",
+        "PENDING",
+        "DEAD",
+        "PARKED",
+        "QUEUED",
+        "KEYS",
+        "BLOCKED",
+        "OK/1H",
+        "FAILED/1H"
     );
     for e in &stats.endpoints {
         println!(
-            "{:>6}  {:<8}  {:>8}  {:>6}  {:>6}  {:>9}  {:>9}  {}",
+            "{:>6}  {:<8}  {:>8}  {:>6}  {:>6}  {:>8}  {:>6}  {:>7}  {:>9}  {:>9}  {}",
             e.endpoint_id,
             if e.active { "active" } else { "disabled" },
             e.pending,
             e.dead,
             e.parked,
+            e.queued,
+            e.ordering_keys,
+            e.blocked_keys,
             e.delivered_last_hour,
             e.failed_last_hour,
             e.url
         );
     }
+    let blocked: Vec<_> = stats
+        .endpoints
+        .iter()
+        .filter_map(|e| Some((e.endpoint_id, e.blocked_keys, e.oldest_blocked_since?)))
+        .collect();
+    if !blocked.is_empty() {
+        println!();
+        for (id, keys, since) in blocked {
+            println!(
+                "endpoint {id}: {keys} ordered keys blocked, the oldest since {} \
+                 (outboxd ordering blocked --endpoint {id})",
+                humantime::format_rfc3339_seconds(since)
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrderingCommand {
+    /// List an endpoint's ordered keys blocked behind a dead head (the block policy), by key
+    Blocked {
+        /// Endpoint id
+        #[arg(long = "endpoint")]
+        endpoint_id: i64,
+        /// Continue after this key (printed at the end of the previous page)
+        #[arg(long)]
+        after: Option<String>,
+        /// Page size, 1 to 1000
+        #[arg(long, default_value_t = inspect::DEFAULT_PAGE)]
+        limit: u32,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a blocked key's dead head again (fresh retry budget); the key resumes in order behind it
+    Redrive {
+        /// Endpoint id
+        #[arg(long = "endpoint")]
+        endpoint_id: i64,
+        /// The ordering key
+        #[arg(long)]
+        key: String,
+    },
+    /// Discard a blocked key's dead head (never sent, unless replayed); the key's next event goes
+    Discard {
+        /// Endpoint id
+        #[arg(long = "endpoint")]
+        endpoint_id: i64,
+        /// The ordering key
+        #[arg(long)]
+        key: String,
+    },
+}
+
+pub async fn ordering(client: &mut Client, command: OrderingCommand) -> anyhow::Result<ExitCode> {
+    let (endpoint_id, key, action, verb) = match command {
+        OrderingCommand::Blocked {
+            endpoint_id,
+            after,
+            limit,
+            json,
+        } => {
+            let filter = BlockedFilter {
+                endpoint_id,
+                after,
+                limit: Some(limit),
+            };
+            let page = inspect::list_blocked(&*client, &filter).await?;
+            if json {
+                println!("{}", serde_json::to_string(&page)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:<24}  {:<14}  {:<20}  {:>8}",
+                "KEY", "HEAD", "BLOCKED SINCE", "QUEUED"
+            );
+            for k in &page.items {
+                println!(
+                    "{:<24}  {:<14}  {:<20}  {:>8}",
+                    k.ordering_key,
+                    k.head.to_string(),
+                    humantime::format_rfc3339_seconds(k.blocked_since).to_string(),
+                    k.queued
+                );
+            }
+            if let Some(cursor) = &page.next_cursor {
+                println!("more: --after {cursor:?}");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        OrderingCommand::Redrive { endpoint_id, key } => {
+            let done = redrive::redrive_blocked(&*client, endpoint_id, &key).await?;
+            (endpoint_id, key, done, "re-driving")
+        }
+        OrderingCommand::Discard { endpoint_id, key } => {
+            let done = redrive::discard_blocked(client, endpoint_id, &key).await?;
+            (endpoint_id, key, done, "discarded")
+        }
+    };
+    match action {
+        KeyAction::Done(head) => {
+            println!("{verb} {head}, the head of key {key:?} of endpoint {endpoint_id}");
+            Ok(ExitCode::SUCCESS)
+        }
+        KeyAction::NotBlocked => {
+            eprintln!(
+                "key {key:?} of endpoint {endpoint_id} is not blocked (its head is pending, in flight or parked); nothing done"
+            );
+            Ok(ExitCode::from(NOTHING_DONE))
+        }
+    }
 }
