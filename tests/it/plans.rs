@@ -558,11 +558,10 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
 /// statistics taken while the tables were nearly empty, then on fresh ones. Its time is
 /// printed, not asserted.
 ///
-/// Fails on 8fcf010-f2dab86: in all four plans `admitted` is a hash anti join over a
-/// sequential scan of the whole log (20,000 rows for each run of 200), never the per-key
-/// index; the lead decides the fix (see the obench report), then removes the `ignore`.
+/// Fails on 8fcf010-f2dab86, where in all four plans the prefix test (`admitted`, a
+/// `NOT EXISTS` per row) was a hash anti join over a sequential scan of the whole log:
+/// 20,000 rows read by each run of 200.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the sequencer's prefix test scans the whole log (obench finding, issue 15)"]
 async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
     let db = TestDb::new("sequenceplan").await;
     db.add_endpoint("https://example.com/hook", &[]).await;
