@@ -51,7 +51,7 @@ use crate::error::Result;
 /// Returns one row: the pair, the snapshot's xmin (as `int8`), how many log rows it
 /// took, how many heads it made (`pending`, due now or at their `deliver_after`), and
 /// whether rows are left in the log.
-pub(crate) const SEQUENCE: &str = concat!(
+pub const SEQUENCE: &str = concat!(
     "
 WITH snap AS (
     SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS xmin

@@ -27,8 +27,9 @@
 //! `receiver` (the receiver process), `dispatcher` (in-process and `outboxd run`
 //! dispatchers, their modes and readiness), `bursts` (one burst measurement, shared by
 //! burst, fan-out, scale-out and history), `latency` (receipts to latencies and
-//! stalls), `interleave` (round orders and paired ratios), `sys` (CPU and memory
-//! sampling, child processes) and `report` (the table and the JSON).
+//! stalls), `order` (checking ordered delivery from the receipts), `interleave` (round
+//! orders and paired ratios), `sys` (CPU and memory sampling, child processes) and
+//! `report` (the table and the JSON).
 //!
 //! Adding a scenario: write `scenarios/<name>.rs` with an opening comment and
 //! `pub async fn run(ctx: &mut Ctx) -> anyhow::Result<()>`, which measures on its own
@@ -43,6 +44,7 @@ mod ctx;
 mod dispatcher;
 mod interleave;
 mod latency;
+mod order;
 mod pg;
 mod receiver;
 mod report;

@@ -365,3 +365,93 @@ pub async fn attempt_starts(
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
+
+/// The payload of an event whose order is checked: its key `k` and its place `n` in the
+/// key's order (what the receiver reads, see `receiver`), padded to about `bytes`.
+pub fn keyed_payload(key: &str, n: u64, bytes: usize) -> Value {
+    let base = json!({"k": key, "n": n, "pad": ""});
+    let pad = bytes.saturating_sub(base.to_string().len() + 8);
+    json!({"k": key, "n": n, "pad": "x".repeat(pad)})
+}
+
+/// Commits `n` events in one transaction with one INSERT, in this order: event `i` (from
+/// 0) has key `k{i % keys}` and place `i / keys` in it (in its payload, see
+/// [`keyed_payload`]), and that key as `ordering_key` when `ordered` (else none, the
+/// unordered twin). Returns how long the INSERT and COMMIT took and the time COMMIT
+/// returned (CLOCK_REALTIME µs). The events of one transaction are ordered by insert
+/// order, so `n` is each key's order.
+pub async fn insert_keyed_burst(
+    client: &mut Client,
+    n: u64,
+    keys: u64,
+    ordered: bool,
+    bytes: usize,
+    event_type: &str,
+) -> anyhow::Result<(Duration, i64)> {
+    let pad = keyed_payload("k0", 0, bytes)["pad"]
+        .as_str()
+        .map_or(0, str::len) as i32;
+    let started = Instant::now();
+    let tx = client.transaction().await?;
+    let inserted = tx
+        .execute(
+            "INSERT INTO webhook_outbox (event_type, payload, ordering_key)
+             SELECT $1, jsonb_build_object('k', 'k' || i % $3, 'n', i / $3, 'pad', repeat('x', $4)),
+                    CASE WHEN $5 THEN 'k' || i % $3 END
+             FROM generate_series(0::int8, $2::int8 - 1) AS i
+             ORDER BY i",
+            &[
+                &event_type,
+                &(n as i64),
+                &(keys.max(1) as i64),
+                &pad,
+                &ordered,
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    let commit_us = now_us();
+    if inserted != n {
+        bail!("inserted {inserted} events, expected {n}");
+    }
+    Ok((started.elapsed(), commit_us))
+}
+
+/// Enqueues one event in its own transaction through the library, as an application
+/// does, with `ordering_key` = `key` (none if `None`); returns the event id and the time
+/// COMMIT returned.
+pub async fn produce_keyed(
+    client: &mut Client,
+    payload: &Value,
+    event_type: &str,
+    key: Option<&str>,
+) -> anyhow::Result<(i64, i64)> {
+    let tx = client.transaction().await?;
+    let mut event = outboxd::NewEvent::new(event_type, payload);
+    if let Some(key) = key {
+        event = event.with_ordering_key(key);
+    }
+    let id = outboxd::enqueue(&tx, &event)
+        .await?
+        .context("enqueue returned no id")?;
+    tx.commit().await?;
+    Ok((id, now_us()))
+}
+
+/// Each event's key and place in its key's order, read back from the payloads of
+/// [`keyed_payload`] (events without them are left out).
+pub async fn event_orders(
+    client: &Client,
+) -> anyhow::Result<std::collections::HashMap<i64, (String, i64)>> {
+    let rows = client
+        .query(
+            "SELECT id, payload->>'k', (payload->>'n')::int8 FROM webhook_outbox
+             WHERE payload ? 'k' AND payload ? 'n'",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect())
+}

@@ -8,7 +8,15 @@
 //!
 //! The child prints `listening PORT` on stdout when ready and exits when its stdin closes,
 //! so it never outlives the bench.
+//!
+//! Ordered delivery (issue 15) is checked here too, for endpoints registered at
+//! `/hook/N/ordered`: their events carry their key and their place in its order in the
+//! payload (`{"k": key, "n": n, ...}`), and the receiver counts, per (endpoint, key),
+//! the requests that arrived before the previous one of their key was answered (two in
+//! flight at once), the first arrivals of an event after a later one of its key (out of
+//! order), and repeated events. `GET /ordered` returns and resets those counts.
 
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::io::{Read as _, Write as _};
 use std::process::{ExitCode, Stdio};
@@ -39,9 +47,96 @@ pub struct Rec {
     pub ep: u32,
     /// Receive time, CLOCK_REALTIME microseconds.
     pub t_us: i64,
+    /// When the receiver answered (its handler returned), CLOCK_REALTIME microseconds.
+    pub done_us: i64,
 }
 
 static RECORDS: Mutex<Vec<Rec>> = Mutex::new(Vec::new());
+
+/// What the receiver saw of ordered endpoints since the last `GET /ordered`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OrderedCounts {
+    /// Requests to ordered endpoints.
+    pub requests: u64,
+    /// Requests that arrived while another of their (endpoint, key) was unanswered.
+    pub overlaps: u64,
+    /// First arrivals of an event after a later event of its (endpoint, key).
+    pub out_of_order: u64,
+    /// Arrivals of an event already received.
+    pub duplicates: u64,
+    /// Requests whose body did not carry a key and a number.
+    pub unreadable: u64,
+}
+
+/// One (endpoint, key)'s requests so far.
+#[derive(Default)]
+struct KeyState {
+    in_flight: u32,
+    last_done_us: i64,
+    max_n: Option<u64>,
+    seen: HashSet<u64>,
+}
+
+#[derive(Default)]
+struct OrderedState {
+    counts: OrderedCounts,
+    keys: HashMap<(u32, String), KeyState>,
+}
+
+static ORDERED: Mutex<Option<OrderedState>> = Mutex::new(None);
+
+/// The part of an ordered event's body the receiver reads (the body is
+/// `{"id", "type", "timestamp", "data"}`, `data` being the payload).
+#[derive(serde::Deserialize)]
+struct OrderedBody {
+    data: OrderedData,
+}
+
+#[derive(serde::Deserialize)]
+struct OrderedData {
+    k: String,
+    n: u64,
+}
+
+/// Counts an ordered request whose body has been read: it arrived at `arrived_us`.
+/// Returns its (endpoint, key) so that its answer can be noted.
+fn ordered_arrival(ep: u32, body: &[u8], arrived_us: i64) -> Option<(u32, String)> {
+    let mut guard = ORDERED.lock().ok()?;
+    let state = guard.get_or_insert_with(OrderedState::default);
+    state.counts.requests += 1;
+    let Ok(parsed) = serde_json::from_slice::<OrderedBody>(body) else {
+        state.counts.unreadable += 1;
+        return None;
+    };
+    let OrderedData { k, n } = parsed.data;
+    let key = (ep, k);
+    let st = state.keys.entry(key.clone()).or_default();
+    // Another request of this key is being handled, or was answered after this one
+    // arrived: the dispatcher sent this one before it had the previous answer.
+    let overlap = st.in_flight > 0 || st.last_done_us > arrived_us;
+    st.in_flight += 1;
+    let (out_of_order, duplicate) = if st.seen.insert(n) {
+        let late = st.max_n.is_some_and(|max| n < max);
+        st.max_n = Some(st.max_n.map_or(n, |max| max.max(n)));
+        (late, false)
+    } else {
+        (false, true)
+    };
+    state.counts.overlaps += u64::from(overlap);
+    state.counts.out_of_order += u64::from(out_of_order);
+    state.counts.duplicates += u64::from(duplicate);
+    Some(key)
+}
+
+/// Notes that the request of `key` is answered at `done_us`.
+fn ordered_answered(key: (u32, String), done_us: i64) {
+    if let Ok(mut guard) = ORDERED.lock()
+        && let Some(st) = guard.as_mut().and_then(|s| s.keys.get_mut(&key))
+    {
+        st.in_flight = st.in_flight.saturating_sub(1);
+        st.last_done_us = st.last_done_us.max(done_us);
+    }
+}
 
 /// Entry point of the receiver child process.
 pub fn serve_main() -> ExitCode {
@@ -137,34 +232,63 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
                     .lock()
                     .map(|mut r| std::mem::take(&mut *r))
                     .unwrap_or_default();
-                let mut text = String::with_capacity(taken.len() * 28);
+                let mut text = String::with_capacity(taken.len() * 45);
                 for r in &taken {
                     use std::fmt::Write as _;
-                    let _ = writeln!(text, "{} {} {}", r.id, r.ep, r.t_us);
+                    let _ = writeln!(text, "{} {} {} {}", r.id, r.ep, r.t_us, r.done_us);
                 }
+                reply(StatusCode::OK, Bytes::from(text))
+            }
+            "/ordered" => {
+                let c = ORDERED
+                    .lock()
+                    .ok()
+                    .and_then(|mut o| o.take())
+                    .map(|o| o.counts)
+                    .unwrap_or_default();
+                let text = format!(
+                    "{} {} {} {} {}",
+                    c.requests, c.overlaps, c.out_of_order, c.duplicates, c.unreadable
+                );
                 reply(StatusCode::OK, Bytes::from(text))
             }
             _ => reply(StatusCode::NOT_FOUND, Bytes::new()),
         };
     }
+    let arrived_us = now_us();
     let id = req
         .headers()
         .get("webhook-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i64>().ok())
         .unwrap_or(-1);
-    let ep = req
-        .uri()
-        .path()
-        .strip_prefix("/hook/")
-        .and_then(|n| n.parse::<u32>().ok())
-        .unwrap_or(0);
+    // `/hook/N`, or `/hook/N/ordered` for an endpoint whose order is checked.
+    let (ep, ordered) = match req.uri().path().strip_prefix("/hook/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((n, "ordered")) => (n.parse::<u32>().unwrap_or(0), true),
+            _ => (rest.parse::<u32>().unwrap_or(0), false),
+        },
+        None => (0, false),
+    };
     // Read the whole webhook before calling it received (and so the connection stays
     // reusable); it normally arrived in the same segment as the head.
-    let _ = req.into_body().collect().await;
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
     let t_us = now_us();
+    let key = match (&body, ordered) {
+        (Ok(body), true) => ordered_arrival(ep, body, arrived_us),
+        _ => None,
+    };
+    let done_us = now_us();
+    if let Some(key) = key {
+        ordered_answered(key, done_us);
+    }
     if let Ok(mut records) = RECORDS.lock() {
-        records.push(Rec { id, ep, t_us });
+        records.push(Rec {
+            id,
+            ep,
+            t_us,
+            done_us,
+        });
     }
     reply(StatusCode::NO_CONTENT, Bytes::new())
 }
@@ -231,6 +355,64 @@ impl Receiver {
         format!("http://127.0.0.1:{}/hook/{ep}", self.port)
     }
 
+    /// The webhook URL of endpoint number `ep`, whose order per key is checked (see
+    /// [`Receiver::take_ordered`]).
+    pub fn ordered_url(&self, ep: u32) -> String {
+        format!("http://127.0.0.1:{}/hook/{ep}/ordered", self.port)
+    }
+
+    /// Returns and resets the ordered endpoints' counts.
+    pub async fn take_ordered(&self) -> anyhow::Result<OrderedCounts> {
+        let url = format!("http://127.0.0.1:{}/ordered", self.port);
+        let text = self.http.get(url).send().await?.text().await?;
+        let n: Vec<u64> = text
+            .split(' ')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("bad ordered counts {text:?}"))?;
+        let [requests, overlaps, out_of_order, duplicates, unreadable] = n[..] else {
+            bail!("bad ordered counts {text:?}");
+        };
+        Ok(OrderedCounts {
+            requests,
+            overlaps,
+            out_of_order,
+            duplicates,
+            unreadable,
+        })
+    }
+
+    /// Round trips of `n` webhook-sized POSTs sent one after another from this process
+    /// over one keep-alive connection, in µs, sorted: what a single key's pace cannot
+    /// beat. The receiver records them as endpoint `u32::MAX`; they are taken away here.
+    pub async fn round_trips(&self, n: usize, body: String) -> anyhow::Result<Vec<f64>> {
+        let url = format!("http://127.0.0.1:{}/hook/{}", self.port, u32::MAX);
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(1)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n + 10 {
+            let started = Instant::now();
+            client
+                .post(&url)
+                .header("webhook-id", "-1")
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await?
+                .error_for_status()?;
+            // The first few open the connection.
+            if i >= 10 {
+                out.push(started.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        self.take().await?;
+        out.sort_by(f64::total_cmp);
+        Ok(out)
+    }
+
     /// How many webhooks are recorded and not yet taken.
     pub async fn count(&self) -> anyhow::Result<u64> {
         let url = format!("http://127.0.0.1:{}/count", self.port);
@@ -245,13 +427,16 @@ impl Receiver {
         let mut out = Vec::new();
         for line in std::str::from_utf8(&body)?.lines() {
             let mut parts = line.split(' ');
-            let (Some(id), Some(ep), Some(t)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(id), Some(ep), Some(t), Some(done)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
                 bail!("bad receiver record {line:?}");
             };
             out.push(Rec {
                 id: id.parse()?,
                 ep: ep.parse()?,
                 t_us: t.parse()?,
+                done_us: done.parse()?,
             });
         }
         Ok(out)

@@ -50,6 +50,16 @@ pub struct Settings {
     pub noisy_backlog: u64,
     pub noisy_fresh_events: u64,
     pub noisy_rate_secs: u64,
+    /// Ordered delivery: the burst (and its unordered twin), the key counts, the events a
+    /// key at most (the 10- and 1-key bursts go at one key's pace); the steady rate, its
+    /// seconds, keys and rounds.
+    pub ordered_events: u64,
+    pub ordered_keys: Vec<u64>,
+    pub ordered_per_key: u64,
+    pub ordered_steady_rate: u64,
+    pub ordered_steady_secs: u64,
+    pub ordered_steady_keys: u64,
+    pub ordered_steady_rounds: u64,
     pub dispatcher_threads: u64,
     pub receiver_threads: u64,
     pub max_seconds: u64,
@@ -142,16 +152,42 @@ impl Settings {
             noisy_backlog: env_u64("BENCH_NOISY_BACKLOG", q(100_000, 20_000))?,
             noisy_fresh_events: env_u64("BENCH_NOISY_FRESH_EVENTS", q(200, 60))?.max(1),
             noisy_rate_secs: env_u64("BENCH_NOISY_RATE_SECS", q(10, 4))?.max(1),
+            ordered_events: env_u64("BENCH_ORDERED_EVENTS", q(20_000, 2_000))?.max(1),
+            ordered_keys: {
+                let keys = env_list("BENCH_ORDERED_KEYS", &[1_000, 10, 1])?;
+                if keys.is_empty() || keys.contains(&0) {
+                    bail!("BENCH_ORDERED_KEYS: key counts of 1 or more");
+                }
+                keys
+            },
+            ordered_per_key: env_u64("BENCH_ORDERED_PER_KEY", q(2_000, 200))?.max(1),
+            ordered_steady_rate: env_u64("BENCH_ORDERED_STEADY_RATE", 2_000)?.max(1),
+            ordered_steady_secs: env_u64("BENCH_ORDERED_STEADY_SECS", q(10, 4))?.max(1),
+            ordered_steady_keys: env_u64("BENCH_ORDERED_STEADY_KEYS", 1_000)?.max(1),
+            ordered_steady_rounds: env_u64("BENCH_ORDERED_STEADY_ROUNDS", q(2, 1))?.max(1),
             dispatcher_threads: env_u64("BENCH_DISPATCHER_THREADS", sys::nproc() as u64)?,
             receiver_threads: env_u64("BENCH_RECEIVER_THREADS", 1)?,
             max_seconds: env_u64("BENCH_MAX_SECONDS", 1_800)?,
         })
     }
 
+    /// The ordered scenarios' settings (a macro's recursion limit keeps them apart).
+    fn ordered_json(&self) -> Value {
+        json!({
+            "events": self.ordered_events,
+            "keys": self.ordered_keys,
+            "per_key": self.ordered_per_key,
+            "steady_rate": self.ordered_steady_rate,
+            "steady_secs": self.ordered_steady_secs,
+            "steady_keys": self.ordered_steady_keys,
+            "steady_rounds": self.ordered_steady_rounds,
+        })
+    }
+
     /// As JSON, for the report.
     pub fn json(&self) -> Value {
         let cfg = dispatcher::config(true, Duration::from_millis(self.poll_interval_ms));
-        json!({
+        let mut settings = json!({
             "quick": self.quick,
             "scenarios": self.scenarios,
             "payload_bytes": self.payload_bytes,
@@ -194,6 +230,8 @@ impl Settings {
                 "allow_private_targets": cfg.allow_private_targets,
                 "tracing": "no subscriber in-process; RUST_LOG=warn for outboxd run",
             },
-        })
+        });
+        settings["ordered"] = self.ordered_json();
+        settings
     }
 }

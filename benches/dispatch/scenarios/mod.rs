@@ -43,4 +43,6 @@ scenarios! {
     retention,
     noisy,
     endpoints,
+    ordered,
+    ordered_steady,
 }

@@ -40,7 +40,8 @@ async fn steady_at(ctx: &mut Ctx, rate: u64, mode: Mode) -> anyhow::Result<()> {
     };
     let out = ctx
         .with_db(&tag, async |ctx, url, client| {
-            steady_in(ctx, rate, mode, url, client).await
+            let secs = ctx.s.steady_secs;
+            steady_in(ctx, rate, secs, mode, Producers::Shared, url, client).await
         })
         .await?;
     let label = format!(
@@ -98,35 +99,68 @@ async fn steady_at(ctx: &mut Ctx, rate: u64, mode: Mode) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn steady_in(
+/// How the steady producers are arranged. `Shared`: every connection takes the next
+/// event due (the `steady` scenario). `Keyed`: event `i` has key `k{i % keys}` (in its
+/// payload, and as `ordering_key` if `ordered`) and every event of a key is committed
+/// by the same connection, so that a key's events commit in the order they were
+/// scheduled and the receiver can check that order (the `ordered_steady` scenario and
+/// its unordered twin).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Producers {
+    Shared,
+    Keyed { keys: u64, ordered: bool },
+}
+
+/// One steady run on the database at `url`: producers at `rate` for `secs`, the
+/// dispatchers of `mode`, and the latencies and order of what arrived.
+pub async fn steady_in(
     ctx: &mut Ctx,
     rate: u64,
+    secs: u64,
     mode: Mode,
+    producers: Producers,
     url: &str,
     client: &Client,
 ) -> anyhow::Result<Steady> {
-    let running = ctx.start_one_endpoint(url, client, mode).await?;
+    let running = match producers {
+        Producers::Shared => ctx.start_one_endpoint(url, client, mode).await?,
+        Producers::Keyed { .. } => {
+            pg::add_endpoints(client, [ctx.receiver.ordered_url(0)]).await?;
+            ctx.receiver.take().await?;
+            ctx.receiver.take_ordered().await?;
+            crate::dispatcher::start(ctx, url, client, mode).await?
+        }
+    };
     let probe = ctx.probe(Vec::new());
     // Enough connections that fsync'd commits (group commit) keep the schedule.
     let conns = (rate / 125).clamp(4, 32);
-    let mut producers = Vec::new();
+    let mut connections = Vec::new();
     for _ in 0..conns {
-        producers.push(pg::connect(url).await?);
+        connections.push(pg::connect(url).await?);
     }
-    let total = rate * ctx.s.steady_secs;
-    let duration = Duration::from_secs(ctx.s.steady_secs);
+    let total = rate * secs;
+    let duration = Duration::from_secs(secs);
     let next = Arc::new(AtomicU64::new(0));
     let t0 = tokio::time::Instant::now() + Duration::from_millis(100);
     let t0_us = now_us() + 100_000;
     let hard_end = t0 + duration + Duration::from_secs(10);
     let payload = Arc::new(pg::payload(0, ctx.s.payload_bytes));
+    let bytes = ctx.s.payload_bytes;
     let mut tasks = Vec::new();
-    for mut producer in producers {
+    for (c, mut producer) in connections.into_iter().enumerate() {
         let (next, payload) = (Arc::clone(&next), Arc::clone(&payload));
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
+            // A keyed connection's own events, in schedule order: those of its keys.
+            let mut own = (0..total).filter(move |i| match producers {
+                Producers::Shared => false,
+                Producers::Keyed { keys, .. } => (i % keys) % conns == c as u64,
+            });
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
+                let i = match producers {
+                    Producers::Shared => next.fetch_add(1, Ordering::Relaxed),
+                    Producers::Keyed { .. } => own.next().unwrap_or(total),
+                };
                 if i >= total {
                     break;
                 }
@@ -137,8 +171,22 @@ async fn steady_in(
                     break;
                 }
                 let lag = now.duration_since(due).as_micros() as f64;
-                let (id, commit_us) =
-                    pg::produce_one(&mut producer, &payload, "bench.steady").await?;
+                let (id, commit_us) = match producers {
+                    Producers::Shared => {
+                        pg::produce_one(&mut producer, &payload, "bench.steady").await?
+                    }
+                    Producers::Keyed { keys, ordered } => {
+                        let key = format!("k{}", i % keys);
+                        let body = pg::keyed_payload(&key, i / keys, bytes);
+                        pg::produce_keyed(
+                            &mut producer,
+                            &body,
+                            "bench.steady",
+                            ordered.then_some(key.as_str()),
+                        )
+                        .await?
+                    }
+                };
                 out.push((id, commit_us, lag));
             }
             anyhow::Ok(out)
@@ -163,6 +211,13 @@ async fn steady_in(
     let recs = ctx.receiver.take().await?;
     let _ = pg::wait_settled(client, Duration::from_secs(10)).await;
     let starts = pg::attempt_starts(client).await?;
+    let checked = match producers {
+        Producers::Shared => None,
+        Producers::Keyed { .. } => {
+            let counts = ctx.receiver.take_ordered().await?;
+            Some(crate::order::check(client, &recs, counts).await?)
+        }
+    };
     let dispatcher = running.stop().await?;
     let lat = latencies(&commits, &recs);
     let split = split_latency(&commits, &recs, &starts);
@@ -174,8 +229,16 @@ async fn steady_in(
     let kept_up = lat.delivered == commits.len() && drain_us <= 5e6;
     let cpu = snap0.until(&snap1);
     eprintln!(
-        "bench:   steady {rate}/s ({}): {} committed ({} /s), {} delivered, p50 {} p99 {}",
+        "bench:   steady {rate}/s ({}{}): {} committed ({} /s), {} delivered, p50 {} p99 {}",
         mode.label(),
+        match producers {
+            Producers::Shared => String::new(),
+            Producers::Keyed { keys, ordered } => format!(
+                ", {} keys{}",
+                keys,
+                if ordered { ", ordered" } else { ", not ordered" }
+            ),
+        },
         commits.len(),
         int(achieved),
         lat.delivered,
@@ -200,7 +263,8 @@ async fn steady_in(
         json: json!({
             "rate": rate,
             "mode": mode.label(),
-            "secs": ctx.s.steady_secs,
+            "secs": secs,
+            "producers": format!("{producers:?}"),
             "producer_connections": conns,
             "scheduled": total,
             "committed": commits.len(),
@@ -214,26 +278,31 @@ async fn steady_in(
             "latency_us": lat.json(),
             "split_us": split,
             "stalls": stalls,
+            "order": checked.as_ref().map(crate::order::Checked::json),
             "cpu": cpu.json(),
             "dispatcher_report": dispatcher,
         }),
+        checked,
     })
 }
 
-struct Steady {
-    slow: u64,
-    max_gap_us: f64,
-    p50: f64,
-    p99: f64,
-    p999: f64,
-    lag_p99: f64,
-    achieved: f64,
-    kept_rate: bool,
-    kept_up: bool,
-    conns: u64,
-    committed: usize,
-    delivered: usize,
-    drain_us: f64,
-    cpu: Cpu,
-    json: Value,
+/// One steady run's figures.
+pub struct Steady {
+    pub slow: u64,
+    pub max_gap_us: f64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub lag_p99: f64,
+    pub achieved: f64,
+    pub kept_rate: bool,
+    pub kept_up: bool,
+    pub conns: u64,
+    pub committed: usize,
+    pub delivered: usize,
+    pub drain_us: f64,
+    pub cpu: Cpu,
+    pub json: Value,
+    /// The order checks, for keyed producers.
+    pub checked: Option<crate::order::Checked>,
 }
