@@ -27,9 +27,12 @@ test: ## Run all tests (lib, bins, integration) against a throwaway Postgres wit
 coverage: ## Line coverage of src/ (binaries included) by the whole suite; table + target/coverage/
 	scripts/coverage.sh
 
+# The chaos suite is no test target (`test = false`): --all-targets skips it, so it is
+# linted by name.
 lint: ## cargo fmt --check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets --locked -- -D warnings
+	$(CARGO) clippy --test chaos --locked -- -D warnings
 
 fmt: ## Format the code
 	$(CARGO) fmt --all
