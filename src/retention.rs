@@ -231,8 +231,9 @@ SELECT (SELECT count(*) FROM gone) AS deliveries, (SELECT count(*) FROM attempts
        ARRAY(SELECT DISTINCT event_id FROM gone) AS events";
 
 /// Deletes up to `$2` key rows (ordered lines) of endpoints removed more than `$1`
-/// milliseconds ago, along with their parked and queued deliveries; a blocked line's
-/// dead head is then an ordinary dead delivery, pruned by its own retention.
+/// milliseconds ago (their parked and queued deliveries go by [`DELETE_REMOVED_PARKED`]
+/// and [`DELETE_REMOVED_QUEUED`]); a blocked line's dead head is then an ordinary dead
+/// delivery, pruned by its own retention.
 pub const DELETE_REMOVED_KEYS: &str = "
 WITH expired AS (
     SELECT k.endpoint_id, k.ordering_key
