@@ -350,7 +350,7 @@ struct ClaimLoop {
     /// (see [`claim::CLAIM_FAST`]); until a claim says otherwise, assumed.
     fast_ok: bool,
     wake: Arc<Notify>,
-    /// The sequencer's wake-up ([`crate::ordering`]): poked at every claim, since the
+    /// The sequencer's wake-up ([`crate::ordering`]): poked after every claim, since the
     /// loop is what notifications and the poll tick wake.
     sequencer: Arc<Notify>,
     metrics: Arc<Metrics>,
@@ -410,7 +410,6 @@ impl ClaimLoop {
     /// Claims as many deliveries as the send slots can take and hands them to the send
     /// side; returns what to do next, or `None` on shutdown.
     async fn claim(&mut self, wakeup: &mut Wakeup, shutdown: &CancellationToken) -> Option<Action> {
-        self.sequencer.notify_one();
         let free = self.send.wait_for_capacity(shutdown).await?;
         if !self.send.wait_while_settle_stalled(shutdown).await {
             return None;
@@ -446,9 +445,10 @@ impl ClaimLoop {
         };
         let got = batch.claimed.len();
         let after = wakeup.claimed(got, want, batch.more, claimed_at);
-        if after.close_gate {
-            self.session.close_gate(shutdown);
-        }
+        // The sends go first: the gate close and the sequencer's run are statements on
+        // other connections, and on a small machine they would compete with the first
+        // request for the CPU. Neither is urgent (the gate only spares producers the
+        // ring function; the sequencer's horizon needs runs, not their order).
         if got > 0 {
             self.metrics.claim_batch_size.observe(got as f64);
             tracing::info!(claimed = got, "batch claimed");
@@ -456,6 +456,10 @@ impl ClaimLoop {
                 .dispatch(batch.claimed, claimed_at, shutdown)
                 .await;
         }
+        if after.close_gate {
+            self.session.close_gate(shutdown);
+        }
+        self.sequencer.notify_one();
         Some(after.next)
     }
 
