@@ -24,7 +24,7 @@
 //! holds nothing back unless it has drawn a number.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use tokio_postgres::GenericClient;
@@ -51,7 +51,9 @@ use crate::error::Result;
 ///   event of the key as the head. Every other delivery of the key is `queued`.
 ///
 /// Returns one row: how many log rows it took, how many heads it made (`pending`, due
-/// now or at their `deliver_after`), and whether rows are left in the log.
+/// now or at their `deliver_after`), whether rows are left in the log, and whether some
+/// up to the horizon may be among them (`behind`: a full run, or a key's rows left after
+/// a gap; rows another sequencer holds are not counted, they are its to take).
 pub const SEQUENCE: &str = concat!(
     "
 WITH ocand_upto AS (
@@ -139,12 +141,17 @@ WITH ocand_upto AS (
 SELECT (SELECT count(*) FROM admitted) AS taken,
        (SELECT count(*) FROM inserted WHERE state = 'pending') AS heads,
        (SELECT count(*) FROM (SELECT 1 FROM webhook_ordering_log LIMIT $2 + 1) AS l)
-           > (SELECT count(*) FROM admitted) AS waiting"
+           > (SELECT count(*) FROM admitted) AS waiting,
+       (SELECT count(*) FROM ocand) >= $2
+           OR (SELECT count(*) FROM admitted) < (SELECT count(*) FROM ocand) AS behind"
 );
 
 /// The most pairs a [`Horizon`] keeps. A pair waits in it only while a transaction
-/// that drew a number before its run is still open; past this many, the oldest waiting
-/// pairs are dropped: their numbers wait for a later pair instead (later, never lost).
+/// that drew a number before its run is still open; past this many, the newest but one
+/// is dropped (its numbers wait for the newest pair instead: later, never lost). The
+/// oldest are kept because they are the first to become final: dropping them instead
+/// starved the horizon when runs came faster than producers committed (every pair left
+/// was younger than some producer still committing, and the floor never rose).
 const MAX_PAIRS: usize = 32;
 
 /// What a sequencer run asks first, in a statement of its own that ends before
@@ -234,6 +241,10 @@ fn precedes(a: i64, b: i64) -> bool {
 pub(crate) struct Horizon {
     floor: i64,
     pairs: Vec<(i64, i64)>,
+    /// The floor the last [`SEQUENCE`] ran up to when it left nothing up to it, and
+    /// when: a run whose floor has not risen since need not run it again (see
+    /// [`Horizon::settled`]).
+    sequenced: Option<(i64, Instant)>,
 }
 
 impl Horizon {
@@ -242,13 +253,27 @@ impl Horizon {
         self.floor
     }
 
+    /// Whether [`SEQUENCE`] would find nothing to take: it last ran up to the same floor
+    /// and left nothing up to it, less than `again` ago. (Rows another dispatcher's
+    /// sequencer held then are its to take; should it fail, the run after `again` takes
+    /// them.) A sequencer waiting for a producer's commit then runs only [`HORIZON`].
+    fn settled(&self, again: Duration) -> bool {
+        self.sequenced
+            .is_some_and(|(upto, at)| upto == self.floor && at.elapsed() < again)
+    }
+
     /// After a run of [`HORIZON`] that saw `pair` and found `holders` holding the log's
     /// lock: adds the pair, then raises the floor to the largest number of the pairs no
     /// holder is older than, and drops those. (Finality runs in pair order: a holder
     /// older than a pair is older than every later pair, whose xid is larger.)
     fn advance(&mut self, holders: &[i64], pair: Option<(i64, i64)>) {
-        if let Some(pair) = pair {
-            self.pairs.push(pair);
+        match (pair, self.pairs.last()) {
+            // Nothing new seen: the older pair stands for the same numbers, and its
+            // older xid makes it final sooner.
+            (Some((seen, _)), Some(&(last, _))) if seen <= last => {}
+            (Some((seen, _)), None) if seen <= self.floor => {}
+            (Some(pair), _) => self.pairs.push(pair),
+            (None, _) => {}
         }
         let pending = |xid: i64| holders.iter().any(|&h| precedes(h, xid));
         let done = self.pairs.iter().take_while(|&&(_, xid)| !pending(xid)).count();
@@ -257,9 +282,8 @@ impl Horizon {
         }
         self.pairs.drain(..done);
         if self.pairs.len() > MAX_PAIRS {
-            // Keep the newest pairs: they stand for every number the dropped ones did.
-            let excess = self.pairs.len() - MAX_PAIRS;
-            self.pairs.drain(..excess);
+            // The newest pair stands for every number the one before it did.
+            self.pairs.remove(self.pairs.len() - 2);
         }
     }
 }
@@ -283,11 +307,13 @@ const IDLE: Sequenced = Sequenced {
 };
 
 /// Runs [`HORIZON`] on `client` and moves `horizon` on; then, if the log holds
-/// anything, [`SEQUENCE`] up to the horizon, taking at most `limit` rows.
+/// anything, [`SEQUENCE`] up to the horizon, taking at most `limit` rows, unless the
+/// horizon has not moved since a run that left nothing up to it, less than `again` ago.
 pub(crate) async fn sequence(
     client: &impl GenericClient,
     horizon: &mut Horizon,
     limit: i64,
+    again: Duration,
 ) -> Result<Sequenced> {
     let row = client.query_typed_one(HORIZON, &[]).await?;
     let Some(seen) = row.try_get::<_, Option<i64>>("seen")? else {
@@ -298,10 +324,20 @@ pub(crate) async fn sequence(
     let xid: i64 = row.try_get("xid")?;
     let holders: Vec<i64> = row.try_get("holders")?;
     horizon.advance(&holders, Some((seen, xid)));
+    if horizon.settled(again) {
+        return Ok(Sequenced {
+            taken: 0,
+            heads: 0,
+            waiting: true,
+        });
+    }
     let upto = horizon.upto();
+    let started = Instant::now();
     let row = client
         .query_typed_one(SEQUENCE, &[(&upto, Type::INT8), (&limit, Type::INT8)])
         .await?;
+    let behind: bool = row.try_get("behind")?;
+    horizon.sequenced = (!behind).then_some((upto, started));
     Ok(Sequenced {
         taken: row.try_get("taken")?,
         heads: row.try_get("heads")?,
@@ -313,11 +349,12 @@ pub(crate) async fn sequence(
 /// `None` if it failed) and how long it waited last time. `None`: until poked.
 ///
 /// Progress means more may be ready at once. Rows waiting without progress are not
-/// final yet (a transaction older than the last pair is still open) or are locked by
-/// another dispatcher's sequencer: looked at again at once (the usual case: the
-/// producer's commit was all that the last pair waited for), then less and less often
-/// (a run costs a round trip and, while the log holds rows, an xid). A failure backs
-/// off like the claim loop's.
+/// final yet (a producer that drew a number before the last pair is still committing)
+/// or are locked by another dispatcher's sequencer: looked at again at once (the usual
+/// case: a producer's commit was all that the last pair waited for), then less and less
+/// often, up to [`MAX_RECHECK`] (a run costs a round trip, an xid and a read of the lock
+/// table; [`SEQUENCE`] runs only once the horizon has moved). A failure backs off like
+/// the claim loop's.
 fn next_wait(last: Option<Sequenced>, waited: Option<Duration>) -> Option<Duration> {
     match last {
         Some(s) if s.taken > 0 && s.waiting => Some(Duration::ZERO),
@@ -338,8 +375,10 @@ fn next_wait(last: Option<Sequenced>, waited: Option<Duration>) -> Option<Durati
 /// The first wait after a run that found rows it could not take yet and a re-run at
 /// once that could not either: about what a producer's commit takes.
 const FIRST_RECHECK: Duration = Duration::from_millis(1);
-/// The longest wait while rows wait in the log.
-const MAX_RECHECK: Duration = Duration::from_millis(50);
+/// The longest wait while rows wait in the log: what the last producers still
+/// committing add at most to an ordered event's latency once they have ended. (Under
+/// the first horizon, which waited for every writing transaction, it was 50 ms.)
+const MAX_RECHECK: Duration = Duration::from_millis(10);
 const FIRST_ERROR_DELAY: Duration = Duration::from_millis(100);
 const MAX_ERROR_DELAY: Duration = Duration::from_secs(5);
 
@@ -415,7 +454,7 @@ impl Sequencer {
                 Err(e) => return Some(Err(e.into())),
             },
         };
-        let run = sequence(&*client, horizon, self.limit);
+        let run = sequence(&*client, horizon, self.limit, self.poll_interval);
         self.connector.finish_or_cancel(&client, stop, run).await
     }
 }
@@ -452,6 +491,18 @@ mod tests {
     }
 
     #[test]
+    fn sequence_runs_again_only_once_the_floor_rises_or_after_a_while() {
+        let mut h = Horizon::default();
+        h.advance(&[], Some((7, 105)));
+        assert!(!h.settled(Duration::from_secs(60)), "never sequenced");
+        h.sequenced = Some((7, Instant::now()));
+        assert!(h.settled(Duration::from_secs(60)));
+        assert!(!h.settled(Duration::ZERO), "a while later: again");
+        h.advance(&[], Some((9, 110)));
+        assert!(!h.settled(Duration::from_secs(60)), "the floor rose");
+    }
+
+    #[test]
     fn xids_compare_as_postgresql_compares_them_across_the_32_bit_wrap() {
         // pg_locks shows 32-bit xids; the pairs' are 64-bit (epoch above).
         let epoch = 3_i64 << 32;
@@ -464,7 +515,7 @@ mod tests {
     }
 
     #[test]
-    fn a_long_holder_keeps_the_newest_pairs() {
+    fn a_long_holder_keeps_the_oldest_pairs_and_the_newest() {
         let mut h = Horizon::default();
         h.advance(&[], Some((1, 11)));
         for i in 0..100 {
@@ -473,10 +524,38 @@ mod tests {
         }
         assert_eq!(h.upto(), 1);
         assert_eq!(h.pairs.len(), MAX_PAIRS);
+        assert_eq!(h.pairs.first(), Some(&(100, 20)));
         assert_eq!(h.pairs.last(), Some(&(199, 119)));
         // Once it ends, the newest pair's number is final.
         h.advance(&[], None);
         assert_eq!((h.upto(), h.pairs.len()), (199, 0));
+    }
+
+    #[test]
+    fn runs_faster_than_commits_still_move_the_floor() {
+        // Four producers, each always in a transaction lasting 100 xids (its xid the
+        // oldest of them while it commits); a run every xid. Keeping the newest pairs
+        // left only pairs younger than some producer still committing.
+        let mut h = Horizon::default();
+        let mut seen = 0;
+        for xid in 1_000..3_000_i64 {
+            seen += 1;
+            let holders: Vec<i64> = (0..4).map(|p| xid - (xid + p * 25) % 100).collect();
+            h.advance(&holders, Some((seen, xid)));
+        }
+        assert!(h.upto() > 1_800, "the floor stalled at {}", h.upto());
+    }
+
+    #[test]
+    fn a_run_that_sees_nothing_new_adds_no_pair() {
+        let mut h = Horizon::default();
+        h.advance(&[100], Some((5, 110)));
+        h.advance(&[100], Some((5, 120)));
+        assert_eq!(h.pairs, vec![(5, 110)]);
+        h.advance(&[], Some((5, 130)));
+        assert_eq!((h.upto(), h.pairs.len()), (5, 0));
+        h.advance(&[], Some((5, 140)));
+        assert_eq!((h.upto(), h.pairs.len()), (5, 0));
     }
 
     #[test]
@@ -494,7 +573,7 @@ mod tests {
             wait = next_wait(ran(0, true), wait);
             seen.push(wait.unwrap().as_millis());
         }
-        assert_eq!(seen, [0, 1, 2, 4, 8, 16, 32, 50, 50, 50]);
+        assert_eq!(seen, [0, 1, 2, 4, 8, 10, 10, 10, 10, 10]);
     }
 
     #[test]
