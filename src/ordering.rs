@@ -200,6 +200,12 @@ SELECT s.seen,
                                  WHERE d.datname = current_database())) AS holders
 FROM seen s";
 
+/// Whether anything waits in the log: what a sequencer that found it empty asks first
+/// when poked, instead of planning and running [`HORIZON`] (a claim pokes it each time,
+/// and most claims of most deployments have no ordered event to wait for: this keeps
+/// their cost what it was before ordered delivery had a horizon of its own).
+pub(crate) const PEEK: &str = "SELECT EXISTS (SELECT 1 FROM webhook_ordering_log) AS waiting";
+
 /// Numbers the ordered events that have none: committed with a key, not fanned out, and
 /// no row in the log. The producers' trigger did not fire for them (a session with
 /// `session_replication_role = replica`, as logical replication's apply and some
@@ -409,6 +415,8 @@ impl Sequencer {
     pub(crate) async fn run(self, stop: CancellationToken) {
         let mut horizon = Horizon::default();
         let mut wait: Option<Duration> = Some(Duration::ZERO);
+        // The last run left the log empty: peek before the next.
+        let mut empty = false;
         loop {
             let limit = wait.unwrap_or(self.poll_interval);
             if !limit.is_zero() {
@@ -420,7 +428,7 @@ impl Sequencer {
             } else if stop.is_cancelled() {
                 return;
             }
-            let Some(ran) = self.run_once(&mut horizon, &stop).await else {
+            let Some(ran) = self.run_once(&mut horizon, empty, &stop).await else {
                 return;
             };
             let last = match ran {
@@ -428,6 +436,7 @@ impl Sequencer {
                     if s.heads > 0 {
                         self.claims.notify_one();
                     }
+                    empty = !s.waiting;
                     Some(s)
                 }
                 Err(e) => {
@@ -439,11 +448,13 @@ impl Sequencer {
         }
     }
 
-    /// One run ([`sequence`]: a run that finds the log empty ends after [`HORIZON`]);
-    /// `None` once `stop` has ended it.
+    /// One run ([`sequence`]: a run that finds the log empty ends after [`HORIZON`]),
+    /// after a [`PEEK`] if `peek` (a run that finds nothing to do then says so without
+    /// running [`HORIZON`]); `None` once `stop` has ended it.
     async fn run_once(
         &self,
         horizon: &mut Horizon,
+        peek: bool,
         stop: &CancellationToken,
     ) -> Option<Result<Sequenced>> {
         let client = tokio::select! {
@@ -454,7 +465,12 @@ impl Sequencer {
                 Err(e) => return Some(Err(e.into())),
             },
         };
-        let run = sequence(&*client, horizon, self.limit, self.poll_interval);
+        let run = async {
+            if peek && !client.query_typed_one(PEEK, &[]).await?.try_get("waiting")? {
+                return Ok(IDLE);
+            }
+            sequence(&*client, horizon, self.limit, self.poll_interval).await
+        };
         self.connector.finish_or_cancel(&client, stop, run).await
     }
 }

@@ -54,6 +54,7 @@ const STATEMENTS: &[(&str, &str, &str)] = statements![
     inspect::STATS_ENDPOINTS,
     inspect::LIST_BLOCKED,
     metrics::QUEUE_SAMPLE,
+    ordering::PEEK,
     ordering::HORIZON,
     ordering::SEQUENCE,
     ordering::STRAYS,
