@@ -55,6 +55,7 @@ const STATEMENTS: &[(&str, &str, &str)] = statements![
     inspect::LIST_BLOCKED,
     metrics::QUEUE_SAMPLE,
     ordering::PEEK,
+    ordering::HORIZON,
     ordering::SEQUENCE,
     ordering::STRAYS,
     outbox::INSERT_EVENT,

@@ -635,9 +635,9 @@ async fn lines_empty(db: &TestDb) {
     );
 }
 
-/// How long an ordered event may take to arrive. Longer than [`WAIT`]: a transaction
-/// with an xid open anywhere in the cluster holds every ordered event back (the horizon),
-/// and other tests running beside these hold row locks for seconds on purpose.
+/// How long an ordered event may take to arrive. Longer than [`WAIT`]: a producer of
+/// the same database that has drawn its number and not committed holds every later
+/// ordered event back (the horizon), and the machine is shared with other tests.
 const ORDERED_WAIT: Duration = Duration::from_secs(60);
 
 /// Dispatcher settings of these tests: a circuit that never opens (the failures here
@@ -938,11 +938,11 @@ fn arrived_of(receiver: &KeyReceiver, key: &str) -> Vec<i64> {
 }
 
 /// docs/ordering.md section 1: B inserts an event of key K first and stays open; A
-/// inserts one of K and commits. The order is the commits': A's event first. B has an
-/// xid and is open, so A's event is held back too, while an unordered event goes at
-/// once. Once B commits, K arrives A then B. Fails on order = insert order (B's event
-/// has the smaller id: B then A) and on a dispatcher that ignores order (A's event goes
-/// while B is open).
+/// inserts one of K and commits. The order is the commits': A's event first. B has
+/// drawn no number yet (that happens in its commit), so A's event goes while B is still
+/// open, as an unordered event would. Once B commits, K arrives A then B. Fails on order
+/// = insert order (B's event has the smaller id: B then A), and on a horizon that waits
+/// for every transaction with an xid (A's event waited for B: the rule before 2026-12-07).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_order_is_the_commit_order_not_the_insert_order() {
     let db = TestDb::new("ord_commit").await;
@@ -958,14 +958,14 @@ async fn the_order_is_the_commit_order_not_the_insert_order() {
     let a = one(&connect(&db.url).await, "K", &log).await;
     assert!(b < a, "B inserted first: its id is the smaller");
 
-    // The dispatcher keeps working (an unordered event arrives), and K waits for B.
-    unordered_arrives(&db, &receiver, "/hook", &log).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        arrived_of(&receiver, "K"),
-        Vec::<i64>::new(),
-        "nothing of K may go while B, which has an xid, is open"
-    );
+    receiver
+        .wait(
+            "A's event arrives while B, which drew no number, is open",
+            ORDERED_WAIT,
+            |arrivals| arrivals.iter().any(|x| x.event_id == a),
+        )
+        .await;
+    assert_eq!(arrived_of(&receiver, "K"), vec![a], "B has not committed");
 
     let sent = Instant::now();
     tx_b.batch_execute("COMMIT").await.unwrap();
@@ -998,13 +998,12 @@ async fn the_order_is_the_commit_order_not_the_insert_order() {
     lines_empty(&db).await;
 }
 
-/// A writing transaction held open (an insert into an unrelated table) delays an
-/// ordered event committed after it began, not an unordered one; once it ends the
-/// ordered event goes. A REPEATABLE READ reader holding its snapshot (no xid) holds
-/// nothing back. Fails on a dispatcher that ignores order (the ordered event goes while
-/// the writer is open).
+/// A writing transaction held open (an insert into an unrelated table) and a
+/// REPEATABLE READ reader holding its snapshot hold nothing back: an ordered event
+/// committed meanwhile goes. Fails on a horizon that waits for every transaction with an
+/// xid (the rule before 2026-12-07: the event waited for the writer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_writing_transaction_holds_ordered_events_back_a_reader_does_not() {
+async fn a_transaction_that_drew_no_number_holds_nothing_back() {
     let db = TestDb::new("ord_horizon").await;
     db.client
         .batch_execute("CREATE TABLE unrelated (n int)")
@@ -1021,23 +1020,6 @@ async fn a_writing_transaction_holds_ordered_events_back_a_reader_does_not() {
         .batch_execute("BEGIN; INSERT INTO unrelated VALUES (1)")
         .await
         .unwrap();
-    let held = one(&db.client, "held", &log).await;
-    unordered_arrives(&db, &receiver, "/hook", &log).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        receiver.requests_of("/hook", held),
-        0,
-        "an ordered event went out while a transaction older than its commit was writing"
-    );
-    writer.batch_execute("COMMIT").await.unwrap();
-    receiver
-        .wait(
-            "the held event goes once the writer ends",
-            ORDERED_WAIT,
-            |a| a.iter().any(|a| a.event_id == held),
-        )
-        .await;
-
     let reader = connect(&db.url).await;
     reader
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM unrelated")
@@ -1050,17 +1032,126 @@ async fn a_writing_transaction_holds_ordered_events_back_a_reader_does_not() {
         .get(0);
     assert_eq!(xid, None, "the reader has no xid");
     let free = one(&db.client, "free", &log).await;
-    // Bounded generously: a writing transaction of another test in the cluster holds
-    // ordered events back too, for as long as it is open.
     receiver
         .wait(
-            "an ordered event goes while a reader is open",
+            "an ordered event goes while a writer and a reader are open",
             ORDERED_WAIT,
             |a| a.iter().any(|a| a.event_id == free),
         )
         .await;
+    writer.batch_execute("COMMIT").await.unwrap();
     reader.batch_execute("COMMIT").await.unwrap();
 
+    all_delivered(&db, produced(&log), ORDERED_WAIT).await;
+    stop(outboxd).await;
+    check(&db, &receiver, &log, &everything(&[("/hook", hook)])).await;
+    lines_empty(&db).await;
+}
+
+/// docs/ordering.md section 1, the edge of the horizon: B inserts an event of key K,
+/// and its commit draws K's number, then waits in a slower deferred trigger of its own
+/// (here on an advisory lock the test holds), still uncommitted. A then inserts an
+/// event of K and commits: A's number is the larger, and A's event is visible first.
+/// Neither it nor an event of another key committed after it may go while B is
+/// committing (unordered events do); once B commits, K arrives B then A. Fails on a
+/// sequencer without a horizon (A's event goes first) and on a horizon that does not
+/// wait for the transactions holding the log's lock (checked: with `holders` always
+/// empty in `ordering::HORIZON`, A's event went while B was committing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_that_drew_its_number_holds_later_numbers_until_it_commits() {
+    let db = TestDb::new("ord_drawn").await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE slow_check (n int);
+             CREATE FUNCTION slow_check() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN PERFORM pg_advisory_xact_lock(4215); RETURN NULL; END $$;
+             CREATE CONSTRAINT TRIGGER slow_check AFTER INSERT ON slow_check
+                 DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_check();",
+        )
+        .await
+        .unwrap();
+    let receiver = KeyReceiver::start(always_ok(Duration::ZERO)).await;
+    let (hook, _) = db.add_endpoint(&receiver.url("/hook"), &[]).await;
+    let outboxd = dispatcher(&db, "ord_drawn", &[]);
+    let log: Log = Arc::default();
+    unordered_arrives(&db, &receiver, "/hook", &log).await;
+
+    let gate = connect(&db.url).await;
+    gate.batch_execute("SELECT pg_advisory_lock(4215)")
+        .await
+        .unwrap();
+    let tx_b = connect(&db.url).await;
+    let b_pid: i32 = tx_b
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tx_b.batch_execute("BEGIN").await.unwrap();
+    let b: i64 = tx_b.query_one(INSERT, &[&Some("K")]).await.unwrap().get(0);
+    // The outbox row's trigger was queued first, so it numbers B's event before the
+    // slow check waits.
+    tx_b.batch_execute("INSERT INTO slow_check VALUES (1)")
+        .await
+        .unwrap();
+    let b_sent = Instant::now();
+    let commit_b = tokio::spawn(async move {
+        tx_b.batch_execute("COMMIT").await.unwrap();
+        Instant::now()
+    });
+    eventually("B waits in its commit, its number drawn", WAIT, || async {
+        db.client
+            .query_one(
+                "SELECT count(*) = 2 FROM pg_locks
+                 WHERE pid = $1 AND ((locktype = 'relation' AND granted
+                         AND relation = 'webhook_ordering_log'::regclass)
+                     OR (locktype = 'advisory' AND NOT granted))",
+                &[&b_pid],
+            )
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    let a = one(&db.client, "K", &log).await;
+    let other = one(&db.client, "other", &log).await;
+    unordered_arrives(&db, &receiver, "/hook", &log).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        (
+            receiver.requests_of("/hook", a),
+            receiver.requests_of("/hook", other)
+        ),
+        (0, 0),
+        "a number after B's went out while B, which drew its number first, was committing"
+    );
+
+    gate.batch_execute("SELECT pg_advisory_unlock(4215)")
+        .await
+        .unwrap();
+    let b_returned = commit_b.await.unwrap();
+    {
+        let mut log = log.lock().unwrap();
+        log.commits.push((b_sent, b_returned));
+        let tx = log.commits.len() - 1;
+        log.events.insert(
+            b,
+            Produced {
+                key: Some("K".to_owned()),
+                tx,
+                idx: 0,
+            },
+        );
+    }
+    receiver
+        .wait("K's two events arrive", ORDERED_WAIT, |arrivals| {
+            arrivals
+                .iter()
+                .filter(|a| a.key.as_deref() == Some("K"))
+                .count()
+                >= 2
+        })
+        .await;
+    assert_eq!(arrived_of(&receiver, "K"), vec![b, a], "B drew first");
     all_delivered(&db, produced(&log), ORDERED_WAIT).await;
     stop(outboxd).await;
     check(&db, &receiver, &log, &everything(&[("/hook", hook)])).await;
