@@ -269,20 +269,28 @@ pub const CLAIM: &str = concat!(
 ), cap AS (
     -- Sized as if each event went to every endpoint that takes every event: all of
     -- them when joined, those with no filter or `*` when routed (`reach` then stops at
-    -- the real count). Disabled endpoints get parked rows too, so the rows written in
-    -- all are held to about a batch as well. Only one branch of `w` runs.
+    -- the real count). An endpoint that can be sent nothing now (`held`: its circuit
+    -- open, or this dispatcher's requests in progress to it, `$6`/`$7`, at its cap)
+    -- only gets rows inserted in its line, claimed by no one: it does not count against
+    -- the claim's deliveries, so a healthy endpoint beside a timing-out one keeps whole
+    -- claims. Disabled and held endpoints get rows too, so the rows written in all are
+    -- held to about two batches. Only one branch of `w` runs.
     SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
-                             $3 / greatest(1, n.kept))) AS events_limit,
+                             2 * $3 / greatest(1, n.kept))) AS events_limit,
            greatest(1, $3 - (SELECT count(*) FROM due)) AS rows_limit
-    FROM (SELECT count(*) FILTER (WHERE active) AS open, count(*) AS kept
-          FROM (SELECT active FROM webhook_endpoints
-                WHERE deleted_at IS NULL AND NOT (SELECT routed FROM mode)
+    FROM (SELECT count(*) FILTER (WHERE w.active AND NOT w.held) AS open, count(*) AS kept
+          FROM (SELECT ep.active, coalesce(ep.circuit_open_until > now(), false)
+                                  OR coalesce((SELECT h.n FROM unnest($6::int8[], $7::int4[]) AS h(id, n)
+                                               WHERE h.id = ep.id), 0)
+                                     >= coalesce(ep.max_in_flight, $9) AS held
+                FROM webhook_endpoints ep
+                WHERE ep.deleted_at IS NULL AND NOT (SELECT routed FROM mode)
                 UNION ALL
-                SELECT active FROM webhook_endpoints
+                SELECT active, false FROM webhook_endpoints
                 WHERE deleted_at IS NULL AND cardinality(event_types) = 0
                   AND (SELECT routed FROM mode)
                 UNION ALL
-                SELECT active FROM webhook_endpoints
+                SELECT active, false FROM webhook_endpoints
                 WHERE deleted_at IS NULL AND event_types @> '{*}'
                   AND (SELECT routed FROM mode)) AS w) AS n
 ), limits AS (
