@@ -187,10 +187,14 @@ macro_rules! claim_result_event {
 /// * `candidates` takes unprocessed, due outbox rows (`SKIP LOCKED` again, so each event
 ///   is fanned out by exactly one dispatcher), as many as fill the remaining capacity
 ///   when each goes to every endpoint that takes every event (`cap`: joined, every
-///   active endpoint, as if none had filters; routed, those with no filter or `*`), and
-///   no more than about a batch of rows in all when disabled endpoints add parked ones:
+///   active endpoint that can be sent something now, as if none had filters; routed,
+///   those with no filter or `*`), and no more than about two batches of rows in all
+///   when disabled endpoints add parked ones and held endpoints rows in their lines:
 ///   fanning out more would insert deliveries only to claim them with a second write
-///   later. Routed, `routes` then looks up each distinct event type's endpoints (two
+///   later. Joined, an endpoint whose circuit is open or to which this dispatcher has
+///   its cap of requests in progress (`$6`, `$7` against `$9` or its `max_in_flight`)
+///   is left out of that count: its rows are only inserted, so a healthy endpoint
+///   beside a timing-out one keeps whole claims (routed, it still counts). Routed, `routes` then looks up each distinct event type's endpoints (two
 ///   index lookups per type, however many endpoints there are), and `reach` keeps the
 ///   candidates, in order, while the deliveries they make fit in the remaining capacity
 ///   (the first always goes, whatever its fan-out); the others stay unprocessed for the
