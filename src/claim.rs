@@ -464,9 +464,14 @@ pub const CLAIM: &str = concat!(
     -- deliveries, and the claim has capacity; one held back by its endpoint is inserted
     -- due when its turn may come, in line behind the due ones held back (`over` counts
     -- the places: its rank beyond the endpoint's allowance, after its due deliveries).
+    -- The first event's deliveries are claimed even past the capacity (by its
+    -- fan-out at most): one left over would be inserted due now, behind every older
+    -- due delivery, and a backlog due for another endpoint would keep it waiting
+    -- until every claim had walked past that backlog.
     SELECT p.event_id, p.endpoint_id, p.open,
-           p.room AND row_number() OVER (PARTITION BY p.room ORDER BY p.event_id, p.endpoint_id)
-                      <= $3 - (SELECT count(*) FROM reclaimed) AS claim_now,
+           p.room AND (row_number() OVER (PARTITION BY p.room ORDER BY p.event_id, p.endpoint_id)
+                           <= $3 - (SELECT count(*) FROM reclaimed)
+                       OR p.event_id = (SELECT min(id) FROM events)) AS claim_now,
            CASE WHEN p.open AND p.over > 0
                 THEN p.resume_at + (p.over - 1) * p.step_ms * interval '1 millisecond'
                 ELSE now() END AS due_at
@@ -567,9 +572,11 @@ pub const CLAIM_FAST: &str = concat!(
     "), placed AS (
     -- Each fresh delivery to an open endpoint is claimed now while the claim has
     -- capacity; the rest is inserted due now for the next claim.
+    -- (The first event's are claimed even past the capacity, as in CLAIM's `placed`.)
     SELECT f.event_id, f.endpoint_id, f.open,
-           f.open AND row_number() OVER (PARTITION BY f.open ORDER BY f.event_id, f.endpoint_id)
-                      <= $3 - (SELECT count(*) FROM reclaimed) AS claim_now,
+           f.open AND (row_number() OVER (PARTITION BY f.open ORDER BY f.event_id, f.endpoint_id)
+                           <= $3 - (SELECT count(*) FROM reclaimed)
+                       OR f.event_id = (SELECT min(id) FROM events)) AS claim_now,
            now() AS due_at
     FROM fanout f
 ",

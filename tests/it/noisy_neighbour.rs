@@ -516,3 +516,66 @@ async fn takes_no_share(circuit_open: bool) {
         );
     }
 }
+
+/// A claim whose due deliveries fill it (a backlog due for another endpoint that has room
+/// for it) still takes the first fresh event's deliveries. Left over, they were inserted
+/// due now, behind the whole due backlog, and waited until claims had walked past all of
+/// it: under a starved CPU that took `a_backlog_does_not_keep_fresh_events_waiting`'s
+/// fresh events 10 s. Both claim statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_filled_by_due_work_still_takes_a_fresh_event() {
+    use outboxd::claim::{self, Claimed, Form, PayloadBudget};
+    for form in [Form::Full, Form::Fast] {
+        let db = TestDb::new("noisy_filled").await;
+        let (backlogged, _) = db
+            .add_endpoint("https://example.com/backlog", &["backlog.*"])
+            .await;
+        let (fresh, _) = db
+            .add_endpoint("https://example.com/fresh", &["order.*"])
+            .await;
+        db.client
+            .execute(
+                "WITH ev AS (
+                     INSERT INTO webhook_outbox (event_type, payload, processed_at)
+                     SELECT 'backlog.item', jsonb_build_object('n', g), now()
+                     FROM generate_series(1, 1000) AS g
+                     RETURNING id
+                 )
+                 INSERT INTO webhook_deliveries (event_id, endpoint_id) SELECT id, $1 FROM ev",
+                &[&backlogged],
+            )
+            .await
+            .expect("the backlog");
+        let event = db.enqueue("order.created", &json!({ "n": 0 })).await;
+        let budget = PayloadBudget::new(64 << 20, 4 << 20);
+        let batch = claim::claim_unnamed(
+            &db.client,
+            "w",
+            Duration::from_secs(60),
+            200,
+            (&budget, &claim::Loads::idle(64)),
+            form,
+        )
+        .await
+        .expect("claim");
+        assert!(!batch.refused, "{form:?}");
+        let taken = |endpoint: i64| {
+            batch
+                .claimed
+                .iter()
+                .filter(|c| matches!(c, Claimed::Send(d) if d.endpoint_id == endpoint))
+                .count()
+        };
+        assert_eq!(
+            taken(backlogged),
+            200,
+            "{form:?}: the due backlog fills the claim"
+        );
+        assert_eq!(
+            taken(fresh),
+            1,
+            "{form:?}: the fresh event {event} was fanned out but not claimed: it waits behind \
+             the due backlog"
+        );
+    }
+}
