@@ -188,8 +188,8 @@ macro_rules! claim_result_event {
 ///   is fanned out by exactly one dispatcher), as many as fill the remaining capacity
 ///   when each goes to every endpoint that takes every event (`cap`: joined, every
 ///   active endpoint that can be sent something now, as if none had filters; routed,
-///   those with no filter or `*`), and no more than about two batches of rows in all
-///   when disabled endpoints add parked ones and held endpoints rows in their lines:
+///   those with no filter or `*`), and no more than about a batch of rows in all when
+///   disabled endpoints add parked ones (and another for held endpoints' lines):
 ///   fanning out more would insert deliveries only to claim them with a second write
 ///   later. Joined, an endpoint whose circuit is open or to which this dispatcher has
 ///   its cap of requests in progress (`$6`, `$7` against `$9` or its `max_in_flight`)
@@ -277,12 +277,15 @@ pub const CLAIM: &str = concat!(
     -- open, or this dispatcher's requests in progress to it, `$6`/`$7`, at its cap)
     -- only gets rows inserted in its line, claimed by no one: it does not count against
     -- the claim's deliveries, so a healthy endpoint beside a timing-out one keeps whole
-    -- claims. Disabled and held endpoints get rows too, so the rows written in all are
-    -- held to about two batches. Only one branch of `w` runs.
+    -- claims. Disabled endpoints get parked rows too, so the rows written for the
+    -- endpoints not held are held to about a batch as well, and those for the held ones
+    -- to about another. Only one branch of `w` runs.
     SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
-                             2 * $3 / greatest(1, n.kept))) AS events_limit,
+                             $3 / greatest(1, n.kept - n.held),
+                             $3 / greatest(1, n.held))) AS events_limit,
            greatest(1, $3 - (SELECT count(*) FROM due)) AS rows_limit
-    FROM (SELECT count(*) FILTER (WHERE w.active AND NOT w.held) AS open, count(*) AS kept
+    FROM (SELECT count(*) FILTER (WHERE w.active AND NOT w.held) AS open,
+                 count(*) FILTER (WHERE w.active AND w.held) AS held, count(*) AS kept
           FROM (SELECT ep.active, coalesce(ep.circuit_open_until > now(), false)
                                   OR coalesce((SELECT h.n FROM unnest($6::int8[], $7::int4[]) AS h(id, n)
                                                WHERE h.id = ep.id), 0)
