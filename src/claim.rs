@@ -187,10 +187,14 @@ macro_rules! claim_result_event {
 /// * `candidates` takes unprocessed, due outbox rows (`SKIP LOCKED` again, so each event
 ///   is fanned out by exactly one dispatcher), as many as fill the remaining capacity
 ///   when each goes to every endpoint that takes every event (`cap`: joined, every
-///   active endpoint, as if none had filters; routed, those with no filter or `*`), and
-///   no more than about a batch of rows in all when disabled endpoints add parked ones:
+///   active endpoint that can be sent something now, as if none had filters; routed,
+///   those with no filter or `*`), and no more than about a batch of rows in all when
+///   disabled endpoints add parked ones (and another for held endpoints' lines):
 ///   fanning out more would insert deliveries only to claim them with a second write
-///   later. Routed, `routes` then looks up each distinct event type's endpoints (two
+///   later. Joined, an endpoint whose circuit is open or to which this dispatcher has
+///   its cap of requests in progress (`$6`, `$7` against `$9` or its `max_in_flight`)
+///   is left out of that count: its rows are only inserted, so a healthy endpoint
+///   beside a timing-out one keeps whole claims (routed, it still counts). Routed, `routes` then looks up each distinct event type's endpoints (two
 ///   index lookups per type, however many endpoints there are), and `reach` keeps the
 ///   candidates, in order, while the deliveries they make fit in the remaining capacity
 ///   (the first always goes, whatever its fan-out); the others stay unprocessed for the
@@ -269,20 +273,31 @@ pub const CLAIM: &str = concat!(
 ), cap AS (
     -- Sized as if each event went to every endpoint that takes every event: all of
     -- them when joined, those with no filter or `*` when routed (`reach` then stops at
-    -- the real count). Disabled endpoints get parked rows too, so the rows written in
-    -- all are held to about a batch as well. Only one branch of `w` runs.
+    -- the real count). An endpoint that can be sent nothing now (`held`: its circuit
+    -- open, or this dispatcher's requests in progress to it, `$6`/`$7`, at its cap)
+    -- only gets rows inserted in its line, claimed by no one: it does not count against
+    -- the claim's deliveries, so a healthy endpoint beside a timing-out one keeps whole
+    -- claims. Disabled endpoints get parked rows too, so the rows written for the
+    -- endpoints not held are held to about a batch as well, and those for the held ones
+    -- to about another. Only one branch of `w` runs.
     SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
-                             $3 / greatest(1, n.kept))) AS events_limit,
+                             $3 / greatest(1, n.kept - n.held),
+                             $3 / greatest(1, n.held))) AS events_limit,
            greatest(1, $3 - (SELECT count(*) FROM due)) AS rows_limit
-    FROM (SELECT count(*) FILTER (WHERE active) AS open, count(*) AS kept
-          FROM (SELECT active FROM webhook_endpoints
-                WHERE deleted_at IS NULL AND NOT (SELECT routed FROM mode)
+    FROM (SELECT count(*) FILTER (WHERE w.active AND NOT w.held) AS open,
+                 count(*) FILTER (WHERE w.active AND w.held) AS held, count(*) AS kept
+          FROM (SELECT ep.active, coalesce(ep.circuit_open_until > now(), false)
+                                  OR coalesce((SELECT h.n FROM unnest($6::int8[], $7::int4[]) AS h(id, n)
+                                               WHERE h.id = ep.id), 0)
+                                     >= coalesce(ep.max_in_flight, $9) AS held
+                FROM webhook_endpoints ep
+                WHERE ep.deleted_at IS NULL AND NOT (SELECT routed FROM mode)
                 UNION ALL
-                SELECT active FROM webhook_endpoints
+                SELECT active, false FROM webhook_endpoints
                 WHERE deleted_at IS NULL AND cardinality(event_types) = 0
                   AND (SELECT routed FROM mode)
                 UNION ALL
-                SELECT active FROM webhook_endpoints
+                SELECT active, false FROM webhook_endpoints
                 WHERE deleted_at IS NULL AND event_types @> '{*}'
                   AND (SELECT routed FROM mode)) AS w) AS n
 ), limits AS (
@@ -452,9 +467,14 @@ pub const CLAIM: &str = concat!(
     -- deliveries, and the claim has capacity; one held back by its endpoint is inserted
     -- due when its turn may come, in line behind the due ones held back (`over` counts
     -- the places: its rank beyond the endpoint's allowance, after its due deliveries).
+    -- The first event's deliveries are claimed even past the capacity (by its
+    -- fan-out at most): one left over would be inserted due now, behind every older
+    -- due delivery, and a backlog due for another endpoint would keep it waiting
+    -- until every claim had walked past that backlog.
     SELECT p.event_id, p.endpoint_id, p.open,
-           p.room AND row_number() OVER (PARTITION BY p.room ORDER BY p.event_id, p.endpoint_id)
-                      <= $3 - (SELECT count(*) FROM reclaimed) AS claim_now,
+           p.room AND (row_number() OVER (PARTITION BY p.room ORDER BY p.event_id, p.endpoint_id)
+                           <= $3 - (SELECT count(*) FROM reclaimed)
+                       OR p.event_id = (SELECT min(id) FROM events)) AS claim_now,
            CASE WHEN p.open AND p.over > 0
                 THEN p.resume_at + (p.over - 1) * p.step_ms * interval '1 millisecond'
                 ELSE now() END AS due_at
@@ -555,9 +575,11 @@ pub const CLAIM_FAST: &str = concat!(
     "), placed AS (
     -- Each fresh delivery to an open endpoint is claimed now while the claim has
     -- capacity; the rest is inserted due now for the next claim.
+    -- (The first event's are claimed even past the capacity, as in CLAIM's `placed`.)
     SELECT f.event_id, f.endpoint_id, f.open,
-           f.open AND row_number() OVER (PARTITION BY f.open ORDER BY f.event_id, f.endpoint_id)
-                      <= $3 - (SELECT count(*) FROM reclaimed) AS claim_now,
+           f.open AND (row_number() OVER (PARTITION BY f.open ORDER BY f.event_id, f.endpoint_id)
+                           <= $3 - (SELECT count(*) FROM reclaimed)
+                       OR f.event_id = (SELECT min(id) FROM events)) AS claim_now,
            now() AS due_at
     FROM fanout f
 ",

@@ -409,3 +409,173 @@ async fn a_backlog_does_not_keep_fresh_events_waiting() {
     );
     stop(outboxd).await;
 }
+
+/// One claim of up to 200 deliveries by a worker that sends nothing (its lease is short,
+/// so a dispatcher takes the healthy endpoint's deliveries over), with `loads` as the
+/// dispatcher's in-flight counts; returns how many deliveries to `endpoint` it brought.
+async fn claim_for(db: &TestDb, loads: &outboxd::claim::Loads, endpoint: i64) -> usize {
+    use outboxd::claim::{self, Claimed, Form, PayloadBudget};
+    let budget = PayloadBudget::new(64 << 20, 4 << 20);
+    let batch = claim::claim_unnamed(
+        &db.client,
+        "w",
+        Duration::from_millis(500),
+        200,
+        (&budget, loads),
+        Form::Full,
+    )
+    .await
+    .expect("claim");
+    batch
+        .claimed
+        .iter()
+        .filter(|c| matches!(c, Claimed::Send(d) if d.endpoint_id == endpoint))
+        .count()
+}
+
+/// A neighbour that can be sent nothing now, its circuit open or this dispatcher's
+/// requests to it at its cap, takes no share of a claim: beside it a claim of 200 brings
+/// 200 of the healthy endpoint's deliveries, where it brought 100 (sized as if both took
+/// every event, half of every claim went to rows nobody sends now). The neighbour's
+/// deliveries are still written, in its line, their attempts untouched, and once it can
+/// take them every one of them arrives, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_neighbour_that_can_take_nothing_takes_no_share_of_a_claim() {
+    for circuit_open in [true, false] {
+        takes_no_share(circuit_open).await;
+    }
+}
+
+async fn takes_no_share(circuit_open: bool) {
+    const EVENTS: i32 = 400;
+    let case = if circuit_open {
+        "open circuit"
+    } else {
+        "at its cap"
+    };
+    let db = TestDb::new("noisy_share").await;
+    let receiver = Receiver::start().await;
+    let (healthy, _) = db.add_endpoint(&receiver.url("/healthy"), &[]).await;
+    let (neighbour, _) = db.add_endpoint(&receiver.url("/neighbour"), &[]).await;
+    db.enqueue_series(1, EVENTS).await;
+    let mut loads = outboxd::claim::Loads::idle(64);
+    if circuit_open {
+        db.client
+            .execute(
+                "UPDATE webhook_endpoints SET circuit_open_until = now() + interval '1 hour'
+                 WHERE id = $1",
+                &[&neighbour],
+            )
+            .await
+            .expect("open the circuit");
+    } else {
+        // This dispatcher has its cap of requests out to it (64 here), none answered in a
+        // second.
+        loads.endpoints = vec![neighbour];
+        loads.in_flight = vec![64];
+        loads.request_ms = vec![1_000.0];
+    }
+    let got = claim_for(&db, &loads, healthy).await;
+    assert_eq!(
+        got, 200,
+        "{case}: a claim of 200 beside the neighbour brought {got} deliveries to the healthy one"
+    );
+    let waiting: i64 = db
+        .scalar(&format!(
+            "SELECT count(*) FROM webhook_deliveries
+             WHERE endpoint_id = {neighbour} AND state = 'pending' AND attempts = 0
+               AND locked_by IS NULL"
+        ))
+        .await;
+    assert_eq!(
+        waiting, 200,
+        "{case}: the neighbour's deliveries wait in its line"
+    );
+
+    // Nothing lost: once it can take them, a dispatcher delivers all of it, each once.
+    if circuit_open {
+        cli(&db, &["endpoint", "close-circuit", &neighbour.to_string()]).await;
+    }
+    let outboxd = dispatcher(&db, "noisy_share", &[]);
+    db.wait_all_in_state_within(i64::from(EVENTS) * 2, "delivered", Duration::from_secs(60))
+        .await;
+    stop(outboxd).await;
+    for path in ["/healthy", "/neighbour"] {
+        let mut events: Vec<i64> = receiver
+            .requests_to(path)
+            .iter()
+            .map(|r| r.event_id())
+            .collect();
+        events.sort_unstable();
+        events.dedup();
+        assert_eq!(events.len(), EVENTS as usize, "{case}, {path}: every event");
+        assert_eq!(
+            receiver.count_to(path),
+            EVENTS as usize,
+            "{case}, {path}: each once"
+        );
+    }
+}
+
+/// A claim whose due deliveries fill it (a backlog due for another endpoint that has room
+/// for it) still takes the first fresh event's deliveries. Left over, they were inserted
+/// due now, behind the whole due backlog, and waited until claims had walked past all of
+/// it: under a starved CPU that took `a_backlog_does_not_keep_fresh_events_waiting`'s
+/// fresh events 10 s. Both claim statements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_filled_by_due_work_still_takes_a_fresh_event() {
+    use outboxd::claim::{self, Claimed, Form, PayloadBudget};
+    for form in [Form::Full, Form::Fast] {
+        let db = TestDb::new("noisy_filled").await;
+        let (backlogged, _) = db
+            .add_endpoint("https://example.com/backlog", &["backlog.*"])
+            .await;
+        let (fresh, _) = db
+            .add_endpoint("https://example.com/fresh", &["order.*"])
+            .await;
+        db.client
+            .execute(
+                "WITH ev AS (
+                     INSERT INTO webhook_outbox (event_type, payload, processed_at)
+                     SELECT 'backlog.item', jsonb_build_object('n', g), now()
+                     FROM generate_series(1, 1000) AS g
+                     RETURNING id
+                 )
+                 INSERT INTO webhook_deliveries (event_id, endpoint_id) SELECT id, $1 FROM ev",
+                &[&backlogged],
+            )
+            .await
+            .expect("the backlog");
+        let event = db.enqueue("order.created", &json!({ "n": 0 })).await;
+        let budget = PayloadBudget::new(64 << 20, 4 << 20);
+        let batch = claim::claim_unnamed(
+            &db.client,
+            "w",
+            Duration::from_secs(60),
+            200,
+            (&budget, &claim::Loads::idle(64)),
+            form,
+        )
+        .await
+        .expect("claim");
+        assert!(!batch.refused, "{form:?}");
+        let taken = |endpoint: i64| {
+            batch
+                .claimed
+                .iter()
+                .filter(|c| matches!(c, Claimed::Send(d) if d.endpoint_id == endpoint))
+                .count()
+        };
+        assert_eq!(
+            taken(backlogged),
+            200,
+            "{form:?}: the due backlog fills the claim"
+        );
+        assert_eq!(
+            taken(fresh),
+            1,
+            "{form:?}: the fresh event {event} was fanned out but not claimed: it waits behind \
+             the due backlog"
+        );
+    }
+}

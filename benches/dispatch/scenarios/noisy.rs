@@ -184,6 +184,7 @@ async fn drain(
     at_receiver: u64,
 ) -> anyhow::Result<Drain> {
     let n = ctx.s.noisy_events;
+    let statements = Statements::reset(client).await;
     let probe = ctx.probe(Vec::new());
     let (insert, commit_us) = pg::insert_burst(client, n, ctx.s.payload_bytes, event_type).await?;
     let snap0 = probe.snap();
@@ -205,6 +206,10 @@ async fn drain(
         "bench:   {event_type}: {received} of {n} in {secs:.3} s = {} /s",
         int(rate)
     );
+    let statements = match statements {
+        Some(s) => s.split(client, received).await,
+        None => Value::Null,
+    };
     Ok(Drain {
         expected: n,
         received,
@@ -221,8 +226,71 @@ async fn drain(
             "complete": received >= n,
             "deliveries_per_s": rate,
             "cpu": cpu.json(),
+            "statements": statements,
         }),
     })
+}
+
+/// PostgreSQL's time by statement during a drain, when the server has
+/// `pg_stat_statements` loaded (`PG_EXTRA_OPTS="-c shared_preload_libraries=pg_stat_statements
+/// -c pg_stat_statements.track=all"`): where the healthy endpoint's lost throughput goes.
+/// Without it, nothing is measured and nothing is shown.
+struct Statements;
+
+impl Statements {
+    async fn reset(client: &Client) -> Option<Self> {
+        client
+            .batch_execute(
+                "CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+                 SELECT pg_stat_statements_reset();",
+            )
+            .await
+            .ok()
+            .map(|()| Self)
+    }
+
+    /// The statements of this database by total execution time, µs per delivery received.
+    async fn split(self, client: &Client, received: u64) -> Value {
+        let rows = client
+            .query(
+                "SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls, rows,
+                        total_exec_time::float8, toplevel
+                 FROM pg_stat_statements
+                 WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                 ORDER BY total_exec_time DESC LIMIT 12",
+                &[],
+            )
+            .await;
+        let Ok(rows) = rows else {
+            return Value::Null;
+        };
+        let per = received.max(1) as f64;
+        let list: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                let ms: f64 = r.get(3);
+                json!({
+                    "query": r.get::<_, String>(0),
+                    "calls": r.get::<_, i64>(1),
+                    "rows": r.get::<_, i64>(2),
+                    "ms": ms,
+                    "us_per_delivery": ms * 1e3 / per,
+                    "toplevel": r.get::<_, bool>(4),
+                })
+            })
+            .collect();
+        for v in &list {
+            eprintln!(
+                "bench:     {:>8.1} µs/delivery {:>7} calls {:>8} rows {}{}",
+                v["us_per_delivery"].as_f64().unwrap_or_default(),
+                v["calls"],
+                v["rows"],
+                if v["toplevel"] == json!(true) { "" } else { "  (nested) " },
+                v["query"].as_str().unwrap_or_default()
+            );
+        }
+        Value::Array(list)
+    }
 }
 
 /// One round of (a) on a database of its own: a warm-up burst, the burst alone, beside a
