@@ -194,8 +194,9 @@ macro_rules! claim_result_event {
 ///   later. Joined, an endpoint whose circuit is open or to which this dispatcher has
 ///   its cap of requests in progress (`$6`, `$7` against `$9` or its `max_in_flight`)
 ///   is left out of that count: its rows are only inserted, so a healthy endpoint
-///   beside a timing-out one keeps whole claims (routed, it still counts). Routed, `routes` then looks up each distinct event type's endpoints (two
-///   index lookups per type, however many endpoints there are), and `reach` keeps the
+///   beside a timing-out one keeps whole claims (routed, it still counts). Routed,
+///   `routes` then looks up each distinct event type's endpoints (two index lookups
+///   per type, however many endpoints there are), and `reach` keeps the
 ///   candidates, in order, while the deliveries they make fit in the remaining capacity
 ///   (the first always goes, whatever its fan-out); the others stay unprocessed for the
 ///   next claim. So a claim over a thousand endpoints filtered to one customer each
