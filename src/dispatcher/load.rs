@@ -101,11 +101,7 @@ impl EndpointLoad {
                     .iter()
                     .map(|s| now.duration_since(*s).as_secs_f64() * 1_000.0)
                     .fold(0.0, f64::max);
-                // Before its first answer, the oldest request still out is all that is
-                // known of its pace (an endpoint that never answers is paced by its
-                // timeouts, not by the guess, so what is held back for it is not due
-                // again, and moved again, at every claim).
-                let answers_ms = load.request_ms.unwrap_or(UNKNOWN_MS.max(oldest));
+                let answers_ms = load.request_ms.unwrap_or(UNKNOWN_MS);
                 let slow = load.request_ms.is_none() || answers_ms.max(oldest) >= SLOW_MS;
                 let counted = if slow { load.started.len() } else { 0 };
                 snapshot.endpoints.push(endpoint);
@@ -142,9 +138,9 @@ mod tests {
         let b = load.started(7);
         let c = load.started(8);
         assert_eq!(at(&load, 7, b).map(|(n, _)| n), Some(2), "no answer yet: slow");
-        // Not answered for a second: slow, and paced by the oldest request still out.
+        // Not answered for a second: slow, and the pace is still the guess.
         let later = a + Duration::from_secs(1);
-        assert_eq!(at(&load, 7, later), Some((2, 1_000.0)));
+        assert_eq!(at(&load, 7, later), Some((2, UNKNOWN_MS)));
         load.finished(7, a, Some(Duration::from_millis(100)));
         assert_eq!(at(&load, 7, later), Some((1, 100.0)), "b is still out");
         load.finished(7, b, Some(Duration::from_millis(200)));
