@@ -341,19 +341,11 @@ async fn produce(
     };
     match attempt.await {
         Ok((ids, sent, returned)) => {
-            let mut log = log.lock().unwrap();
-            log.commits.push((sent, returned));
-            let tx = log.commits.len() - 1;
-            for (idx, (id, key)) in ids.iter().zip(keys).enumerate() {
-                log.events.insert(
-                    *id,
-                    Produced {
-                        key: key.clone(),
-                        tx,
-                        idx,
-                    },
-                );
-            }
+            committed(
+                log,
+                (sent, returned),
+                ids.iter().copied().zip(keys.iter().cloned()),
+            );
             Ok(ids)
         }
         Err(e) => {
@@ -927,6 +919,34 @@ async fn unordered_arrives(db: &TestDb, receiver: &KeyReceiver, path: &'static s
         .await;
 }
 
+/// Records a committed transaction (when its COMMIT was sent, and returned) and its
+/// events, in insert order.
+fn committed(
+    log: &Log,
+    commit: (Instant, Instant),
+    events: impl IntoIterator<Item = (i64, Option<String>)>,
+) {
+    let mut log = log.lock().unwrap();
+    log.commits.push(commit);
+    let tx = log.commits.len() - 1;
+    for (idx, (id, key)) in events.into_iter().enumerate() {
+        log.events.insert(id, Produced { key, tx, idx });
+    }
+}
+
+/// Waits until two events of key K have arrived.
+async fn both_of_k_arrive(receiver: &KeyReceiver) {
+    receiver
+        .wait("K's two events arrive", ORDERED_WAIT, |arrivals| {
+            arrivals
+                .iter()
+                .filter(|a| a.key.as_deref() == Some("K"))
+                .count()
+                >= 2
+        })
+        .await;
+}
+
 /// What arrived of `key`, in arrival order.
 fn arrived_of(receiver: &KeyReceiver, key: &str) -> Vec<i64> {
     receiver
@@ -969,28 +989,8 @@ async fn the_order_is_the_commit_order_not_the_insert_order() {
 
     let sent = Instant::now();
     tx_b.batch_execute("COMMIT").await.unwrap();
-    {
-        let mut log = log.lock().unwrap();
-        log.commits.push((sent, Instant::now()));
-        let tx = log.commits.len() - 1;
-        log.events.insert(
-            b,
-            Produced {
-                key: Some("K".to_owned()),
-                tx,
-                idx: 0,
-            },
-        );
-    }
-    receiver
-        .wait("K's two events arrive", ORDERED_WAIT, |arrivals| {
-            arrivals
-                .iter()
-                .filter(|a| a.key.as_deref() == Some("K"))
-                .count()
-                >= 2
-        })
-        .await;
+    committed(&log, (sent, Instant::now()), [(b, Some("K".to_owned()))]);
+    both_of_k_arrive(&receiver).await;
     assert_eq!(arrived_of(&receiver, "K"), vec![a, b], "A committed first");
     all_delivered(&db, produced(&log), ORDERED_WAIT).await;
     stop(outboxd).await;
@@ -1129,28 +1129,8 @@ async fn a_producer_that_drew_its_number_holds_later_numbers_until_it_commits() 
         .await
         .unwrap();
     let b_returned = commit_b.await.unwrap();
-    {
-        let mut log = log.lock().unwrap();
-        log.commits.push((b_sent, b_returned));
-        let tx = log.commits.len() - 1;
-        log.events.insert(
-            b,
-            Produced {
-                key: Some("K".to_owned()),
-                tx,
-                idx: 0,
-            },
-        );
-    }
-    receiver
-        .wait("K's two events arrive", ORDERED_WAIT, |arrivals| {
-            arrivals
-                .iter()
-                .filter(|a| a.key.as_deref() == Some("K"))
-                .count()
-                >= 2
-        })
-        .await;
+    committed(&log, (b_sent, b_returned), [(b, Some("K".to_owned()))]);
+    both_of_k_arrive(&receiver).await;
     assert_eq!(arrived_of(&receiver, "K"), vec![b, a], "B drew first");
     all_delivered(&db, produced(&log), ORDERED_WAIT).await;
     stop(outboxd).await;
