@@ -491,26 +491,7 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
                 ))
                 .await
                 .unwrap();
-            let mut times = Vec::new();
-            let mut plan_text = String::new();
-            for run in 0..10 {
-                db.client.batch_execute("BEGIN").await.unwrap();
-                let lines = db
-                    .client
-                    .query(
-                        &format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {execute}"),
-                        &[],
-                    )
-                    .await
-                    .unwrap();
-                db.client.batch_execute("ROLLBACK").await.unwrap();
-                let text = plan(lines.iter().map(|r| r.get(0)));
-                times.push(execution_ms(&text));
-                if run == 0 {
-                    plan_text = text;
-                }
-            }
-            let plan = plan_text;
+            let (plan, mut times) = explain_rolled_back(&db.client, execute).await;
             assert!(
                 plan.contains("Index Scan using webhook_deliveries_due_idx"),
                 "{stats} {form} {mode} does not take the heads through the due index:\n{plan}"
@@ -613,26 +594,7 @@ async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
                 ))
                 .await
                 .unwrap();
-            let mut times = Vec::new();
-            let mut plan_text = String::new();
-            for run in 0..10 {
-                db.client.batch_execute("BEGIN").await.unwrap();
-                let lines = db
-                    .client
-                    .query(
-                        &format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {execute}"),
-                        &[],
-                    )
-                    .await
-                    .unwrap();
-                db.client.batch_execute("ROLLBACK").await.unwrap();
-                let text = plan(lines.iter().map(|r| r.get(0)));
-                times.push(execution_ms(&text));
-                if run == 0 {
-                    plan_text = text;
-                }
-            }
-            let plan = plan_text;
+            let (plan, mut times) = explain_rolled_back(&db.client, &execute).await;
             // The log may be read by a bounded scan (whether rows are left: `LIMIT`); the
             // bound on rows below keeps any read of it to about a run's share.
             for table in [
@@ -686,6 +648,28 @@ async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// `EXPLAIN ANALYZE` of `execute` ten times, each in a transaction rolled back: the
+/// first run's plan and every run's execution time in ms.
+async fn explain_rolled_back(client: &tokio_postgres::Client, execute: &str) -> (String, Vec<f64>) {
+    let mut times = Vec::new();
+    let mut first = None;
+    for _ in 0..10 {
+        client.batch_execute("BEGIN").await.unwrap();
+        let lines = client
+            .query(
+                &format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {execute}"),
+                &[],
+            )
+            .await
+            .unwrap();
+        client.batch_execute("ROLLBACK").await.unwrap();
+        let text = plan(lines.iter().map(|r| r.get(0)));
+        times.push(execution_ms(&text));
+        first.get_or_insert(text);
+    }
+    (first.unwrap_or_default(), times)
 }
 
 /// The `Execution Time` of an `EXPLAIN ANALYZE`, in ms.
