@@ -76,6 +76,18 @@ pub async fn insert_burst(
             &[&event_type, &payloads],
         )
         .await?;
+    commit_burst(tx, inserted, n, started).await
+}
+
+/// Commits a burst's transaction, whose INSERT made `inserted` rows of the `n` expected;
+/// returns how long the INSERT and COMMIT took since `started` and the time COMMIT
+/// returned (CLOCK_REALTIME µs).
+async fn commit_burst(
+    tx: tokio_postgres::Transaction<'_>,
+    inserted: u64,
+    n: u64,
+    started: Instant,
+) -> anyhow::Result<(Duration, i64)> {
     tx.commit().await?;
     let commit_us = now_us();
     if inserted != n {
@@ -409,12 +421,7 @@ pub async fn insert_keyed_burst(
             ],
         )
         .await?;
-    tx.commit().await?;
-    let commit_us = now_us();
-    if inserted != n {
-        bail!("inserted {inserted} events, expected {n}");
-    }
-    Ok((started.elapsed(), commit_us))
+    commit_burst(tx, inserted, n, started).await
 }
 
 /// Enqueues one event in its own transaction through the library, as an application
