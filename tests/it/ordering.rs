@@ -1553,15 +1553,7 @@ async fn a_delayed_head_holds_its_key_and_an_untaken_event_leaves_no_gap() {
         0,
         "the third event of K went before the delayed first"
     );
-    receiver
-        .wait("K's two events", ORDERED_WAIT, |arrivals| {
-            arrivals
-                .iter()
-                .filter(|a| a.key.as_deref() == Some("K"))
-                .count()
-                >= 2
-        })
-        .await;
+    both_of_k_arrive(&receiver).await;
     assert_eq!(arrived_of(&receiver, "K"), vec![first, third]);
     all_delivered(&db, 3, ORDERED_WAIT).await;
     stop(outboxd).await;
