@@ -68,6 +68,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0013_ordered_delivery.sql",
         include_str!("../sql/0013_ordered_delivery.sql"),
     ),
+    (
+        "0014_ordering_advance_by_key.sql",
+        include_str!("../sql/0014_ordering_advance_by_key.sql"),
+    ),
 ];
 
 /// The SHA-256 of a migration's text as recorded in `outboxd_migrations.checksum`

@@ -131,43 +131,9 @@ async fn settle_uses_the_primary_key_on_stale_statistics() {
 
     // The function as the dispatcher calls it, with auto_explain reporting the plan
     // of the statement inside it as a notice. Rolled back.
-    let (client, mut connection) = tokio_postgres::connect(&db.url, NoTls).await.unwrap();
-    let (notices_tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let AsyncMessage::Notice(notice) = message {
-                let _ = notices_tx.send(notice.message().to_owned());
-            }
-        }
-    });
-    client
-        .batch_execute(
-            "LOAD 'auto_explain';
-             SET auto_explain.log_min_duration = 0;
-             SET auto_explain.log_nested_statements = on;
-             SET auto_explain.log_level = notice;
-             SET client_min_messages = notice;
-             BEGIN;",
-        )
-        .await
-        .unwrap();
-    let settled: i64 = client
-        .query_typed_one(outboxd::settle::SETTLE, &params)
-        .await
-        .unwrap()
-        .get(0);
-    client.batch_execute("ROLLBACK").await.unwrap();
+    let (rows, logged) = nested_plans(&db.url, false, outboxd::settle::SETTLE, &params).await;
+    let settled: i64 = rows[0].get(0);
     assert_eq!(settled, 300);
-    drop(client);
-    let mut logged = Vec::new();
-    let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        while let Some(notice) = notices.recv().await {
-            logged.push(notice);
-        }
-    })
-    .await;
-    assert!(drained.is_ok(), "the notices never ended: {logged:?}");
     let inner = logged
         .iter()
         .find(|n| n.contains("UPDATE webhook_deliveries"))
@@ -180,6 +146,53 @@ async fn settle_uses_the_primary_key_on_stale_statistics() {
     // Nor every leased row through the index of leases (sql/0011), which stale
     // statistics make look tiny too: its predicate keeps the settle off it.
     assert!(!inner.contains("webhook_deliveries_leased_idx"), "{inner}");
+}
+
+/// Runs `statement` once, in a transaction rolled back, on a session of its own with
+/// `auto_explain` reporting the plan of every statement it runs (those inside functions
+/// too) as a notice: its rows and those plans (with actual rows and filtered-out counts
+/// when `analyze`).
+async fn nested_plans(
+    url: &str,
+    analyze: bool,
+    statement: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> (Vec<tokio_postgres::Row>, Vec<String>) {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await.unwrap();
+    let (notices_tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let AsyncMessage::Notice(notice) = message {
+                let _ = notices_tx.send(notice.message().to_owned());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "LOAD 'auto_explain';
+             SET auto_explain.log_min_duration = 0;
+             SET auto_explain.log_nested_statements = on;
+             SET auto_explain.log_analyze = {analyze};
+             SET auto_explain.log_level = notice;
+             SET client_min_messages = notice;
+             SET jit = off;
+             BEGIN;"
+        ))
+        .await
+        .unwrap();
+    let rows = client.query_typed(statement, params).await.unwrap();
+    client.batch_execute("ROLLBACK").await.unwrap();
+    drop(client);
+    let mut logged = Vec::new();
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(notice) = notices.recv().await {
+            logged.push(notice);
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the notices never ended: {logged:?}");
+    (rows, logged)
 }
 
 fn plan<'a>(lines: impl Iterator<Item = &'a str>) -> String {
@@ -528,6 +541,110 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
             );
         }
     }
+}
+
+/// When heads end, their lines move on (`webhook_ordering_advance`, run by the settle)
+/// through one probe of each key row by its whole primary key, however many keys the
+/// endpoint has: with 1,000 keys on one endpoint (20 events each) and 200 heads
+/// delivered, no node of the function's statements filters out more than a few rows a
+/// probe, and the 200 next in line are promoted. Its generic plan (the function forces
+/// it), on statistics taken while the tables were nearly empty, then on fresh ones.
+///
+/// Fails on sql/0013's version, whose `ended` found each key row by the endpoint alone
+/// (the key's name comes from the delivery, joined after it) and walked the endpoint's
+/// 1,000 key rows for every head: ~135 µs a delivery in an ordered burst over 1,000
+/// keys (docs/performance.md, "Ordered delivery").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotion_probes_one_key_row_per_ended_head() {
+    let db = TestDb::new("promoteplan").await;
+    db.add_endpoint("https://example.com/hook", &[]).await;
+    db.client
+        .batch_execute(
+            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = off);
+             ALTER TABLE webhook_outbox SET (autovacuum_enabled = off);
+             ALTER TABLE webhook_ordering_keys SET (autovacuum_enabled = off);
+             ANALYZE webhook_outbox, webhook_deliveries, webhook_ordering_keys;",
+        )
+        .await
+        .unwrap();
+    fill_ordered_line(&db, 20_000).await;
+    let ended: Vec<(i64, i64)> = db
+        .client
+        .query(
+            "UPDATE webhook_deliveries d SET state = 'delivered'
+             FROM (SELECT endpoint_id, head_event_id FROM webhook_ordering_keys
+                   ORDER BY ordering_key LIMIT 200) k
+             WHERE d.event_id = k.head_event_id AND d.endpoint_id = k.endpoint_id
+             RETURNING d.event_id, d.endpoint_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(ended.len(), 200);
+    let (events, endpoints): (Vec<i64>, Vec<i64>) = ended.into_iter().unzip();
+    let params: [(&(dyn ToSql + Sync), Type); 2] =
+        [(&events, Type::INT8_ARRAY), (&endpoints, Type::INT8_ARRAY)];
+    let mut problems = Vec::new();
+    for stats in ["stale", "fresh"] {
+        if stats == "fresh" {
+            db.client
+                .batch_execute("ANALYZE webhook_outbox, webhook_deliveries, webhook_ordering_keys")
+                .await
+                .unwrap();
+        }
+        let (rows, logged) = nested_plans(
+            &db.url,
+            true,
+            "SELECT webhook_ordering_advance($1, $2, 'block')",
+            &params,
+        )
+        .await;
+        let promoted: i64 = rows[0].get(0);
+        assert_eq!(promoted, 200, "{stats}: the next of each line is due");
+        let inner: Vec<&String> = logged
+            .iter()
+            .filter(|n| {
+                n.contains("webhook_ordering_keys")
+                    && !n.contains("Query Text: SELECT webhook_ordering_advance")
+            })
+            .collect();
+        assert!(
+            inner.len() >= 2,
+            "{stats}: the function's statements among {logged:?}"
+        );
+        for plan in inner {
+            // Each filtered-out count belongs to the node above it; only reads of a
+            // table count (a CTE's rows are the statement's own).
+            let mut node = "";
+            for line in plan.lines() {
+                if line.contains("  (cost=") {
+                    node = line;
+                }
+                let Some(removed) = line.trim().strip_prefix("Rows Removed by Filter: ") else {
+                    continue;
+                };
+                let removed: u64 = removed.parse().unwrap_or(u64::MAX);
+                let reads_a_table = [
+                    "Index Scan",
+                    "Index Only Scan",
+                    "Seq Scan",
+                    "Bitmap Heap Scan",
+                ]
+                .iter()
+                .any(|kind| node.contains(kind));
+                if reads_a_table && removed > 10 {
+                    problems.push(format!(
+                        "{stats}: {removed} rows filtered out each loop of {}\n{plan}",
+                        node.trim_start().trim_start_matches("->").trim_start()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 /// The sequencer fans a burst of 20,000 fresh ordered events out beside a line of
