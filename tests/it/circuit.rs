@@ -147,8 +147,6 @@ async fn consecutive_failures_open_the_circuit_and_spend_no_attempts_while_open(
     let refused_url = format!("http://127.0.0.1:{}/hook", free_port());
     let (refused, _) = db.add_endpoint(&refused_url, &[]).await;
     let (healthy, _) = db.add_endpoint(&receiver.url("/healthy"), &[]).await;
-    let metrics_port = free_port();
-    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let outboxd = dispatcher(
         &db,
         "circuit_open",
@@ -157,9 +155,10 @@ async fn consecutive_failures_open_the_circuit_and_spend_no_attempts_while_open(
             ("WEBHOOK_CIRCUIT_FAILURES", "3"),
             ("WEBHOOK_CIRCUIT_OPEN_MS", "8000"),
             ("WEBHOOK_CIRCUIT_MAX_OPEN_MS", "60000"),
-            ("METRICS_ADDR", &metrics_addr),
+            ("METRICS_ADDR", "127.0.0.1:0"),
         ],
     );
+    let metrics_port = outboxd.served_port("serving /metrics").await;
     for n in 0..6 {
         db.enqueue("order.created", &json!({ "n": n })).await;
     }
@@ -627,8 +626,6 @@ async fn transitions_are_announced_to_subscribers_not_to_their_subject() {
         .add_endpoint(&receiver.url("/sick"), &["order.*", "outboxd.*"])
         .await;
     db.add_endpoint(&receiver.url("/everything"), &[]).await;
-    let metrics_port = free_port();
-    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let outboxd = dispatcher(
         &db,
         "circuit_events",
@@ -637,9 +634,10 @@ async fn transitions_are_announced_to_subscribers_not_to_their_subject() {
             // Long enough that the receiver is healed before the probe: one opening.
             ("WEBHOOK_CIRCUIT_OPEN_MS", "3000"),
             ("WEBHOOK_CIRCUIT_MAX_OPEN_MS", "60000"),
-            ("METRICS_ADDR", &metrics_addr),
+            ("METRICS_ADDR", "127.0.0.1:0"),
         ],
     );
+    let metrics_port = outboxd.served_port("serving /metrics").await;
     for n in 0..5 {
         db.enqueue("order.created", &json!({ "n": n })).await;
     }

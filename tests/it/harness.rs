@@ -918,6 +918,36 @@ impl Spawned {
         }
     }
 
+    /// The port of the server whose start outboxd logs as `message` (`serving /metrics`,
+    /// `serving the admin API`), once logged. Servers asked for port 0 take a free one
+    /// and log it: a port picked by the test and released before outboxd binds it could
+    /// be taken meanwhile by anything else on the machine.
+    pub async fn served_port(&self, message: &str) -> u16 {
+        self.wait_for_stderr(message).await;
+        let stderr = self.stderr();
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(message))
+            .expect("the line just waited for");
+        // The text format may colour field names: drop the escape sequences first.
+        let mut plain = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                chars.by_ref().find(|c| c.is_ascii_alphabetic());
+            } else {
+                plain.push(c);
+            }
+        }
+        plain
+            .split("addr=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|addr| addr.trim_matches('"').parse::<std::net::SocketAddr>().ok())
+            .map(|addr| addr.port())
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
+    }
+
     /// Waits for the exit (at most `bound`) and the rest of the output.
     pub async fn finish(mut self, bound: Duration) -> Finished {
         let status = match tokio::time::timeout(bound, self.child.wait()).await {

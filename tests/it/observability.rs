@@ -12,15 +12,6 @@ use crate::harness::{
     unique,
 };
 
-/// A port nobody listens on right now (bound to 127.0.0.1:0, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local address")
-        .port()
-}
-
 /// `outboxd run` against `db`, quick to poll, loopback allowed, with `env` on top.
 fn outboxd_run(db: &TestDb, env: &[(&str, &str)]) -> tokio::process::Command {
     let mut command = outboxd_command();
@@ -278,10 +269,8 @@ async fn metrics_health_and_readiness_of_the_running_binary() {
         .await
         .unwrap();
 
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let outboxd = Spawned::start(outboxd_run(&db, &[("METRICS_ADDR", &addr)]));
-    let status = Status::new(port);
+    let outboxd = Spawned::start(outboxd_run(&db, &[("METRICS_ADDR", "127.0.0.1:0")]));
+    let status = Status::new(outboxd.served_port("serving /metrics").await);
 
     let health = status.wait_for("/healthz", 200, &outboxd).await;
     assert_eq!(health.body.trim(), "ok");
@@ -338,6 +327,11 @@ async fn metrics_health_and_readiness_of_the_running_binary() {
     assert!(m.histogram("outboxd_claim_batch_size") >= 1.0);
     assert_eq!(m.kind("outboxd_inflight_requests"), "gauge");
     assert_eq!(m.value("outboxd_inflight_requests"), 0.0);
+    // The queue's gauges come with housekeeping's first sample, which a loaded
+    // machine may not have taken yet.
+    let m = status
+        .wait_for_sample("outboxd_queue_depth{state=\"pending\"}", 0.0)
+        .await;
     assert_eq!(m.kind("outboxd_queue_depth"), "gauge");
     for state in ["pending", "inflight", "parked", "dead", "unprocessed"] {
         let depth = m.value(&format!("outboxd_queue_depth{{state=\"{state}\"}}"));
@@ -432,13 +426,11 @@ async fn readiness_without_listen_needs_no_listener_but_a_migrated_database() {
     let db = TestDb::new("ready_poll").await;
     let receiver = Receiver::start().await;
     db.add_endpoint(&receiver.url("/hook"), &[]).await;
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
     let outboxd = Spawned::start(outboxd_run(
         &db,
-        &[("METRICS_ADDR", &addr), ("WEBHOOK_LISTEN", "false")],
+        &[("METRICS_ADDR", "127.0.0.1:0"), ("WEBHOOK_LISTEN", "false")],
     ));
-    let status = Status::new(port);
+    let status = Status::new(outboxd.served_port("serving /metrics").await);
 
     status.wait_for("/readyz", 200, &outboxd).await;
     assert_eq!(

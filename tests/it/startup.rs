@@ -74,16 +74,16 @@ async fn a_dispatcher_started_before_postgres_delivers_once_it_is_up() {
     }
     cluster.kill();
 
-    let metrics_port = free_port();
     let mut command = outboxd_command();
     command
         .arg("run")
         .env("DATABASE_URL", cluster.url("postgres"))
-        .env("METRICS_ADDR", metrics_port.to_string())
+        .env("METRICS_ADDR", "0")
         .env("WEBHOOK_ALLOW_PRIVATE_TARGETS", "true")
         .env("WEBHOOK_POLL_INTERVAL_MS", "100")
         .env("WEBHOOK_WORKER_ID", unique("late"));
     let outboxd = Spawned::start(command);
+    let metrics_port = outboxd.served_port("serving /metrics").await;
     let readyz = format!("http://127.0.0.1:{metrics_port}/readyz");
     let body = wait_for_status(&readyz, 503, &outboxd).await;
     assert!(body.contains("waiting for the database"), "{body}");
@@ -199,15 +199,15 @@ async fn a_role_at_its_connection_limit_is_waited_for() {
     url.set_username(&role).expect("user");
     url.set_password(None).expect("no password");
 
-    let metrics_port = free_port();
     let mut command = outboxd_command();
     command
         .arg("run")
         .env("DATABASE_URL", url.as_str())
-        .env("METRICS_ADDR", metrics_port.to_string())
+        .env("METRICS_ADDR", "0")
         .env("WEBHOOK_DATABASE_WAIT_MS", "600000")
         .env("WEBHOOK_WORKER_ID", unique("limited"));
     let outboxd = Spawned::start(command);
+    let metrics_port = outboxd.served_port("serving /metrics").await;
     let readyz = format!("http://127.0.0.1:{metrics_port}/readyz");
     let body = wait_for_status(&readyz, 503, &outboxd).await;
     assert!(body.contains("waiting for the database"), "{body}");

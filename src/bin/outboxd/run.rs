@@ -46,6 +46,8 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot bind METRICS_ADDR {addr}"))?;
+            // The address bound: with port 0, the one the system chose.
+            let addr = listener.local_addr().unwrap_or(addr);
             tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
             let state = status::StatusState {
                 metrics: dispatcher.metrics(),
@@ -63,6 +65,7 @@ pub async fn run(
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("cannot bind ADMIN_ADDR {addr}"))?;
+            let addr = listener.local_addr().unwrap_or(addr);
             tracing::info!(%addr, "serving the admin API");
             let state = outboxd::admin::AdminState::new(pool, token, serve.rotation_grace);
             servers.push(tokio::spawn(outboxd::admin::serve(
