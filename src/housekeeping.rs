@@ -58,7 +58,10 @@ pub async fn run(
         stop,
     };
     loop {
+        // In this order when several are due, as all are at the start: the queue's
+        // gauges are then there for the first scrapes.
         tokio::select! {
+            biased;
             _ = steps.stop.cancelled() => return,
             _ = sample.tick() => {
                 match steps.run(|c| Box::pin(async move { metrics::sample_queue(&*c).await })).await {
