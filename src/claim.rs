@@ -191,10 +191,12 @@ macro_rules! claim_result_event {
 ///   those with no filter or `*`), and no more than about a batch of rows in all when
 ///   disabled endpoints add parked ones (and another for held endpoints' lines):
 ///   fanning out more would insert deliveries only to claim them with a second write
-///   later. Joined, an endpoint whose circuit is open or to which this dispatcher has
-///   its cap of requests in progress (`$6`, `$7` against `$9` or its `max_in_flight`)
-///   is left out of that count: its rows are only inserted, so a healthy endpoint
-///   beside a timing-out one keeps whole claims (routed, it still counts). Routed,
+///   later. Joined, an endpoint whose circuit is open, whose half-open probe is out, or
+///   to which this dispatcher has its cap of requests in progress (`$6`, `$7` against
+///   `$9` or its `max_in_flight`) is left out of that count, and so are its due
+///   deliveries: its fresh rows are only inserted and its due ones moved along its
+///   line, so a healthy endpoint beside a timing-out one keeps whole claims (routed,
+///   it still counts). Routed,
 ///   `routes` then looks up each distinct event type's endpoints (two index lookups
 ///   per type, however many endpoints there are), and `reach` keeps the
 ///   candidates, in order, while the deliveries they make fit in the remaining capacity
@@ -275,30 +277,37 @@ pub const CLAIM: &str = concat!(
     -- Sized as if each event went to every endpoint that takes every event: all of
     -- them when joined, those with no filter or `*` when routed (`reach` then stops at
     -- the real count). An endpoint that can be sent nothing now (`held`: its circuit
-    -- open, or this dispatcher's requests in progress to it, `$6`/`$7`, at its cap)
-    -- only gets rows inserted in its line, claimed by no one: it does not count against
-    -- the claim's deliveries, so a healthy endpoint beside a timing-out one keeps whole
-    -- claims. Disabled endpoints get parked rows too, so the rows written for the
-    -- endpoints not held are held to about a batch as well, and those for the held ones
-    -- to about another. Only one branch of `w` runs.
-    SELECT greatest(1, least(($3 - (SELECT count(*) FROM due)) / greatest(1, n.open),
+    -- open or its half-open probe out, or this dispatcher's requests in progress to it,
+    -- `$6`/`$7`, at its cap) only gets rows inserted in its line, claimed by no one: it
+    -- does not count against the claim's deliveries, and neither do its due ones, which
+    -- the claim only moves along its line (`deferred`), so a healthy endpoint beside a
+    -- timing-out one keeps whole claims. Disabled endpoints get parked rows too, so the
+    -- rows written for the endpoints not held are held to about a batch as well, and
+    -- those for the held ones to about another. Only one branch of `w` runs.
+    SELECT greatest(1, least(($3 - n.due) / greatest(1, n.open),
                              $3 / greatest(1, n.kept - n.held),
                              $3 / greatest(1, n.held))) AS events_limit,
-           greatest(1, $3 - (SELECT count(*) FROM due)) AS rows_limit
+           greatest(1, $3 - n.due) AS rows_limit
     FROM (SELECT count(*) FILTER (WHERE w.active AND NOT w.held) AS open,
-                 count(*) FILTER (WHERE w.active AND w.held) AS held, count(*) AS kept
-          FROM (SELECT ep.active, coalesce(ep.circuit_open_until > now(), false)
-                                  OR coalesce((SELECT h.n FROM unnest($6::int8[], $7::int4[]) AS h(id, n)
-                                               WHERE h.id = ep.id), 0)
-                                     >= coalesce(ep.max_in_flight, $9) AS held
+                 count(*) FILTER (WHERE w.active AND w.held) AS held, count(*) AS kept,
+                 (SELECT count(*) FROM due
+                  WHERE due.endpoint_id <> ALL (coalesce(array_agg(w.id) FILTER (WHERE w.held),
+                                                         '{}'))) AS due
+          FROM (SELECT ep.id, ep.active,
+                       coalesce(ep.circuit_open_until > now(), false)
+                       OR coalesce(ep.circuit_open_until <= now()
+                                   AND ep.circuit_probe_until > now(), false)
+                       OR coalesce((SELECT h.n FROM unnest($6::int8[], $7::int4[]) AS h(id, n)
+                                    WHERE h.id = ep.id), 0)
+                          >= coalesce(ep.max_in_flight, $9) AS held
                 FROM webhook_endpoints ep
                 WHERE ep.deleted_at IS NULL AND NOT (SELECT routed FROM mode)
                 UNION ALL
-                SELECT active, false FROM webhook_endpoints
+                SELECT id, active, false FROM webhook_endpoints
                 WHERE deleted_at IS NULL AND cardinality(event_types) = 0
                   AND (SELECT routed FROM mode)
                 UNION ALL
-                SELECT active, false FROM webhook_endpoints
+                SELECT id, active, false FROM webhook_endpoints
                 WHERE deleted_at IS NULL AND event_types @> '{*}'
                   AND (SELECT routed FROM mode)) AS w) AS n
 ), limits AS (

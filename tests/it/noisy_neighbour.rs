@@ -517,6 +517,79 @@ async fn takes_no_share(circuit_open: bool) {
     }
 }
 
+/// Nor do the neighbour's due deliveries, which a claim can only move along its line:
+/// with 150 of them due (from events fanned out earlier) and 400 fresh events, a claim
+/// of 200 beside a neighbour whose circuit is open, or whose half-open probe is out, or
+/// to which this dispatcher has its cap of requests out, brings 200 of the healthy
+/// endpoint's deliveries, where it brought 50 (its room for fresh events was its size
+/// less every due row, sent or not). The neighbour's due deliveries are moved along its
+/// line, their attempts untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_neighbours_due_deliveries_take_no_share_of_a_claim() {
+    for case in ["open circuit", "probe out", "at its cap"] {
+        let db = TestDb::new("noisy_due_share").await;
+        let (healthy, _) = db.add_endpoint("https://example.com/healthy", &[]).await;
+        let (neighbour, _) = db.add_endpoint("https://example.com/neighbour", &[]).await;
+        db.client
+            .execute(
+                "WITH e AS (
+                     INSERT INTO webhook_outbox (event_type, payload, processed_at)
+                     SELECT 'order.created', jsonb_build_object('n', n), now()
+                     FROM generate_series(1, 150) n
+                     RETURNING id)
+                 INSERT INTO webhook_deliveries
+                     (event_id, endpoint_id, state, attempts, next_attempt_at)
+                 SELECT id, $1, 'pending', 0, now() - interval '1 minute' FROM e",
+                &[&neighbour],
+            )
+            .await
+            .expect("the neighbour's due deliveries");
+        db.enqueue_series(151, 550).await;
+        let mut loads = outboxd::claim::Loads::idle(64);
+        let circuit = match case {
+            "open circuit" => {
+                Some("circuit_open_until = now() + interval '1 hour', circuit_probe_until = NULL")
+            }
+            "probe out" => Some(
+                "circuit_open_until = now() - interval '1 second',
+                 circuit_probe_until = now() + interval '1 hour'",
+            ),
+            _ => {
+                loads.endpoints = vec![neighbour];
+                loads.in_flight = vec![64];
+                loads.request_ms = vec![1_000.0];
+                None
+            }
+        };
+        if let Some(set) = circuit {
+            db.client
+                .execute(
+                    &format!("UPDATE webhook_endpoints SET {set} WHERE id = $1"),
+                    &[&neighbour],
+                )
+                .await
+                .expect("the neighbour's circuit");
+        }
+        let got = claim_for(&db, &loads, healthy).await;
+        assert_eq!(
+            got, 200,
+            "{case}: a claim of 200 beside the neighbour's due deliveries brought {got} to the healthy endpoint"
+        );
+        let moved: i64 = db
+            .scalar(&format!(
+                "SELECT count(*) FROM webhook_deliveries
+                 WHERE endpoint_id = {neighbour} AND event_id <= 150 AND state = 'pending'
+                   AND attempts = 0 AND locked_by IS NULL
+                   AND next_attempt_at > now() - interval '10 seconds'"
+            ))
+            .await;
+        assert_eq!(
+            moved, 150,
+            "{case}: its due deliveries moved along its line"
+        );
+    }
+}
+
 /// A claim whose due deliveries fill it (a backlog due for another endpoint that has room
 /// for it) still takes the first fresh event's deliveries. Left over, they were inserted
 /// due now, behind the whole due backlog, and waited until claims had walked past all of
