@@ -397,6 +397,18 @@ async fn claim_routes_through_the_filter_index_on_stale_statistics() {
     }
 }
 
+/// Takes `tables`' statistics now, while they are (nearly) empty, and keeps autovacuum
+/// from taking them again: what the planner knows of a young table during a burst.
+async fn stale_statistics(db: &TestDb, tables: &[&str]) {
+    let mut sql = String::new();
+    for table in tables {
+        sql.push_str(&format!(
+            "ALTER TABLE {table} SET (autovacuum_enabled = off); ANALYZE {table};"
+        ));
+    }
+    db.client.batch_execute(&sql).await.unwrap();
+}
+
 /// How many ordered deliveries the line test puts in line, over 1,000 keys. 1,000,000
 /// (the issue's figure, docs/performance.md "Ordered delivery") inserts in 30-50 s on
 /// this 2-core machine beside the rest of the suite; `ORDERED_LINE` sets another size.
@@ -452,17 +464,15 @@ async fn fill_ordered_line(db: &TestDb, line: i64) {
 async fn claim_walks_only_the_heads_of_a_million_in_line() {
     let db = TestDb::new("orderedline").await;
     db.add_endpoint("https://example.com/hook", &[]).await;
-    db.client
-        .batch_execute(
-            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = off);
-             ALTER TABLE webhook_outbox SET (autovacuum_enabled = off);
-             ALTER TABLE webhook_ordering_keys SET (autovacuum_enabled = off);
-             ANALYZE webhook_outbox;
-             ANALYZE webhook_deliveries;
-             ANALYZE webhook_ordering_keys;",
-        )
-        .await
-        .unwrap();
+    stale_statistics(
+        &db,
+        &[
+            "webhook_outbox",
+            "webhook_deliveries",
+            "webhook_ordering_keys",
+        ],
+    )
+    .await;
     let line = ordered_line();
     let started = std::time::Instant::now();
     fill_ordered_line(&db, line).await;
@@ -558,15 +568,15 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
 async fn promotion_probes_one_key_row_per_ended_head() {
     let db = TestDb::new("promoteplan").await;
     db.add_endpoint("https://example.com/hook", &[]).await;
-    db.client
-        .batch_execute(
-            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = off);
-             ALTER TABLE webhook_outbox SET (autovacuum_enabled = off);
-             ALTER TABLE webhook_ordering_keys SET (autovacuum_enabled = off);
-             ANALYZE webhook_outbox, webhook_deliveries, webhook_ordering_keys;",
-        )
-        .await
-        .unwrap();
+    stale_statistics(
+        &db,
+        &[
+            "webhook_outbox",
+            "webhook_deliveries",
+            "webhook_ordering_keys",
+        ],
+    )
+    .await;
     fill_ordered_line(&db, 20_000).await;
     let ended: Vec<(i64, i64)> = db
         .client
@@ -663,17 +673,16 @@ async fn promotion_probes_one_key_row_per_ended_head() {
 async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
     let db = TestDb::new("sequenceplan").await;
     db.add_endpoint("https://example.com/hook", &[]).await;
-    db.client
-        .batch_execute(
-            "ALTER TABLE webhook_deliveries SET (autovacuum_enabled = off);
-             ALTER TABLE webhook_outbox SET (autovacuum_enabled = off);
-             ALTER TABLE webhook_ordering_keys SET (autovacuum_enabled = off);
-             ALTER TABLE webhook_ordering_log SET (autovacuum_enabled = off);
-             ANALYZE webhook_outbox, webhook_deliveries, webhook_ordering_keys,
-                     webhook_ordering_log;",
-        )
-        .await
-        .unwrap();
+    stale_statistics(
+        &db,
+        &[
+            "webhook_outbox",
+            "webhook_deliveries",
+            "webhook_ordering_keys",
+            "webhook_ordering_log",
+        ],
+    )
+    .await;
     let line = ordered_line();
     fill_ordered_line(&db, line).await;
     // A burst of 20,000 fresh ordered events, numbered by the trigger at commit: keys
