@@ -397,6 +397,13 @@ async fn claim_routes_through_the_filter_index_on_stale_statistics() {
     }
 }
 
+/// The tables an ordered line lives in.
+const LINE_TABLES: [&str; 3] = [
+    "webhook_outbox",
+    "webhook_deliveries",
+    "webhook_ordering_keys",
+];
+
 /// Takes `tables`' statistics now, while they are (nearly) empty, and keeps autovacuum
 /// from taking them again: what the planner knows of a young table during a burst.
 async fn stale_statistics(db: &TestDb, tables: &[&str]) {
@@ -464,15 +471,7 @@ async fn fill_ordered_line(db: &TestDb, line: i64) {
 async fn claim_walks_only_the_heads_of_a_million_in_line() {
     let db = TestDb::new("orderedline").await;
     db.add_endpoint("https://example.com/hook", &[]).await;
-    stale_statistics(
-        &db,
-        &[
-            "webhook_outbox",
-            "webhook_deliveries",
-            "webhook_ordering_keys",
-        ],
-    )
-    .await;
+    stale_statistics(&db, &LINE_TABLES).await;
     let line = ordered_line();
     let started = std::time::Instant::now();
     fill_ordered_line(&db, line).await;
@@ -568,15 +567,7 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
 async fn promotion_probes_one_key_row_per_ended_head() {
     let db = TestDb::new("promoteplan").await;
     db.add_endpoint("https://example.com/hook", &[]).await;
-    stale_statistics(
-        &db,
-        &[
-            "webhook_outbox",
-            "webhook_deliveries",
-            "webhook_ordering_keys",
-        ],
-    )
-    .await;
+    stale_statistics(&db, &LINE_TABLES).await;
     fill_ordered_line(&db, 20_000).await;
     let ended: Vec<(i64, i64)> = db
         .client
