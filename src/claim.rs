@@ -196,12 +196,11 @@ macro_rules! claim_result_event {
 ///   `$9` or its `max_in_flight`) is left out of that count, and so are its due
 ///   deliveries: its fresh rows are only inserted and its due ones moved along its
 ///   line, so a healthy endpoint beside a timing-out one keeps whole claims (routed,
-///   it still counts). Routed,
-///   `routes` then looks up each distinct event type's endpoints (two index lookups
-///   per type, however many endpoints there are), and `reach` keeps the
-///   candidates, in order, while the deliveries they make fit in the remaining capacity
-///   (the first always goes, whatever its fan-out); the others stay unprocessed for the
-///   next claim. So a claim over a thousand endpoints filtered to one customer each
+///   it still counts). Routed, `routes` then looks up each distinct event type's
+///   endpoints (two index lookups per type, however many endpoints there are), and
+///   `reach` keeps the candidates, in order, while the deliveries they make fit in the
+///   remaining capacity (the first always goes, whatever its fan-out); the others stay
+///   unprocessed for the next claim. So a claim over a thousand endpoints filtered to one customer each
 ///   fans out a batch of events, not one.
 /// * `offered` to `admitted` bound the claim by payload bytes as well as rows: each
 ///   event counts once, however many of its deliveries come along, the due deliveries'
