@@ -28,6 +28,8 @@ async fn main() -> anyhow::Result<()> {
         .route("/webhook", post(receive))
         .with_state(Arc::new(secret));
     let listener = tokio::net::TcpListener::bind(&addr).await?;
+    // The address bound: with port 0, the one the system chose.
+    let addr = listener.local_addr()?;
     println!("demo-receiver: listening on http://{addr}/webhook");
     axum::serve(listener, app)
         .with_graceful_shutdown(async {

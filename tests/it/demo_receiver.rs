@@ -13,15 +13,6 @@ fn demo_receiver() -> tokio::process::Command {
     package_binary(env!("CARGO_BIN_EXE_demo-receiver"))
 }
 
-/// A port nobody listens on right now (bound to 127.0.0.1:0, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind 127.0.0.1:0")
-        .local_addr()
-        .expect("local address")
-        .port()
-}
-
 /// Sends SIGINT (what Ctrl-C sends) to `pid`.
 fn sigint(pid: u32) {
     let status = std::process::Command::new("kill")
@@ -42,14 +33,26 @@ fn now() -> i64 {
 async fn demo_receiver_verifies_what_outboxd_sends_and_refuses_the_rest() {
     let db = TestDb::new("demo_receiver").await;
     let secret = Secret::generate();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
     let mut command = demo_receiver();
     command
-        .env("DEMO_RECEIVER_ADDR", &addr)
+        .env("DEMO_RECEIVER_ADDR", "127.0.0.1:0")
         .env("DEMO_RECEIVER_SECRET", &secret);
     let receiver = Spawned::start(command);
-    let url = format!("http://{addr}/webhook");
+    // It takes a free port and says which: one picked here and released could be taken
+    // by anything else before it bound it.
+    let mut url = String::new();
+    eventually("demo-receiver says where it listens", WAIT, || {
+        let stdout = receiver.stdout();
+        let said = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("demo-receiver: listening on "))
+            .map(str::to_owned);
+        if let Some(said) = &said {
+            url.clone_from(said);
+        }
+        async move { said.is_some() }
+    })
+    .await;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -121,8 +124,8 @@ async fn demo_receiver_verifies_what_outboxd_sends_and_refuses_the_rest() {
     );
     let out = &finished.stdout;
     assert!(
-        out.contains(&format!("listening on http://{addr}/webhook")),
-        "{out}"
+        url.starts_with("http://127.0.0.1:") && !url.starts_with("http://127.0.0.1:0/"),
+        "it names the port it bound, not the one asked for: {out}"
     );
     let outboxd_id = format!("verified webhook-id {event}: ");
     assert!(

@@ -905,6 +905,10 @@ impl Spawned {
         self.stderr.lock().unwrap().clone()
     }
 
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
     /// Waits until stderr contains `needle`.
     pub async fn wait_for_stderr(&self, needle: &str) {
         let deadline = Instant::now() + WAIT;
