@@ -419,6 +419,8 @@ async fn stale_statistics(db: &TestDb, tables: &[&str]) {
 /// How many ordered deliveries the line test puts in line, over 1,000 keys. 1,000,000
 /// (the figure, docs/performance.md "Ordered delivery") inserts in 30-50 s on
 /// this 2-core machine beside the rest of the suite; `ORDERED_LINE` sets another size.
+/// 100,000 still shows what the tests check; at 20,000 a custom plan on fresh statistics
+/// reads the (then small) deliveries table whole, as it should.
 fn ordered_line() -> i64 {
     std::env::var("ORDERED_LINE")
         .ok()
@@ -514,8 +516,11 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
                 .await
                 .unwrap();
             let (plan, mut times) = explain_rolled_back(&db.client, execute).await;
+            // A plain or a bitmap scan of it: with a shorter line (`ORDERED_LINE`), a
+            // custom plan reads the 1,000 due heads through a bitmap and sorts them.
             assert!(
-                plan.contains("Index Scan using webhook_deliveries_due_idx"),
+                plan.contains("Index Scan using webhook_deliveries_due_idx")
+                    || plan.contains("Bitmap Index Scan on webhook_deliveries_due_idx"),
                 "{stats} {form} {mode} does not take the heads through the due index:\n{plan}"
             );
             assert!(
