@@ -433,6 +433,14 @@ async fn claim_for(db: &TestDb, loads: &outboxd::claim::Loads, endpoint: i64) ->
         .count()
 }
 
+/// This dispatcher has its cap of requests out to `endpoint` (64, as in
+/// `Loads::idle(64)`), none answered in a second.
+fn at_its_cap(loads: &mut outboxd::claim::Loads, endpoint: i64) {
+    loads.endpoints = vec![endpoint];
+    loads.in_flight = vec![64];
+    loads.request_ms = vec![1_000.0];
+}
+
 /// A neighbour that can be sent nothing now, its circuit open or this dispatcher's
 /// requests to it at its cap, takes no share of a claim: beside it a claim of 200 brings
 /// 200 of the healthy endpoint's deliveries, where it brought 100 (sized as if both took
@@ -469,11 +477,7 @@ async fn takes_no_share(circuit_open: bool) {
             .await
             .expect("open the circuit");
     } else {
-        // This dispatcher has its cap of requests out to it (64 here), none answered in a
-        // second.
-        loads.endpoints = vec![neighbour];
-        loads.in_flight = vec![64];
-        loads.request_ms = vec![1_000.0];
+        at_its_cap(&mut loads, neighbour);
     }
     let got = claim_for(&db, &loads, healthy).await;
     assert_eq!(
@@ -555,9 +559,7 @@ async fn a_held_neighbours_due_deliveries_take_no_share_of_a_claim() {
                  circuit_probe_until = now() + interval '1 hour'",
             ),
             _ => {
-                loads.endpoints = vec![neighbour];
-                loads.in_flight = vec![64];
-                loads.request_ms = vec![1_000.0];
+                at_its_cap(&mut loads, neighbour);
                 None
             }
         };

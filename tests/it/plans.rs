@@ -416,6 +416,14 @@ async fn stale_statistics(db: &TestDb, tables: &[&str]) {
     db.client.batch_execute(&sql).await.unwrap();
 }
 
+/// Takes `tables`' statistics again, as autovacuum would once they have grown.
+async fn fresh_statistics(db: &TestDb, tables: &[&str]) {
+    db.client
+        .batch_execute(&format!("ANALYZE {}", tables.join(", ")))
+        .await
+        .unwrap();
+}
+
 /// How many ordered deliveries the line test puts in line, over 1,000 keys. 1,000,000
 /// (the issue's figure, docs/performance.md "Ordered delivery") inserts in 30-50 s on
 /// this 2-core machine beside the rest of the suite; `ORDERED_LINE` sets another size.
@@ -500,10 +508,7 @@ async fn claim_walks_only_the_heads_of_a_million_in_line() {
     ];
     for stats in ["stale", "fresh"] {
         if stats == "fresh" {
-            db.client
-                .batch_execute("ANALYZE webhook_outbox, webhook_deliveries, webhook_ordering_keys")
-                .await
-                .unwrap();
+            fresh_statistics(&db, &LINE_TABLES).await;
         }
         for ((form, prepare, statement, execute), mode) in forms
             .iter()
@@ -596,10 +601,7 @@ async fn promotion_probes_one_key_row_per_ended_head() {
     let mut problems = Vec::new();
     for stats in ["stale", "fresh"] {
         if stats == "fresh" {
-            db.client
-                .batch_execute("ANALYZE webhook_outbox, webhook_deliveries, webhook_ordering_keys")
-                .await
-                .unwrap();
+            fresh_statistics(&db, &LINE_TABLES).await;
         }
         let (rows, logged) = nested_plans(
             &db.url,
@@ -669,16 +671,8 @@ async fn promotion_probes_one_key_row_per_ended_head() {
 async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
     let db = TestDb::new("sequenceplan").await;
     db.add_endpoint("https://example.com/hook", &[]).await;
-    stale_statistics(
-        &db,
-        &[
-            "webhook_outbox",
-            "webhook_deliveries",
-            "webhook_ordering_keys",
-            "webhook_ordering_log",
-        ],
-    )
-    .await;
+    let tables = [LINE_TABLES.as_slice(), &["webhook_ordering_log"]].concat();
+    stale_statistics(&db, &tables).await;
     let line = ordered_line();
     fill_ordered_line(&db, line).await;
     // A burst of 20,000 fresh ordered events, numbered by the trigger at commit: keys
@@ -699,13 +693,7 @@ async fn sequencer_reads_through_indexes_beside_a_million_in_line() {
     let mut problems = Vec::new();
     for stats in ["stale", "fresh"] {
         if stats == "fresh" {
-            db.client
-                .batch_execute(
-                    "ANALYZE webhook_outbox, webhook_deliveries, webhook_ordering_keys,
-                             webhook_ordering_log",
-                )
-                .await
-                .unwrap();
+            fresh_statistics(&db, &tables).await;
         }
         for mode in ["force_generic_plan", "force_custom_plan"] {
             db.client
